@@ -1,0 +1,137 @@
+"""The DARTS CNN search space: primitive names and the candidate operation modules (reference math).
+
+Submodule structure and names follow DARTS (`op.<i>` inside each block) so that DARTS-style
+state_dicts load unchanged. `affine=False` is the search setting; the evaluation network uses True.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+# Order matters: genotypes, α columns and checkpoints index into it.
+PRIMITIVES = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+CONV_PRIMITIVES = frozenset(p for p in PRIMITIVES if p.startswith(("sep_conv", "dil_conv")))
+
+
+class ReLUConvBN(nn.Module):
+    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class DilConv(nn.Module):
+    """ReLU → depthwise k×k (dilated, strided) → pointwise 1×1 → BN."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class SepConv(nn.Module):
+    """Two stacked ReLU → depthwise → pointwise → BN blocks; only the first depthwise conv strides."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_in, 1, bias=False),
+            nn.BatchNorm2d(C_in, affine=affine),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, 1, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Zero(nn.Module):
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """ReLU, two 1×1 stride-2 convs (on x and on x shifted by one pixel), concatenated, then BN."""
+
+    def __init__(self, C_in: int, C_out: int, affine: bool = True):
+        super().__init__()
+        if C_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even C_out, got {C_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x):
+        x = self.relu(x)
+        # The shifted branch pads on the bottom/right so odd sizes give the same output shape.
+        shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+def _pool(kind: str, C: int, stride: int, affine: bool, with_bn: bool) -> nn.Module:
+    if kind == "max":
+        pool = nn.MaxPool2d(3, stride=stride, padding=1)
+    else:
+        pool = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+    if not with_bn:
+        return pool
+    return nn.Sequential(pool, nn.BatchNorm2d(C, affine=affine))
+
+
+def make_op(name: str, C: int, stride: int, affine: bool, search: bool = True) -> nn.Module:
+    """One candidate operation. `search=True` wraps pools with their BatchNorm (DARTS MixedOp layout)."""
+    if name == "none":
+        return Zero(stride)
+    if name == "max_pool_3x3":
+        return _pool("max", C, stride, affine, with_bn=search)
+    if name == "avg_pool_3x3":
+        return _pool("avg", C, stride, affine, with_bn=search)
+    if name == "skip_connect":
+        return Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)
+    if name == "sep_conv_3x3":
+        return SepConv(C, C, 3, stride, 1, affine=affine)
+    if name == "sep_conv_5x5":
+        return SepConv(C, C, 5, stride, 2, affine=affine)
+    if name == "dil_conv_3x3":
+        return DilConv(C, C, 3, stride, 2, 2, affine=affine)
+    if name == "dil_conv_5x5":
+        return DilConv(C, C, 5, stride, 4, 2, affine=affine)
+    raise ValueError(f"unknown primitive {name!r}; known: {', '.join(PRIMITIVES)}")

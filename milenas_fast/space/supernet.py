@@ -1,0 +1,128 @@
+"""The search supernet: Cell and Network with the model API DARTS-family code calls.
+
+α (two [14, 8] tensors) is deliberately NOT registered as a parameter: `model.parameters()` are the
+weights only (what SGD updates and what `param size` counts), `model.arch_parameters()` are α.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import genotype as gt
+from .mixed_op import MixedOp
+from .primitives import PRIMITIVES, FactorizedReduce, ReLUConvBN
+
+
+def num_edges(steps: int) -> int:
+    return sum(2 + i for i in range(steps))
+
+
+class Cell(nn.Module):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, mixed_op=MixedOp):
+        super().__init__()
+        self.reduction = reduction
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self._steps = steps
+        self._multiplier = multiplier
+        self._ops = nn.ModuleList()
+        for i in range(steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self._ops.append(mixed_op(C, stride))
+
+    def forward(self, s0, s1, weights):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self._steps):
+            s = None
+            for j, h in enumerate(states):
+                y = self._ops[offset + j](h, weights[offset + j])
+                s = y if s is None else s + y
+            offset += len(states)
+            states.append(s)
+        return torch.cat(states[-self._multiplier:], dim=1)
+
+
+class Network(nn.Module):
+    def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, criterion: nn.Module | None = None,
+                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, mixed_op=MixedOp):
+        super().__init__()
+        self._C, self._num_classes, self._layers = C, num_classes, layers
+        self._criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self._steps, self._multiplier, self._stem_multiplier = steps, multiplier, stem_multiplier
+        self._mixed_op = mixed_op
+
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, mixed_op)
+            reduction_prev = reduction
+            self.cells.append(cell)
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+        self._initialize_alphas()
+
+    # --- α -------------------------------------------------------------------------------------------
+    def _initialize_alphas(self):
+        k, n = num_edges(self._steps), len(PRIMITIVES)
+        self.alphas_normal = (1e-3 * torch.randn(k, n)).requires_grad_()
+        self.alphas_reduce = (1e-3 * torch.randn(k, n)).requires_grad_()
+        self._arch_parameters = [self.alphas_normal, self.alphas_reduce]
+
+    def arch_parameters(self) -> list[torch.Tensor]:
+        return self._arch_parameters
+
+    def load_alphas(self, alphas) -> None:
+        with torch.no_grad():
+            for a, b in zip(self._arch_parameters, alphas):
+                a.copy_(b)
+
+    def _apply(self, fn, recurse=True):
+        # Keep α on the weights' device (a leaf, fp32) when the module is moved; dtype casts skip it.
+        super()._apply(fn, recurse)
+        device = self.classifier.weight.device
+        if self.alphas_normal.device != device:
+            self.alphas_normal = self.alphas_normal.detach().to(device).requires_grad_()
+            self.alphas_reduce = self.alphas_reduce.detach().to(device).requires_grad_()
+            self._arch_parameters = [self.alphas_normal, self.alphas_reduce]
+        return self
+
+    # --- forward -------------------------------------------------------------------------------------
+    def mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """softmax(α) per edge, always in fp32 (also under autocast)."""
+        with torch.autocast(device_type=self.alphas_normal.device.type, enabled=False):
+            return F.softmax(self.alphas_normal.float(), dim=-1), F.softmax(self.alphas_reduce.float(), dim=-1)
+
+    def forward(self, x):
+        w_normal, w_reduce = self.mixing_weights()
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+        out = self.global_pooling(s1)
+        return self.classifier(out.flatten(1))
+
+    def _loss(self, x, target):
+        return self._criterion(self(x).float(), target)
+
+    # --- DARTS API -----------------------------------------------------------------------------------
+    def new(self) -> "Network":
+        model_new = Network(self._C, self._num_classes, self._layers, self._criterion, self._steps,
+                            self._multiplier, self._stem_multiplier, self._mixed_op)
+        model_new.to(self.classifier.weight.device)
+        model_new.load_alphas(self._arch_parameters)
+        return model_new
+
+    def genotype(self) -> gt.Genotype:
+        return gt.derive(self.alphas_normal, self.alphas_reduce, self._steps, self._multiplier)

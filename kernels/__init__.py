@@ -1,0 +1,1 @@
+"""Triton kernels (plain @triton.jit functions); their torch ops live in milenas_fast.ops."""

@@ -1,0 +1,223 @@
+"""Multi-stencil kernels: the six candidates of a mixed op that read the edge input directly.
+
+One launch reads x [N, C, H, W] (NCHW contiguous) and emits, all with the same output grid
+(H_out = (H - 1) // s + 1):
+  the first ReLU → depthwise stage of sep_conv_3x3 (3×3, pad 1), sep_conv_5x5 (5×5, pad 2),
+  dil_conv_3x3 (3×3 dil 2, pad 2) and dil_conv_5x5 (5×5 dil 2, pad 4), plus max/avg pool 3×3 (pad 1)
+  on the raw input.
+Every footprint is centred on the same input pixel (o·s), so one sweep over the 9×9 offsets (41 of
+them are used) loads each shifted view of x once and feeds every branch that has a tap there.
+
+Tiling: a program owns BLOCK_P planes (n·C + c) × BLOCK_HW flattened output pixels. For the search's
+≤ 32×32 planes BLOCK_HW covers the whole plane, so the halo re-reads of the 41 shifted views hit L1/L2
+and DRAM sees x once; consecutive pixels are consecutive addresses (coalesced for stride 1). Small
+planes (8×8) pack several planes per program to keep programs large.
+
+Filter gradients are deterministic: each program writes fp32 per-(pixel tile, plane, tap) partial
+sums, and the launcher reduces them over tiles and the batch with a plain (ordered) torch sum.
+"""
+import triton
+import triton.language as tl
+
+# Tap layout of the concatenated filter-gradient partials: [w3 (9) | w5 (25) | wd3 (9) | wd5 (25)].
+TAPS = 68
+OFF5 = 9
+OFFD3 = 34
+OFFD5 = 43
+
+
+@triton.jit
+def _tile(P, HWO, WO, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    planes = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    return planes, pix, planes < P, pix < HWO, pix // WO, pix % WO
+
+
+@triton.jit
+def stencil_fwd_kernel(
+    x_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr,
+    y3_ptr, y5_ptr, yd3_ptr, yd5_ptr, ymax_ptr, yavg_ptr,
+    P, C, H, W, HO, WO,
+    STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
+    ch = planes % C
+    x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
+    ch_ = oh * STRIDE  # centre of every footprint
+    cw_ = ow * STRIDE
+
+    acc3 = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
+    acc5 = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
+    accd3 = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
+    accd5 = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
+    vmax = tl.full((BLOCK_P, BLOCK_HW), float("-inf"), tl.float32)
+    vsum = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
+
+    for a in tl.static_range(9):
+        for b in tl.static_range(9):
+            dy = a - 4
+            dx = b - 4
+            in5 = (dy >= -2) and (dy <= 2) and (dx >= -2) and (dx <= 2)
+            even = (dy % 2 == 0) and (dx % 2 == 0)
+            if in5 or even:  # 41 of the 81 offsets feed some branch
+                ih = ch_ + dy
+                iw = cw_ + dx
+                m = pm[:, None] & (sm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
+                v = tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
+                r = tl.maximum(v, 0.0)
+                if (dy >= -1) and (dy <= 1) and (dx >= -1) and (dx <= 1):
+                    wv = tl.load(w3_ptr + ch * 9 + (dy + 1) * 3 + (dx + 1), mask=pm, other=0.0)
+                    acc3 += r * wv.to(tl.float32)[:, None]
+                    vmax = tl.maximum(vmax, tl.where(m, v, float("-inf")))
+                    vsum += v
+                if in5:
+                    wv = tl.load(w5_ptr + ch * 25 + (dy + 2) * 5 + (dx + 2), mask=pm, other=0.0)
+                    acc5 += r * wv.to(tl.float32)[:, None]
+                    if even:
+                        wv = tl.load(wd3_ptr + ch * 9 + (dy // 2 + 1) * 3 + (dx // 2 + 1), mask=pm, other=0.0)
+                        accd3 += r * wv.to(tl.float32)[:, None]
+                if even:
+                    wv = tl.load(wd5_ptr + ch * 25 + (dy // 2 + 2) * 5 + (dx // 2 + 2), mask=pm, other=0.0)
+                    accd5 += r * wv.to(tl.float32)[:, None]
+
+    # count_include_pad=False: divide by the in-bounds part of each 3×3 window.
+    cnt = ((tl.minimum(ch_ + 2, H) - tl.maximum(ch_ - 1, 0)) * (tl.minimum(cw_ + 2, W) - tl.maximum(cw_ - 1, 0)))
+    yavg = vsum / tl.maximum(cnt, 1).to(tl.float32)[None, :]  # max: lanes past the end have cnt <= 0
+
+    out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]
+    om = pm[:, None] & sm[None, :]
+    dt = y3_ptr.dtype.element_ty
+    tl.store(y3_ptr + out, acc3.to(dt), mask=om)
+    tl.store(y5_ptr + out, acc5.to(dt), mask=om)
+    tl.store(yd3_ptr + out, accd3.to(dt), mask=om)
+    tl.store(yd5_ptr + out, accd5.to(dt), mask=om)
+    tl.store(ymax_ptr + out, vmax.to(dt), mask=om)
+    tl.store(yavg_ptr + out, yavg.to(dt), mask=om)
+
+
+@triton.jit
+def _gather_conv(acc, g_ptr, w_ptr, planes, ch, pm, ih, iw, HO, WO,
+                 K: tl.constexpr, DIL: tl.constexpr, PAD: tl.constexpr, STRIDE: tl.constexpr):
+    """acc += Σ_taps w[c, tap] · g[o] over the outputs o whose tap lands on input (ih, iw)."""
+    g_base = g_ptr + planes[:, None].to(tl.int64) * (HO * WO)
+    for kh in tl.static_range(K):
+        for kw in tl.static_range(K):
+            th = ih + PAD - kh * DIL  # = o_h · STRIDE
+            tw = iw + PAD - kw * DIL
+            ok = (th >= 0) & (tw >= 0)
+            if STRIDE > 1:
+                ok = ok & (th % STRIDE == 0) & (tw % STRIDE == 0)
+            oh = th // STRIDE
+            ow = tw // STRIDE
+            ok = ok & (oh < HO) & (ow < WO)
+            m = pm[:, None] & ok
+            g = tl.load(g_base + oh * WO + ow, mask=m, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + ch * (K * K) + kh * K + kw, mask=pm, other=0.0).to(tl.float32)
+            acc += g * wv[:, None]
+    return acc
+
+
+@triton.jit
+def stencil_bwd_input_kernel(
+    x_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr, ymax_ptr,
+    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, gmax_ptr, gavg_ptr, dx_ptr,
+    P, C, H, W, HO, WO,
+    HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
+    HASMAX: tl.constexpr, HASAVG: tl.constexpr,
+    STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Gather form (one program per input tile, no atomics): dx = relu'(x)·Σ conv grads + pool grads."""
+    planes, pix, pm, sm, ih, iw = _tile(P, H * W, W, BLOCK_P, BLOCK_HW)
+    ch = planes % C
+    ih = ih[None, :]
+    iw = iw[None, :]
+    x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
+    xm = pm[:, None] & sm[None, :]
+    xv = tl.load(x_base + ih * W + iw, mask=xm, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
+    if HAS3:
+        acc = _gather_conv(acc, g3_ptr, w3_ptr, planes, ch, pm, ih, iw, HO, WO, 3, 1, 1, STRIDE)
+    if HAS5:
+        acc = _gather_conv(acc, g5_ptr, w5_ptr, planes, ch, pm, ih, iw, HO, WO, 5, 1, 2, STRIDE)
+    if HASD3:
+        acc = _gather_conv(acc, gd3_ptr, wd3_ptr, planes, ch, pm, ih, iw, HO, WO, 3, 2, 2, STRIDE)
+    if HASD5:
+        acc = _gather_conv(acc, gd5_ptr, wd5_ptr, planes, ch, pm, ih, iw, HO, WO, 5, 2, 4, STRIDE)
+    acc = tl.where(xv > 0.0, acc, 0.0)  # ReLU'(x), as threshold_backward: 0 at x == 0
+
+    if HASMAX or HASAVG:
+        o_base = planes[:, None].to(tl.int64) * (HO * WO)
+        for t in tl.static_range(9):  # window tap t = (ty, tx) of output o that lands on this pixel
+            ty = t // 3
+            tx = t % 3
+            th = ih + 1 - ty  # o_h · STRIDE = window top + 1
+            tw = iw + 1 - tx
+            ok = (th >= 0) & (tw >= 0)
+            if STRIDE > 1:
+                ok = ok & (th % STRIDE == 0) & (tw % STRIDE == 0)
+            oh = th // STRIDE
+            ow = tw // STRIDE
+            m = xm & ok & (oh < HO) & (ow < WO)
+            if HASMAX:
+                # PyTorch routes the gradient to the FIRST maximum in row-major window order: this
+                # pixel wins iff it equals the window max and no earlier in-bounds tap does.
+                mx = tl.load(ymax_ptr + o_base + oh * WO + ow, mask=m, other=0.0).to(tl.float32)
+                hit = m & (xv == mx)
+                for u in tl.static_range(t):
+                    uh = th - 1 + u // 3
+                    uw = tw - 1 + u % 3
+                    um = hit & (uh >= 0) & (uh < H) & (uw >= 0) & (uw < W)
+                    xu = tl.load(x_base + uh * W + uw, mask=um, other=0.0).to(tl.float32)
+                    hit = hit & ~(um & (xu == mx))
+                g = tl.load(gmax_ptr + o_base + oh * WO + ow, mask=hit, other=0.0).to(tl.float32)
+                acc += g
+            if HASAVG:
+                cnt = (tl.minimum(th + 2, H) - tl.maximum(th - 1, 0)) * (tl.minimum(tw + 2, W) - tl.maximum(tw - 1, 0))
+                g = tl.load(gavg_ptr + o_base + oh * WO + ow, mask=m, other=0.0).to(tl.float32)
+                acc += g / tl.maximum(cnt, 1).to(tl.float32)
+
+    tl.store(dx_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw, acc.to(dx_ptr.dtype.element_ty), mask=xm)
+
+
+@triton.jit
+def stencil_bwd_weight_kernel(
+    x_ptr, g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, part_ptr,
+    P, H, W, HO, WO,
+    HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
+    STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """part[tile, plane, tap] = Σ_{o in tile} g[plane, o] · relu(x[plane, o·s + tap offset]) in fp32."""
+    planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
+    om = pm[:, None] & sm[None, :]
+    out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]
+    x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
+    # Absent branches load nothing (fully masked) and store nothing (their taps are skipped below).
+    g3 = tl.load(g3_ptr + out, mask=om & HAS3, other=0.0).to(tl.float32)
+    g5 = tl.load(g5_ptr + out, mask=om & HAS5, other=0.0).to(tl.float32)
+    gd3 = tl.load(gd3_ptr + out, mask=om & HASD3, other=0.0).to(tl.float32)
+    gd5 = tl.load(gd5_ptr + out, mask=om & HASD5, other=0.0).to(tl.float32)
+    p_base = part_ptr + (tl.program_id(1) * P + planes).to(tl.int64) * 68  # 68 = TAPS
+    ch_ = oh * STRIDE
+    cw_ = ow * STRIDE
+    for a in tl.static_range(9):
+        for b in tl.static_range(9):
+            dy = a - 4
+            dx = b - 4
+            in3 = (dy >= -1) and (dy <= 1) and (dx >= -1) and (dx <= 1)
+            in5 = (dy >= -2) and (dy <= 2) and (dx >= -2) and (dx <= 2)
+            even = (dy % 2 == 0) and (dx % 2 == 0)
+            ind3 = in5 and even
+            if (in3 and HAS3) or (in5 and HAS5) or (ind3 and HASD3) or (even and HASD5):
+                ih = ch_ + dy
+                iw = cw_ + dx
+                m = om & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
+                r = tl.maximum(tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
+                if in3 and HAS3:
+                    tl.store(p_base + (dy + 1) * 3 + (dx + 1), tl.sum(r * g3, axis=1), mask=pm)
+                if in5 and HAS5:
+                    tl.store(p_base + 9 + (dy + 2) * 5 + (dx + 2), tl.sum(r * g5, axis=1), mask=pm)
+                if ind3 and HASD3:
+                    tl.store(p_base + 34 + (dy // 2 + 1) * 3 + (dx // 2 + 1), tl.sum(r * gd3, axis=1), mask=pm)
+                if even and HASD5:
+                    tl.store(p_base + 43 + (dy // 2 + 2) * 5 + (dx // 2 + 2), tl.sum(r * gd5, axis=1), mask=pm)

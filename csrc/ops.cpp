@@ -1,0 +1,22 @@
+// Schemas of the milenas_fast ops, declared once; backends register in cpu/ and cuda/.
+// New ops: add an m.def here (or a TORCH_LIBRARY_FRAGMENT next to their kernels).
+#include <torch/library.h>
+
+#ifdef MILENAS_FAST_PYTHON_MODULE
+#include <Python.h>
+// An empty module so that `import milenas_fast._C` dlopens this library and runs the registrations.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+#endif
+
+TORCH_LIBRARY(milenas_fast, m) {
+  // out[n,c,h,w] = sum_k w[k] * (y[k,n,c,h,w] - mean[k,c]) * rstd[k,c]: the mixed-op / node sum with the
+  // candidates' non-affine BatchNorm folded in.
+  m.def("edge_reduce(Tensor y, Tensor w, Tensor mean, Tensor rstd) -> Tensor");
+  // output_mask selects (grad_y, grad_w, grad_mean, grad_rstd); unselected outputs are undefined (None).
+  m.def(
+      "edge_reduce_backward(Tensor grad_out, Tensor y, Tensor w, Tensor mean, Tensor rstd, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+}

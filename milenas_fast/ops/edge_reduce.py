@@ -1,0 +1,70 @@
+"""Edge-wise reduction with non-affine BatchNorm folded in (PERF.md "What to fuse" §5).
+
+out[n,c,h,w] = Σ_k w[k] · (y[k,n,c,h,w] − mean[k,c]) · rstd[k,c]
+
+`edge_reduce` runs the C++/CUDA op (differentiable in all four inputs, traceable by torch.compile);
+`edge_reduce_reference` is the plain-PyTorch twin used as the oracle and wherever the op cannot run.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import extension
+
+_lock = threading.Lock()
+_registered = False
+
+
+def edge_reduce_reference(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """Same maths in PyTorch: computed in at least fp32 (fp64 stays fp64), returned in y's dtype."""
+    k, _, c = y.shape[:3]
+    dt = torch.promote_types(y.dtype, torch.float32)
+    scale = (rstd.to(dt) * w.to(dt)[:, None]).view(k, 1, c, 1, 1)
+    return ((y.to(dt) - mean.to(dt).view(k, 1, c, 1, 1)) * scale).sum(0).to(y.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    y, w, mean, rstd = ctx.saved_tensors
+    # Only what autograd asks for: α-only passes skip nothing here, but frozen BN statistics or a fixed w do.
+    return torch.ops.milenas_fast.edge_reduce_backward(grad, y, w, mean, rstd, list(ctx.needs_input_grad))
+
+
+def _fake_forward(y, w, mean, rstd):
+    return y.new_empty(y.shape[1:])
+
+
+def _fake_backward(grad_out, y, w, mean, rstd, output_mask):
+    k, c = y.shape[0], y.shape[2]
+    return (
+        y.new_empty(y.shape) if output_mask[0] else None,
+        w.new_empty((k,)) if output_mask[1] else None,
+        w.new_empty((k, c)) if output_mask[2] else None,
+        w.new_empty((k, c)) if output_mask[3] else None,
+    )
+
+
+def register() -> None:
+    """Load the extension (RuntimeError if impossible) and attach autograd and fake kernels, once."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        extension.require()
+        torch.library.register_fake("milenas_fast::edge_reduce", _fake_forward)
+        torch.library.register_fake("milenas_fast::edge_reduce_backward", _fake_backward)
+        torch.library.register_autograd("milenas_fast::edge_reduce", _backward, setup_context=_setup_context)
+        _registered = True
+
+
+def edge_reduce(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The fast op. y: [K,N,C,H,W] (fp32/bf16/fp16), w: [K] fp32, mean/rstd: [K,C] fp32 -> [N,C,H,W].
+    Raises RuntimeError when the extension cannot be loaded (choose the reference explicitly instead)."""
+    if not _registered:
+        register()
+    return torch.ops.milenas_fast.edge_reduce(y, w, mean, rstd)

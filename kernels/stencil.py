@@ -100,7 +100,8 @@ def _gather_conv(acc, g_ptr, w_ptr, planes, ch, pm, ih, iw, HO, WO,
                  K: tl.constexpr, DIL: tl.constexpr, PAD: tl.constexpr, STRIDE: tl.constexpr):
     """acc += Σ_taps w[c, tap] · g[o] over the outputs o whose tap lands on input (ih, iw)."""
     g_base = g_ptr + planes[:, None].to(tl.int64) * (HO * WO)
-    for kh in tl.static_range(K):
+    # A runtime loop over rows (columns unrolled): a quarter of the code, far quicker to compile.
+    for kh in range(K):
         for kw in tl.static_range(K):
             th = ih + PAD - kh * DIL  # = o_h · STRIDE
             tw = iw + PAD - kw * DIL

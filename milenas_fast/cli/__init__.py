@@ -1,0 +1,41 @@
+"""`milenas-fast <command>`: one module per command, each adding its own subparser."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ConfigError
+from ..data import DataError
+from ..runs import CheckpointError
+from ..space.genotype import GenotypeError
+from . import search
+
+COMMANDS = {"search": search}
+USER_ERRORS = (ConfigError, DataError, CheckpointError, GenotypeError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="milenas-fast", description="Fast, faithful MiLeNAS on the DARTS space.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args, argv) or 0
+    except USER_ERRORS as e:
+        print(f"milenas-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nmilenas-fast {args.command}: interrupted; the last complete checkpoint is intact "
+              "(continue with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The validated settings of a run. Each field carries its flag help, so the CLI is generated from here
+and there is one place that knows defaults and rules. Bad values raise ConfigError (exit 2 in the CLI)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A setting the run cannot accept; the message names the flag."""
+
+
+def opt(default, help: str, choices=None, group: str = "search"):
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+OPTIMIZATIONS = ("milenas", "darts", "single_level")
+
+
+@dataclass
+class SearchConfig:
+    # data
+    dataset: str = opt("cifar10", "cifar10 (torchvision, downloaded into --data when missing) or synthetic",
+                       ("cifar10", "synthetic"))
+    data: str = opt("./data", "folder holding (or receiving) CIFAR-10")
+    synthetic_images: int = opt(5000, "images in the synthetic set (--dataset synthetic)")
+    train_portion: float = opt(0.5, "fraction of the training set that trains the weights; the rest drives α")
+    batch_size: int = opt(64, "batch size (train and validation)")
+    workers: int = opt(2, "DataLoader worker processes (--loader torch)")
+    loader: str = opt("auto", "auto | torch | gpu (dataset resident on the device) | dali", ("auto", "torch", "gpu", "dali"))
+    # weights
+    learning_rate: float = opt(0.025, "initial learning rate of the weights (SGD)")
+    learning_rate_min: float = opt(0.001, "final learning rate of the cosine schedule")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(3e-4, "SGD weight decay")
+    grad_clip: float = opt(5.0, "clip the WEIGHTS' gradient norm at this value (0 disables)")
+    # architecture
+    arch_learning_rate: float = opt(3e-4, "Adam learning rate of α")
+    arch_weight_decay: float = opt(1e-3, "Adam weight decay (L2) of α")
+    optimization: str = opt("milenas", "milenas (mixed-level) | darts (first order) | single_level", OPTIMIZATIONS)
+    lambda_train_regularizer: float = opt(1.0, "weight of ∇α L_train in the α gradient")
+    lambda_valid_regularizer: float = opt(1.0, "weight of ∇α L_val in the α gradient")
+    # network
+    init_channels: int = opt(16, "channels of the first cell")
+    layers: int = opt(8, "number of cells")
+    # schedule and stopping
+    epochs: int = opt(50, "number of search epochs")
+    early_stopping: bool = opt(False, "stop after the epoch whose genotype has the target conv counts")
+    early_stop_normal: int = opt(6, "target conv count of the normal cell")
+    early_stop_reduce: int = opt(0, "target conv count of the reduction cell")
+    # runtime
+    seed: int = opt(2, "random seed")
+    device: str = opt("auto", "auto | cpu | cuda", ("auto", "cpu", "cuda"))
+    amp: bool = opt(False, "mixed precision (bf16 autocast; fp16 + loss scaling where bf16 is unsupported)")
+    impl: str = opt("auto", "MixedOp implementation: auto | fused | reference", ("auto", "fused", "reference"))
+    deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns and resume on CPU)")
+    report_freq: int = opt(50, "log a training line every N steps")
+    quiet: bool = opt(False, "no progress bar and no per-step console lines (log.txt is unchanged)")
+    save: str = opt("EXP", "experiment name: the run folder is search-<save>-<YYYYmmdd-HHMMSS>")
+    save_dir: str = opt("", "exact run folder (overrides --save)")
+    resume: str = opt("", "continue the run in RUN_DIR (or from a checkpoint file)")
+
+    # Flags that only change how a run executes, not what it computes: they may differ on --resume.
+    RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader", "impl")
+    # Flags that fix the shape of the network and α: a checkpoint must match them.
+    ARCHITECTURE = ("init_channels", "layers", "dataset")
+
+    def validate(self) -> "SearchConfig":
+        positive = ("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.train_portion < 1.0:
+            raise ConfigError(f"--train_portion must lie strictly between 0 and 1, got {self.train_portion}")
+        nonneg = ("learning_rate", "learning_rate_min", "momentum", "weight_decay", "grad_clip",
+                  "arch_learning_rate", "arch_weight_decay", "lambda_train_regularizer",
+                  "lambda_valid_regularizer", "workers", "early_stop_normal", "early_stop_reduce")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if self.learning_rate_min > self.learning_rate:
+            raise ConfigError("--learning_rate_min must not exceed --learning_rate")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        if self.init_channels % 2:
+            raise ConfigError(f"--init_channels must be even (FactorizedReduce halves it), got {self.init_channels}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: bool = False) -> None:
+    """One flag per field, snake_case as in DARTS plus a hyphenated alias. With explicit_only, defaults
+    are suppressed so the namespace holds only the flags the user typed."""
+    for f in fields(cls):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        default = argparse.SUPPRESS if explicit_only else f.default
+        kwargs = {"dest": f.name, "default": default, "help": f.metadata.get("help", "")}
+        if f.default is MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name} needs a default")
+        if isinstance(f.default, bool):
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        kwargs["type"] = type(f.default)
+        kwargs["metavar"] = {int: "N", float: "X", str: "S"}[type(f.default)]
+        parser.add_argument(*names, **kwargs)

@@ -1,0 +1,55 @@
+"""Mixed precision policy: bf16 autocast where supported, fp16 with loss scaling otherwise.
+
+α, its softmax and all optimiser state stay fp32 (the model computes softmax outside autocast).
+Gradients taken with torch.autograd.grad (the α passes) are never seen by GradScaler.unscale_, so
+`alpha_grads` unscales them by hand and reports non-finite values so the caller can skip the step.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class Precision:
+    def __init__(self, device: torch.device, amp: bool):
+        self.device = device
+        self.dtype = None
+        self.note = "fp32"
+        self.scaler = None
+        if not amp:
+            return
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                self.dtype, self.note = torch.bfloat16, "AMP: bf16 autocast"
+            else:
+                self.dtype, self.note = torch.float16, "AMP: fp16 autocast with loss scaling (no bf16 on this GPU)"
+                self.scaler = torch.amp.GradScaler("cuda")
+        elif device.type == "cpu":
+            self.dtype, self.note = torch.bfloat16, "AMP: bf16 autocast on CPU"
+        else:
+            self.note = f"AMP is not supported on {device.type}; running in fp32"
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def alpha_grads(self, loss: torch.Tensor, alphas) -> tuple[list[torch.Tensor], bool]:
+        """∇α loss, unscaled; and whether all of it is finite."""
+        grads = torch.autograd.grad(self.scale(loss), alphas)
+        if self.scaler is None:
+            return list(grads), True
+        inv = 1.0 / self.scaler.get_scale()
+        grads = [g.float() * inv for g in grads]
+        return grads, all(bool(torch.isfinite(g).all()) for g in grads)
+
+    def state_dict(self) -> dict:
+        return {} if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

@@ -1,0 +1,118 @@
+"""Run folders, atomic file writes, checkpoints and the DARTS-format log."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or does not fit the requested run."""
+
+
+def new_run_dir(kind: str, save: str, save_dir: str = "") -> Path:
+    """`<kind>-<save>-<YYYYmmdd-HHMMSS>/` in the working directory, or exactly `save_dir`."""
+    path = Path(save_dir) if save_dir else Path(f"{kind}-{save}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if path.exists() and any(path.iterdir()):
+        raise CheckpointError(f"run folder {path} exists and is not empty; use --resume {path} to continue it")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    return path
+
+
+def load_checkpoint(source: str | Path, kind: str) -> tuple[Path, dict]:
+    """(run folder, checkpoint dict); `kind` is 'search' or 'train' and must match what wrote it."""
+    path = resolve_checkpoint(source)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a milenas-fast checkpoint (or an incompatible version)")
+    if state.get("kind") != kind:
+        raise CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, not a {kind!r} one")
+    return path.parent, state
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console lines that do not tear a live progress bar; per-step lines are left to the bar."""
+
+    def emit(self, record):
+        if getattr(record, "step_line", False):
+            return
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+def setup_logging(run_dir: Path, console: bool = True, quiet: bool = False, bar: bool = False) -> logging.Logger:
+    """DARTS log format in log.txt (appending, so a resumed run continues the same file); the same lines
+    on the console unless quiet (then warnings only)."""
+    log = logging.getLogger("milenas_fast")
+    close_logging()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%m/%d %I:%M:%S %p")
+    fh = logging.FileHandler(run_dir / "log.txt")
+    fh.setFormatter(fmt)
+    log.addHandler(fh)
+    if console:
+        sh = _TqdmHandler(sys.stdout) if bar else logging.StreamHandler(sys.stdout)
+        sh.setFormatter(fmt)
+        sh.setLevel(logging.WARNING if quiet else logging.INFO)
+        log.addHandler(sh)
+    return log
+
+
+def close_logging() -> None:
+    log = logging.getLogger("milenas_fast")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()

@@ -1,0 +1,60 @@
+"""Where and how a run executes: device, seeding, determinism, MixedOp implementation."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is visible to torch "
+                          f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu")
+    return torch.device(requested)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_impl(requested: str, device: torch.device):
+    """(MixedOp class, why) for `--impl`. The fused implementation is not part of this build yet."""
+    from .space.mixed_op import MixedOp
+
+    if requested == "fused":
+        raise ConfigError("--impl fused: the fused MixedOp kernels are not available in this build")
+    return MixedOp, ("requested" if requested == "reference" else "auto: reference (no fused kernels in this build)")

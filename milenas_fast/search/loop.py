@@ -1,0 +1,271 @@
+"""The search: epochs, validation, model-size buckets, early stopping, run folder, checkpoints, resume."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import runs
+from ..config import ConfigError, SearchConfig
+from ..data import BatchStream, load_dataset, make_loader, split_train_val
+from ..data.datasets import NUM_CLASSES
+from ..data.loaders import epoch_batches, resolve_loader
+from ..precision import Precision
+from ..runtime import (load_rng_state, resolve_device, resolve_impl, rng_state, seed_everything,
+                       set_determinism)
+from ..space import genotype as gt
+from ..space.supernet import Network
+from .step import StepRule, search_step
+
+log = logging.getLogger("milenas_fast")
+
+
+class Totals:
+    """Loss and top-1/top-5 sums kept on the device; read (one sync) only when reported."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(3, device=device, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, loss, logits, y):
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5 == y[:, None]
+        self.sums += torch.stack([loss.double() * y.numel(), hit[:, 0].sum().double(), hit.any(1).sum().double()])
+        self.n += y.numel()
+
+    def read(self) -> tuple[float, float, float]:
+        loss, top1, top5 = (self.sums / max(self.n, 1)).tolist()
+        return loss, 100.0 * top1, 100.0 * top5
+
+
+class Search:
+    """Everything a search epoch needs, and its checkpointable state."""
+
+    def __init__(self, cfg: SearchConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        seed_everything(cfg.seed)
+        set_determinism(cfg.deterministic, device)
+        data = load_dataset(cfg.dataset, cfg.data, cfg.synthetic_images)
+        train, valid = split_train_val(data, cfg.train_portion)
+        self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
+        self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers)
+        self.valid_loader = make_loader(self.loader_name, valid, cfg.batch_size, device, cfg.workers)
+        self.mixed_op, self.impl_why = resolve_impl(cfg.impl, device)
+        self.model = Network(cfg.init_channels, NUM_CLASSES, cfg.layers, mixed_op=self.mixed_op).to(device)
+        self.w_optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
+                                           weight_decay=cfg.weight_decay)
+        self.a_optimizer = torch.optim.Adam(self.model.arch_parameters(), lr=cfg.arch_learning_rate,
+                                            betas=(0.5, 0.999), weight_decay=cfg.arch_weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_optimizer, cfg.epochs,
+                                                                    eta_min=cfg.learning_rate_min)
+        self.precision = Precision(device, cfg.amp)
+        self.rule = StepRule(cfg.optimization, cfg.lambda_train_regularizer, cfg.lambda_valid_regularizer,
+                             cfg.grad_clip)
+        self.valid_stream = BatchStream(self.valid_loader, cfg.seed, "valid")
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.model_sizes: dict[str, dict] = {}
+        self.finished = False
+
+    # --- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "kind": "search", "config": self.cfg.to_dict(), "epoch": self.epoch, "finished": self.finished,
+            "model": self.model.state_dict(), "alphas": [a.detach().cpu() for a in self.model.arch_parameters()],
+            "w_optimizer": self.w_optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "precision": self.precision.state_dict(),
+            "valid_stream": self.valid_stream.state_dict(), "history": self.history,
+            "model_sizes": self.model_sizes, "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.model.load_alphas(state["alphas"])
+            self.w_optimizer.load_state_dict(state["w_optimizer"])
+            self.a_optimizer.load_state_dict(state["a_optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise runs.CheckpointError(f"checkpoint does not fit this network ({first})") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state["precision"])
+        self.valid_stream.load_state_dict(state["valid_stream"])
+        self.epoch, self.finished = state["epoch"], state["finished"]
+        self.history, self.model_sizes = state["history"], state["model_sizes"]
+        load_rng_state(state["rng"])
+
+    # --- one epoch -------------------------------------------------------------------------------------
+    def train_epoch(self, progress) -> tuple[float, float]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        totals = Totals(self.device)
+        needs_valid = any(which == "valid" for which, _ in self.rule.alpha_terms())
+        batches = epoch_batches(self.train_loader, cfg.seed, "train", self.epoch)
+        start, seen = time.perf_counter(), 0
+        for step, train_batch in enumerate(batches):
+            valid_batch = next(self.valid_stream) if needs_valid else None
+            loss, logits = search_step(model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer,
+                                       self.rule, self.precision)
+            totals.add(loss, logits, train_batch[1])
+            seen += train_batch[1].numel()
+            last = step == len(self.train_loader) - 1
+            if step % cfg.report_freq == 0 or last:
+                obj, top1, top5 = totals.read()
+                log.info("train %03d %e %f %f", step, obj, top1, top5, extra={"step_line": True})
+                progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+        obj, top1, _ = totals.read()
+        return top1, obj
+
+    @torch.no_grad()
+    def infer(self) -> tuple[float, float]:
+        self.model.eval()
+        totals = Totals(self.device)
+        for x, y in epoch_batches(self.valid_loader, self.cfg.seed, "infer", self.epoch):
+            with self.precision.autocast():
+                logits = self.model(x)
+            totals.add(self.model._criterion(logits.float(), y), logits, y)
+        obj, top1, top5 = totals.read()
+        log.info("valid %03d %e %f %f", len(self.valid_loader) - 1, obj, top1, top5, extra={"step_line": True})
+        return top1, obj
+
+    def record(self, train_acc, train_obj, valid_acc, valid_obj, lr) -> dict:
+        g = self.model.genotype()
+        n, r = gt.conv_counts(g)
+        w_normal, w_reduce = self.model.mixing_weights()
+        entry = {
+            "epoch": self.epoch, "genotype": gt.to_text(g), "n": n, "r": r, "model_size": f"n{n}r{r}",
+            "train_acc": train_acc, "train_loss": train_obj, "valid_acc": valid_acc, "valid_loss": valid_obj,
+            "lr": lr, "alphas_normal": w_normal.detach().cpu().tolist(),
+            "alphas_reduce": w_reduce.detach().cpu().tolist(),
+        }
+        self.history.append(entry)
+        best = self.model_sizes.get(entry["model_size"])
+        if best is None or valid_acc > best["valid_acc"]:
+            self.model_sizes[entry["model_size"]] = {
+                "epoch": self.epoch, "n": n, "r": r, "valid_acc": valid_acc, "train_acc": train_acc,
+                "genotype": entry["genotype"], "genotype_json": gt.to_dict(g)}
+        return entry
+
+
+class Progress:
+    """A tqdm bar per epoch on a terminal; nothing otherwise (the log lines carry the numbers)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def start(self, epoch: int, total: int):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="it", leave=False, dynamic_ncols=True)
+
+    def update(self, done, loss, acc, ips):
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}", img_s=f"{ips:.0f}", refresh=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def write_run_files(run_dir: Path, search: Search) -> None:
+    """Files derived from the checkpointed history: rewritten whole so they always agree with it."""
+    lines = "".join(__import__("json").dumps(e) + "\n" for e in search.history)
+    runs.atomic_write_text(run_dir / "genotypes.jsonl", lines)
+    runs.atomic_write_json(run_dir / "model_sizes.json", dict(sorted(search.model_sizes.items())))
+
+
+def write_final(run_dir: Path, search: Search) -> gt.Genotype:
+    g = search.model.genotype()
+    runs.atomic_write_json(run_dir / "genotype.json", gt.to_dict(g))
+    runs.atomic_write_text(run_dir / "genotype.txt", gt.to_text(g) + "\n")
+    return g
+
+
+def check_resume_flags(saved: dict, explicit: dict) -> None:
+    """Flags typed on a --resume command line must not change what the run computes."""
+    for name, value in explicit.items():
+        if name in SearchConfig.RUNTIME or name not in saved:
+            continue
+        if saved[name] != value:
+            raise runs.CheckpointError(
+                f"--{name} {value} does not match the checkpoint's {saved[name]} (only runtime flags such as "
+                f"--device may change on --resume)")
+
+
+def prepare(cfg: SearchConfig, explicit: dict | None = None):
+    """Validate, load data and build (or restore) the search; nothing is written yet.
+    Returns (search, run_dir or None for a new run, checkpoint state or None)."""
+    state, run_dir = None, None
+    if cfg.resume:
+        run_dir, state = runs.load_checkpoint(cfg.resume, "search")
+        saved = state["config"]
+        check_resume_flags(saved, explicit or {})
+        runtime = {k: getattr(cfg, k) for k in SearchConfig.RUNTIME}
+        cfg = SearchConfig.from_dict({**saved, **runtime})
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    search = Search(cfg, device)
+    if state is not None:
+        search.load_state_dict(state)
+    return search, run_dir
+
+
+def run(cfg: SearchConfig, explicit: dict | None = None, console: bool = True) -> Path:
+    search, run_dir = prepare(cfg, explicit)
+    cfg = search.cfg
+    resumed = run_dir is not None
+    if not resumed:
+        run_dir = runs.new_run_dir("search", cfg.save, cfg.save_dir)
+    bar = console and not cfg.quiet and sys.stderr.isatty()
+    runs.setup_logging(run_dir, console=console, quiet=cfg.quiet, bar=bar)
+    try:
+        return _run(search, run_dir, resumed, Progress(bar))
+    finally:
+        runs.close_logging()
+
+
+def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Path:
+    cfg, model, ckpt = search.cfg, search.model, run_dir / runs.CHECKPOINT
+    if resumed:
+        log.info("resuming %s at epoch %d", run_dir, search.epoch)
+    else:
+        runs.atomic_write_json(run_dir / "args.json", cfg.to_dict())
+        log.info("args = %s", cfg.to_dict())
+    log.info("device = %s; %s; loader = %s (%s); MixedOp = %s (%s)", search.device, search.precision.note,
+             search.loader_name, search.loader_why, search.mixed_op.__name__, search.impl_why)
+    log.info("param size = %fMB", sum(p.numel() for p in model.parameters()) / 1e6)
+
+    while search.epoch < cfg.epochs and not search.finished:
+        lr = search.scheduler.get_last_lr()[0]
+        log.info("epoch %d lr %e", search.epoch, lr)
+        epoch_start = time.perf_counter()
+        progress.start(search.epoch, len(search.train_loader))
+        try:
+            train_acc, train_obj = search.train_epoch(progress)
+        finally:
+            progress.close()
+        log.info("train_acc %f", train_acc)
+        valid_acc, valid_obj = search.infer()
+        log.info("valid_acc %f", valid_acc)
+        search.scheduler.step()
+        entry = search.record(train_acc, train_obj, valid_acc, valid_obj, lr)
+        log.info("genotype = %s", entry["genotype"])
+        log.info("model size %s; epoch time %.1fs", entry["model_size"], time.perf_counter() - epoch_start)
+        stop = cfg.early_stopping and (entry["n"], entry["r"]) == (cfg.early_stop_normal, cfg.early_stop_reduce)
+        search.epoch += 1
+        search.finished = stop or search.epoch >= cfg.epochs
+        runs.save_checkpoint(ckpt, search.state_dict())
+        write_run_files(run_dir, search)
+        if stop:
+            log.info("early stopping: the normal cell has %d convs and the reduction cell %d", entry["n"], entry["r"])
+    write_run_files(run_dir, search)
+    g = write_final(run_dir, search)
+    log.info("final genotype = %s", gt.to_text(g))
+    log.info("run folder: %s", run_dir)
+    return run_dir

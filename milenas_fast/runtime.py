@@ -52,9 +52,16 @@ def load_rng_state(state: dict) -> None:
 
 
 def resolve_impl(requested: str, device: torch.device):
-    """(MixedOp class, why) for `--impl`. The fused implementation is not part of this build yet."""
-    from .space.mixed_op import MixedOp
+    """(MixedOp class, why) for `--impl` auto|fused|reference on `device` (milenas_fast.ops.select decides).
+    An explicit `fused` that cannot run raises ConfigError with the reasons."""
+    from .ops import select
+    from .space.mixed_op import FusedMixedOp, ReferenceMixedOp
 
-    if requested == "fused":
-        raise ConfigError("--impl fused: the fused MixedOp kernels are not available in this build")
-    return MixedOp, ("requested" if requested == "reference" else "auto: reference (no fused kernels in this build)")
+    try:
+        decision = select.decide(requested, device)
+    except ValueError as e:
+        raise ConfigError(f"--impl: {e}") from None
+    if not decision.ok:
+        raise ConfigError(f"--impl fused cannot run on {device}: {'; '.join(decision.reasons)}; "
+                          "use --impl reference or auto")
+    return (FusedMixedOp if decision.impl == "fused" else ReferenceMixedOp), decision.why()

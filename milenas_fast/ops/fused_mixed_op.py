@@ -1,0 +1,170 @@
+"""The fused forward of MixedOp: the same maths as the module forwards, in fewer, larger steps.
+
+1. `stencil` reads the edge input once and emits the first stage of sep3/sep5/dil3/dil5 (ReLU → depthwise,
+   stride s) and both 3×3 pools.
+2. PyTorch finishes the conv candidates with the module's own submodules (pointwise 1×1; for sep convs the
+   inner BatchNorm, ReLU, second depthwise and pointwise), so parameters, inner running statistics and
+   state_dict are the reference's.
+3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train) or running
+   statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes Σ_k w_k (y_k − mean_k) rstd_k over
+   the stacked pre-BN outputs. Identity (stride 1 skip) enters with mean 0, rstd 1. Running statistics
+   are updated exactly as nn.BatchNorm2d does (momentum or cumulative average, unbiased variance,
+   num_batches_tracked). Autograd flows through the statistics, so every gradient is the reference's.
+
+Only non-affine search MixedOps over (a subset of) the DARTS primitives are fused; `unsupported(mod)`
+says why one is not.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..space.primitives import PRIMITIVES, FactorizedReduce, Identity
+from .edge_reduce import edge_reduce
+from .stencil import stencil
+
+_STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
+                 "max_pool_3x3": 4, "avg_pool_3x3": 5}
+_FILTER_SIZE = (3, 5, 3, 5)
+
+
+def unsupported(mod: nn.Module) -> str:
+    """'' when `mod` (a MixedOp) can take the fused path, else the reason it cannot."""
+    names = tuple(mod.primitives)
+    unknown = [p for p in names if p not in PRIMITIVES]
+    if unknown:
+        return f"primitives {unknown} have no fused kernel"
+    if all(p == "none" for p in names):
+        return "only `none` candidates"
+    for m in mod._ops.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            return "affine BatchNorm (the fused path folds non-affine search BatchNorms only)"
+    return ""
+
+
+def _last_bn(name: str, op: nn.Module) -> nn.BatchNorm2d | None:
+    if name in ("max_pool_3x3", "avg_pool_3x3"):
+        return op[1]
+    if name.startswith(("sep_conv", "dil_conv")):
+        return op.op[-1]
+    if isinstance(op, FactorizedReduce):
+        return op.bn
+    return None  # identity
+
+
+def _factorized_reduce_pre_bn(op: FactorizedReduce, x: torch.Tensor) -> torch.Tensor:
+    # Mirrors FactorizedReduce.forward up to (not including) its BatchNorm.
+    r = op.relu(x)
+    shifted = F.pad(r[:, :, 1:, 1:], (0, 1, 0, 1))
+    return torch.cat([op.conv_1(r), op.conv_2(shifted)], dim=1)
+
+
+def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """nn.BatchNorm2d's running-statistics update for each BN k from batch mean[k]/biased var[k]."""
+    with torch.no_grad():
+        unbiased = var * (n / (n - 1))
+        groups: dict[float, list[int]] = {}
+        for k, bn in enumerate(bns):
+            if not bn.track_running_stats or bn.running_mean is None:
+                continue
+            factor = bn.momentum if bn.momentum is not None else 0.0
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                if bn.momentum is None:
+                    factor = 1.0 / float(bn.num_batches_tracked)
+            groups.setdefault(float(factor), []).append(k)
+        for factor, ks in groups.items():
+            rm = [bns[k].running_mean for k in ks]
+            rv = [bns[k].running_var for k in ks]
+            torch._foreach_mul_(rm, 1.0 - factor)
+            torch._foreach_add_(rm, [mean[k].to(rm[0].dtype) for k in ks], alpha=factor)
+            torch._foreach_mul_(rv, 1.0 - factor)
+            torch._foreach_add_(rv, [unbiased[k].to(rv[0].dtype) for k in ks], alpha=factor)
+
+
+def _eps(bns: list[nn.BatchNorm2d], like: torch.Tensor):
+    eps = [bn.eps for bn in bns]
+    if all(e == eps[0] for e in eps):
+        return eps[0]
+    return torch.tensor(eps, dtype=like.dtype, device=like.device)[:, None]
+
+
+def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    names, ops = tuple(mod.primitives), mod._ops
+    stride, C = mod.stride, x.shape[1]
+
+    # 1. the six first stages from one read of x (absent conv candidates get unused zero filters)
+    filters = [x.new_zeros(C, 1, k, k) for k in _FILTER_SIZE]
+    for name, op in zip(names, ops):
+        if name.startswith(("sep_conv", "dil_conv")):
+            filters[_STENCIL_SLOT[name]] = op.op[1].weight
+    stage1 = stencil(x, *filters, stride) if any(n in _STENCIL_SLOT for n in names) else None
+
+    # 2. pre-BN candidate outputs, BN-folded ones first, identity (if any) last
+    folded, bns, idx = [], [], []
+    identity_idx = None
+    for k, (name, op) in enumerate(zip(names, ops)):
+        if name == "none":
+            continue
+        if name == "skip_connect" and isinstance(op, Identity):
+            identity_idx = k
+            continue
+        if name in ("max_pool_3x3", "avg_pool_3x3"):
+            y = stage1[_STENCIL_SLOT[name]]
+        elif name.startswith("sep_conv"):
+            seq = op.op
+            y = seq[6](seq[5](seq[4](seq[3](seq[2](stage1[_STENCIL_SLOT[name]])))))
+        elif name.startswith("dil_conv"):
+            y = op.op[2](stage1[_STENCIL_SLOT[name]])
+        else:  # stride-2 skip
+            y = _factorized_reduce_pre_bn(op, x)
+        folded.append(y)
+        bns.append(_last_bn(name, op))
+        idx.append(k)
+
+    dtype = folded[0].dtype if folded else x.dtype
+    for y in folded[1:]:
+        dtype = torch.promote_types(dtype, y.dtype)
+    ys = torch.stack([y.to(dtype) for y in folded] + ([x.to(dtype)] if identity_idx is not None else []))
+    K = len(folded)
+
+    # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce
+    if K:
+        use_batch = [bn.training or bn.running_mean is None for bn in bns]
+        if any(use_batch):
+            n = ys.shape[1] * ys.shape[3] * ys.shape[4]
+            if n <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                                 f"{list(folded[0].shape)}")
+            var, mean = torch.var_mean(ys[:K].float(), dim=(1, 3, 4), unbiased=False)
+            train_bns = [bn for bn, b in zip(bns, use_batch) if b]
+            sel = [k for k, b in enumerate(use_batch) if b]
+            _update_running_stats(train_bns, mean[sel] if len(sel) < K else mean,
+                                  var[sel] if len(sel) < K else var, n)
+        if not all(use_batch):
+            rm = torch.stack([bn.running_mean for bn in bns]).float()
+            rv = torch.stack([bn.running_var for bn in bns]).float()
+            if any(use_batch):
+                b = torch.tensor(use_batch, device=x.device)[:, None]
+                mean, var = torch.where(b, mean, rm), torch.where(b, var, rv)
+            else:
+                mean, var = rm, rv
+        rstd = torch.rsqrt(var + _eps(bns, var))
+    else:
+        mean = rstd = x.new_zeros(0, C, dtype=torch.float32)
+    if identity_idx is not None:
+        mean = torch.cat([mean, mean.new_zeros(1, C)])
+        rstd = torch.cat([rstd, rstd.new_ones(1, C)])
+        idx.append(identity_idx)
+
+    return edge_reduce(ys, weights.float()[_index(mod, tuple(idx), weights.device)], mean, rstd)
+
+
+def _index(mod: nn.Module, idx: tuple, device: torch.device) -> torch.Tensor:
+    # Cached on the module (a plain attribute, not a buffer): no host-to-device copy per call.
+    cache = mod.__dict__.setdefault("_fused_index_cache", {})
+    key = (idx, device)
+    if key not in cache:
+        cache[key] = torch.tensor(idx, device=device)
+    return cache[key]

@@ -1,0 +1,107 @@
+"""NVIDIA DALI loader (optional extra `dali`: `pip install -e .[dali]`, i.e. `nvidia-dali-cuda130`; on a
+CUDA 12 driver install `nvidia-dali-cuda120` instead).
+
+The pipeline follows the same Plan as the other loaders: order, crop offsets and flips come from the
+plan and are fed in through `external_source`, so for a given plan every loader gives the same batches
+(checked bit for bit against `augment_batch` on DALI's CPU pipeline). Per batch:
+
+    uint8 HWC images (gathered in plan order on the host)
+    → slice 32×32 at anchor (top−4, left−4) with out_of_bounds_policy="pad", fill 0
+      (= 4-pixel zero padding then the plan's integer window: each of the 9×9 offsets as likely as the plan
+      makes it, no continuous-uniform edge bias)
+    → horizontal flip where the plan says so
+    → float32, x/255, −mean, /std (the same op sequence as torchvision's to_tensor + normalize)
+    → CHW
+
+With a CUDA device the slice/flip/normalise run on the GPU (`device_id` = the torch device's index); with
+`device_id=None` (a CPU device) the same pipeline runs on the CPU, which is how CI tests it.
+GPU path: written against DALI 2.4's documented API but NOT run yet (no GPU with DALI in this project's
+test machines); the CPU pipeline is tested.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .datasets import CIFAR_MEAN, CIFAR_STD, Split
+from .loaders import PAD, Plan, _Loader
+
+
+def available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_pipeline(batch_size: int, device_id: int | None, height: int = 32, width: int = 32, num_threads: int = 2):
+    """A DALI pipeline with three external sources (images uint8 HWC, anchors int32 [2] = (top, left) in
+    the unpadded image, i.e. plan offset − PAD, flips int32 scalar) and one output: float32 CHW."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    mean = np.asarray(CIFAR_MEAN, dtype=np.float32)
+    std = np.asarray(CIFAR_STD, dtype=np.float32)
+    shape = np.asarray([height, width], dtype=np.int32)
+
+    # Synchronous, unpipelined execution: every run() consumes exactly the inputs fed just before it,
+    # which keeps feed/run pairs trivially in step with the plan (a batch is ~200 KB; DALI's own
+    # prefetching buys nothing at this size).
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, exec_async=False,
+                  exec_pipelined=False, prefetch_queue_depth=1)
+    def pipe():
+        images = fn.external_source(name="images", layout="HWC", dtype=types.UINT8)
+        anchors = fn.external_source(name="anchors", dtype=types.INT32)
+        flips = fn.external_source(name="flips", dtype=types.INT32)
+        if device_id is not None:
+            images = images.gpu()
+        x = fn.slice(images, anchors, shape, axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
+        x = fn.flip(x, horizontal=flips)
+        x = fn.cast(x, dtype=types.FLOAT)
+        x = (x / 255.0 - mean) / std
+        return fn.transpose(x, perm=[2, 0, 1])
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class DaliLoader(_Loader):
+    name = "dali"
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, drop_last: bool = False,
+                 num_threads: int = 2):
+        if not available():
+            raise RuntimeError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                               "(or nvidia-dali-cuda120 for a CUDA 12 driver), or use --loader gpu / torch")
+        super().__init__(split, batch_size, device, drop_last)
+        self.device_id = None if device.type == "cpu" else (device.index if device.index is not None
+                                                             else torch.cuda.current_device())
+        # Host copy in HWC: DALI's slice/flip work on an HWC layout; gathering a batch is one numpy take.
+        self.images_hwc = np.ascontiguousarray(split.images.permute(0, 2, 3, 1).numpy())
+        self.labels = split.labels.to(device)
+        _, _, self.height, self.width = split.images.shape
+        self.pipe = build_pipeline(batch_size, self.device_id, self.height, self.width, num_threads)
+
+    def _run(self, idx: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        self.pipe.feed_input("images", self.images_hwc[idx])
+        self.pipe.feed_input("anchors", list((offsets - PAD).astype(np.int32)))
+        self.pipe.feed_input("flips", list(flips.astype(np.int32)))
+        (out,) = self.pipe.run()
+        tensor = out.as_tensor()
+        if self.device_id is None:
+            return torch.from_numpy(np.array(tensor)).to(self.device)
+        from nvidia.dali.plugin.pytorch import feed_ndarray  # GPU path: not run in CI
+
+        x = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
+        feed_ndarray(tensor, x, cuda_stream=torch.cuda.current_stream(self.device))
+        return x
+
+    def batches(self, plan: Plan, start: int = 0):
+        order = plan.order.numpy()
+        offsets = plan.offsets.numpy()
+        flips = plan.flips.numpy()
+        for i in range(start, len(self)):
+            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = order[sl]
+            yield self._run(idx, offsets[sl], flips[sl]), self.labels[torch.from_numpy(idx).to(self.device)]

@@ -8,9 +8,9 @@ from ..config import ConfigError
 from ..data import DataError
 from ..runs import CheckpointError
 from ..space.genotype import GenotypeError
-from . import search
+from . import info, plot, search, train
 
-COMMANDS = {"search": search}
+COMMANDS = {"search": search, "train": train, "plot": plot, "info": info}
 USER_ERRORS = (ConfigError, DataError, CheckpointError, GenotypeError)
 
 

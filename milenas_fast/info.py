@@ -1,0 +1,130 @@
+"""`milenas-fast info`: versions, the GPU, which fast paths are usable, and what `auto` picks and why."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import shutil
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        m = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken install raises anything
+        return f"not installed ({type(e).__name__})" if isinstance(e, ImportError) else f"broken ({type(e).__name__}: {e})"
+    return str(getattr(m, "__version__", "installed"))
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "milenas-fast": _version("milenas_fast"),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "CUDA (torch built for)": torch.version.cuda or "none (CPU build)",
+        "cuDNN": str(cudnn) if cudnn else "unavailable",
+        "Triton": _version("triton"),
+        "DALI": _version("nvidia.dali"),
+        "numpy": _version("numpy"),
+        "matplotlib": _version("matplotlib"),
+        "graphviz dot": shutil.which("dot") or "not found (cell plots use the matplotlib layout)",
+    }
+
+
+def gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(f"cuda:{i} {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
+                   f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+    return out
+
+
+def _triton_kernels() -> str:
+    """Whether the Triton stencil kernels can run here (on a GPU, or through the interpreter on CPU)."""
+    import torch
+
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return "unusable: Triton is not installed (pip install milenas-fast[triton])"
+    try:
+        importlib.import_module("milenas_fast.ops.stencil")
+    except Exception as e:  # noqa: BLE001
+        return f"unusable: importing milenas_fast.ops.stencil failed ({type(e).__name__}: {e})"
+    if torch.cuda.is_available():
+        return "usable (CUDA)"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "interpreter only (TRITON_INTERPRET=1, no GPU): correct but slow, for tests"
+    return "not on this machine: no CUDA GPU (the kernels need one, or TRITON_INTERPRET=1 for the interpreter)"
+
+
+def _extension() -> str:
+    from .ops import extension
+
+    try:
+        return ("usable: " if extension.available() else "") + extension.describe()
+    except Exception as e:  # noqa: BLE001
+        return f"unusable: {type(e).__name__}: {e}"
+
+
+def _impl_choices(device) -> dict[str, str]:
+    from .runtime import resolve_impl
+
+    out = {}
+    for requested in ("auto", "fused", "reference"):
+        try:
+            cls, why = resolve_impl(requested, device)
+            out[requested] = f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', cls)} ({why})"
+        except Exception as e:  # noqa: BLE001 - ConfigError for an impossible request, anything from a rewrite
+            out[requested] = f"refused: {e}"
+    return out
+
+
+def _loader_choice(device) -> str:
+    from .data.loaders import resolve_loader
+
+    try:
+        name, why = resolve_loader("auto", device)
+        return f"{name} ({why})"
+    except Exception as e:  # noqa: BLE001
+        return f"error: {type(e).__name__}: {e}"
+
+
+def collect() -> dict:
+    """Everything `info` prints, as plain data."""
+    from .runtime import resolve_device
+
+    device = resolve_device("auto")
+    return {
+        "versions": versions(),
+        "gpus": gpus(),
+        "device (auto)": str(device),
+        "C++ extension": _extension(),
+        "Triton kernels": _triton_kernels(),
+        "MixedOp --impl": _impl_choices(device),
+        "loader --loader auto": _loader_choice(device),
+    }
+
+
+def format_report(info: dict) -> str:
+    lines = ["versions:"]
+    width = max(map(len, info["versions"]))
+    lines += [f"  {k:<{width}}  {v}" for k, v in info["versions"].items()]
+    lines.append("GPU: " + ("none visible to torch" if not info["gpus"] else ""))
+    lines += [f"  {g}" for g in info["gpus"]]
+    lines.append(f"device (auto): {info['device (auto)']}")
+    lines.append(f"C++ extension: {info['C++ extension']}")
+    lines.append(f"Triton kernels: {info['Triton kernels']}")
+    lines.append("MixedOp implementation (--impl):")
+    lines += [f"  {k:<9} → {v}" for k, v in info["MixedOp --impl"].items()]
+    lines.append(f"loader (--loader auto): {info['loader --loader auto']}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Settings of `milenas-fast train` (DARTS train.py flag names and defaults)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..config import ConfigError, opt
+
+
+def topt(default, help: str, choices=None):
+    return opt(default, help, choices, group="train")
+
+
+@dataclass
+class TrainConfig:
+    # what is trained
+    arch: str = topt("", "a published cell: DARTS_V1, DARTS_V2 (alias DARTS), MILENAS; default DARTS_V2 "
+                         "unless --genotype is given")
+    genotype: str = topt("", "Genotype(...) text, a .txt/.json file, or a search run folder (its genotype.json)")
+    init_channels: int = topt(36, "channels of the first cell")
+    layers: int = topt(20, "number of cells")
+    auxiliary: bool = topt(False, "auxiliary classifier head at 2/3 depth")
+    auxiliary_weight: float = topt(0.4, "weight of the auxiliary loss")
+    drop_path_prob: float = topt(0.2, "drop path probability, reached linearly at the last epoch")
+    # data
+    dataset: str = topt("cifar10", "cifar10 (torchvision, downloaded into --data when missing) or synthetic",
+                        ("cifar10", "synthetic"))
+    data: str = topt("./data", "folder holding (or receiving) CIFAR-10")
+    synthetic_images: int = topt(5000, "training images of the synthetic set (the test set gets a fifth)")
+    batch_size: int = topt(96, "batch size")
+    cutout: bool = topt(False, "cutout augmentation")
+    cutout_length: int = topt(16, "side of the cutout square")
+    workers: int = topt(2, "DataLoader worker processes (--loader torch)")
+    loader: str = topt("auto", "auto | torch | gpu (dataset resident on the device) | dali", ("auto", "torch", "gpu", "dali"))
+    # optimisation
+    epochs: int = topt(600, "number of training epochs")
+    learning_rate: float = topt(0.025, "initial learning rate (SGD, cosine to 0)")
+    momentum: float = topt(0.9, "SGD momentum")
+    weight_decay: float = topt(3e-4, "SGD weight decay")
+    grad_clip: float = topt(5.0, "gradient norm clipping (0 disables)")
+    # runtime
+    seed: int = topt(0, "random seed")
+    device: str = topt("auto", "auto | cpu | cuda", ("auto", "cpu", "cuda"))
+    amp: bool = topt(False, "mixed precision (bf16 autocast; fp16 + loss scaling where bf16 is unsupported)")
+    deterministic: bool = topt(False, "deterministic algorithms (bit-exact reruns and resume on CPU)")
+    report_freq: int = topt(50, "log a training line every N steps")
+    quiet: bool = topt(False, "no per-step console lines (log.txt is unchanged)")
+    save: str = topt("EXP", "experiment name: the run folder is eval-<save>-<YYYYmmdd-HHMMSS>")
+    save_dir: str = topt("", "exact run folder (overrides --save)")
+    resume: str = topt("", "continue the run in RUN_DIR (or from a checkpoint file)")
+
+    # Flags that only change how a run executes, not what it computes: they may differ on --resume.
+    RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader")
+
+    def validate(self) -> "TrainConfig":
+        for name in ("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq",
+                     "cutout_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("learning_rate", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.drop_path_prob < 1.0:
+            raise ConfigError(f"--drop_path_prob must lie in [0, 1), got {self.drop_path_prob}")
+        if self.init_channels % 2:
+            raise ConfigError(f"--init_channels must be even (FactorizedReduce halves it), got {self.init_channels}")
+        if self.layers < 3:
+            raise ConfigError(f"--layers must be at least 3 (two reduction cells and a normal one), got {self.layers}")
+        if self.arch and self.genotype:
+            raise ConfigError("give either --arch or --genotype, not both")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,244 @@
+"""Train a fixed genotype from scratch: epochs, test accuracy, run folder, checkpoints, resume."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import runs
+from ..data import load_dataset, make_loader
+from ..data.datasets import NUM_CLASSES
+from ..data.eval_data import TestBatches, cutout, cutout_generator, load_test_set
+from ..data.loaders import epoch_batches, resolve_loader
+from ..precision import Precision
+from ..runtime import load_rng_state, resolve_device, rng_state, seed_everything, set_determinism
+from ..search.loop import Progress, Totals
+from ..space import genotype as gt
+from ..space.evalnet import NetworkCIFAR, param_count
+from ..space.known_genotypes import by_name
+from .config import TrainConfig
+
+log = logging.getLogger("milenas_fast")
+
+METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+
+
+def resolve_genotype(cfg: TrainConfig) -> tuple[gt.Genotype, str]:
+    """(genotype, where it came from) for --arch / --genotype; DARTS_V2 when neither is given."""
+    if cfg.genotype:
+        return gt.load(cfg.genotype), f"--genotype {cfg.genotype}"
+    name = cfg.arch or "DARTS_V2"
+    return by_name(name), f"--arch {name}"
+
+
+class Trainer:
+    """Everything a training epoch needs, and its checkpointable state."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, genotype: gt.Genotype):
+        self.cfg, self.device, self.genotype = cfg, device, genotype
+        seed_everything(cfg.seed)
+        set_determinism(cfg.deterministic, device)
+        # The model first: a genotype the network cannot be built from fails before any data is loaded.
+        self.model = NetworkCIFAR(cfg.init_channels, NUM_CLASSES, cfg.layers, cfg.auxiliary, genotype).to(device)
+        self.criterion = nn.CrossEntropyLoss()
+        train = load_dataset(cfg.dataset, cfg.data, cfg.synthetic_images)
+        test = load_test_set(cfg.dataset, cfg.data, cfg.synthetic_images)
+        self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
+        self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers)
+        self.test_batches = TestBatches(test, cfg.batch_size, device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=0.0)
+        self.precision = Precision(device, cfg.amp)
+        self.epoch = 0
+        self.best_acc = -1.0
+        self.history: list[dict] = []
+
+    # --- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "kind": "train", "config": self.cfg.to_dict(), "genotype": gt.to_text(self.genotype),
+            "epoch": self.epoch, "best_acc": self.best_acc, "history": self.history,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "precision": self.precision.state_dict(), "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise runs.CheckpointError(f"checkpoint does not fit this network ({first})") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state["precision"])
+        self.epoch, self.best_acc, self.history = state["epoch"], state["best_acc"], state["history"]
+        load_rng_state(state["rng"])
+
+    # --- one epoch -------------------------------------------------------------------------------------
+    def train_epoch(self, progress: Progress) -> tuple[float, float]:
+        cfg, model, precision = self.cfg, self.model, self.precision
+        model.train()
+        model.drop_path_prob = cfg.drop_path_prob * self.epoch / cfg.epochs
+        weights = list(model.parameters())
+        totals = Totals(self.device)
+        start, seen = time.perf_counter(), 0
+        for step, (x, y) in enumerate(epoch_batches(self.train_loader, cfg.seed, "train", self.epoch)):
+            if cfg.cutout:
+                x = cutout(x, cfg.cutout_length, cutout_generator(cfg.seed, self.epoch, step))
+            self.optimizer.zero_grad(set_to_none=True)
+            with precision.autocast():
+                logits, logits_aux = model(x)
+            loss = self.criterion(logits.float(), y)
+            if logits_aux is not None:
+                loss = loss + cfg.auxiliary_weight * self.criterion(logits_aux.float(), y)
+            precision.scale(loss).backward()
+            if precision.scaler is not None:
+                precision.scaler.unscale_(self.optimizer)
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
+            if precision.scaler is not None:
+                precision.scaler.step(self.optimizer)
+                precision.scaler.update()
+            else:
+                self.optimizer.step()
+            totals.add(loss.detach(), logits.detach(), y)
+            seen += y.numel()
+            if step % cfg.report_freq == 0 or step == len(self.train_loader) - 1:
+                obj, top1, top5 = totals.read()
+                log.info("train %03d %e %f %f", step, obj, top1, top5, extra={"step_line": True})
+                progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+        obj, top1, _ = totals.read()
+        return top1, obj
+
+    @torch.no_grad()
+    def infer(self) -> tuple[float, float]:
+        self.model.eval()
+        totals = Totals(self.device)
+        for step, (x, y) in enumerate(self.test_batches):
+            with self.precision.autocast():
+                logits, _ = self.model(x)
+            totals.add(self.criterion(logits.float(), y), logits, y)
+            if step % self.cfg.report_freq == 0 or step == len(self.test_batches) - 1:
+                obj, top1, top5 = totals.read()
+                log.info("valid %03d %e %f %f", step, obj, top1, top5, extra={"step_line": True})
+        obj, top1, _ = totals.read()
+        return top1, obj
+
+
+def metrics_csv(history: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRICS, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: row[k] for k in METRICS})
+    return buf.getvalue()
+
+
+def save_weights(path: Path, model: nn.Module) -> None:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    runs.atomic_write_bytes(path, buf.getvalue())
+
+
+def check_resume_flags(saved: dict, explicit: dict) -> None:
+    """Flags typed on a --resume command line must not change what the run computes."""
+    for name, value in explicit.items():
+        if name in TrainConfig.RUNTIME or name not in saved:
+            continue
+        if saved[name] != value:
+            raise runs.CheckpointError(
+                f"--{name} {value} does not match the checkpoint's {saved[name]} (only runtime flags such as "
+                f"--device may change on --resume)")
+
+
+def prepare(cfg: TrainConfig, explicit: dict | None = None) -> tuple[Trainer, Path | None, str]:
+    """Validate, resolve the genotype, load data and build (or restore) the trainer; nothing is written.
+    Returns (trainer, run folder or None for a new run, where the genotype came from)."""
+    state, run_dir = None, None
+    if cfg.resume:
+        run_dir, state = runs.load_checkpoint(cfg.resume, "train")
+        check_resume_flags(state["config"], explicit or {})
+        runtime = {k: getattr(cfg, k) for k in TrainConfig.RUNTIME}
+        cfg = TrainConfig.from_dict({**state["config"], **runtime})
+    cfg.validate()
+    if state is not None:  # the checkpoint's own copy: the source file or run folder may have changed since
+        genotype, source = gt.from_text(state["genotype"], "checkpoint genotype"), f"checkpoint {run_dir}"
+    else:
+        genotype, source = resolve_genotype(cfg)
+    device = resolve_device(cfg.device)
+    trainer = Trainer(cfg, device, genotype)
+    if state is not None:
+        trainer.load_state_dict(state)
+    return trainer, run_dir, source
+
+
+def run(cfg: TrainConfig, explicit: dict | None = None, console: bool = True) -> Path:
+    trainer, run_dir, source = prepare(cfg, explicit)
+    cfg = trainer.cfg
+    resumed = run_dir is not None
+    if not resumed:
+        run_dir = runs.new_run_dir("eval", cfg.save, cfg.save_dir)
+    bar = console and not cfg.quiet and sys.stderr.isatty()
+    runs.setup_logging(run_dir, console=console, quiet=cfg.quiet, bar=bar)
+    try:
+        return _run(trainer, run_dir, resumed, source, Progress(bar))
+    finally:
+        runs.close_logging()
+
+
+def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: Progress) -> Path:
+    cfg, model = trainer.cfg, trainer.model
+    g = trainer.genotype
+    if resumed:
+        log.info("resuming %s at epoch %d", run_dir, trainer.epoch)
+    else:
+        runs.atomic_write_json(run_dir / "args.json", cfg.to_dict())
+        runs.atomic_write_text(run_dir / "genotype.txt", gt.to_text(g) + "\n")
+        runs.atomic_write_json(run_dir / "genotype.json", gt.to_dict(g))
+        log.info("args = %s", cfg.to_dict())
+    n, r = gt.conv_counts(g)
+    log.info("genotype = %s (from %s; model size n%dr%d)", gt.to_text(g), source, n, r)
+    log.info("device = %s; %s; loader = %s (%s)", trainer.device, trainer.precision.note, trainer.loader_name,
+             trainer.loader_why)
+    log.info("param size = %fMB", param_count(model) / 1e6)
+    if cfg.auxiliary:
+        aux = sum(p.numel() for p in model.auxiliary_head.parameters())
+        log.info("auxiliary head = %fMB (not counted above)", aux / 1e6)
+
+    while trainer.epoch < cfg.epochs:
+        lr = trainer.scheduler.get_last_lr()[0]
+        log.info("epoch %d lr %e", trainer.epoch, lr)
+        epoch_start = time.perf_counter()
+        progress.start(trainer.epoch, len(trainer.train_loader))
+        try:
+            train_acc, train_obj = trainer.train_epoch(progress)
+        finally:
+            progress.close()
+        log.info("train_acc %f", train_acc)
+        test_acc, test_obj = trainer.infer()
+        log.info("valid_acc %f", test_acc)
+        trainer.scheduler.step()
+        seconds = time.perf_counter() - epoch_start
+        trainer.history.append({"epoch": trainer.epoch, "lr": lr, "train_loss": train_obj, "train_acc": train_acc,
+                                "test_loss": test_obj, "test_acc": test_acc, "seconds": round(seconds, 3)})
+        improved = test_acc > trainer.best_acc
+        if improved:
+            trainer.best_acc = test_acc
+        trainer.epoch += 1
+        # Weights first, checkpoint last: a crash in between leaves a checkpoint that redoes this epoch.
+        save_weights(run_dir / "weights_last.pt", model)
+        if improved:
+            save_weights(run_dir / "weights_best.pt", model)
+        runs.atomic_write_text(run_dir / "metrics.csv", metrics_csv(trainer.history))
+        runs.save_checkpoint(run_dir / runs.CHECKPOINT, trainer.state_dict())
+        log.info("best test_acc %f; epoch time %.1fs", trainer.best_acc, seconds)
+    runs.atomic_write_text(run_dir / "metrics.csv", metrics_csv(trainer.history))
+    log.info("run folder: %s", run_dir)
+    return run_dir

@@ -87,59 +87,76 @@ def _render_dot(graph: CellGraph, stem: Path) -> list[Path]:
 
 
 def layout(graph: CellGraph) -> dict[str, tuple[float, float]]:
-    """Inputs in the first column, node i in column i+1, the output last; nodes alternate above/below."""
-    steps = len(graph.nodes) - 3
-    pos = {INPUTS[0]: (0.0, 1.0), INPUTS[1]: (0.0, -1.0), OUTPUT: (steps + 1.0, 0.0)}
-    for i in range(steps):
-        pos[str(i)] = (i + 1.0, 0.6 if i % 2 == 0 else -0.6)
-    return pos
+    """Arc diagram: every state on one line in topological order (c_{k-2}, c_{k-1}, 0..steps-1, c_{k}).
+    Op edges arc above the line, concatenation edges below, so no edge runs through a node and an
+    edge's label sits alone at its apex (apex height grows with the span)."""
+    return {n: (float(i), 0.0) for i, n in enumerate(graph.nodes)}
 
 
-def _new_figure(w: float, h: float):
+def _new_figure(w: float, h: float, layout: str | None = "constrained"):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(w, h), layout="constrained")
+    return Figure(figsize=(w, h), layout=layout)
 
 
 def _save(fig, stem: Path) -> list[Path]:
+    import matplotlib
+
     out = []
     for fmt in FORMATS:
         path = stem.with_suffix(f".{fmt}")
-        fig.savefig(path, format=fmt, dpi=120)
+        with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: searchable, smaller
+            fig.savefig(path, format=fmt, dpi=110)
         out.append(path)
     return out
+
+
+ARC = 0.55  # matplotlib arc3 `rad`: the control point sits rad·span off the chord; the apex half that
+ARC_CONCAT = 0.3
+
+
+def _bezier_apex(p0, p1, rad):
+    """The point at t=½ of matplotlib's arc3 curve from p0 to p1."""
+    (x0, y0), (x1, y1) = p0, p1
+    cx, cy = (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
+    return 0.25 * x0 + 0.5 * cx + 0.25 * x1, 0.25 * y0 + 0.5 * cy + 0.25 * y1
 
 
 def _render_matplotlib(graph: CellGraph, stem: Path) -> list[Path]:
     from matplotlib.patches import FancyArrowPatch
 
     pos = layout(graph)
-    steps = len(graph.nodes) - 3
-    fig = _new_figure(2.2 * (steps + 2), 4.5)
-    ax = fig.add_subplot()
-    ax.set_title(f"{graph.name} cell")
+    span = len(graph.nodes) - 1
+    # arc3 bends in display space: equal aspect keeps the arcs where _bezier_apex puts their labels.
+    above = max((pos[d][0] - pos[s][0] for s, d, op in graph.edges if op), default=1.0)
+    below = max((pos[d][0] - pos[s][0] for s, d, op in graph.edges if not op), default=1.0)
+    top, bottom = ARC * above / 2 + 0.4, ARC_CONCAT * below / 2 + 0.4
+    fig = _new_figure(1.6 * (span + 1.2), 1.6 * (top + bottom) + 0.5, layout=None)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.6 * (top + bottom) / (1.6 * (top + bottom) + 0.5)))
+    ax.set_aspect("equal")
     ax.set_axis_off()
+    fig.suptitle(f"{graph.name} cell", y=0.98)
+    seen = set()
     for src, dst, op in graph.edges:
-        (x0, y0), (x1, y1) = pos[src], pos[dst]
-        # Long edges bend so they do not run through the nodes between their ends.
-        rad = 0.0 if abs(x1 - x0) <= 1 else (0.25 if y0 >= y1 else -0.25)
-        colour = OP_COLOURS.get(op, "#999999") if op else "#aaaaaa"
-        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>",
-                                     mutation_scale=14, color=colour, lw=2 if op else 1, shrinkA=18, shrinkB=18,
-                                     zorder=1))
+        p0, p1 = pos[src], pos[dst]
+        # Ops arc above the line (negative rad bends a left-to-right chord upwards), the concat below.
+        # A repeated (src, dst) pair (hand-written genotypes) goes below so the two labels do not collide.
+        up = bool(op) and (src, dst) not in seen
+        seen.add((src, dst))
+        rad = -ARC if up else (ARC if op else ARC_CONCAT)
+        colour = OP_COLOURS.get(op, "#999999") if op else "#b0b0b0"
+        ax.add_patch(FancyArrowPatch(p0, p1, connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>", mutation_scale=14,
+                                     color=colour, lw=2.0 if op else 1.0, shrinkA=14, shrinkB=14, zorder=1))
         if op:
-            mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-            # arc3 bends the midpoint by rad·(chord length) perpendicular to the chord
-            my_off = -rad * (x1 - x0)
-            mx_off = rad * (y1 - y0)
-            ax.text(mx + mx_off, my + my_off, op, fontsize=8, ha="center", va="center", color=colour,
-                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85), zorder=3)
+            x, y = _bezier_apex(p0, p1, rad)
+            ax.text(x, y, op, fontsize=8, ha="center", va="center", color=colour, zorder=3,
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.9))
     for n, (x, y) in pos.items():
         colour = "#c1f0c1" if n in INPUTS else "#eee8aa" if n == OUTPUT else "#add8e6"
         ax.text(x, y, n, ha="center", va="center", fontsize=11, zorder=4,
                 bbox=dict(boxstyle="round,pad=0.4", fc=colour, ec="black"))
-    ax.set_xlim(-0.6, steps + 1.6)
-    ax.set_ylim(-1.7, 1.7)
+    ax.set_xlim(-0.6, span + 0.6)
+    ax.set_ylim(-max(bottom, ARC * above / 2 + 0.4 if len(seen) < len(graph.edges) else 0), top)
     return _save(fig, stem)
 
 
@@ -195,7 +212,9 @@ def plot_alphas(entry: dict, stem: Path) -> list[Path]:
         im = _heat(ax, entry[key], f"{name} cell: softmax(α), epoch {entry['epoch']}")
         for i, row in enumerate(entry[key]):
             for k, v in enumerate(row):
-                ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="white" if v < 0.2 else "black")
+                if v >= 0.1:  # the notable weights only: 224 labels would be unreadable (and slow to draw)
+                    ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if v < 0.5 else "black")
     fig.colorbar(im, ax=axes, shrink=0.8)
     return _save(fig, stem)
 
@@ -221,8 +240,8 @@ def plot_trajectory(history: list[dict], stem: Path) -> list[Path]:
     epochs = [e["epoch"] for e in history]
     fig = _new_figure(8, 4)
     ax = fig.add_subplot()
-    ax.step(epochs, [e["n"] for e in history], where="mid", label="n (normal-cell convs)", color="#d62728")
-    ax.step(epochs, [e["r"] for e in history], where="mid", label="r (reduction-cell convs)", color="#1f77b4")
+    ax.plot(epochs, [e["n"] for e in history], "o-", ms=3, label="n (normal-cell convs)", color="#d62728")
+    ax.plot(epochs, [e["r"] for e in history], "s-", ms=3, label="r (reduction-cell convs)", color="#1f77b4")
     ax.set_xlabel("epoch")
     ax.set_ylabel("selected conv ops")
     ax.set_ylim(-0.5, 8.5)

@@ -1,0 +1,341 @@
+"""MixedOp: fused vs reference (outputs, every gradient, BatchNorm running statistics, eval mode), the
+DARTS state_dict contract, and the implementation switch (MILENAS_FAST_IMPL / --impl).
+
+Without a GPU the fused path runs the Triton kernels through the interpreter and the C++ CPU ops."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+from milenas_fast import MixedOp, Network
+from milenas_fast.config import ConfigError
+from milenas_fast.ops import select
+from milenas_fast.runtime import resolve_impl
+from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp
+from milenas_fast.space.primitives import PRIMITIVES
+
+fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # The reference's convolutions must be true fp32 for tight comparisons on Ampere/Hopper.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# --- a DARTS-style MixedOp, written independently (plain nn.Conv2d, pools wrapped with their BN) -------
+
+class _Zero(nn.Module):
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        return x.mul(0.0) if self.stride == 1 else x[:, :, ::self.stride, ::self.stride].mul(0.0)
+
+
+class _FactorizedReduce(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C, C // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(C, C // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(C, affine=False)
+
+    def forward(self, x):
+        x = self.relu(x)
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+
+
+class _Op(nn.Module):
+    def __init__(self, *layers):
+        super().__init__()
+        self.op = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+def _darts_op(name, C, s):
+    def block(k, stride, pad, dil):
+        return [nn.ReLU(inplace=False), nn.Conv2d(C, C, k, stride, pad, dilation=dil, groups=C, bias=False),
+                nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=False)]
+
+    return {
+        "none": lambda: _Zero(s),
+        "max_pool_3x3": lambda: nn.Sequential(nn.MaxPool2d(3, s, 1), nn.BatchNorm2d(C, affine=False)),
+        "avg_pool_3x3": lambda: nn.Sequential(nn.AvgPool2d(3, s, 1, count_include_pad=False),
+                                              nn.BatchNorm2d(C, affine=False)),
+        "skip_connect": lambda: nn.Identity() if s == 1 else _FactorizedReduce(C),
+        "sep_conv_3x3": lambda: _Op(*block(3, s, 1, 1), *block(3, 1, 1, 1)),
+        "sep_conv_5x5": lambda: _Op(*block(5, s, 2, 1), *block(5, 1, 2, 1)),
+        "dil_conv_3x3": lambda: _Op(*block(3, s, 2, 2)),
+        "dil_conv_5x5": lambda: _Op(*block(5, s, 4, 2)),
+    }[name]()
+
+
+class DartsMixedOp(nn.Module):
+    def __init__(self, C, stride):
+        super().__init__()
+        self._ops = nn.ModuleList(_darts_op(p, C, stride) for p in PRIMITIVES)
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, op in zip(weights, self._ops))
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def randomise(module: nn.Module, seed: int) -> None:
+    """Non-default parameters and running statistics, so that nothing matches by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+            elif name.endswith("num_batches_tracked"):
+                b.fill_(3)
+
+
+def pair(C, stride, device=DEV, seed=0):
+    ref = ReferenceMixedOp(C, stride)
+    randomise(ref, seed)
+    fused = FusedMixedOp(C, stride)
+    fused.load_state_dict(ref.state_dict())
+    return ref.to(device), fused.to(device)
+
+
+def inputs(N, C, H, device=DEV, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, H, generator=g) + 0.2  # off-centre: the ReLU and the pools both matter
+    a = torch.softmax(torch.randn(len(PRIMITIVES), generator=g), 0)
+    return x.to(device), a.to(device)
+
+
+def train_step(m, x, a, grad_seed=2):
+    x = x.detach().clone().requires_grad_()
+    a = a.detach().clone().requires_grad_()
+    out = m(x, a)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device)
+    out.backward(grad)
+    return out.detach(), x.grad, a.grad, {n: p.grad for n, p in m.named_parameters()}
+
+
+def close(actual, expected, name, rtol=2e-5, atol_rel=2e-5):
+    """Tight fp32 rule: elementwise rtol plus an absolute term relative to the largest expected value."""
+    assert actual is not None and expected is not None, f"{name}: missing"
+    atol = atol_rel * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def compare_train_and_eval(ref, fused, x, a, **tol):
+    r, f = train_step(ref, x, a), train_step(fused, x, a)
+    close(f[0], r[0], "output", **tol)
+    close(f[1], r[1], "grad x", **tol)
+    close(f[2], r[2], "grad mixing weights", **tol)
+    assert f[2][0] == 0 and r[2][0] == 0  # `none` contributes exact zeros
+    assert r[3].keys() == f[3].keys()
+    for name in r[3]:
+        close(f[3][name], r[3][name], f"grad {name}", **tol)
+    rs, fs = ref.state_dict(), fused.state_dict()
+    assert rs.keys() == fs.keys()
+    for name in rs:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(fs[name], rs[name]), name
+        else:
+            close(fs[name], rs[name], f"after train step: {name}", **tol)
+    assert rs["_ops.1.1.num_batches_tracked"].item() == 4  # the folded BNs did count the batch
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        close(fused(x, a), ref(x, a), "eval output", **tol)
+    ref.train(), fused.train()
+
+
+# --- fused vs reference under the interpreter (or on the GPU when there is one) -----------------------
+
+@pytest.fixture
+def fused_ok(monkeypatch):
+    monkeypatch.delenv(select.ENV, raising=False)
+    problems = select.blockers(DEV)
+    assert not problems, f"fused path cannot run here: {problems}"  # a bug on CI, not a skip
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("H", [7, 9, 16])
+@pytest.mark.parametrize("C", [4, 6])
+def test_fused_matches_reference(C, H, stride, fused_ok):
+    ref, fused = pair(C, stride)
+    x, a = inputs(3, C, H)
+    compare_train_and_eval(ref, fused, x, a)
+
+
+def test_second_train_step_and_cumulative_momentum(fused_ok):
+    """Two steps (the running averages compound) with momentum=None (cumulative average) on every BN."""
+    ref, fused = pair(4, 1, seed=3)
+    for m in (ref, fused):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = None
+    for seed in (5, 6):
+        x, a = inputs(3, 4, 7, seed=seed)
+        r, f = train_step(ref, x, a), train_step(fused, x, a)
+        close(f[0], r[0], "output")
+    for (name, rb), fb in zip(ref.state_dict().items(), fused.state_dict().values()):
+        close(fb.float(), rb.float(), name)
+
+
+def test_alpha_only_backward(fused_ok):
+    """α-only passes (torch.autograd.grad wrt the mixing weights) give the reference's gradient."""
+    ref, fused = pair(6, 2, seed=4)
+    x, a = inputs(3, 6, 9, seed=7)
+    grads = []
+    for m in (ref, fused):
+        aa = a.clone().requires_grad_()
+        grads.append(torch.autograd.grad(m(x, aa).square().sum(), aa)[0])
+    close(grads[1], grads[0], "α-only grad")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_state_dict_interchange_with_darts(stride, fused_ok):
+    C, H = 6, 16  # even H: DARTS's FactorizedReduce slices without padding
+    darts = DartsMixedOp(C, stride)
+    randomise(darts, 11)
+    x, a = inputs(3, C, H, seed=12)
+    darts.to(DEV)
+    for cls in (MixedOp, ReferenceMixedOp, FusedMixedOp):
+        ours = cls(C, stride).to(DEV)
+        ours.load_state_dict(darts.state_dict())  # strict: same keys and shapes
+        assert list(ours.state_dict()) == list(darts.state_dict())
+        back = DartsMixedOp(C, stride).to(DEV)
+        back.load_state_dict(ours.state_dict())
+        for k, v in back.state_dict().items():
+            assert torch.equal(v, darts.state_dict()[k]), k
+        with torch.no_grad():
+            ours.eval(), back.eval()
+            close(ours(x, a), back(x, a), f"{cls.__name__} vs DARTS (eval)")
+
+
+@pytest.mark.slow
+def test_network_loss_and_alpha_grad(fused_ok):
+    """A tiny supernet (one normal, two reduction cells, 2 nodes per cell: 15 mixed ops) built with each
+    implementation. The interpreter pays ~2.5 s per stencil forward+backward, whatever the shape."""
+    torch.manual_seed(0)
+    kw = dict(C=4, num_classes=10, layers=3, steps=2, multiplier=2)
+    ref = Network(**kw, mixed_op=ReferenceMixedOp).to(DEV)
+    fused = Network(**kw, mixed_op=FusedMixedOp).to(DEV)
+    fused.load_state_dict(ref.state_dict())
+    fused.load_alphas(ref.arch_parameters())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 16, 16, generator=g).to(DEV), torch.randint(0, 10, (2,), generator=g).to(DEV)
+    res = []
+    for net in (ref, fused):
+        loss = net._loss(x, y)
+        grads = torch.autograd.grad(loss, net.arch_parameters() + list(net.parameters()))
+        res.append((loss.detach(), grads))
+    close(res[1][0], res[0][0], "loss")
+    close(res[1][1][0], res[0][1][0], "grad α_normal", rtol=1e-4, atol_rel=1e-4)
+    close(res[1][1][1], res[0][1][1], "grad α_reduce", rtol=1e-4, atol_rel=1e-4)
+    for i, (gf, gr) in enumerate(zip(res[1][1][2:], res[0][1][2:])):
+        close(gf, gr, f"grad weight #{i}", rtol=1e-4, atol_rel=1e-4)
+    for (name, rb), fb in zip(ref.state_dict().items(), fused.state_dict().values()):
+        close(fb.float(), rb.float(), name, rtol=1e-4, atol_rel=1e-4)
+
+
+# --- the switch ----------------------------------------------------------------------------------------
+
+def test_auto_is_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv(select.ENV, raising=False)
+    d = select.decide(None, "cpu")
+    assert d.impl == "reference" and d.ok and d.reasons
+    cls, why = resolve_impl("auto", torch.device("cpu"))
+    assert cls is ReferenceMixedOp and "reference" in why
+    assert resolve_impl("reference", torch.device("cpu"))[0] is ReferenceMixedOp
+
+
+def test_fused_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: no fused kernels
+    monkeypatch.setenv(select.ENV, "fused")
+    m = MixedOp(4, 1)
+    with pytest.raises(select.FusedUnavailable, match="TRITON_INTERPRET"):
+        m(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
+    with pytest.raises(ConfigError, match="--impl fused"):
+        resolve_impl("fused", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_impl("fused", torch.device("cuda"))
+    monkeypatch.setenv(select.ENV, "auto")
+    m(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))  # auto falls back quietly
+
+
+def test_bad_values_raise(monkeypatch):
+    monkeypatch.setenv(select.ENV, "fast")
+    with pytest.raises(ValueError, match="MILENAS_FAST_IMPL"):
+        MixedOp(4, 1)(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
+    with pytest.raises(ConfigError):
+        resolve_impl("fast", torch.device("cpu"))
+
+
+def test_env_selects_per_call(monkeypatch, fused_ok):
+    calls = []
+    real = fmo.fused_forward
+    monkeypatch.setattr(fmo, "fused_forward", lambda *a: calls.append(1) or real(*a))
+    m = MixedOp(4, 2).to(DEV)
+    x, a = inputs(2, 4, 8)
+    monkeypatch.setenv(select.ENV, "reference")
+    m(x, a)
+    assert not calls
+    monkeypatch.setenv(select.ENV, "fused")
+    m(x, a)
+    assert calls == [1]
+    # affine BNs are outside the fused path: explicit fused says so, auto falls back
+    aff = MixedOp(4, 1, affine=True).to(DEV)
+    with pytest.raises(select.FusedUnavailable, match="affine"):
+        aff(x, a)
+
+
+# --- the real shapes on a GPU --------------------------------------------------------------------------
+
+REAL = [(16, 32), (32, 16), (64, 8)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("C,H", REAL)
+def test_cuda_real_shapes_fp32(C, H, stride):
+    assert select.decide("auto", "cuda").impl == "fused", select.decide("auto", "cuda").why()
+    ref, fused = pair(C, stride, device="cuda")
+    x, a = inputs(64, C, H, device="cuda")
+    compare_train_and_eval(ref, fused, x, a, rtol=1e-4, atol_rel=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cuda_bf16_autocast_alpha_grad(stride):
+    """Under bf16 autocast both paths compute in low precision; their α gradients must agree with the fp32
+    reference about equally well (relative rule)."""
+    ref, fused = pair(16, stride, device="cuda")
+    x, a = inputs(64, 16, 32, device="cuda")
+    exact = train_step(ref, x, a)[2]
+    errs = {}
+    for name, m in (("ref", ref), ("fused", fused)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            g = train_step(m, x, a)[2]
+        errs[name] = ((g - exact).norm() / exact.norm()).item()
+    assert errs["fused"] <= 2 * errs["ref"] + 1e-3, errs
+
+
+@pytest.mark.cuda
+def test_cuda_network_auto_uses_fused(monkeypatch):
+    monkeypatch.delenv(select.ENV, raising=False)
+    cls, why = resolve_impl("auto", torch.device("cuda"))
+    assert cls is FusedMixedOp, why

@@ -78,7 +78,9 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
     drop_seconds = lambda p: [r[:-1] for r in csv.reader(open(p))]  # noqa: E731
     assert drop_seconds("straight/metrics.csv") == drop_seconds("split/metrics.csv")
-    assert "resuming split at epoch 1" in (tmp_path / "split" / "log.txt").read_text()
+    log = (tmp_path / "split" / "log.txt").read_text()
+    assert "resuming split at epoch 1" in log
+    assert "drop_path_prob 0.000000" in log and "drop_path_prob 0.150000" in log  # 0.3 × epoch / 2
     assert from_text((tmp_path / "split" / "genotype.txt").read_text()) == DARTS_V2
 
 
@@ -110,3 +112,16 @@ def test_resume_refuses_changed_flags(capsys):
     assert train("--epochs", "1", "--save_dir", "r") == 0
     assert main(["train", "--resume", "r", "--epochs", "3"]) == 2
     assert "--epochs 3 does not match the checkpoint's 1" in capsys.readouterr().err
+
+
+def test_genotype_sources(tmp_path):
+    """--genotype takes text, a file, or a run folder (its genotype.json); no flag means DARTS_V2."""
+    from milenas_fast.space.genotype import to_dict
+    from milenas_fast.train.config import TrainConfig
+
+    run = tmp_path / "search-x"
+    run.mkdir()
+    (run / "genotype.json").write_text(json.dumps(to_dict(MILENAS)))
+    assert loop.resolve_genotype(TrainConfig(genotype=str(run)))[0] == MILENAS
+    assert loop.resolve_genotype(TrainConfig(genotype=to_text(MILENAS)))[0] == MILENAS
+    assert loop.resolve_genotype(TrainConfig())[0] == DARTS_V2

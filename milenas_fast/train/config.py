@@ -20,7 +20,7 @@ class TrainConfig:
     layers: int = topt(20, "number of cells")
     auxiliary: bool = topt(False, "auxiliary classifier head at 2/3 depth")
     auxiliary_weight: float = topt(0.4, "weight of the auxiliary loss")
-    drop_path_prob: float = topt(0.2, "drop path probability, reached linearly at the last epoch")
+    drop_path_prob: float = topt(0.2, "drop path probability, ramped linearly: epoch e uses it × e/epochs (DARTS)")
     # data
     dataset: str = topt("cifar10", "cifar10 (torchvision, downloaded into --data when missing) or synthetic",
                         ("cifar10", "synthetic"))

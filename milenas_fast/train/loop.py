@@ -215,6 +215,7 @@ def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: 
     while trainer.epoch < cfg.epochs:
         lr = trainer.scheduler.get_last_lr()[0]
         log.info("epoch %d lr %e", trainer.epoch, lr)
+        log.info("drop_path_prob %f", cfg.drop_path_prob * trainer.epoch / cfg.epochs)
         epoch_start = time.perf_counter()
         progress.start(trainer.epoch, len(trainer.train_loader))
         try:

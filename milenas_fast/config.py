@@ -53,6 +53,12 @@ class SearchConfig:
     device: str = opt("auto", "auto | cpu | cuda", ("auto", "cpu", "cuda"))
     amp: bool = opt(False, "mixed precision (bf16 autocast; fp16 + loss scaling where bf16 is unsupported)")
     impl: str = opt("auto", "MixedOp implementation: auto | fused | reference", ("auto", "fused", "reference"))
+    cuda_graphs: bool = opt(True, "capture the whole iteration (3 passes, both optimiser steps) in one CUDA graph and "
+                                  "replay it; only on a CUDA device (ignored on CPU), off with fp16 loss scaling or "
+                                  "--compile; drops the partial last batch of each pass (static shapes)")
+    compile: bool = opt(False, "torch.compile the supernet's forward (an alternative to --cuda_graphs)")
+    fused_train_step: bool = opt(False, "∇w and ∇α of the training loss from ONE backward (2 passes instead of 3); "
+                                        "changes the algorithm slightly: w's gradient uses the pre-update α")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns and resume on CPU)")
     report_freq: int = opt(50, "log a training line every N steps")
     quiet: bool = opt(False, "no progress bar and no per-step console lines (log.txt is unchanged)")
@@ -61,7 +67,8 @@ class SearchConfig:
     resume: str = opt("", "continue the run in RUN_DIR (or from a checkpoint file)")
 
     # Flags that only change how a run executes, not what it computes: they may differ on --resume.
-    RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader", "impl")
+    RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader", "impl",
+               "cuda_graphs", "compile")
     # Flags that fix the shape of the network and α: a checkpoint must match them.
     ARCHITECTURE = ("init_channels", "layers", "dataset")
 

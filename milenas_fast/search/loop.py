@@ -18,7 +18,8 @@ from ..runtime import (load_rng_state, resolve_device, resolve_impl, rng_state, 
                        set_determinism)
 from ..space import genotype as gt
 from ..space.supernet import Network
-from .step import StepRule, search_step
+from .graphed import GraphedStep, decide as decide_graphs
+from .step import StepRule, fused_search_step, search_step
 
 log = logging.getLogger("milenas_fast")
 
@@ -51,7 +52,10 @@ class Search:
         data = load_dataset(cfg.dataset, cfg.data, cfg.synthetic_images)
         train, valid = split_train_val(data, cfg.train_portion)
         self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
-        self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers)
+        # CUDA graphs need static shapes: the train loader drops its partial last batch (graphed.py)
+        self.graphs_on, self.graphs_why = decide_graphs(cfg.cuda_graphs, cfg.compile, cfg.amp, device)
+        self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers,
+                                        drop_last=self.graphs_on)
         self.valid_loader = make_loader(self.loader_name, valid, cfg.batch_size, device, cfg.workers)
         self.mixed_op, self.impl_why = resolve_impl(cfg.impl, device)
         self.model = Network(cfg.init_channels, NUM_CLASSES, cfg.layers, mixed_op=self.mixed_op).to(device)
@@ -65,6 +69,10 @@ class Search:
         self.rule = StepRule(cfg.optimization, cfg.lambda_train_regularizer, cfg.lambda_valid_regularizer,
                              cfg.grad_clip)
         self.valid_stream = BatchStream(self.valid_loader, cfg.seed, "valid")
+        self.graphed = GraphedStep(self.model, self.w_optimizer, self.a_optimizer, self.rule, self.precision,
+                                   cfg.batch_size, cfg.fused_train_step) if self.graphs_on else None
+        if cfg.compile:
+            self.model.compile()  # in place: state_dict keys unchanged
         self.epoch = 0
         self.history: list[dict] = []
         self.model_sizes: dict[str, dict] = {}
@@ -96,6 +104,8 @@ class Search:
         self.epoch, self.finished = state["epoch"], state["finished"]
         self.history, self.model_sizes = state["history"], state["model_sizes"]
         load_rng_state(state["rng"])
+        if self.graphed is not None:
+            self.graphed.invalidate()  # the optimisers' state tensors were replaced
 
     # --- one epoch -------------------------------------------------------------------------------------
     def train_epoch(self, progress) -> tuple[float, float]:
@@ -105,9 +115,15 @@ class Search:
         needs_valid = any(which == "valid" for which, _ in self.rule.alpha_terms())
         batches = epoch_batches(self.train_loader, cfg.seed, "train", self.epoch)
         start, seen = time.perf_counter(), 0
+        step_fn = fused_search_step if cfg.fused_train_step else search_step
+        if self.graphed is not None:
+            self.graphed.begin_epoch(self.w_optimizer.param_groups[0]["lr"])
         for step, train_batch in enumerate(batches):
-            valid_batch = next(self.valid_stream) if needs_valid else None
-            loss, logits = search_step(model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer,
+            if self.graphed is not None:
+                loss, logits = self.graphed(train_batch, lambda: next(self.valid_stream))
+            else:
+                valid_batch = next(self.valid_stream) if needs_valid else None
+                loss, logits = step_fn(model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer,
                                        self.rule, self.precision)
             totals.add(loss, logits, train_batch[1])
             seen += train_batch[1].numel()
@@ -239,6 +255,8 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         log.info("args = %s", cfg.to_dict())
     log.info("device = %s; %s; loader = %s (%s); MixedOp = %s (%s)", search.device, search.precision.note,
              search.loader_name, search.loader_why, search.mixed_op.__name__, search.impl_why)
+    log.info("CUDA graphs: %s; fused train step: %s; torch.compile: %s", search.graphs_why,
+             cfg.fused_train_step, cfg.compile)
     log.info("param size = %fMB", sum(p.numel() for p in model.parameters()) / 1e6)
 
     while search.epoch < cfg.epochs and not search.finished:

@@ -1,0 +1,284 @@
+"""Kernel benchmarks: the fused ops and the fused MixedOp against the best eager PyTorch configuration.
+
+    python benchmarks/bench_kernels.py [--quick] [--dtype fp32|bf16|fp16] [--csv benchmarks/kernels.csv]
+
+For each shape of the default supernet (N=64; C=16 at 32², 32 at 16², 64 at 8²; stride 1 and 2):
+- stencil         fused `stencil` vs `stencil_reference` (NCHW and channels_last)
+- edge_reduce     the C++/CUDA op vs `edge_reduce_reference` (K=7 candidates, the stride's output size)
+- mixed_op        FusedMixedOp vs ReferenceMixedOp (NCHW and channels_last), train mode, full backward
+                  and the α-only backward of the search's α passes
+Phases fwd, bwd (the backward alone, graph retained) and fwd+bwd. Timing: CUDA events around each call
+after warm-up, L2 flushed (a 256 MiB write) before every timed call so no call reads a warm cache;
+median with p20/p80. GB/s = bytes the op must move (inputs read + outputs written once) / median time.
+Peak memory = max allocated during one fwd+bwd above what was allocated before it.
+The baselines are the library's own reference twins (the same ones the tests compare against).
+Rows are appended to the CSV with the GPU name and torch/Triton/CUDA versions. No GPU: says so, exits 0.
+`--cpu-smoke` runs every code path at toy sizes through the Triton interpreter (development check only;
+its timings mean nothing and nothing is written unless --csv is given).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(16, 32), (32, 16), (64, 8)]  # (C, H) of the three stages at 32×32 input
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+K_EDGE = 7  # non-`none` candidates of one edge
+
+
+# --- timing ------------------------------------------------------------------------------------------
+
+class CudaTimer:
+    def __init__(self, warmup_ms: float, rep_ms: float):
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+
+    def __call__(self, fn):
+        fn()
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(3):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        est = max(s.elapsed_time(e) / 3, 1e-3)
+        for _ in range(max(2, int(self.warmup_ms / est))):
+            fn()
+        n = min(1000, max(10, int(self.rep_ms / est)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            self.flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)])
+
+    @staticmethod
+    def peak_mib(fn) -> float:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+class CpuTimer:
+    def __call__(self, fn):
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return quantiles(times)
+
+    @staticmethod
+    def peak_mib(fn) -> float:
+        fn()
+        return float("nan")
+
+
+def quantiles(times):
+    t = sorted(times)
+
+    def q(p):
+        return t[min(len(t) - 1, int(round(p * (len(t) - 1))))]
+
+    return q(0.5), q(0.2), q(0.8)
+
+
+# --- cases -------------------------------------------------------------------------------------------
+# A case builds (forward closure, tensors whose gradients the backward computes). Each call of the
+# closure runs one training-mode forward with a fresh autograd graph.
+
+def out_size(n, s):
+    return (n - 1) // s + 1
+
+
+def stencil_cases(N, C, H, s, dtype, dev):
+    from milenas_fast.ops.stencil import stencil, stencil_reference
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(N, C, H, H, device=dev, generator=g).to(dtype)
+    ws = [(0.2 * torch.randn(C, 1, k, k, device=dev, generator=g)) for k in (3, 5, 3, 5)]
+    cases = {}
+    for layout, fmt in (("eager NCHW", torch.contiguous_format), ("eager channels_last", torch.channels_last)):
+        xl = x.contiguous(memory_format=fmt).requires_grad_()
+        wl = [w.clone().requires_grad_() for w in ws]
+        cases[layout] = (lambda xl=xl, wl=wl: stencil_reference(xl, *wl, s), [xl, *wl])
+    xf = x.clone().requires_grad_()
+    wf = [w.clone().requires_grad_() for w in ws]
+    cases["fused"] = (lambda: stencil(xf, *wf, s), [xf, *wf])
+    el = torch.finfo(dtype).bits // 8
+    i, o = N * C * H * H, N * C * out_size(H, s) ** 2
+    nbytes = {"fwd": (i + 6 * o) * el, "bwd": (2 * i + 7 * o) * el}  # bwd: x, ymax, 6 grads in; dx out
+    return cases, nbytes
+
+
+def edge_reduce_cases(N, C, H, s, dtype, dev):
+    from milenas_fast.ops import edge_reduce, edge_reduce_reference
+
+    HO = out_size(H, s)
+    g = torch.Generator(device=dev).manual_seed(0)
+    y = torch.randn(K_EDGE, N, C, HO, HO, device=dev, generator=g).to(dtype)
+    var, mean = torch.var_mean(y.float(), dim=(1, 3, 4), unbiased=False)
+    rstd = (var + 1e-5).rsqrt()
+    w = torch.softmax(torch.randn(K_EDGE, device=dev, generator=g), 0)
+    cases = {}
+    for name, fn in (("eager NCHW", edge_reduce_reference), ("fused", edge_reduce)):
+        leaves = [t.clone().requires_grad_() for t in (y, w, mean, rstd)]
+        cases[name] = (lambda fn=fn, leaves=leaves: fn(*leaves), leaves)
+    el = torch.finfo(dtype).bits // 8
+    o = N * C * HO * HO
+    return cases, {"fwd": (K_EDGE + 1) * o * el, "bwd": (2 * K_EDGE + 1) * o * el}
+
+
+def mixed_op_cases(N, C, H, s, dtype, dev, alpha_only=False):
+    from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp
+
+    torch.manual_seed(0)
+    ref = ReferenceMixedOp(C, s).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(N, C, H, H, device=dev, generator=g)
+    a = torch.softmax(1e-3 * torch.randn(8, device=dev, generator=g), 0)
+    autocast = dtype != torch.float32
+    cases = {}
+    for name, cls, fmt in (("eager NCHW", ReferenceMixedOp, torch.contiguous_format),
+                           ("eager channels_last", ReferenceMixedOp, torch.channels_last),
+                           ("fused", FusedMixedOp, torch.contiguous_format)):
+        m = cls(C, s).to(dev)
+        m.load_state_dict(ref.state_dict())
+        m = m.to(memory_format=fmt)
+        xi = x.contiguous(memory_format=fmt).requires_grad_(not alpha_only)
+        ai = a.clone().requires_grad_()
+        leaves = [ai] if alpha_only else [xi, ai, *m.parameters()]
+
+        def fwd(m=m, xi=xi, ai=ai):
+            with torch.autocast(dev, dtype=dtype, enabled=autocast):
+                return m(xi, ai)
+
+        cases[name] = (fwd, leaves)
+    return cases, {}
+
+
+OPS = {"stencil": stencil_cases, "edge_reduce": edge_reduce_cases, "mixed_op": mixed_op_cases,
+       "mixed_op(α-only bwd)": lambda *a: mixed_op_cases(*a, alpha_only=True)}
+
+
+def as_list(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def measure(timer, fwd, leaves):
+    outs = as_list(fwd())
+    grads = [torch.randn_like(o) for o in outs]
+
+    def bwd():
+        torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True)
+
+    def fwd_bwd():
+        torch.autograd.grad(as_list(fwd()), leaves, grads, allow_unused=True)
+
+    res = {"fwd": timer(fwd), "bwd": timer(bwd), "fwd+bwd": timer(fwd_bwd)}
+    del outs
+    return res, timer.peak_mib(fwd_bwd)
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+def environment(dev):
+    import triton
+
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter)"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda or "none"}
+
+
+FIELDS = ["date", "gpu", "torch", "triton", "cuda", "op", "N", "C", "H", "stride", "dtype", "phase", "config",
+          "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mib", "speedup_vs_best_eager"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short run: fewer repetitions, stride 1 shapes only")
+    ap.add_argument("--dtype", choices=DTYPES, default="fp32",
+                    help="kernel input dtype; for mixed_op the autocast dtype (fp32 = no autocast)")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of: {', '.join(OPS)}")
+    ap.add_argument("--csv", default=None, help="append rows here (default benchmarks/kernels.csv on a GPU)")
+    ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel module is imported
+        dev, shapes, N, timer = "cpu", [(4, 8)], 2, CpuTimer()
+    elif not torch.cuda.is_available():
+        print("bench_kernels: no CUDA GPU present; nothing to benchmark.")
+        return 0
+    else:
+        dev, shapes, N = "cuda", SHAPES, 64
+        timer = CudaTimer(*((5, 20) if args.quick else (25, 200)))
+        torch.backends.cudnn.benchmark = True  # the eager baseline at its best
+    csv_path = Path(args.csv) if args.csv else (None if args.cpu_smoke else ROOT / "benchmarks" / "kernels.csv")
+    dtype = DTYPES[args.dtype]
+    strides = (1,) if args.quick else (1, 2)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        ap.error(f"unknown --ops {unknown}; known: {', '.join(OPS)}")
+    env = environment(dev)
+    print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
+          f"dtype {args.dtype} | N={N}")
+    date = dt.datetime.now().isoformat(timespec="seconds")
+    rows = []
+    hdr = f"{'op':<21}{'C':>4}{'H':>4}{'s':>3} {'phase':<8}{'config':<21}{'median ms':>10}{'p20-p80 ms':>22}" \
+          f"{'GB/s':>8}{'peak MiB':>10}{'vs eager':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for op in ops:
+        for C, H in shapes:
+            for s in strides:
+                cases, nbytes = OPS[op](N, C, H, s, dtype, dev)
+                results = {name: measure(timer, *case) for name, case in cases.items()}
+                for phase in ("fwd", "bwd", "fwd+bwd"):
+                    eager = {k: v for k, v in results.items() if k != "fused"}
+                    best = min(eager, key=lambda k: eager[k][0][phase][0])
+                    for name, (times, peak) in results.items():
+                        med, p20, p80 = times[phase]
+                        b = sum(nbytes.values()) if phase == "fwd+bwd" else nbytes.get(phase)
+                        gbps = b / (med * 1e-3) / 1e9 if b else None
+                        speedup = results[best][0][phase][0] / med if name == "fused" else None
+                        label = name + (" *" if name == best else "")
+                        print(f"{op:<21}{C:>4}{H:>4}{s:>3} {phase:<8}{label:<21}{med:>10.4f}"
+                              f"{f'{p20:.4f}-{p80:.4f}':>22}{(f'{gbps:.0f}' if gbps else '-'):>8}"
+                              f"{peak:>10.1f}{(f'{speedup:.2f}x' if speedup else ''):>9}")
+                        rows.append(dict(date=date, **env, op=op, N=N, C=C, H=H, stride=s, dtype=args.dtype,
+                                         phase=phase, config=name, median_ms=f"{med:.5f}", p20_ms=f"{p20:.5f}",
+                                         p80_ms=f"{p80:.5f}", gbps=f"{gbps:.1f}" if gbps else "",
+                                         peak_mib=f"{peak:.1f}", speedup_vs_best_eager=f"{speedup:.3f}" if speedup else ""))
+                del cases, results
+    print("(* = best eager configuration, the baseline of 'vs eager'; peak MiB is per fwd+bwd)")
+    if csv_path:
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+        print(f"appended {len(rows)} rows to {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

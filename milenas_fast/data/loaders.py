@@ -1,0 +1,183 @@
+"""Loaders: every pass over a split follows a Plan (order, crop offsets, flips) drawn from a generator
+seeded by (seed, stream, pass). Loaders differ only in where the augmentation runs, so the same plan
+gives the same batches from any loader, and resuming needs only (pass, position).
+
+- `torch`: a torch DataLoader; each image is cropped/flipped/normalised by torchvision in workers.
+- `gpu`:   the whole uint8 split resident on the device, augmentation as batched tensor ops
+           (works on CPU tensors too, which is how CI tests it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .datasets import CIFAR_MEAN, CIFAR_STD, Split
+
+LOADERS = ("auto", "torch", "gpu", "dali")
+PAD = 4
+STREAMS = {"train": 0, "valid": 1, "infer": 2}
+
+
+@dataclass
+class Plan:
+    order: torch.Tensor    # int64 [N]  image index per position
+    offsets: torch.Tensor  # int64 [N, 2] crop (top, left) in the 4-padded 40×40 image, each uniform on 0..8
+    flips: torch.Tensor    # bool  [N]
+
+    @staticmethod
+    def draw(n: int, seed: int, stream: str, pass_index: int) -> "Plan":
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + STREAMS[stream]) * 1_000_003 + pass_index) % (2**63))
+        order = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+        flips = torch.randint(0, 2, (n,), generator=g).bool()
+        return Plan(order, offsets, flips)
+
+
+def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 → float32, then (x/255 − mean)/std, op for op as torchvision's to_tensor + normalize."""
+    mean = torch.tensor(CIFAR_MEAN, device=x_uint8.device).view(-1, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=x_uint8.device).view(-1, 1, 1)
+    return x_uint8.float().div(255).sub(mean).div(std)
+
+
+def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Batched DARTS augmentation of uint8 [B, 3, H, W]: zero-pad 4, crop H×W at `offsets`, flip, normalise."""
+    B, C, H, W = images.shape
+    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+    ar_h = torch.arange(H, device=images.device)
+    ar_w = torch.arange(W, device=images.device)
+    rows = offsets[:, 0:1] + ar_h                                           # [B, H]
+    cols = torch.where(flips[:, None], offsets[:, 1:2] + (W - 1) - ar_w, offsets[:, 1:2] + ar_w)  # [B, W]
+    b = torch.arange(B, device=images.device)[:, None, None, None]
+    c = torch.arange(C, device=images.device)[None, :, None, None]
+    return normalize(padded[b, c, rows[:, None, :, None], cols[:, None, None, :]])
+
+
+class _Loader:
+    def __init__(self, split: Split, batch_size: int, device: torch.device, drop_last: bool = False):
+        self.split, self.batch_size, self.device, self.drop_last = split, batch_size, device, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batches(self, plan: Plan, start: int = 0):
+        raise NotImplementedError
+
+
+class ResidentLoader(_Loader):
+    name = "gpu"
+
+    def __init__(self, split, batch_size, device, drop_last=False):
+        super().__init__(split, batch_size, device, drop_last)
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+
+    def batches(self, plan: Plan, start: int = 0):
+        order, offsets, flips = (t.to(self.device) for t in (plan.order, plan.offsets, plan.flips))
+        for i in range(start, len(self)):
+            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = order[sl]
+            yield augment_batch(self.images[idx], offsets[sl], flips[sl]), self.labels[idx]
+
+
+class _PlannedImages(torch.utils.data.Dataset):
+    """Position i of a plan → (augmented image, label), through torchvision's functional transforms."""
+
+    def __init__(self, split: Split, plan: Plan):
+        self.split, self.plan = split, plan
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        from torchvision.transforms.v2 import functional as TF
+
+        j = int(self.plan.order[i])
+        top, left = (int(v) for v in self.plan.offsets[i])
+        img = TF.pad(self.split.images[j], [PAD])
+        img = TF.crop(img, top, left, self.split.images.shape[-2], self.split.images.shape[-1])
+        if self.plan.flips[i]:
+            img = TF.horizontal_flip(img)
+        img = TF.normalize(TF.to_dtype(img, torch.float32, scale=True), CIFAR_MEAN, CIFAR_STD)
+        return img, self.split.labels[j]
+
+
+class TorchLoader(_Loader):
+    name = "torch"
+
+    def __init__(self, split, batch_size, device, drop_last=False, workers: int = 0):
+        super().__init__(split, batch_size, device, drop_last)
+        self.workers = workers
+
+    def batches(self, plan: Plan, start: int = 0):
+        ds = _PlannedImages(self.split, plan)
+        first = start * self.batch_size
+        sampler = range(first, len(ds))
+        dl = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last,
+                                         num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                         persistent_workers=False)
+        for x, y in dl:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def resolve_loader(requested: str, device: torch.device) -> tuple[str, str]:
+    """(loader name, why) for `--loader`."""
+    if requested != "auto":
+        return requested, "requested"
+    if device.type == "cuda":
+        from . import dali_loader
+
+        if dali_loader.available():
+            return "dali", "auto: DALI is installed and the device is CUDA"
+        return "gpu", "auto: CUDA device, DALI not installed → dataset resident on the GPU"
+    return "torch", "auto: CPU device → torch DataLoader"
+
+
+def make_loader(name: str, split: Split, batch_size: int, device: torch.device, workers: int = 0,
+                drop_last: bool = False) -> _Loader:
+    if name == "gpu":
+        return ResidentLoader(split, batch_size, device, drop_last)
+    if name == "torch":
+        return TorchLoader(split, batch_size, device, drop_last, workers)
+    if name == "dali":
+        from .dali_loader import DaliLoader
+
+        return DaliLoader(split, batch_size, device, drop_last)
+    raise ValueError(f"unknown loader {name!r}")
+
+
+class BatchStream:
+    """An endless stream of batches over one split, reshuffled (new plan) at each pass. Persistent: never
+    rebuilt per step. Its state is (pass, position) — enough to resume exactly."""
+
+    def __init__(self, loader: _Loader, seed: int, stream: str):
+        self.loader, self.seed, self.stream = loader, seed, stream
+        self.pass_index, self.position = 0, 0
+        self._it = None
+
+    def state_dict(self) -> dict:
+        return {"pass_index": self.pass_index, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pass_index, self.position, self._it = int(state["pass_index"]), int(state["position"]), None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                plan = Plan.draw(len(self.loader.split), self.seed, self.stream, self.pass_index)
+                self._it = self.loader.batches(plan, self.position)
+            batch = next(self._it, None)
+            if batch is not None:
+                self.position += 1
+                return batch
+            self.pass_index, self.position, self._it = self.pass_index + 1, 0, None
+
+
+def epoch_batches(loader: _Loader, seed: int, stream: str, epoch: int):
+    """One full pass (one epoch) of `stream`, with its own plan."""
+    return loader.batches(Plan.draw(len(loader.split), seed, stream, epoch))

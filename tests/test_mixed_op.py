@@ -297,6 +297,7 @@ def test_env_selects_per_call(monkeypatch, fused_ok):
     monkeypatch.setenv(select.ENV, "fused")
     m(x, a)
     assert calls == [1]
+    assert resolve_impl("fused", torch.device(DEV))[0] is FusedMixedOp
     # affine BNs are outside the fused path: explicit fused says so, auto falls back
     aff = MixedOp(4, 1, affine=True).to(DEV)
     with pytest.raises(select.FusedUnavailable, match="affine"):

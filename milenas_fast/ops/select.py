@@ -80,6 +80,11 @@ def _extension_problem(device_type: str) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -93,6 +98,8 @@ def blockers(device: torch.device | str, dtype: torch.dtype | None = None) -> li
             out.append("no CUDA GPU visible to torch")
         elif _interpreting():
             out.append("TRITON_INTERPRET=1 is set, so Triton cannot launch on the GPU")
+        elif _capability(device.index) < (7, 5):
+            out.append(f"GPU compute capability {_capability(device.index)} < 7.5 (Triton's minimum)")
     elif device.type == "cpu":
         if not _interpreting():
             out.append("CPU tensors: the Triton kernels run on CPU only through the interpreter (TRITON_INTERPRET=1)")

@@ -1,6 +1,7 @@
 """The search: epochs, validation, model-size buckets, early stopping, run folder, checkpoints, resume."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -191,7 +192,7 @@ class Progress:
 
 def write_run_files(run_dir: Path, search: Search) -> None:
     """Files derived from the checkpointed history: rewritten whole so they always agree with it."""
-    lines = "".join(__import__("json").dumps(e) + "\n" for e in search.history)
+    lines = "".join(json.dumps(e) + "\n" for e in search.history)
     runs.atomic_write_text(run_dir / "genotypes.jsonl", lines)
     runs.atomic_write_json(run_dir / "model_sizes.json", dict(sorted(search.model_sizes.items())))
 
@@ -201,6 +202,17 @@ def write_final(run_dir: Path, search: Search) -> gt.Genotype:
     runs.atomic_write_json(run_dir / "genotype.json", gt.to_dict(g))
     runs.atomic_write_text(run_dir / "genotype.txt", gt.to_text(g) + "\n")
     return g
+
+
+def _plot(run_dir: Path) -> None:
+    """Cell diagrams and α plots; a failure here must not lose a finished search."""
+    from ..plot import plot_run
+
+    try:
+        files = plot_run(run_dir)
+        log.info("plots: %s", ", ".join(str(f.name) for f in files))
+    except Exception as e:  # noqa: BLE001 — plotting is a convenience, the genotype is already saved
+        log.warning("plotting failed (%s: %s); run `milenas-fast plot %s` to retry", type(e).__name__, e, run_dir)
 
 
 def check_resume_flags(saved: dict, explicit: dict) -> None:
@@ -285,5 +297,6 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
     write_run_files(run_dir, search)
     g = write_final(run_dir, search)
     log.info("final genotype = %s", gt.to_text(g))
+    _plot(run_dir)
     log.info("run folder: %s", run_dir)
     return run_dir

@@ -1,0 +1,88 @@
+"""Search space: op shapes, the supernet's size, α handling, MixedOp semantics."""
+import copy
+
+import pytest
+import torch
+
+from milenas_fast import MixedOp, Network
+from milenas_fast.space.primitives import PRIMITIVES, make_op
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("name", PRIMITIVES)
+def test_op_output_shape(name, stride, size):
+    x = torch.randn(2, 6, size, size)
+    y = make_op(name, 6, stride, affine=False)(x)
+    out = (size + 2 - 3) // stride + 1
+    assert y.shape == (2, 6, out, out)
+
+
+def test_default_supernet_size_and_alphas():
+    torch.manual_seed(0)
+    model = Network(16, 10, 8)
+    assert sum(p.numel() for p in model.parameters()) == 1_930_618
+    assert [tuple(a.shape) for a in model.arch_parameters()] == [(14, 8), (14, 8)]
+    std = torch.cat([a.flatten() for a in model.arch_parameters()]).std().item()
+    assert 0.7e-3 < std < 1.3e-3  # 1e-3 · randn
+    assert all(a.is_leaf and a.requires_grad for a in model.arch_parameters())
+    # α is not a weight: SGD must never see it, and search BN is non-affine except the stem's
+    ids = {id(p) for p in model.parameters()}
+    assert not any(id(a) in ids for a in model.arch_parameters())
+    affine_bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.affine]
+    assert affine_bn == [model.stem[1]]
+
+
+def test_reduction_cells_and_shapes():
+    model = Network(4, 10, 8)
+    assert [c.reduction for c in model.cells] == [False, False, True, False, False, True, False, False]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_new_copies_alphas_into_fresh_tensors():
+    model = Network(4, 10, 3)
+    with torch.no_grad():
+        model.alphas_normal.add_(1.0)
+    twin = model.new()
+    assert torch.equal(twin.alphas_normal, model.alphas_normal)
+    assert twin.alphas_normal is not model.alphas_normal
+    assert twin.genotype() == model.genotype()
+
+
+def test_darts_loss_api():
+    model = Network(4, 10, 2)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    loss = model._loss(x, y)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+class _ZeroSummingMixedOp(MixedOp):
+    """The DARTS formula literally: every op including `none` (a multiplied zero tensor)."""
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, op in zip(weights, self._ops))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mixed_op_skipping_none_matches_darts_sum(stride):
+    torch.manual_seed(0)
+    ours = MixedOp(4, stride)
+    darts = _ZeroSummingMixedOp(4, stride)
+    darts.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 9, 9, requires_grad=True)
+    w = torch.softmax(torch.randn(8), 0).requires_grad_()
+    out_a, out_b = ours(x, w), darts(x, w)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out_a)
+    ga = torch.autograd.grad(out_a, [x, w], g)
+    gb = torch.autograd.grad(out_b, [x, w], g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ga[1][0] == 0  # `none`'s mixing weight gets an exact zero
+
+
+def test_alphas_follow_device_moves_and_stay_leaves():
+    model = Network(4, 10, 2).double()
+    assert model.alphas_normal.dtype == torch.float32  # dtype casts leave α in fp32
+    moved = copy.deepcopy(model).to("cpu")
+    assert moved.alphas_normal.is_leaf and moved.alphas_normal.requires_grad

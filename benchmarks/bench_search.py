@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from milenas_fast.data.datasets import make_synthetic  # noqa: E402
-from milenas_fast.data.loaders import Plan, ResidentLoader, augment_batch  # noqa: E402
+from milenas_fast.data.loaders import Plan, augment_batch  # noqa: E402
 from milenas_fast.data.datasets import Split  # noqa: E402
 from milenas_fast.precision import Precision  # noqa: E402
 from milenas_fast.search.graphed import GraphedStep  # noqa: E402

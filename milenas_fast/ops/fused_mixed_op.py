@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce, Identity
 from .edge_reduce import edge_reduce
@@ -51,13 +50,6 @@ def _last_bn(name: str, op: nn.Module) -> nn.BatchNorm2d | None:
     if isinstance(op, FactorizedReduce):
         return op.bn
     return None  # identity
-
-
-def _factorized_reduce_pre_bn(op: FactorizedReduce, x: torch.Tensor) -> torch.Tensor:
-    # Mirrors FactorizedReduce.forward up to (not including) its BatchNorm.
-    r = op.relu(x)
-    shifted = F.pad(r[:, :, 1:, 1:], (0, 1, 0, 1))
-    return torch.cat([op.conv_1(r), op.conv_2(shifted)], dim=1)
 
 
 def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
@@ -118,7 +110,7 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         elif name.startswith("dil_conv"):
             y = op.op[2](stage1[_STENCIL_SLOT[name]])
         else:  # stride-2 skip
-            y = _factorized_reduce_pre_bn(op, x)
+            y = op.pre_bn(x)
         folded.append(y)
         bns.append(_last_bn(name, op))
         idx.append(k)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import runs
-from ..config import ConfigError, SearchConfig
+from ..config import SearchConfig
 from ..data import BatchStream, load_dataset, make_loader, split_train_val
 from ..data.datasets import NUM_CLASSES
 from ..data.loaders import epoch_batches, resolve_loader

@@ -145,11 +145,14 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
-    def forward(self, x):
+    def pre_bn(self, x):
         x = self.relu(x)
         # The shifted branch pads on the bottom/right so odd sizes give the same output shape.
         shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        return torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1)
+
+    def forward(self, x):
+        return self.bn(self.pre_bn(x))
 
 
 def _pool(kind: str, C: int, stride: int, affine: bool, with_bn: bool) -> nn.Module:

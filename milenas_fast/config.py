@@ -17,8 +17,34 @@ def opt(default, help: str, choices=None, group: str = "search"):
 OPTIMIZATIONS = ("milenas", "darts", "single_level")
 
 
+class Settings:
+    """What search and train settings share: range checks with flag-named messages, dict round trip."""
+
+    def check(self, positive=(), nonneg=()) -> None:
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        if self.init_channels % 2:
+            raise ConfigError(f"--init_channels must be even (FactorizedReduce halves it), got {self.init_channels}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
 @dataclass
-class SearchConfig:
+class SearchConfig(Settings):
     # data
     dataset: str = opt("cifar10", "cifar10 (torchvision, downloaded into --data when missing) or synthetic",
                        ("cifar10", "synthetic"))
@@ -73,35 +99,16 @@ class SearchConfig:
     ARCHITECTURE = ("init_channels", "layers", "dataset")
 
     def validate(self) -> "SearchConfig":
-        positive = ("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.train_portion < 1.0:
             raise ConfigError(f"--train_portion must lie strictly between 0 and 1, got {self.train_portion}")
-        nonneg = ("learning_rate", "learning_rate_min", "momentum", "weight_decay", "grad_clip",
-                  "arch_learning_rate", "arch_weight_decay", "lambda_train_regularizer",
-                  "lambda_valid_regularizer", "workers", "early_stop_normal", "early_stop_reduce")
-        for name in nonneg:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        self.check(
+            positive=("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq"),
+            nonneg=("learning_rate", "learning_rate_min", "momentum", "weight_decay", "grad_clip",
+                    "arch_learning_rate", "arch_weight_decay", "lambda_train_regularizer",
+                    "lambda_valid_regularizer", "workers", "early_stop_normal", "early_stop_reduce"))
         if self.learning_rate_min > self.learning_rate:
             raise ConfigError("--learning_rate_min must not exceed --learning_rate")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
-        if self.init_channels % 2:
-            raise ConfigError(f"--init_channels must be even (FactorizedReduce halves it), got {self.init_channels}")
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: bool = False) -> None:

@@ -47,6 +47,18 @@ class Precision:
         grads = [g.float() * inv for g in grads]
         return grads, all(bool(torch.isfinite(g).all()) for g in grads)
 
+    def step(self, optimizer, params, grad_clip: float) -> None:
+        """Unscale (fp16), clip the gradient norm of `params` (0 disables), step; skips on inf/NaN (fp16)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
     def state_dict(self) -> dict:
         return {} if self.scaler is None else self.scaler.state_dict()
 

@@ -12,7 +12,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from ..precision import Precision
 
@@ -73,15 +72,7 @@ def weight_step(model, x, y, w_optimizer, rule: StepRule, precision: Precision):
         logits = model(x)
     loss = model._criterion(logits.float(), y)
     torch.autograd.backward(precision.scale(loss), inputs=weights)  # α gets no gradient from this pass
-    if precision.scaler is not None:
-        precision.scaler.unscale_(w_optimizer)
-    if rule.grad_clip > 0:
-        nn.utils.clip_grad_norm_(weights, rule.grad_clip)
-    if precision.scaler is not None:
-        precision.scaler.step(w_optimizer)
-        precision.scaler.update()
-    else:
-        w_optimizer.step()
+    precision.step(w_optimizer, weights, rule.grad_clip)
     return loss.detach(), logits.detach()
 
 
@@ -146,13 +137,5 @@ def fused_search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer,
             a.grad = g
         a_optimizer.step()
     a_optimizer.zero_grad(set_to_none=True)
-    if precision.scaler is not None:
-        precision.scaler.unscale_(w_optimizer)
-    if rule.grad_clip > 0:
-        nn.utils.clip_grad_norm_(weights, rule.grad_clip)
-    if precision.scaler is not None:
-        precision.scaler.step(w_optimizer)
-        precision.scaler.update()
-    else:
-        w_optimizer.step()
+    precision.step(w_optimizer, weights, rule.grad_clip)
     return loss.detach(), logits.detach()

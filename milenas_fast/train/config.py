@@ -1,9 +1,9 @@
 """Settings of `milenas-fast train` (DARTS train.py flag names and defaults)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
-from ..config import ConfigError, opt
+from ..config import ConfigError, Settings, opt
 
 
 def topt(default, help: str, choices=None):
@@ -11,7 +11,7 @@ def topt(default, help: str, choices=None):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     # what is trained
     arch: str = topt("", "a published cell: DARTS_V1, DARTS_V2 (alias DARTS), MILENAS; default DARTS_V2 "
                          "unless --genotype is given")
@@ -52,31 +52,14 @@ class TrainConfig:
     RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader")
 
     def validate(self) -> "TrainConfig":
-        for name in ("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq",
-                     "cutout_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("learning_rate", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        self.check(
+            positive=("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq",
+                      "cutout_length"),
+            nonneg=("learning_rate", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "workers"))
         if not 0.0 <= self.drop_path_prob < 1.0:
             raise ConfigError(f"--drop_path_prob must lie in [0, 1), got {self.drop_path_prob}")
-        if self.init_channels % 2:
-            raise ConfigError(f"--init_channels must be even (FactorizedReduce halves it), got {self.init_channels}")
         if self.layers < 3:
             raise ConfigError(f"--layers must be at least 3 (two reduction cells and a normal one), got {self.layers}")
         if self.arch and self.genotype:
             raise ConfigError("give either --arch or --genotype, not both")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})

@@ -99,15 +99,7 @@ class Trainer:
             if logits_aux is not None:
                 loss = loss + cfg.auxiliary_weight * self.criterion(logits_aux.float(), y)
             precision.scale(loss).backward()
-            if precision.scaler is not None:
-                precision.scaler.unscale_(self.optimizer)
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
-            if precision.scaler is not None:
-                precision.scaler.step(self.optimizer)
-                precision.scaler.update()
-            else:
-                self.optimizer.step()
+            precision.step(self.optimizer, weights, cfg.grad_clip)
             totals.add(loss.detach(), logits.detach(), y)
             seen += y.numel()
             if step % cfg.report_freq == 0 or step == len(self.train_loader) - 1:

@@ -41,7 +41,7 @@ if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then  # set it for a dry run in an exis
 fi
 stage pytest-cuda 170 "$OUT/pytest_cuda.log" "$PY" -m pytest -m cuda -q -rs --durations=15 -p no:cacheprovider tests
 if [ -f benchmarks/bench_kernels.py ]; then
-  stage bench-kernels 70 "$OUT/bench_kernels.log" "$PY" benchmarks/bench_kernels.py
+  stage bench-kernels 100 "$OUT/bench_kernels.log" "$PY" benchmarks/bench_kernels.py
   [ -f benchmarks/kernels.csv ] && cp benchmarks/kernels.csv "$OUT/kernels.csv"
 else
   SUMMARY+=("$(printf '%-14s %-22s' bench-kernels 'skipped (no benchmarks/bench_kernels.py)')")

@@ -10,8 +10,8 @@ class ConfigError(ValueError):
     """A setting the run cannot accept; the message names the flag."""
 
 
-def opt(default, help: str, choices=None, group: str = "search"):
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 OPTIMIZATIONS = ("milenas", "darts", "single_level")
@@ -95,8 +95,6 @@ class SearchConfig(Settings):
     # Flags that only change how a run executes, not what it computes: they may differ on --resume.
     RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader", "impl",
                "cuda_graphs", "compile")
-    # Flags that fix the shape of the network and α: a checkpoint must match them.
-    ARCHITECTURE = ("init_channels", "layers", "dataset")
 
     def validate(self) -> "SearchConfig":
         if not 0.0 < self.train_portion < 1.0:

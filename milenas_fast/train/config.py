@@ -6,47 +6,43 @@ from dataclasses import dataclass
 from ..config import ConfigError, Settings, opt
 
 
-def topt(default, help: str, choices=None):
-    return opt(default, help, choices, group="train")
-
-
 @dataclass
 class TrainConfig(Settings):
     # what is trained
-    arch: str = topt("", "a published cell: DARTS_V1, DARTS_V2 (alias DARTS), MILENAS; default DARTS_V2 "
+    arch: str = opt("", "a published cell: DARTS_V1, DARTS_V2 (alias DARTS), MILENAS; default DARTS_V2 "
                          "unless --genotype is given")
-    genotype: str = topt("", "Genotype(...) text, a .txt/.json file, or a search run folder (its genotype.json)")
-    init_channels: int = topt(36, "channels of the first cell")
-    layers: int = topt(20, "number of cells")
-    auxiliary: bool = topt(False, "auxiliary classifier head at 2/3 depth")
-    auxiliary_weight: float = topt(0.4, "weight of the auxiliary loss")
-    drop_path_prob: float = topt(0.2, "drop path probability, ramped linearly: epoch e uses it × e/epochs (DARTS)")
+    genotype: str = opt("", "Genotype(...) text, a .txt/.json file, or a search run folder (its genotype.json)")
+    init_channels: int = opt(36, "channels of the first cell")
+    layers: int = opt(20, "number of cells")
+    auxiliary: bool = opt(False, "auxiliary classifier head at 2/3 depth")
+    auxiliary_weight: float = opt(0.4, "weight of the auxiliary loss")
+    drop_path_prob: float = opt(0.2, "drop path probability, ramped linearly: epoch e uses it × e/epochs (DARTS)")
     # data
-    dataset: str = topt("cifar10", "cifar10 (torchvision, downloaded into --data when missing) or synthetic",
+    dataset: str = opt("cifar10", "cifar10 (torchvision, downloaded into --data when missing) or synthetic",
                         ("cifar10", "synthetic"))
-    data: str = topt("./data", "folder holding (or receiving) CIFAR-10")
-    synthetic_images: int = topt(5000, "training images of the synthetic set (the test set gets a fifth)")
-    batch_size: int = topt(96, "batch size")
-    cutout: bool = topt(False, "cutout augmentation")
-    cutout_length: int = topt(16, "side of the cutout square")
-    workers: int = topt(2, "DataLoader worker processes (--loader torch)")
-    loader: str = topt("auto", "auto | torch | gpu (dataset resident on the device) | dali", ("auto", "torch", "gpu", "dali"))
+    data: str = opt("./data", "folder holding (or receiving) CIFAR-10")
+    synthetic_images: int = opt(5000, "training images of the synthetic set (the test set gets a fifth)")
+    batch_size: int = opt(96, "batch size")
+    cutout: bool = opt(False, "cutout augmentation")
+    cutout_length: int = opt(16, "side of the cutout square")
+    workers: int = opt(2, "DataLoader worker processes (--loader torch)")
+    loader: str = opt("auto", "auto | torch | gpu (dataset resident on the device) | dali", ("auto", "torch", "gpu", "dali"))
     # optimisation
-    epochs: int = topt(600, "number of training epochs")
-    learning_rate: float = topt(0.025, "initial learning rate (SGD, cosine to 0)")
-    momentum: float = topt(0.9, "SGD momentum")
-    weight_decay: float = topt(3e-4, "SGD weight decay")
-    grad_clip: float = topt(5.0, "gradient norm clipping (0 disables)")
+    epochs: int = opt(600, "number of training epochs")
+    learning_rate: float = opt(0.025, "initial learning rate (SGD, cosine to 0)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(3e-4, "SGD weight decay")
+    grad_clip: float = opt(5.0, "gradient norm clipping (0 disables)")
     # runtime
-    seed: int = topt(0, "random seed")
-    device: str = topt("auto", "auto | cpu | cuda", ("auto", "cpu", "cuda"))
-    amp: bool = topt(False, "mixed precision (bf16 autocast; fp16 + loss scaling where bf16 is unsupported)")
-    deterministic: bool = topt(False, "deterministic algorithms (bit-exact reruns and resume on CPU)")
-    report_freq: int = topt(50, "log a training line every N steps")
-    quiet: bool = topt(False, "no per-step console lines (log.txt is unchanged)")
-    save: str = topt("EXP", "experiment name: the run folder is eval-<save>-<YYYYmmdd-HHMMSS>")
-    save_dir: str = topt("", "exact run folder (overrides --save)")
-    resume: str = topt("", "continue the run in RUN_DIR (or from a checkpoint file)")
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "auto | cpu | cuda", ("auto", "cpu", "cuda"))
+    amp: bool = opt(False, "mixed precision (bf16 autocast; fp16 + loss scaling where bf16 is unsupported)")
+    deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns and resume on CPU)")
+    report_freq: int = opt(50, "log a training line every N steps")
+    quiet: bool = opt(False, "no per-step console lines (log.txt is unchanged)")
+    save: str = opt("EXP", "experiment name: the run folder is eval-<save>-<YYYYmmdd-HHMMSS>")
+    save_dir: str = opt("", "exact run folder (overrides --save)")
+    resume: str = opt("", "continue the run in RUN_DIR (or from a checkpoint file)")
 
     # Flags that only change how a run executes, not what it computes: they may differ on --resume.
     RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader")

@@ -42,6 +42,10 @@ class Settings:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
 
 @dataclass
 class SearchConfig(Settings):
@@ -124,3 +128,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: boo
         kwargs["type"] = type(f.default)
         kwargs["metavar"] = {int: "N", float: "X", str: "S"}[type(f.default)]
         parser.add_argument(*names, **kwargs)
+
+
+def explicit_flags(argv: list[str], cls) -> dict:
+    """The flags of `cls` the user actually typed in `argv` (for --resume consistency checks)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_dataclass_flags(p, cls, explicit_only=True)
+    ns, _ = p.parse_known_args(argv)
+    return vars(ns)

@@ -1,9 +1,7 @@
 """`milenas-fast train`: train a genotype from scratch (DARTS train.py; flags generated from TrainConfig)."""
 from __future__ import annotations
 
-import argparse
-
-from ..config import add_dataclass_flags
+from ..config import add_dataclass_flags, explicit_flags
 from ..train.config import TrainConfig
 
 
@@ -15,19 +13,11 @@ def add_parser(sub) -> None:
     add_dataclass_flags(p, TrainConfig)
 
 
-def explicit_flags(argv: list[str]) -> dict:
-    """The flags the user actually typed (for --resume consistency checks)."""
-    p = argparse.ArgumentParser(add_help=False)
-    add_dataclass_flags(p, TrainConfig, explicit_only=True)
-    ns, _ = p.parse_known_args(argv)
-    return vars(ns)
-
-
 def run(args, argv) -> int:
     from ..train.loop import run as run_train
 
-    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
-    run_dir = run_train(cfg, explicit_flags(argv[1:]))
+    cfg = TrainConfig.from_args(args)
+    run_dir = run_train(cfg, explicit_flags(argv[1:], TrainConfig))
     if not cfg.quiet:
         print(f"done: {run_dir}")
     return 0

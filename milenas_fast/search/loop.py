@@ -14,6 +14,7 @@ from ..config import SearchConfig
 from ..data import BatchStream, load_dataset, make_loader, split_train_val
 from ..data.datasets import NUM_CLASSES
 from ..data.loaders import epoch_batches, resolve_loader
+from ..meters import Progress, Totals
 from ..precision import Precision
 from ..runtime import (load_rng_state, resolve_device, resolve_impl, rng_state, seed_everything,
                        set_determinism)
@@ -23,24 +24,6 @@ from .graphed import GraphedStep, decide as decide_graphs
 from .step import StepRule, fused_search_step, search_step
 
 log = logging.getLogger("milenas_fast")
-
-
-class Totals:
-    """Loss and top-1/top-5 sums kept on the device; read (one sync) only when reported."""
-
-    def __init__(self, device):
-        self.sums = torch.zeros(3, device=device, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, loss, logits, y):
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top5 == y[:, None]
-        self.sums += torch.stack([loss.double() * y.numel(), hit[:, 0].sum().double(), hit.any(1).sum().double()])
-        self.n += y.numel()
-
-    def read(self) -> tuple[float, float, float]:
-        loss, top1, top5 = (self.sums / max(self.n, 1)).tolist()
-        return loss, 100.0 * top1, 100.0 * top5
 
 
 class Search:
@@ -130,8 +113,7 @@ class Search:
             seen += train_batch[1].numel()
             last = step == len(self.train_loader) - 1
             if step % cfg.report_freq == 0 or last:
-                obj, top1, top5 = totals.read()
-                log.info("train %03d %e %f %f", step, obj, top1, top5, extra={"step_line": True})
+                obj, top1 = totals.log_line("train", step)
                 progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
         obj, top1, _ = totals.read()
         return top1, obj
@@ -144,8 +126,7 @@ class Search:
             with self.precision.autocast():
                 logits = self.model(x)
             totals.add(self.model._criterion(logits.float(), y), logits, y)
-        obj, top1, top5 = totals.read()
-        log.info("valid %03d %e %f %f", len(self.valid_loader) - 1, obj, top1, top5, extra={"step_line": True})
+        obj, top1 = totals.log_line("valid", len(self.valid_loader) - 1)
         return top1, obj
 
     def record(self, train_acc, train_obj, valid_acc, valid_obj, lr) -> dict:
@@ -165,29 +146,6 @@ class Search:
                 "epoch": self.epoch, "n": n, "r": r, "valid_acc": valid_acc, "train_acc": train_acc,
                 "genotype": entry["genotype"], "genotype_json": gt.to_dict(g)}
         return entry
-
-
-class Progress:
-    """A tqdm bar per epoch on a terminal; nothing otherwise (the log lines carry the numbers)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar = enabled, None
-
-    def start(self, epoch: int, total: int):
-        if self.enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="it", leave=False, dynamic_ncols=True)
-
-    def update(self, done, loss, acc, ips):
-        if self.bar is not None:
-            self.bar.n = done
-            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}", img_s=f"{ips:.0f}", refresh=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def write_run_files(run_dir: Path, search: Search) -> None:

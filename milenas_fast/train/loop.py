@@ -16,9 +16,9 @@ from ..data import load_dataset, make_loader
 from ..data.datasets import NUM_CLASSES
 from ..data.eval_data import TestBatches, cutout, cutout_generator, load_test_set
 from ..data.loaders import epoch_batches, resolve_loader
+from ..meters import Progress, Totals
 from ..precision import Precision
 from ..runtime import load_rng_state, resolve_device, rng_state, seed_everything, set_determinism
-from ..search.loop import Progress, Totals
 from ..space import genotype as gt
 from ..space.evalnet import NetworkCIFAR, param_count
 from ..space.known_genotypes import by_name
@@ -103,8 +103,7 @@ class Trainer:
             totals.add(loss.detach(), logits.detach(), y)
             seen += y.numel()
             if step % cfg.report_freq == 0 or step == len(self.train_loader) - 1:
-                obj, top1, top5 = totals.read()
-                log.info("train %03d %e %f %f", step, obj, top1, top5, extra={"step_line": True})
+                obj, top1 = totals.log_line("train", step)
                 progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
         obj, top1, _ = totals.read()
         return top1, obj
@@ -118,8 +117,7 @@ class Trainer:
                 logits, _ = self.model(x)
             totals.add(self.criterion(logits.float(), y), logits, y)
             if step % self.cfg.report_freq == 0 or step == len(self.test_batches) - 1:
-                obj, top1, top5 = totals.read()
-                log.info("valid %03d %e %f %f", step, obj, top1, top5, extra={"step_line": True})
+                totals.log_line("valid", step)
         obj, top1, _ = totals.read()
         return top1, obj
 

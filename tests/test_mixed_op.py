@@ -14,7 +14,7 @@ from milenas_fast import MixedOp, Network
 from milenas_fast.config import ConfigError
 from milenas_fast.ops import select
 from milenas_fast.runtime import resolve_impl
-from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp
+from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp, set_impl
 from milenas_fast.space.primitives import PRIMITIVES
 
 fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
@@ -274,7 +274,7 @@ def test_fused_that_cannot_run_raises(monkeypatch):
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_impl("fused", torch.device("cuda"))
     monkeypatch.setenv(select.ENV, "auto")
-    m(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))  # auto falls back quietly
+    MixedOp(4, 1)(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))  # auto falls back quietly
 
 
 def test_bad_values_raise(monkeypatch):
@@ -285,23 +285,39 @@ def test_bad_values_raise(monkeypatch):
         resolve_impl("fast", torch.device("cpu"))
 
 
-def test_env_selects_per_call(monkeypatch, fused_ok):
+def test_env_read_when_built_or_moved(monkeypatch, fused_ok):
+    """$MILENAS_FAST_IMPL is read when a MixedOp is built or moved, never per call; set_impl re-pins."""
     calls = []
     real = fmo.fused_forward
     monkeypatch.setattr(fmo, "fused_forward", lambda *a: calls.append(1) or real(*a))
-    m = MixedOp(4, 2).to(DEV)
     x, a = inputs(2, 4, 8)
     monkeypatch.setenv(select.ENV, "reference")
-    m(x, a)
-    assert not calls
+    m = MixedOp(4, 2).to(DEV)
     monkeypatch.setenv(select.ENV, "fused")
     m(x, a)
+    assert not calls and m.decision.impl == "reference"
+    m.to(DEV)  # a move re-reads it
+    m(x, a)
+    assert calls == [1] and m.decision.impl == "fused"
+    net = nn.Sequential(m, ReferenceMixedOp(4, 1), nn.Conv2d(4, 4, 1))
+    assert set_impl(net, "reference") == 2
+    m(x, a)
     assert calls == [1]
+    assert set_impl(m, "fused") == 1
+    m(x, a)
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match="fast"):
+        set_impl(net, "fast")
     assert resolve_impl("fused", torch.device(DEV))[0] is FusedMixedOp
     # affine BNs are outside the fused path: explicit fused says so, auto falls back
     aff = MixedOp(4, 1, affine=True).to(DEV)
     with pytest.raises(select.FusedUnavailable, match="affine"):
         aff(x, a)
+    # so are float64 inputs
+    with pytest.raises(select.FusedUnavailable, match="float64"):
+        m(x.double(), a.double())
+    set_impl(aff, "auto")
+    aff(x, a)
 
 
 # --- the real shapes on a GPU --------------------------------------------------------------------------

@@ -94,14 +94,10 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
     stage1 = stencil(x, *filters, stride) if any(n in _STENCIL_SLOT for n in names) else None
 
     # 2. pre-BN candidate outputs, BN-folded ones first, identity (if any) last
-    folded, bns, idx = [], [], []
-    identity_idx = None
-    for k, (name, op) in enumerate(zip(names, ops)):
-        if name == "none":
-            continue
-        if name == "skip_connect" and isinstance(op, Identity):
-            identity_idx = k
-            continue
+    folded_ks, identity_k = _order(mod)
+    folded, bns = [], []
+    for k in folded_ks:
+        name, op = names[k], ops[k]
         if name in ("max_pool_3x3", "avg_pool_3x3"):
             y = stage1[_STENCIL_SLOT[name]]
         elif name.startswith("sep_conv"):
@@ -113,12 +109,11 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
             y = op.pre_bn(x)
         folded.append(y)
         bns.append(_last_bn(name, op))
-        idx.append(k)
 
     dtype = folded[0].dtype if folded else x.dtype
     for y in folded[1:]:
         dtype = torch.promote_types(dtype, y.dtype)
-    ys = torch.stack([y.to(dtype) for y in folded] + ([x.to(dtype)] if identity_idx is not None else []))
+    ys = torch.stack([y.to(dtype) for y in folded] + ([x.to(dtype)] if identity_k is not None else []))
     K = len(folded)
 
     # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce
@@ -145,18 +140,26 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         rstd = torch.rsqrt(var + _eps(bns, var))
     else:
         mean = rstd = x.new_zeros(0, C, dtype=torch.float32)
-    if identity_idx is not None:
+    if identity_k is not None:
         mean = torch.cat([mean, mean.new_zeros(1, C)])
         rstd = torch.cat([rstd, rstd.new_ones(1, C)])
-        idx.append(identity_idx)
 
-    return edge_reduce(ys, weights.float()[_index(mod, tuple(idx), weights.device)], mean, rstd)
+    return edge_reduce(ys, weights.float()[mod._fused_index], mean, rstd)
 
 
-def _index(mod: nn.Module, idx: tuple, device: torch.device) -> torch.Tensor:
-    # Cached on the module (a plain attribute, not a buffer): no host-to-device copy per call.
-    cache = mod.__dict__.setdefault("_fused_index_cache", {})
-    key = (idx, device)
-    if key not in cache:
-        cache[key] = torch.tensor(idx, device=device)
-    return cache[key]
+def _order(mod: nn.Module) -> tuple[list[int], int | None]:
+    """Candidate indices in the order fused_forward stacks them: BN-folded ones, then the identity."""
+    folded, identity = [], None
+    for k, (name, op) in enumerate(zip(mod.primitives, mod._ops)):
+        if name == "skip_connect" and isinstance(op, Identity):
+            identity = k
+        elif name != "none":
+            folded.append(k)
+    return folded, identity
+
+
+def weight_index(mod: nn.Module, device: torch.device) -> torch.Tensor:
+    """The mixing weights' gather index for `_order`; built once per placement (MixedOp._resolve), so no
+    host-to-device copy happens per call."""
+    folded, identity = _order(mod)
+    return torch.tensor(folded + ([identity] if identity is not None else []), device=device)

@@ -4,35 +4,69 @@
 state_dicts (`_ops.<k>.…`) load unchanged. `none` is skipped: it contributes exact zeros and its mixing
 weight receives a zero gradient from the sum, the same as multiplying by a zero tensor would give.
 
-Two implementations of the same maths, chosen per call (milenas_fast.ops.select):
+Two implementations of the same maths (milenas_fast.ops.select decides which):
 - reference: the candidate modules' own forwards, summed;
 - fused: milenas_fast.ops.fused_mixed_op (Triton multi-stencil + one edge_reduce with BN folded in).
 `MixedOp` follows $MILENAS_FAST_IMPL (auto|fused|reference, default auto); the subclasses
-`ReferenceMixedOp` / `FusedMixedOp` pin one (what the search CLI's --impl builds). All three have the
-same parameters, buffers and state_dict keys.
+`ReferenceMixedOp` / `FusedMixedOp` pin one (what the search CLI's --impl builds); `set_impl(model, impl)`
+re-pins every MixedOp of a model. All have the same parameters, buffers and state_dict keys.
+
+The choice is resolved when the module is built and again whenever it is moved (`.to`, `.cuda`, …), never
+per call: forward stays free of environment reads, locks and caches, so torch.compile traces it whole.
 """
 from __future__ import annotations
 
+import itertools
+
+import torch
 import torch.nn as nn
 
+from ..ops import select
 from .primitives import PRIMITIVES, make_op
 
 
 class MixedOp(nn.Module):
-    impl: str | None = None  # None: $MILENAS_FAST_IMPL at every call
+    impl: str | None = None  # None: $MILENAS_FAST_IMPL (read when the module is built or moved)
 
     def __init__(self, C: int, stride: int, primitives=PRIMITIVES, affine: bool = False):
         super().__init__()
         self.C, self.stride = C, stride
         self.primitives = tuple(primitives)
         self._ops = nn.ModuleList(make_op(p, C, stride, affine) for p in self.primitives)
-        self._fused_unsupported: str | None = None  # computed on first use
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """Decide fused or reference for the device the module now lives on (dtype is checked per call)."""
+        t = next(itertools.chain(self.parameters(), self.buffers()), None)
+        device = t.device if t is not None else torch.device("cpu")
+        decision = select.decide(self.impl, device)
+        self._fused_index = None  # mixing-weight order of the fused path, on `device`
+        if decision.impl == "fused":
+            from ..ops import fused_mixed_op
+
+            why_not = fused_mixed_op.unsupported(self)
+            if why_not:
+                decision = select.Decision(decision.requested, "reference", (f"this MixedOp: {why_not}",))
+            else:
+                self._fused_index = fused_mixed_op.weight_index(self, device)
+        self.decision = decision
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._resolve()
+        return out
 
     def forward(self, x, weights):
-        if self._use_fused(x):
+        if self._fused_index is not None and x.dtype in select.FUSED_DTYPES:
             from ..ops.fused_mixed_op import fused_forward
 
             return fused_forward(self, x, weights)
+        if self.decision.requested == "fused":  # explicit and impossible: never a silent fallback
+            d = self.decision
+            if d.ok:
+                d = select.Decision(d.requested, "reference", (f"dtype {x.dtype} (fused supports float32, "
+                                                               "bfloat16, float16)",))
+            select.require_fused(d)
         return self.reference_forward(x, weights)
 
     def reference_forward(self, x, weights):
@@ -46,26 +80,6 @@ class MixedOp(nn.Module):
             return self._ops[0](x)
         return out
 
-    def _use_fused(self, x) -> bool:
-        from ..ops import select
-
-        req = select.requested_impl(self.impl)
-        if req == "reference":
-            return False
-        decision = select.decide(req, x.device, x.dtype)
-        if decision.impl == "fused":
-            why_not = getattr(self, "_fused_unsupported", None)
-            if why_not is None:
-                from ..ops.fused_mixed_op import unsupported
-
-                why_not = self._fused_unsupported = unsupported(self)
-            if not why_not:
-                return True
-            decision = select.Decision(req, "reference", (f"this MixedOp: {why_not}",))
-        if req == "fused":
-            select.require_fused(decision)
-        return False
-
 
 class ReferenceMixedOp(MixedOp):
     """MixedOp pinned to the reference implementation."""
@@ -77,3 +91,16 @@ class FusedMixedOp(MixedOp):
     """MixedOp pinned to the fused implementation (raises at the first forward where it cannot run)."""
 
     impl = "fused"
+
+
+def set_impl(model: nn.Module, impl: str) -> int:
+    """Pin every MixedOp in `model` (itself included) to `impl` ("fused" | "reference" | "auto") and
+    re-resolve it; returns how many. An impossible "fused" raises FusedUnavailable at the next forward."""
+    impl = select.requested_impl(impl)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MixedOp):
+            m.impl = impl
+            m._resolve()
+            n += 1
+    return n

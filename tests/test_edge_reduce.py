@@ -17,6 +17,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def ext():
     t = time.perf_counter()
     er_module.register()  # fails (not skips) when the extension cannot be built: that is a bug here
+    from milenas_fast.ops import select
+
+    assert select.edge_reduce_impl("cpu")[0] == "cpp"  # cached before any torch.compile trace
     print(f"\nextension: {extension.describe()} ({time.perf_counter() - t:.1f} s)")
 
 
@@ -233,3 +236,201 @@ def test_cuda_opcheck_and_graph_capture():
     torch.cuda.synchronize()
     for name, a, b in zip(NAMES[1:], captured, eager):
         assert torch.equal(a, b), name
+
+
+# ---- the Triton twin (milenas_fast/ops/edge_reduce_triton.py) through the interpreter ----
+
+gpu_path = pytest.mark.gpu_path
+TWIN_SHAPES = [dict(K=1, N=3, C=5, H=7, W=9), dict(K=2, N=1, C=3, H=5, W=3), dict(K=5, N=3, C=1, H=3, W=5),
+               dict(K=8, N=1, C=7, H=1, W=1), dict(K=3, N=5, C=3, H=9, W=7)]
+
+
+@pytest.fixture
+def twin(monkeypatch):
+    """The twin's module with tiles of at most 16 elements: multi-program grids in both dimensions."""
+    t = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
+    monkeypatch.setattr(t, "MAX_TILE", 16)
+    return t
+
+
+def twin_fn(y, w, mean, rstd):
+    return torch.ops.milenas_fast.edge_reduce_triton(y, w, mean, rstd)
+
+
+@gpu_path
+@pytest.mark.parametrize("shape", TWIN_SHAPES, ids=lambda s: "K{K}N{N}C{C}H{H}W{W}".format(**s))
+def test_twin_fp32_matches_reference(twin, shape):
+    bp, bhw, grid, _ = twin.launch_config(shape["N"] * shape["C"], shape["H"] * shape["W"])
+    inputs, grad = make_inputs(**shape, seed=shape["K"])
+    got, want = run(twin_fn, inputs, grad), oracle(inputs, grad)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == (torch.float32 if name not in ("out", "grad_y") else inputs[0].dtype), name
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} {grid}: {m}")
+
+
+@gpu_path
+def test_twin_uses_many_programs(twin):
+    assert twin.launch_config(3 * 5, 7 * 9)[2] == (15, 4)  # one plane × 16 pixels per program
+    assert twin.launch_config(5 * 3, 1)[2] == (1, 1)  # 16 one-pixel planes in one program
+
+
+@gpu_path
+def test_twin_matches_cpp_cpu_op(twin):
+    inputs, grad = make_inputs(7, N=3, C=5, H=5, W=7, seed=11)
+    for name, a, b in zip(NAMES, run(twin_fn, inputs, grad), run(edge_reduce, inputs, grad)):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=lambda m: f"{name}: {m}")
+
+
+@gpu_path
+@pytest.mark.parametrize("mask", [[bool(i >> j & 1) for j in range(4)] for i in range(16)],
+                         ids=lambda m: "".join("1" if b else "0" for b in m))
+def test_twin_output_mask(twin, mask):
+    inputs, grad = make_inputs(3, N=3, C=3, H=5, W=3, seed=2)
+    want = oracle(inputs, grad)
+    outs = torch.ops.milenas_fast.edge_reduce_triton_backward(grad, *inputs, mask)
+    for m, o, b, name in zip(mask, outs, want[1:], NAMES[1:]):
+        if m:
+            torch.testing.assert_close(o.double(), b, atol=1e-5, rtol=1e-5, msg=lambda s: f"{name}: {s}")
+        else:
+            assert o is None, name
+
+
+@gpu_path
+@pytest.mark.parametrize("requires", [(False, True, False, False), (True, False, False, False),
+                                      (False, False, True, True), (True, True, True, False)])
+def test_twin_autograd_asks_only_for_needed_grads(twin, requires):
+    inputs, grad = make_inputs(3, N=2, C=3, H=3, W=5, seed=4)
+    want = oracle(inputs, grad)
+    got = run(twin_fn, inputs, grad, requires=requires)
+    for r, a, b, name in zip(requires, got[1:], want[1:], NAMES[1:]):
+        if r:
+            torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda s: f"{name}: {s}")
+        else:
+            assert a is None, name
+
+
+@gpu_path
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", [1, 6])
+def test_twin_low_precision_relative_rule(twin, dtype, K):
+    inputs, grad = make_inputs(K, N=3, C=3, H=7, W=5, dtype=dtype, seed=K)
+    got, want = run(twin_fn, inputs, grad), oracle(inputs, grad)
+    naive = run(naive_low_precision, inputs, grad)
+    for name, a, b, c in zip(NAMES, got, want, naive):
+        assert a.dtype == (dtype if name in ("out", "grad_y") else torch.float32), name
+        err, err_naive = (a.double() - b).abs().max().item(), (c.double() - b).abs().max().item()
+        # The interpreter truncates fp32 -> bf16 (GPUs round to nearest): one more bf16 ulp on stored values.
+        ulp = torch.finfo(dtype).eps if dtype == torch.bfloat16 and name in ("out", "grad_y") else 1e-4
+        assert err <= 2 * err_naive + ulp * b.abs().max().item(), f"{name}: {err:.3g} vs plain {err_naive:.3g}"
+
+
+@gpu_path
+def test_twin_deterministic_empty_and_bad_inputs(twin):
+    inputs, grad = make_inputs(4, N=3, C=3, H=5, W=5, seed=9)
+    for name, a, b in zip(NAMES, run(twin_fn, inputs, grad), run(twin_fn, inputs, grad)):
+        assert torch.equal(a, b), name
+    empty, egrad = make_inputs(3, N=0, H=1)
+    out, gy, gw, gm, gr = run(twin_fn, empty, egrad)
+    assert out.shape == (0, 5, 1, 1) and gy.shape == empty[0].shape
+    assert not gw.any() and not gm.any() and not gr.any()
+    y, w, mean, rstd = inputs
+    for args, match in (((y, w.double(), mean, rstd), "float32"), ((y, w[:2], mean, rstd), r"\[K=4"),
+                        ((y, w, mean[:, :2], rstd), "mean and rstd"), ((y[0], w, mean, rstd), r"\[K, N, C, H, W\]"),
+                        ((y.double(), w, mean, rstd), "bfloat16 or float16")):
+        with pytest.raises(RuntimeError, match=match):
+            twin_fn(*args)
+
+
+@gpu_path
+def test_twin_opcheck(twin):
+    """Schema, autograd registration and the fake kernels (AOT dispatch needs a GPU: the interpreter
+    cannot run under functionalization)."""
+    inputs, grad = make_inputs(3, N=2, C=3, H=3, W=5)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton.default,
+                          [t.clone().requires_grad_() for t in inputs], test_utils=utils)
+    for mask in ([True, True, True, True], [False, True, False, True], [False] * 4):
+        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default, [grad, *inputs, mask],
+                              test_utils=utils)
+
+
+@gpu_path
+def test_select_falls_back_to_twin_with_one_warning(monkeypatch):
+    from milenas_fast.ops import select
+
+    monkeypatch.setattr(er_module, "IMPL", {})
+    monkeypatch.setattr(select, "_extension_problem", lambda dt: "C++ extension has no CUDA kernels (no nvcc)")
+    with pytest.warns(RuntimeWarning, match=r"edge_reduce on cuda runs its Triton twin.*no nvcc") as rec:
+        assert select.edge_reduce_impl("cuda")[0] == "triton"
+        assert select.edge_reduce_impl("cuda")[0] == "triton"
+    assert len([w for w in rec if "Triton twin" in str(w.message)]) == 1
+    monkeypatch.setattr(select, "_triton_edge_reduce_problem", lambda: "Triton twin unavailable (no triton)")
+    monkeypatch.setattr(er_module, "IMPL", {})
+    impl, why = select.edge_reduce_impl("cuda")
+    assert impl == "" and "no nvcc" in why and "no triton" in why
+    monkeypatch.setitem(er_module.IMPL, "cpu", ("", "no kernels at all"))
+    with pytest.raises(RuntimeError, match="cannot run on cpu: no kernels at all"):
+        edge_reduce(*make_inputs(2)[0])
+
+
+# The launcher's configurations at the supernet's planes (32², 16², 8², and 4² after the last reduction).
+_SM90 = r"""
+import importlib.util, json, os, sys, time
+os.environ["TRITON_INTERPRET"] = "0"  # the interpreter's patched triton.language cannot compile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+spec = importlib.util.spec_from_file_location("_er", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+res = {}
+for case in json.loads(sys.argv[2]):
+    name, dt, consts, warps = case["kernel"], case["dtype"], case["consts"], case["warps"]
+    fn = getattr(mod, name)
+    fp32 = ("w_ptr", "mean_ptr", "rstd_ptr", "part_gy_ptr", "part_g_ptr")
+    sig = {p.name: "constexpr" if p.is_constexpr else ("*fp32" if p.name in fp32 else "*" + dt)
+           if p.name.endswith("_ptr") else "i32" for p in fn.params}
+    t = time.perf_counter()
+    try:
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps})
+        res[json.dumps(case)] = "ok" if k.asm.get("cubin") else "no cubin"
+    except Exception as e:
+        res[json.dumps(case)] = repr(e)[-2000:]
+print(json.dumps(res))
+"""
+
+
+def _sm90_cases():
+    t = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
+    cases = []
+    for hw in (1024, 256, 64, 16):
+        bp, bhw, _, warps = t.launch_config(64 * 16, hw, max_tile=1024)
+        blocks = dict(BLOCK_P=bp, BLOCK_HW=bhw)
+        dtypes = ("fp32", "bf16", "fp16") if hw == 1024 else ("bf16",)
+        for dt in dtypes:
+            cases.append(dict(kernel="edge_reduce_fwd_kernel", dtype=dt, consts=blocks, warps=warps))
+            cases.append(dict(kernel="edge_reduce_bwd_kernel", dtype=dt, consts=dict(GY=True, SUMS=True, **blocks),
+                              warps=warps))
+        if hw == 256:
+            for gy, sums in ((True, False), (False, True)):
+                cases.append(dict(kernel="edge_reduce_bwd_kernel", dtype="bf16",
+                                  consts=dict(GY=gy, SUMS=sums, **blocks), warps=warps))
+    return cases
+
+
+@gpu_path
+def test_twin_compiles_for_sm90():
+    """Every kernel lowers to sm_90 cubin at the configurations the launcher picks on a GPU."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "kernels" / "edge_reduce.py"
+    cases = _sm90_cases()
+    p = subprocess.run([sys.executable, "-c", _SM90, str(src), json.dumps(cases)], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(res) == len(cases) and {k: v for k, v in res.items() if v != "ok"} == {}

@@ -2,8 +2,10 @@
 
 out[n,c,h,w] = Σ_k w[k] · (y[k,n,c,h,w] − mean[k,c]) · rstd[k,c]
 
-`edge_reduce` runs the C++/CUDA op (differentiable in all four inputs, traceable by torch.compile);
-`edge_reduce_reference` is the plain-PyTorch twin used as the oracle and wherever the op cannot run.
+`edge_reduce` runs the C++/CUDA op (differentiable in all four inputs, traceable by torch.compile), or its
+Triton twin (edge_reduce_triton.py) where the extension has no kernels for the device — the choice is
+milenas_fast.ops.select.edge_reduce_impl's, made once per device type and cached in `IMPL`;
+`edge_reduce_reference` is the plain-PyTorch twin used as the oracle and wherever neither can run.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from . import extension
 
 _lock = threading.Lock()
 _registered = False
+IMPL: dict[str, tuple[str, str]] = {}  # device type -> ("cpp" | "triton" | "", why), filled by select
 
 
 def edge_reduce_reference(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -64,7 +67,16 @@ def register() -> None:
 
 def edge_reduce(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """The fast op. y: [K,N,C,H,W] (fp32/bf16/fp16), w: [K] fp32, mean/rstd: [K,C] fp32 -> [N,C,H,W].
-    Raises RuntimeError when the extension cannot be loaded (choose the reference explicitly instead)."""
+    Raises RuntimeError when neither the extension nor the Triton twin can run (choose the reference)."""
+    impl = IMPL.get(y.device.type)
+    if impl is None:  # first call on this device type outside a fused-path decision
+        from .select import edge_reduce_impl
+
+        impl = edge_reduce_impl(y.device.type)
+    if impl[0] == "triton":
+        return torch.ops.milenas_fast.edge_reduce_triton(y, w, mean, rstd)
+    if impl[0] != "cpp":
+        raise RuntimeError(f"milenas_fast: edge_reduce cannot run on {y.device.type}: {impl[1]}")
     if not _registered:
         register()
     return torch.ops.milenas_fast.edge_reduce(y, w, mean, rstd)

@@ -3,20 +3,24 @@
     MILENAS_FAST_IMPL = auto | fused | reference      (default auto; the search CLI's --impl overrides it)
 
 - reference: the plain-PyTorch module forwards, everywhere.
-- fused:     the Triton multi-stencil + C++/CUDA edge_reduce path. On CUDA it needs Triton and the
-             extension's CUDA kernels; on CPU it runs only when TRITON_INTERPRET=1 (the Triton interpreter,
-             how CI checks it) with the extension's CPU kernels. An explicit request that cannot be honoured
-             raises `FusedUnavailable` — never a silent fallback.
+- fused:     the Triton multi-stencil + edge_reduce path. On CUDA it needs Triton; edge_reduce runs the
+             extension's CUDA kernels, or — when the extension has none (no nvcc: torch wheels ship none) or
+             cannot load — its Triton twin, with ONE warning saying why. On CPU it runs only when
+             TRITON_INTERPRET=1 (the Triton interpreter, how CI checks it), with the extension's CPU kernels
+             (or the twin). An explicit request that cannot be honoured raises `FusedUnavailable` — never a
+             silent fallback.
 - auto:      fused for CUDA tensors when everything it needs is present, reference otherwise (CPU included:
              the interpreter is for checking, not for speed).
 
 `decide(requested, device, dtype)` returns a `Decision` (implementation + reasons) and never raises for an
-unavailable fused path; `blockers(device, dtype)` lists what stands in its way (empty = it can run).
+unavailable fused path; `blockers(device, dtype)` lists what stands in its way (empty = it can run);
+`edge_reduce_impl(device_type)` says which edge_reduce kernels the fused path uses there, and why.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +85,36 @@ def _extension_problem(device_type: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _triton_edge_reduce_problem() -> str:
+    try:
+        from milenas_fast.ops import edge_reduce_triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "no Triton twin"
+        return f"Triton twin unavailable ({type(e).__name__}: {e})"
+    return ""
+
+
+def edge_reduce_impl(device_type: str) -> tuple[str, str]:
+    """("cpp" | "triton" | "", why) for edge_reduce on `device_type` ("" = neither can run). The C++ op is
+    primary; the Triton twin stands in, with ONE warning per process, when the extension cannot serve.
+    Cached: `milenas_fast.ops.edge_reduce` reads the choice on every call."""
+    from .edge_reduce import IMPL
+
+    if device_type not in IMPL:
+        problem = _extension_problem(device_type)
+        if not problem:
+            IMPL[device_type] = ("cpp", "C++/CUDA kernels" if device_type == "cuda" else "C++ CPU kernels")
+        elif _triton_edge_reduce_problem():
+            IMPL[device_type] = ("", f"{problem}; {_triton_edge_reduce_problem()}")
+        else:
+            IMPL[device_type] = ("triton", f"Triton twin, because the {problem}")
+            hint = (" Install a CUDA toolkit (nvcc) matching torch's CUDA and run `milenas-fast info --rebuild` "
+                    "for the C++/CUDA kernels." if device_type == "cuda" else "")
+            warnings.warn(f"milenas_fast: edge_reduce on {device_type} runs its Triton twin: the {problem}.{hint}",
+                          RuntimeWarning, stacklevel=2)
+    return IMPL[device_type]
+
+
+@functools.lru_cache(maxsize=None)
 def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -109,9 +143,11 @@ def blockers(device: torch.device | str, dtype: torch.dtype | None = None) -> li
         out.append(f"dtype {dtype} (fused supports float32, bfloat16, float16)")
     if out:
         return out
-    for problem in (_triton_problem(), _extension_problem(device.type)):
-        if problem:
-            out.append(problem)
+    if _triton_problem():
+        out.append(_triton_problem())
+    impl, why = edge_reduce_impl(device.type)
+    if not impl:
+        out.append(why)
     return out
 
 
@@ -128,8 +164,8 @@ def decide(requested: str | None = None, device: torch.device | str = "cuda",
     problems = blockers(device, dtype)
     if problems:
         return Decision(req, "reference", tuple(problems))
-    where = "Triton interpreter + C++ CPU ops" if device.type == "cpu" else "Triton + C++/CUDA edge_reduce"
-    return Decision(req, "fused", (f"{where} available",))
+    where = "Triton interpreter" if device.type == "cpu" else "Triton"
+    return Decision(req, "fused", (f"{where} stencil + edge_reduce: {edge_reduce_impl(device.type)[1]}",))
 
 
 def require_fused(decision: Decision) -> None:

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from milenas_fast.data import DataError, load_dataset, split_train_val
 from milenas_fast.data.datasets import load_cifar10, make_synthetic
+from milenas_fast.data.eval_data import cutout, cutout_generator
 from milenas_fast.data.loaders import ResidentLoader, epoch_batches
 
 
@@ -52,3 +53,28 @@ def test_unknown_dataset_and_missing_cifar(tmp_path):
         load_dataset("imagenet", tmp_path)
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         load_cifar10(tmp_path, download=False)
+
+
+def cutout_reference(x, length, cy, cx):
+    """DARTS' Cutout, one image at a time: zero rows [cy − l//2, cy + l//2) × columns alike, clipped."""
+    out = x.clone()
+    half = length // 2
+    for i in range(x.shape[0]):
+        y0, y1 = max(0, int(cy[i]) - half), min(x.shape[2], int(cy[i]) + half)
+        x0, x1 = max(0, int(cx[i]) - half), min(x.shape[3], int(cx[i]) + half)
+        out[i, :, y0:y1, x0:x1] = 0
+    return out
+
+
+@pytest.mark.parametrize("length", [3, 4, 16])
+def test_cutout_matches_the_per_image_reference(length):
+    B, H, W = 37, 7, 9
+    x = torch.randn(B, 3, H, W) + 5  # no natural zeros
+    got = cutout(x, length, cutout_generator(2, 3, 4))
+    g = cutout_generator(2, 3, 4)  # the centres: B rows, then B columns, from the same generator
+    cy, cx = torch.randint(0, H, (B,), generator=g), torch.randint(0, W, (B,), generator=g)
+    assert torch.equal(got, cutout_reference(x, length, cy, cx))
+    holes = (got == 0).all(1).sum((1, 2))
+    side = 2 * (length // 2)  # DARTS' square is [c − l//2, c + l//2): even-sided
+    assert int(holes.max()) == min(side, H) * min(side, W)  # some square lies wholly inside
+    assert int(holes.min()) > 0

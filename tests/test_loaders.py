@@ -1,13 +1,17 @@
 """Loaders: exact DARTS augmentation (uniform integer offsets, flips, zero padding, torchvision values),
-identical batches across loaders for one plan, and BatchStream resume. CPU only; DALI tests run DALI's
-CPU pipeline (device_id=None) and skip when DALI is not installed (CI does not install the extra)."""
+identical batches across loaders for one plan, BatchStream resume, no per-batch host-to-device copies, and
+DALI's failure handling. CPU only; DALI tests run DALI's CPU pipeline (device_id=None) and skip when DALI is
+not installed (CI does not install the extra); the failure tests inject failures and need no DALI."""
+import warnings
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from milenas_fast.data import dali_loader
+from milenas_fast.data import DataError, dali_loader, loaders
 from milenas_fast.data.datasets import CIFAR_MEAN, CIFAR_STD, Split
-from milenas_fast.data.loaders import (PAD, BatchStream, Plan, ResidentLoader, TorchLoader, augment_batch,
-                                       normalize)
+from milenas_fast.data.loaders import (PAD, BatchStream, LoaderName, Plan, ResidentLoader, TorchLoader,
+                                       augment_batch, make_loader, normalize, resolve_loader)
 
 CPU = torch.device("cpu")
 needs_dali = pytest.mark.skipif(not dali_loader.available(), reason="NVIDIA DALI not installed (extra `dali`)")
@@ -192,3 +196,222 @@ def test_dali_absent_is_reported_cleanly(monkeypatch):
     monkeypatch.setattr(dali_loader, "available", lambda: False)
     with pytest.raises(RuntimeError, match="nvidia-dali-cuda130"):
         dali_loader.DaliLoader(random_split(4), 2, CPU)
+
+
+# --- no per-batch host-to-device copies (fact 7 of issue 8) --------------------------------------------------
+# A pageable host-to-device copy is synchronous: it waits for the whole stream, once per batch. These tests run
+# the loaders' per-batch code on the `meta` device (a non-CPU device available everywhere) and record every
+# host-to-device copy; `pin_memory` is stubbed (it needs a CUDA driver) and recorded instead.
+
+class HostToDevice(TorchDispatchMode):
+    """Records host → device copies as (op, non_blocking)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and out.device.type != "cpu":
+            self.copies.append(("to", bool(kwargs.get("non_blocking", False))))
+        if func is torch.ops.aten.copy_.default and args[1].device.type == "cpu" and args[0].device.type != "cpu":
+            self.copies.append(("copy_", bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False))))
+        return out
+
+
+META = torch.device("meta")
+
+
+@pytest.fixture
+def host_copies(monkeypatch):
+    """Stubs pin_memory and counts torch.tensor calls (whose internal copy a dispatch mode cannot see)."""
+    counts = {"pin_memory": 0, "torch.tensor": 0}
+
+    def pin(self, *a, **k):
+        counts["pin_memory"] += 1
+        return self
+
+    real_tensor = torch.tensor
+
+    def tensor(*a, **k):
+        counts["torch.tensor"] += 1
+        return real_tensor(*a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch, "tensor", tensor)
+    return counts
+
+
+@pytest.mark.gpu_path
+def test_normalize_builds_its_constants_once_per_device(host_copies):
+    a, b = loaders._mean_std(META), loaders._mean_std(META)
+    assert a[0] is b[0] and a[1] is b[1] and a[0].device == META
+    x = torch.randint(0, 256, (3, 3, 5, 7), dtype=torch.uint8)
+    normalize(x)  # the CPU constants may be built here, once
+    before = host_copies["torch.tensor"]
+    for _ in range(3):
+        y = normalize(x)
+    assert host_copies["torch.tensor"] == before
+    mean, std = torch.as_tensor(CIFAR_MEAN).view(3, 1, 1), torch.as_tensor(CIFAR_STD).view(3, 1, 1)
+    assert torch.equal(y, x.float().div(255).sub(mean).div(std))  # the same op sequence as before the cache
+
+
+@pytest.mark.gpu_path
+def test_to_device_pins_and_copies_without_blocking(host_copies):
+    t = torch.arange(5)
+    assert loaders.to_device(t, CPU) is t
+    with HostToDevice() as rec:
+        out = loaders.to_device(t, META)
+    assert out.device == META and rec.copies == [("to", True)] and host_copies["pin_memory"] == 1
+
+
+@pytest.mark.gpu_path
+def test_resident_loader_copies_the_plan_once_per_pass_and_nothing_per_batch(host_copies):
+    split = random_split(21, seed=12, size=9)
+    loader = ResidentLoader(split, 8, META)
+    loader.batches(Plan.draw(21, 0, "train", 0))  # a generator: nothing runs yet
+    normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=META))  # constants for META exist
+    tensors = host_copies["torch.tensor"]
+    it = loader.batches(Plan.draw(21, 0, "train", 1))
+    per_batch = []
+    for _ in range(len(loader)):
+        with HostToDevice() as rec:
+            x, y = next(it)
+        per_batch.append(rec.copies)
+        assert x.device == META and x.shape[1:] == (3, 9, 9) and y.device == META
+    # the plan's order, offsets and flips: pinned, non-blocking, at the start of the pass; then nothing
+    assert per_batch == [[("to", True)] * 3, [], []], per_batch
+    assert host_copies["pin_memory"] == 3 and host_copies["torch.tensor"] == tensors
+
+
+@pytest.mark.gpu_path
+def test_dali_loader_gathers_labels_on_the_device(host_copies):
+    """DaliLoader.batches without DALI: the pipeline run is stubbed; the labels path is the real one."""
+    split = random_split(20, seed=13, size=4)
+    loader = dali_loader.DaliLoader.__new__(dali_loader.DaliLoader)
+    loaders._Loader.__init__(loader, split, 8, META)
+    loader.labels = split.labels.to(META)
+    loader._run = lambda idx, offsets, flips: torch.empty(len(idx), 3, 4, 4, device=META)
+    it = loader.batches(Plan.draw(20, 0, "valid", 0))
+    per_batch = []
+    for _ in range(3):
+        with HostToDevice() as rec:
+            _, y = next(it)
+        per_batch.append(rec.copies)
+        assert y.device == META
+    assert per_batch == [[("to", True)], [], []], per_batch
+
+
+# --- DALI failures: auto falls back with one warning, an explicit request stops with one line --------------
+
+class FlakyDali(ResidentLoader):
+    """Stands in for DaliLoader: right batches until batch `fail_at` of a pass, then a CUDA-style error."""
+    name, fail_at = "dali", 1
+
+    def batches(self, plan, start=0):
+        for i, batch in enumerate(super().batches(plan, start), start):
+            if i == self.fail_at:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered\n(second line)")
+            yield batch
+
+
+class BrokenDali:
+    def __init__(self, *a, **k):
+        raise RuntimeError("nvml: driver/library version mismatch\n(second line)")
+
+
+@pytest.fixture
+def fresh_dali(monkeypatch):
+    monkeypatch.setattr(dali_loader, "_failure", None)  # no failure seen yet in this process
+
+
+def dali_warnings(record):
+    return [w for w in record if issubclass(w.category, RuntimeWarning) and "DALI" in str(w.message)]
+
+
+@pytest.mark.gpu_path
+def test_auto_picks_dali_non_strict_and_explicit_is_strict(monkeypatch):
+    monkeypatch.setattr(dali_loader, "available", lambda: True)
+    name, why = resolve_loader("auto", torch.device("cuda"))  # a device descriptor: no GPU needed
+    assert name == "dali" and name.strict is False and "falls back" not in why and "if DALI fails" in why
+    name, _ = resolve_loader("dali", CPU)
+    assert name == "dali" and name.strict is True
+    monkeypatch.setattr(dali_loader, "available", lambda: False)
+    assert resolve_loader("auto", torch.device("cuda"))[0] == "gpu"
+
+
+@pytest.mark.gpu_path
+def test_auto_dali_failing_to_build_falls_back_with_one_warning(monkeypatch, fresh_dali):
+    monkeypatch.setattr(dali_loader, "DaliLoader", BrokenDali)
+    split = random_split(20, seed=14)
+    name = LoaderName("dali", strict=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train = make_loader(name, split, 8, CPU, drop_last=True)
+        valid = make_loader(name, split, 8, CPU)  # the search builds two: still one warning
+    (w,) = dali_warnings(record)
+    msg = str(w.message)
+    assert "building its pipeline" in msg and "driver/library version mismatch" in msg and "\n" not in msg
+    assert train.name == valid.name == "gpu" and len(train) == 2 and len(valid) == 3
+    plan = Plan.draw(20, 3, "train", 0)
+    for (xa, ya), (xb, yb) in zip(train.batches(plan), ResidentLoader(split, 8, CPU, drop_last=True).batches(plan)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.gpu_path
+def test_auto_dali_failing_at_a_batch_continues_there_on_the_resident_loader(monkeypatch, fresh_dali):
+    monkeypatch.setattr(dali_loader, "DaliLoader", FlakyDali)
+    split = random_split(30, seed=15)
+    loader = make_loader(LoaderName("dali", strict=False), split, 8, CPU)
+    assert loader.name == "dali"
+    plan = Plan.draw(30, 1, "valid", 2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = list(loader.batches(plan))
+    (w,) = dali_warnings(record)
+    assert "at batch 1" in str(w.message) and "illegal memory access" in str(w.message)
+    want = list(ResidentLoader(split, 8, CPU).batches(plan))
+    assert len(got) == len(want) == 4 and loader.name == "gpu"
+    for (xa, ya), (xb, yb) in zip(got, want):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("broken", [BrokenDali, FlakyDali])
+def test_explicit_dali_failure_is_a_one_line_data_error(monkeypatch, fresh_dali, broken):
+    monkeypatch.setattr(dali_loader, "DaliLoader", broken)
+    split = random_split(20, seed=16)
+    with pytest.raises(DataError) as e:
+        loader = make_loader(LoaderName("dali"), split, 8, CPU)
+        list(loader.batches(Plan.draw(20, 0, "train", 0)))
+    assert str(e.value).startswith("--loader dali failed") and "\n" not in str(e.value)
+    assert "--loader gpu, torch or auto" in str(e.value)
+
+
+def test_explicit_dali_that_cannot_run_exits_2_with_one_line(monkeypatch, fresh_dali, capsys, tmp_path):
+    from milenas_fast.cli import main
+
+    monkeypatch.setattr(dali_loader, "DaliLoader", BrokenDali)
+    rc = main(["search", "--loader", "dali", "--device", "cpu", "--dataset", "synthetic", "--synthetic_images",
+               "40", "--batch_size", "8", "--init_channels", "4", "--layers", "2", "--epochs", "1",
+               "--save_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "--loader dali failed" in err
+
+
+@pytest.mark.gpu_path
+def test_cutout_and_test_batches_make_no_blocking_copy(host_copies):
+    from milenas_fast.data.eval_data import TestBatches, cutout, cutout_generator
+
+    x = torch.empty(6, 3, 8, 8, device=META)
+    with HostToDevice() as rec:
+        out = cutout(x, 4, cutout_generator(0, 0, 0))
+    assert out.device == META and rec.copies == [("to", True)]  # both centre draws in one pinned copy
+    batches = TestBatches(random_split(10, seed=17, size=8), 4, META)
+    normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=META))
+    tensors = host_copies["torch.tensor"]
+    with HostToDevice() as rec:
+        assert [y.shape[0] for _, y in batches] == [4, 4, 2]
+    assert rec.copies == [] and host_copies["torch.tensor"] == tensors

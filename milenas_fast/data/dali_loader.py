@@ -17,20 +17,30 @@ With a CUDA device the slice/flip/normalise run on the GPU (`device_id` = the to
 `device_id=None` (a CPU device) the same pipeline runs on the CPU, which is how CI tests it.
 GPU path: written against DALI 2.4's documented API but NOT run yet (no GPU with DALI in this project's
 test machines); the CPU pipeline is tested.
+
+`GuardedDali` is what `make_loader("dali")` returns: any DALI failure (building the pipeline, or any batch)
+becomes a one-line DataError for an explicit `--loader dali`, and for `--loader auto` one warning and the
+GPU-resident loader from the same batch on (every loader gives the same batches for a plan, so the
+switch changes nothing the run computes).
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
 
-from .datasets import CIFAR_MEAN, CIFAR_STD, Split
-from .loaders import PAD, Plan, _Loader
+from .datasets import CIFAR_MEAN, CIFAR_STD, DataError, Split
+from .loaders import PAD, Plan, ResidentLoader, _Loader, to_device
+
+# Why DALI failed in this process, once it has: later `auto` loaders skip it without a second warning.
+_failure: str | None = None
 
 
 def available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError:
+    except Exception:  # noqa: BLE001 - a broken install (missing CUDA libraries) raises more than ImportError
         return False
     return True
 
@@ -101,7 +111,62 @@ class DaliLoader(_Loader):
         order = plan.order.numpy()
         offsets = plan.offsets.numpy()
         flips = plan.flips.numpy()
+        order_dev = to_device(plan.order, self.device)  # once per pass: labels are gathered on the device
         for i in range(start, len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            idx = order[sl]
-            yield self._run(idx, offsets[sl], flips[sl]), self.labels[torch.from_numpy(idx).to(self.device)]
+            yield self._run(order[sl], offsets[sl], flips[sl]), self.labels[order_dev[sl]]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+class GuardedDali(_Loader):
+    """DALI with its failures handled: strict (explicit `--loader dali`) → DataError; otherwise one warning
+    and the GPU-resident loader, which continues at the batch DALI failed on."""
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, drop_last: bool = False,
+                 strict: bool = True):
+        super().__init__(split, batch_size, device, drop_last)
+        self.strict, self.inner = strict, None
+        if _failure is not None and not strict:
+            self._fall_back()
+            return
+        try:
+            self.inner = DaliLoader(split, batch_size, device, drop_last)
+        except Exception as e:  # noqa: BLE001 - DALI raises many types; all mean "DALI cannot run here"
+            self._failed(f"building its pipeline ({_first_line(e)})")
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def _failed(self, what: str) -> None:
+        global _failure
+        if self.strict:
+            raise DataError(f"--loader dali failed {what}; use --loader gpu, torch or auto") from None
+        if _failure is None:
+            warnings.warn(f"milenas_fast: the DALI loader failed {what}; using the GPU-resident loader instead "
+                          "(same batches)", RuntimeWarning, stacklevel=3)
+        _failure = what
+        self._fall_back()
+
+    def _fall_back(self) -> None:
+        self.inner = ResidentLoader(self.split, self.batch_size, self.device, self.drop_last)
+
+    def batches(self, plan: Plan, start: int = 0):
+        i, it = start, self.inner.batches(plan, start)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001
+                if not isinstance(self.inner, DaliLoader):
+                    raise
+                self._failed(f"at batch {i} of a pass ({_first_line(e)})")
+                it = self.inner.batches(plan, i)
+                continue
+            i += 1
+            yield batch

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .datasets import DataError, Split, load_cifar10, make_synthetic
-from .loaders import normalize
+from .loaders import normalize, to_device
 
 SYNTHETIC_TEST_SEED = 1  # the training set uses seed 0: a different draw of the same classes
 
@@ -50,8 +50,10 @@ def cutout(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Te
     """DARTS cutout on a normalised batch [B, C, H, W]: per image, zero a length×length square centred at a
     uniform pixel and clipped at the borders."""
     B, _, H, W = x.shape
-    cy = torch.randint(0, H, (B, 1), generator=generator).to(x.device)
-    cx = torch.randint(0, W, (B, 1), generator=generator).to(x.device)
+    # drawn on the host (resumable generator), moved in one non-blocking copy
+    centres = to_device(torch.cat([torch.randint(0, H, (B, 1), generator=generator),
+                                   torch.randint(0, W, (B, 1), generator=generator)], 1), x.device)
+    cy, cx = centres[:, 0:1], centres[:, 1:2]
     half = length // 2
     rows = torch.arange(H, device=x.device)[None, :]
     cols = torch.arange(W, device=x.device)[None, :]

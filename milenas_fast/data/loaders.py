@@ -8,6 +8,7 @@ gives the same batches from any loader, and resuming needs only (pass, position)
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,15 +35,30 @@ class Plan:
         return Plan(order, offsets, flips)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without stalling the host: through pinned memory, non_blocking (a
+    pageable copy is synchronous and waits for the whole stream). On the CPU: the tensor itself."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants, copied to each device once per process (not once per batch)."""
+    return (torch.tensor(CIFAR_MEAN, device=device).view(-1, 1, 1),
+            torch.tensor(CIFAR_STD, device=device).view(-1, 1, 1))
+
+
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 → float32, then (x/255 − mean)/std, op for op as torchvision's to_tensor + normalize."""
-    mean = torch.tensor(CIFAR_MEAN, device=x_uint8.device).view(-1, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=x_uint8.device).view(-1, 1, 1)
+    mean, std = _mean_std(x_uint8.device)
     return x_uint8.float().div(255).sub(mean).div(std)
 
 
 def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Batched DARTS augmentation of uint8 [B, 3, H, W]: zero-pad 4, crop H×W at `offsets`, flip, normalise."""
+    """Batched DARTS augmentation of uint8 [B, 3, H, W]: zero-pad 4, crop H×W at `offsets`, flip, normalise.
+    All index tensors are made on the device (arange), so a batch needs no host-to-device copy."""
     B, C, H, W = images.shape
     padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
     ar_h = torch.arange(H, device=images.device)
@@ -75,7 +91,8 @@ class ResidentLoader(_Loader):
         self.labels = split.labels.to(device)
 
     def batches(self, plan: Plan, start: int = 0):
-        order, offsets, flips = (t.to(self.device) for t in (plan.order, plan.offsets, plan.flips))
+        # the plan goes to the device once per pass; each batch then only slices device tensors
+        order, offsets, flips = (to_device(t, self.device) for t in (plan.order, plan.offsets, plan.flips))
         for i in range(start, len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[sl]
@@ -122,29 +139,42 @@ class TorchLoader(_Loader):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+class LoaderName(str):
+    """A loader name as `resolve_loader` gives it: compares and prints as the name, and carries whether a
+    failure of that loader may fall back (`auto`) or must stop the run (an explicit `--loader`)."""
+
+    def __new__(cls, name: str, strict: bool = True):
+        self = super().__new__(cls, name)
+        self.strict = strict
+        return self
+
+
 def resolve_loader(requested: str, device: torch.device) -> tuple[str, str]:
     """(loader name, why) for `--loader`."""
     if requested != "auto":
-        return requested, "requested"
+        return LoaderName(requested), "requested"
     if device.type == "cuda":
         from . import dali_loader
 
         if dali_loader.available():
-            return "dali", "auto: DALI is installed and the device is CUDA"
-        return "gpu", "auto: CUDA device, DALI not installed → dataset resident on the GPU"
-    return "torch", "auto: CPU device → torch DataLoader"
+            return (LoaderName("dali", strict=False),
+                    "auto: DALI is installed and the device is CUDA (the GPU-resident loader if DALI fails)")
+        return LoaderName("gpu"), "auto: CUDA device, DALI not installed → dataset resident on the GPU"
+    return LoaderName("torch"), "auto: CPU device → torch DataLoader"
 
 
 def make_loader(name: str, split: Split, batch_size: int, device: torch.device, workers: int = 0,
                 drop_last: bool = False) -> _Loader:
+    """The loader `name` (from `resolve_loader`). DALI is guarded: an explicit `dali` that fails stops the
+    run with a DataError; an `auto` one falls back to the GPU-resident loader with one warning."""
     if name == "gpu":
         return ResidentLoader(split, batch_size, device, drop_last)
     if name == "torch":
         return TorchLoader(split, batch_size, device, drop_last, workers)
     if name == "dali":
-        from .dali_loader import DaliLoader
+        from .dali_loader import GuardedDali
 
-        return DaliLoader(split, batch_size, device, drop_last)
+        return GuardedDali(split, batch_size, device, drop_last, strict=getattr(name, "strict", True))
     raise ValueError(f"unknown loader {name!r}")
 
 

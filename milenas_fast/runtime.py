@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -25,14 +26,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+CUDA_DETERMINISM = (
+    "--deterministic on CUDA: deterministic cuDNN algorithms (no autotuning), a fixed cuBLAS workspace, and "
+    "torch's deterministic mode in warn-only form (an op without a deterministic CUDA kernel warns instead of "
+    "stopping the run; the search and train steps use none: the global pool is a mean, the loss a 2-D "
+    "nll_loss, the Triton and C++ kernels use no atomics). Not guaranteed: identical results on another GPU "
+    "model, driver, or torch/cuDNN version; and cuBLAS if CUDA was initialised before CUBLAS_WORKSPACE_CONFIG "
+    "was set")
+
+
 def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """--deterministic: bit-exact reruns and resume on CPU (strict: a nondeterministic op is an error). On
+    CUDA the same settings, but warn-only, and one warning says what is and is not guaranteed."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+        if device.type == "cuda":
+            warnings.warn(f"milenas_fast: {CUDA_DETERMINISM}", RuntimeWarning, stacklevel=2)
     else:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = device.type == "cuda"
 
 

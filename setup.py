@@ -3,9 +3,11 @@
 The extension is skipped when MILENAS_FAST_BUILD_EXT=0 or when torch is not importable at build time
 (pip's isolated build: a plain `pip install -e .`); it is then compiled just in time on first use
 (milenas_fast/ops/extension.py). Use `pip install -e . --no-build-isolation` to build it here. A failed
-extension build never fails the install.
+extension build never fails the install. A built `_C` gets a record of the csrc/ sources it was built from
+(extension.BUILD_RECORD beside it), so that a later edit of csrc/ is JIT-built instead of silently shadowed.
 """
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -41,6 +43,14 @@ def extension_plan(env=None):
     return "cpu", f"{why}: CPU-only extension"
 
 
+def write_build_record(ext_path, kind):
+    """Record beside the built extension the hash of the csrc/ it was built from (checked at load)."""
+    helpers = _toolkit_helpers()
+    record = Path(ext_path).with_name(helpers.BUILD_RECORD)
+    record.write_text(json.dumps({"source_hash": helpers.source_hash(ROOT / "csrc"), "kind": kind}))
+    return record
+
+
 def extension_setup_kwargs(kind):
     """ext_modules/cmdclass for setup(); build failures become warnings."""
     from torch.utils import cpp_extension
@@ -60,6 +70,8 @@ def extension_setup_kwargs(kind):
         def run(self):
             try:
                 super().run()
+                for e in self.extensions:
+                    write_build_record(self.get_ext_fullpath(e.name), kind)
             except Exception as e:  # noqa: BLE001 - compiler failures come in many types
                 print(f"milenas_fast: WARNING: extension build failed ({e}); it will be built just in time "
                       "on first use", file=sys.stderr)

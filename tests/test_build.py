@@ -1,9 +1,13 @@
 """Build checks: every .cu file compiles for Hopper with nvcc (no GPU needed), and setup.py's
-extension decision honours MILENAS_FAST_BUILD_EXT and an absent torch."""
+extension decision honours MILENAS_FAST_BUILD_EXT and an absent torch; the build guards (failure record,
+stale lock, prebuilt _C vs csrc/) with injected conditions and no compiler runs."""
+import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +74,147 @@ def test_cu_compiles_for_sm90(cu, tmp_path):
 
 def test_there_is_cuda_code():
     assert CU_FILES, "csrc/ has no .cu files"
+
+
+# ---- guards around the extension build: failure record, stale lock, prebuilt _C vs csrc/ ----
+
+
+@pytest.fixture
+def fake_build(tmp_path, monkeypatch):
+    """_jit_build in a scratch TORCH_EXTENSIONS_DIR with cpp_extension.load replaced (no compiler runs)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv(extension.REBUILD_ENV, raising=False)
+    calls = []
+
+    def load(**kw):
+        calls.append(kw["name"])
+        if fake_build.error:
+            raise RuntimeError(fake_build.error)
+
+    fake_build.error, fake_build.calls = "ninja: build stopped: subcommand failed", calls
+    monkeypatch.setattr(cpp_extension, "load", load)
+    return fake_build
+
+
+def _failure_records(root: Path):
+    return list(root.rglob(extension.FAILED_RECORD))
+
+
+def test_failed_jit_build_is_not_retried(fake_build, tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match="subcommand failed"):
+        extension._jit_build()
+    (record,) = _failure_records(tmp_path)
+    assert "subcommand failed" in record.read_text()
+    with pytest.raises(RuntimeError, match=r"failed before .*not retried.*subcommand failed.*info --rebuild"):
+        extension._jit_build()
+    assert len(fake_build.calls) == 1  # the compiler was not run again
+    monkeypatch.setattr(extension, "source_hash", lambda *a: "edited csrc")  # a new key: retried
+    fake_build.error = ""
+    assert extension._jit_build().startswith("JIT-built")
+    assert len(fake_build.calls) == 2 and not _failure_records(tmp_path)  # success clears the record
+
+
+def test_injected_failure_record_and_forced_retry(fake_build, tmp_path, monkeypatch):
+    import json
+
+    with pytest.raises(RuntimeError):
+        extension._jit_build()
+    (record,) = _failure_records(tmp_path)
+    rec = json.loads(record.read_text())
+    record.write_text(json.dumps({**rec, "error": "injected: cc1plus killed"}))
+    with pytest.raises(RuntimeError, match="injected: cc1plus killed"):
+        extension._jit_build()
+    record.write_text(json.dumps({**rec, "key": "another torch"}))  # a record for other conditions: ignored
+    with pytest.raises(RuntimeError, match="subcommand failed"):
+        extension._jit_build()
+    assert len(fake_build.calls) == 2
+    monkeypatch.setenv(extension.REBUILD_ENV, "1")
+    fake_build.error = ""
+    extension._jit_build()
+    assert len(fake_build.calls) == 3 and not _failure_records(tmp_path)
+
+
+def test_stale_baton_lock_is_removed_with_one_warning(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()  # a FileBaton left by a killed build: nobody holds it
+    with pytest.warns(RuntimeWarning, match="stale C\\+\\+ extension build lock") as rec:
+        extension.clear_stale_lock(lock, timeout_s=60, baton=True)
+    assert not lock.exists() and len(rec) == 1
+
+
+def test_unheld_os_lock_file_is_left_alone(tmp_path, recwarn):
+    lock = tmp_path / "lock"
+    lock.touch()  # newer torch: an OS lock on the file, released by the kernel; the file may stay
+    extension.clear_stale_lock(lock, timeout_s=60, baton=False)
+    assert lock.exists() and not [w for w in recwarn if "lock" in str(w.message)]
+
+
+@pytest.mark.parametrize("baton", [True, False])
+def test_held_lock_times_out_instead_of_hanging(tmp_path, baton):
+    lock = tmp_path / "lock"
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # a live holder: this process
+    try:
+        if extension._lock_holders(lock) is None:
+            pytest.skip("/proc cannot show open files here")
+        t = time.monotonic()
+        with pytest.raises(RuntimeError, match=rf"held by pid {os.getpid()}.*giving up"):
+            extension.clear_stale_lock(lock, timeout_s=0.3, baton=baton, poll_s=0.05)
+        assert time.monotonic() - t < 5 and lock.exists()
+    finally:
+        os.close(fd)
+    extension.clear_stale_lock(lock, timeout_s=0.3, baton=False)  # released: returns at once
+
+
+def test_old_lock_is_stale_when_holders_cannot_be_seen(tmp_path, monkeypatch):
+    monkeypatch.setattr(extension, "_lock_holders", lambda path: None)  # no /proc
+    lock = tmp_path / "lock"
+    lock.touch()
+    t = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="min old"):  # young: waited for until it is `timeout_s` old
+        extension.clear_stale_lock(lock, timeout_s=0.3, baton=True, poll_s=0.05)
+    assert 0.25 < time.monotonic() - t < 5 and not lock.exists()
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    t = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="min old"):  # an hour old: removed at once
+        extension.clear_stale_lock(lock, timeout_s=600, baton=True)
+    assert time.monotonic() - t < 1 and not lock.exists()
+
+
+def test_setup_records_sources_and_loader_compares(setup_module_, tmp_path):
+    so = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    assert extension.prebuilt_problem(None) is None
+    assert "no readable" in extension.prebuilt_problem(str(so))
+    record = setup_module_.write_build_record(so, "cpu")
+    assert record.name == extension.BUILD_RECORD
+    assert extension.prebuilt_problem(str(so)) == ""
+    record.write_text(record.read_text().replace(extension.source_hash()[:16], "0" * 16))
+    assert "built from other csrc/ sources" in extension.prebuilt_problem(str(so))
+
+
+def test_stale_prebuilt_is_not_imported(tmp_path, monkeypatch):
+    """A prebuilt _C with a mismatched source hash: one warning, then the JIT build (never the import)."""
+    import importlib.machinery
+    import importlib.util as iu
+    import json
+
+    so = tmp_path / "_C.so"
+    (tmp_path / extension.BUILD_RECORD).write_text(json.dumps({"source_hash": "an older csrc/"}))
+    real_find, real_import = iu.find_spec, importlib.import_module
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None, origin=str(so))
+                        if name == "milenas_fast._C" else real_find(name, *a))
+
+    def guarded_import(name, *a):
+        assert name != "milenas_fast._C", "a stale prebuilt _C was imported"
+        return real_import(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", guarded_import)
+    monkeypatch.setattr(extension, "_jit_build", lambda: "JIT-built (fake)")
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
+    monkeypatch.setattr(extension, "_state", {"tried": False, "ops": None, "how": "", "why": ""})
+    with pytest.warns(RuntimeWarning, match="built from other csrc/ sources.*JIT-building") as rec:
+        assert extension.load() is not None
+    assert len([w for w in rec if "csrc" in str(w.message)]) == 1
+    assert extension.describe().startswith("JIT-built (fake)")

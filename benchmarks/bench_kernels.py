@@ -12,8 +12,10 @@ after warm-up, L2 flushed (a 256 MiB write) before every timed call so no call r
 median with p20/p80. GB/s = bytes the op must move (inputs read + outputs written once) / median time.
 Peak memory = max allocated during one fwd+bwd above what was allocated before it.
 The baselines are the library's own reference twins (the same ones the tests compare against).
-Rows are appended to the CSV with the GPU name and torch/Triton/CUDA versions. No GPU: says so, exits 0.
-`--cpu-smoke` runs every code path at toy sizes through the Triton interpreter (development check only;
+Every row is printed and appended to the CSV (with the GPU name and torch/Triton/CUDA versions) as soon as
+its op and shape are measured; an op that fails is recorded as an error row and the others go on. `--quick`
+(stride 1 only, shorter timing) is what gpu_check.sh runs. No GPU: says so, exits 0.
+`--cpu-smoke` runs every code path once at toy sizes through the Triton interpreter (development check only;
 its timings mean nothing and nothing is written unless --csv is given).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import datetime as dt
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -75,18 +78,15 @@ class CudaTimer:
 
 
 class CpuTimer:
+    """--cpu-smoke: each path runs once (through the Triton interpreter); the time means nothing."""
+
     def __call__(self, fn):
+        t = time.perf_counter()
         fn()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return quantiles(times)
+        return quantiles([(time.perf_counter() - t) * 1e3])
 
     @staticmethod
     def peak_mib(fn) -> float:
-        fn()
         return float("nan")
 
 
@@ -173,6 +173,8 @@ def mixed_op_cases(N, C, H, s, dtype, dev, alpha_only=False):
     return cases, {}
 
 
+# The benchmark table: one entry per op, name → case builder (N, C, H, stride, dtype, device) → (cases, bytes).
+# Each (op, shape, stride) runs on its own: a failure is recorded as an error row and the others go on.
 OPS = {"stencil": stencil_cases, "edge_reduce": edge_reduce_cases, "mixed_op": mixed_op_cases,
        "mixed_op(α-only bwd)": lambda *a: mixed_op_cases(*a, alpha_only=True)}
 
@@ -207,7 +209,49 @@ def environment(dev):
 
 
 FIELDS = ["date", "gpu", "torch", "triton", "cuda", "op", "N", "C", "H", "stride", "dtype", "phase", "config",
-          "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mib", "speedup_vs_best_eager"]
+          "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mib", "speedup_vs_best_eager", "error"]
+
+
+def bench_case(op, N, C, H, s, dtype, dev, timer) -> list[dict]:
+    """All phases × configurations of one op at one shape: rows without the common columns."""
+    cases, nbytes = OPS[op](N, C, H, s, dtype, dev)
+    results = {name: measure(timer, *case) for name, case in cases.items()}
+    rows = []
+    for phase in ("fwd", "bwd", "fwd+bwd"):
+        eager = {k: v for k, v in results.items() if k != "fused"}
+        best = min(eager, key=lambda k: eager[k][0][phase][0])
+        for name, (times, peak) in results.items():
+            med, p20, p80 = times[phase]
+            b = sum(nbytes.values()) if phase == "fwd+bwd" else nbytes.get(phase)
+            gbps = b / (med * 1e-3) / 1e9 if b else None
+            speedup = results[best][0][phase][0] / med if name == "fused" else None
+            rows.append(dict(phase=phase, config=name, best=name == best, median_ms=f"{med:.5f}",
+                             p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}", gbps=f"{gbps:.1f}" if gbps else "",
+                             peak_mib=f"{peak:.1f}", speedup_vs_best_eager=f"{speedup:.3f}" if speedup else ""))
+    return rows
+
+
+def print_row(r: dict) -> None:
+    if r.get("error"):
+        print(f"{r['op']:<21}{r['C']:>4}{r['H']:>4}{r['stride']:>3} ERROR {r['error']}", flush=True)
+        return
+    sp = f"{float(r['speedup_vs_best_eager']):.2f}x" if r["speedup_vs_best_eager"] else ""
+    label = r["config"] + (" *" if r["best"] else "")
+    print(f"{r['op']:<21}{r['C']:>4}{r['H']:>4}{r['stride']:>3} {r['phase']:<8}{label:<21}"
+          f"{float(r['median_ms']):>10.4f}{r['p20_ms'][:8] + '-' + r['p80_ms'][:8]:>22}{r['gbps'] or '-':>8}"
+          f"{r['peak_mib']:>10}{sp:>9}", flush=True)
+
+
+def append_csv(path: Path | None, rows: list[dict]) -> None:
+    if path is None:
+        return
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 def main(argv=None) -> int:
@@ -231,7 +275,6 @@ def main(argv=None) -> int:
         timer = CudaTimer(*((5, 20) if args.quick else (25, 200)))
         torch.backends.cudnn.benchmark = True  # the eager baseline at its best
     csv_path = Path(args.csv) if args.csv else (None if args.cpu_smoke else ROOT / "benchmarks" / "kernels.csv")
-    dtype = DTYPES[args.dtype]
     strides = (1,) if args.quick else (1, 2)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in OPS]
@@ -240,43 +283,31 @@ def main(argv=None) -> int:
     env = environment(dev)
     print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
           f"dtype {args.dtype} | N={N}")
-    date = dt.datetime.now().isoformat(timespec="seconds")
-    rows = []
+    common = dict(date=dt.datetime.now().isoformat(timespec="seconds"), **env, N=N, dtype=args.dtype)
     hdr = f"{'op':<21}{'C':>4}{'H':>4}{'s':>3} {'phase':<8}{'config':<21}{'median ms':>10}{'p20-p80 ms':>22}" \
           f"{'GB/s':>8}{'peak MiB':>10}{'vs eager':>9}"
     print(hdr)
-    print("-" * len(hdr))
+    print("-" * len(hdr), flush=True)
+    n_rows = n_errors = 0
     for op in ops:
         for C, H in shapes:
             for s in strides:
-                cases, nbytes = OPS[op](N, C, H, s, dtype, dev)
-                results = {name: measure(timer, *case) for name, case in cases.items()}
-                for phase in ("fwd", "bwd", "fwd+bwd"):
-                    eager = {k: v for k, v in results.items() if k != "fused"}
-                    best = min(eager, key=lambda k: eager[k][0][phase][0])
-                    for name, (times, peak) in results.items():
-                        med, p20, p80 = times[phase]
-                        b = sum(nbytes.values()) if phase == "fwd+bwd" else nbytes.get(phase)
-                        gbps = b / (med * 1e-3) / 1e9 if b else None
-                        speedup = results[best][0][phase][0] / med if name == "fused" else None
-                        label = name + (" *" if name == best else "")
-                        print(f"{op:<21}{C:>4}{H:>4}{s:>3} {phase:<8}{label:<21}{med:>10.4f}"
-                              f"{f'{p20:.4f}-{p80:.4f}':>22}{(f'{gbps:.0f}' if gbps else '-'):>8}"
-                              f"{peak:>10.1f}{(f'{speedup:.2f}x' if speedup else ''):>9}")
-                        rows.append(dict(date=date, **env, op=op, N=N, C=C, H=H, stride=s, dtype=args.dtype,
-                                         phase=phase, config=name, median_ms=f"{med:.5f}", p20_ms=f"{p20:.5f}",
-                                         p80_ms=f"{p80:.5f}", gbps=f"{gbps:.1f}" if gbps else "",
-                                         peak_mib=f"{peak:.1f}", speedup_vs_best_eager=f"{speedup:.3f}" if speedup else ""))
-                del cases, results
+                where = dict(common, op=op, C=C, H=H, stride=s)
+                try:
+                    rows = [dict(where, **r) for r in bench_case(op, N, C, H, s, DTYPES[args.dtype], dev, timer)]
+                except Exception as e:  # one failing op must not hide the others
+                    traceback.print_exc()
+                    n_errors += 1
+                    rows = [dict(where, error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")]
+                for r in rows:
+                    print_row(r)
+                append_csv(csv_path, rows)
+                n_rows += len(rows)
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
     print("(* = best eager configuration, the baseline of 'vs eager'; peak MiB is per fwd+bwd)")
     if csv_path:
-        new = not csv_path.exists()
-        with csv_path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-        print(f"appended {len(rows)} rows to {csv_path}")
+        print(f"appended {n_rows} rows to {csv_path}" + (f" ({n_errors} errors)" if n_errors else ""))
     return 0
 
 

@@ -6,33 +6,36 @@
   fast              fused MixedOp + AMP + CUDA graph + GPU-resident data (augmentation timed in)
   fast-fusedstep    the same with --fused_train_step (2 passes instead of 3)
 
-Reports the median ms/iteration with p20/p80 (CUDA events, after warm-up, batches rotated), peak memory,
-and the projected 50-epoch search time (391 iterations + one validation pass per epoch). Prints a table and
-appends CSV rows (benchmarks/search.csv by default) with GPU name and versions. The fused MixedOp comes
-from milenas_fast.runtime.resolve_impl("fused", device); rows needing it say n/a when it cannot run.
-On a CPU-only machine only the reference runs, on a tiny configuration, and the script says so (exit 0).
+Each mode is a real `Search` (the search loop's own object, built from a SearchConfig on the synthetic set
+with the GPU-resident loader) and each timed iteration is `Search.iteration`, exactly what the loop runs.
+Modes without "GPU-resident data" rotate pre-built batches, so only the iteration is timed.
+
+Reports the median ms/iteration with p20/p80 (CUDA events, after warm-up), peak memory, and the projected
+50-epoch search time (391 iterations + one validation pass per epoch). Every row is printed and appended to
+the CSV (benchmarks/search.csv by default, with GPU name and versions) as soon as it is measured, so a run
+cut short keeps what it measured; a failing mode is recorded with its error and the others go on. Rows
+whose implementation cannot run here say n/a.
+On a CPU-only machine only the reference runs, on a TINY configuration, and the script says so (exit 0).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
+import itertools
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from milenas_fast.data.datasets import make_synthetic  # noqa: E402
-from milenas_fast.data.loaders import Plan, augment_batch  # noqa: E402
-from milenas_fast.data.datasets import Split  # noqa: E402
-from milenas_fast.precision import Precision  # noqa: E402
-from milenas_fast.search.graphed import GraphedStep  # noqa: E402
-from milenas_fast.search.step import StepRule, fused_search_step, search_step  # noqa: E402
-from milenas_fast.space.supernet import Network  # noqa: E402
+from milenas_fast.config import ConfigError, SearchConfig  # noqa: E402
+from milenas_fast.data.loaders import BatchStream  # noqa: E402
+from milenas_fast.search.loop import Search  # noqa: E402
 
 ITERS_PER_EPOCH, VALID_BATCHES, EPOCHS = 391, 391, 50
 MODES = [  # name, impl, amp, graphs, gpu_data, fused_train_step
@@ -42,6 +45,8 @@ MODES = [  # name, impl, amp, graphs, gpu_data, fused_train_step
     ("fast", "fused", True, True, True, False),
     ("fast-fusedstep", "fused", True, True, True, True),
 ]
+FIELDS = ["date", "gpu", "torch", "cuda", "triton", "python", "batch", "C", "layers", "mode", "status",
+          "median_ms", "p20_ms", "p80_ms", "peak_mib", "valid_ms", "proj_50ep_min", "notes"]
 
 
 def percentile(xs, q):
@@ -60,90 +65,85 @@ def versions(device):
     return out
 
 
-def mixed_op_for(impl, device):
-    from milenas_fast.runtime import resolve_impl
+def build(mode, args, device) -> Search:
+    """The loop's Search for one mode; enough images that the timed iterations stay within one pass."""
+    _, impl, amp, graphs, _, fused_step = mode
+    per_half = args.batch * (args.warmup + args.iters + 6)  # + the 4 pre-built batches, + slack
+    cfg = SearchConfig(dataset="synthetic", synthetic_images=2 * per_half, batch_size=args.batch, loader="gpu",
+                       init_channels=args.C, layers=args.layers, impl=impl, amp=amp, cuda_graphs=graphs,
+                       fused_train_step=fused_step, device=device.type, seed=0, quiet=True).validate()
+    return Search(cfg, device)
 
-    try:
-        cls, why = resolve_impl(impl, device)
-        return cls, why
-    except Exception as e:  # ConfigError for an unavailable fused path
-        return None, str(e).splitlines()[0][:160]
 
-
-def bench_mode(mode, args, device, split):
-    name, impl, amp, graphs, gpu_data, fused_step = mode
+def bench_mode(mode, args, device):
+    name, _, _, graphs, gpu_data, _ = mode
     if graphs and device.type != "cuda":
-        return {"mode": name, "status": "n/a (CUDA graphs need CUDA)"}
-    cls, why = mixed_op_for(impl, device)
-    if cls is None:
-        return {"mode": name, "status": f"n/a ({why})"}
-    torch.manual_seed(0)
-    model = Network(args.C, 10, args.layers, mixed_op=cls).to(device)
-    model.train()
-    w = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-    a = torch.optim.Adam(model.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
-    rule, prec = StepRule(), Precision(device, amp)
-    B = args.batch
-    n_rot = 4
-    plan = Plan.draw(len(split), 0, "train", 0)
-    imgs = split.images.to(device)
-    labels = split.labels.to(device)
-
-    def batch(i):  # rotate through batches so nothing is timed on the same input (or zeros)
-        sl = slice((i % n_rot) * B, (i % n_rot + 1) * B)
-        idx = plan.order[sl].to(device)
-        return augment_batch(imgs[idx], plan.offsets[sl].to(device), plan.flips[sl].to(device)), labels[idx]
-
-    pre = [batch(i) for i in range(2 * n_rot)]
-    step_fn = fused_search_step if fused_step else search_step
-    graphed = GraphedStep(model, w, a, rule, prec, B, fused_step) if graphs else None
-
-    def one(i):
-        if gpu_data:  # the GPU-resident loader's work is part of the iteration
-            tr, va = batch(2 * i), batch(2 * i + 1)
-        else:
-            tr, va = pre[(2 * i) % len(pre)], pre[(2 * i + 1) % len(pre)]
-        if graphed is not None:
-            return graphed(tr, lambda: va)
-        return step_fn(model, tr, va, w, a, rule, prec)
-
+        return {"status": "n/a (CUDA graphs need CUDA)"}
+    try:
+        search = build(mode, args, device)
+    except ConfigError as e:  # e.g. --impl fused where the kernels cannot run
+        return {"status": f"n/a ({str(e).splitlines()[0][:200]})"}
+    notes = f"MixedOp {search.impl_why}; CUDA graphs {search.graphs_why}"
+    train = BatchStream(search.train_loader, 0, "train")
+    pre = [next(train) for _ in range(4)]
+    if not gpu_data:  # only the iteration is timed: rotate pre-built batches (the loader's work stays out)
+        search.valid_stream = itertools.cycle([next(search.valid_stream) for _ in range(4)])
+        train = itertools.cycle(pre)
+    search.model.train()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(args.warmup):
-        one(i)
+    for _ in range(args.warmup):
+        search.iteration(next(train))
     times = []
-    for i in range(args.iters):
+    for _ in range(args.iters):
         if device.type == "cuda":
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            one(args.warmup + i)
+            search.iteration(next(train))
             e.record()
             e.synchronize()
             times.append(s.elapsed_time(e))
         else:
             t = time.perf_counter()
-            one(args.warmup + i)
+            search.iteration(next(train))
             times.append(1e3 * (time.perf_counter() - t))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     # the per-epoch validation pass (eval mode, no grad) at the same batch size
-    model.eval()
+    search.model.eval()
     vt = []
     with torch.no_grad():
         for i in range(max(3, args.iters // 4)):
             x, _ = pre[i % len(pre)]
             t = time.perf_counter()
-            with prec.autocast():
-                model(x)
+            with search.precision.autocast():
+                search.model(x)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             vt.append(1e3 * (time.perf_counter() - t))
     med = statistics.median(times)
     proj_min = EPOCHS * (ITERS_PER_EPOCH * med + VALID_BATCHES * statistics.median(vt)) / 6e4
-    del graphed, model
-    return {"mode": name, "status": "ok", "median_ms": med, "p20_ms": percentile(times, 0.2),
-            "p80_ms": percentile(times, 0.8), "peak_mib": peak, "valid_ms": statistics.median(vt),
-            "proj_50ep_min": proj_min, "impl": why}
+    return {"status": "ok", "median_ms": med, "p20_ms": percentile(times, 0.2), "p80_ms": percentile(times, 0.8),
+            "peak_mib": peak, "valid_ms": statistics.median(vt), "proj_50ep_min": proj_min, "notes": notes}
+
+
+def print_row(name, r, base):
+    if r["status"] != "ok":
+        print(f"{name:16} {r['status']}", flush=True)
+        return
+    sp = f"{base / r['median_ms']:.1f}x" if base else "-"
+    print(f"{name:16} {r['median_ms']:9.2f} ({r['p20_ms']:7.2f}-{r['p80_ms']:7.2f}) {sp:>9} "
+          f"{r['peak_mib']:9.0f} {r['proj_50ep_min']:10.1f} min   {r['notes']}", flush=True)
+
+
+def append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def main(argv=None):
@@ -160,52 +160,33 @@ def main(argv=None):
     modes = [m for m in MODES if m[0] in args.modes.split(",")]
     if device.type == "cpu":
         print("no CUDA GPU: running only the eager fp32 reference on a TINY configuration "
-              "(C=4, 3 cells, batch 8, 16x16 images); these numbers say nothing about GPU speed")
-        args.C, args.layers, args.batch, args.iters, args.warmup = 4, 3, 8, 3, 1
-        modes = [MODES[0]]
-        size = 16
-    else:
-        torch.backends.cudnn.benchmark = True
-        size = 32
-    split = make_synthetic(max(16 * args.batch, 256), seed=0)
-    if size != 32:
-        split = Split(split.images[:, :, :size, :size].contiguous(), split.labels)
+              "(C=4, 3 cells, batch 8); these numbers say nothing about GPU speed")
+        args.C, args.layers, args.batch, args.iters, args.warmup = 4, 3, 8, 2, 1
     ver = versions(device)
     print(f"device: {ver['gpu']}; torch {ver['torch']} (CUDA {ver['cuda']}), triton {ver['triton']}, "
           f"python {ver['python']}; batch {args.batch}, C={args.C}, {args.layers} cells")
-    rows = []
+    print(f"\n{'mode':16} {'ms/it (p20-p80)':>24} {'speed-up':>9} {'peak MiB':>9} {'50-ep search':>13}", flush=True)
+    path, base = Path(args.csv), None
+    now = datetime.datetime.now().isoformat(timespec="seconds")
     for m in modes:
+        if device.type == "cpu" and m[0] != "eager-fp32":
+            print(f"{m[0]:16} skipped (CPU smoke: the fp32 reference only)", flush=True)
+            continue
         try:
-            r = bench_mode(m, args, device, split)
+            r = bench_mode(m, args, device)
         except Exception as e:  # one failing mode must not hide the others
-            r = {"mode": m[0], "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-        rows.append(r)
+            traceback.print_exc()
+            r = {"status": f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+        if m[0] == "eager-fp32" and r["status"] == "ok":
+            base = r["median_ms"]
+        print_row(m[0], r, base)
+        append_csv(path, {"date": now, "gpu": ver["gpu"], "torch": ver["torch"], "cuda": ver["cuda"],
+                          "triton": ver["triton"], "python": ver["python"], "batch": args.batch, "C": args.C,
+                          "layers": args.layers, "mode": m[0], "status": r["status"], "notes": r.get("notes", ""),
+                          **{k: f"{r[k]:.3f}" for k in ("median_ms", "p20_ms", "p80_ms", "peak_mib", "valid_ms",
+                                                         "proj_50ep_min") if k in r}})
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print(f"  {r['mode']}: {r['status']}", flush=True)
-    base = next((r["median_ms"] for r in rows if r["mode"] == "eager-fp32" and r["status"] == "ok"), None)
-    print(f"\n{'mode':16} {'ms/it (p20-p80)':>24} {'speed-up':>9} {'peak MiB':>9} {'50-ep search':>13}")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['mode']:16} {r['status']}")
-            continue
-        sp = f"{base / r['median_ms']:.1f}x" if base else "-"
-        print(f"{r['mode']:16} {r['median_ms']:9.2f} ({r['p20_ms']:7.2f}-{r['p80_ms']:7.2f}) {sp:>9} "
-              f"{r['peak_mib']:9.0f} {r['proj_50ep_min']:10.1f} min")
-    path = Path(args.csv)
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as f:
-        wr = csv.writer(f)
-        if new:
-            wr.writerow(["date", "gpu", "torch", "cuda", "triton", "python", "batch", "C", "layers", "mode",
-                         "status", "median_ms", "p20_ms", "p80_ms", "peak_mib", "valid_ms", "proj_50ep_min"])
-        now = datetime.datetime.now().isoformat(timespec="seconds")
-        for r in rows:
-            wr.writerow([now, ver["gpu"], ver["torch"], ver["cuda"], ver["triton"], ver["python"], args.batch,
-                         args.C, args.layers, r["mode"], r["status"]] +
-                        [f"{r[k]:.3f}" if k in r else "" for k in
-                         ("median_ms", "p20_ms", "p80_ms", "peak_mib", "valid_ms", "proj_50ep_min")])
     print(f"CSV rows appended to {path}")
     return 0
 

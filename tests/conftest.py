@@ -10,6 +10,15 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(params=[DEVICE])
+def device(request):
+    """Where fused-vs-reference tests run: the GPU when there is one (real kernels, no interpreter), else
+    the CPU through the Triton interpreter."""
+    return request.param
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

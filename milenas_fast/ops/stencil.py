@@ -15,6 +15,7 @@ frozen inputs skip the work they do not need. `stencil_reference` is the plain-P
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -25,17 +26,49 @@ from milenas_fast.kernels import stencil as K
 
 # Largest tile (elements) of one program. On the GPU 1024 covers a whole 32×32 plane with 4 warps;
 # the interpreter pays per program, so there one program takes (nearly) everything.
+# $MILENAS_FAST_MAX_TILE (or `max_tile(n)`) forces smaller tiles: tests use it to run many programs in
+# both grid dimensions under the interpreter, as the GPU does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_TILE = 1 << 16 if _INTERPRET else 1024
+GPU_MAX_TILE = 1024
+_MAX_TILE_ENV = "MILENAS_FAST_MAX_TILE"
+
+
+def _tile_limit(value) -> int:
+    n = int(value)
+    if n < 4 or n & (n - 1):
+        raise ValueError(f"{_MAX_TILE_ENV}={value!r}: must be a power of two >= 4")
+    return n
+
+
+MAX_TILE = _tile_limit(os.environ.get(_MAX_TILE_ENV, 1 << 16 if _INTERPRET else GPU_MAX_TILE))
+
+
+@contextlib.contextmanager
+def max_tile(n: int):
+    """Launch with tiles of at most `n` elements inside the block (torch.compile bakes it in at trace)."""
+    global MAX_TILE
+    saved, MAX_TILE = MAX_TILE, _tile_limit(n)
+    try:
+        yield
+    finally:
+        MAX_TILE = saved
 
 
 def out_size(n: int, stride: int) -> int:
     return (n - 1) // stride + 1  # the same for all six branches (each "same"-padded)
 
 
-def _blocks(planes: int, pixels: int):
-    hw = min(triton_next_pow2(pixels), MAX_TILE)
-    p = max(1, min(triton_next_pow2(planes), MAX_TILE // hw))
+def launch_config(kernel: str, shape, stride: int, tile: int | None = None):
+    """(BLOCK_P, BLOCK_HW, grid, num_warps) the launcher uses for `kernel` ("fwd", "bwd_input",
+    "bwd_weight") on an NCHW input of `shape`; `tile` defaults to the current limit."""
+    N, C, H, W = shape
+    pixels = H * W if kernel == "bwd_input" else out_size(H, stride) * out_size(W, stride)
+    return _blocks(N * C, pixels, MAX_TILE if tile is None else tile)
+
+
+def _blocks(planes: int, pixels: int, tile: int):
+    hw = min(triton_next_pow2(pixels), tile)
+    p = max(1, min(triton_next_pow2(planes), tile // hw))
     grid = (triton_cdiv(planes, p), triton_cdiv(pixels, hw))
     # 4 elements per thread: the forward keeps six fp32 accumulators and many in-flight loads per
     # element; ptxas (sm_90a) reports no spills at 1024 elements / 8 warps but spills at 4 warps.
@@ -50,6 +83,28 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _launch(kernel, grid, *args, **meta):
+    """On the GPU through wrap_triton (what lets torch.compile see the kernel). Interpreted kernels are
+    launched directly (torch < 2.12's wrap_triton rejects them), and not at all on fake tensors: there the
+    op is an opaque custom op whose fake implementation is this same launcher (see `_register`)."""
+    if not _INTERPRET:
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    elif not torch._subclasses.fake_tensor.is_fake(args[0]):
+        kernel[grid](*args, **meta)
+
+
+def _register(name: str):
+    """triton_op on the GPU (torch.compile traces into the kernels). Under the interpreter a plain custom
+    op: its kernels cannot be traced into a graph, so compiled graphs call the op itself."""
+    def dec(fn):
+        if not _INTERPRET:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)  # shapes only: _launch skips fake tensors
+        return op
+    return dec
+
+
 def _check(x, ws):
     assert x.dim() == 4 and x.is_contiguous(), "x must be NCHW contiguous"
     C = x.shape[1]
@@ -57,21 +112,21 @@ def _check(x, ws):
         assert w.shape == (C, 1, k, k) and w.is_contiguous(), f"filter must be [{C}, 1, {k}, {k}] contiguous"
 
 
-@torch.library.triton_op("milenas_fast::stencil_fwd", mutates_args=())
+@_register("milenas_fast::stencil_fwd")
 def stencil_fwd(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, wd3: torch.Tensor, wd5: torch.Tensor,
                 stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(x, (w3, w5, wd3, wd5))
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
     ys = [x.new_empty(N, C, HO, WO) for _ in range(6)]
-    bp, bhw, grid, warps = _blocks(N * C, HO * WO)
-    torch.library.wrap_triton(K.stencil_fwd_kernel)[grid](
-        x, w3, w5, wd3, wd5, *ys, N * C, C, H, W, HO, WO,
+    bp, bhw, grid, warps = launch_config("fwd", x.shape, stride)
+    _launch(
+        K.stencil_fwd_kernel, grid, x, w3, w5, wd3, wd5, *ys, N * C, C, H, W, HO, WO,
         STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return tuple(ys)
 
 
-@torch.library.triton_op("milenas_fast::stencil_bwd_input", mutates_args=())
+@_register("milenas_fast::stencil_bwd_input")
 def stencil_bwd_input(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, wd3: torch.Tensor, wd5: torch.Tensor,
                       ymax: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional[torch.Tensor],
                       gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor], gmax: Optional[torch.Tensor],
@@ -79,16 +134,16 @@ def stencil_bwd_input(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, wd3: 
     N, C, H, W = x.shape
     gs = [g.contiguous() if g is not None else None for g in (g3, g5, gd3, gd5, gmax, gavg)]
     dx = torch.empty_like(x)
-    bp, bhw, grid, warps = _blocks(N * C, H * W)
-    torch.library.wrap_triton(K.stencil_bwd_input_kernel)[grid](
-        x, w3, w5, wd3, wd5, ymax.contiguous(), *[g if g is not None else x for g in gs], dx,
+    bp, bhw, grid, warps = launch_config("bwd_input", x.shape, stride)
+    _launch(
+        K.stencil_bwd_input_kernel, grid, x, w3, w5, wd3, wd5, ymax.contiguous(), *[g if g is not None else x for g in gs], dx,
         N * C, C, H, W, out_size(H, stride), out_size(W, stride),
         *[g is not None for g in gs],
         STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return dx
 
 
-@torch.library.triton_op("milenas_fast::stencil_bwd_weight", mutates_args=())
+@_register("milenas_fast::stencil_bwd_weight")
 def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional[torch.Tensor],
                        gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor],
                        stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,11 +151,11 @@ def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
     gs = [g.contiguous() if g is not None else None for g in (g3, g5, gd3, gd5)]
-    bp, bhw, grid, warps = _blocks(N * C, HO * WO)
+    bp, bhw, grid, warps = launch_config("bwd_weight", x.shape, stride)
     # Zeroed so that absent branches (never stored) reduce to exact zeros.
     part = x.new_zeros(grid[1], N, C, K.TAPS, dtype=torch.float32)
-    torch.library.wrap_triton(K.stencil_bwd_weight_kernel)[grid](
-        x, *[g if g is not None else x for g in gs], part, N * C, H, W, HO, WO,
+    _launch(
+        K.stencil_bwd_weight_kernel, grid, x, *[g if g is not None else x for g in gs], part, N * C, H, W, HO, WO,
         *[g is not None for g in gs],
         STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     # Deterministic second stage: an ordered sum over pixel tiles and the batch, in fp32.

@@ -1,8 +1,9 @@
 """Mixed precision policy: bf16 autocast where supported, fp16 with loss scaling otherwise.
 
 α, its softmax and all optimiser state stay fp32 (the model computes softmax outside autocast).
-Gradients taken with torch.autograd.grad (the α passes) are never seen by GradScaler.unscale_, so
-`alpha_grads` unscales them by hand and reports non-finite values so the caller can skip the step.
+α gradients (autograd.grad in the α passes, or α's .grad after a shared training pass) are never seen by
+GradScaler.unscale_, so `unscaled` unscales them by hand and reports non-finite values so the caller can
+skip the step.
 """
 from __future__ import annotations
 
@@ -33,14 +34,19 @@ class Precision:
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        # no weight-cast cache: it must not outlive a CUDA-graph capture, and each weight is cast once per
+        # pass anyway
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss if self.scaler is None else self.scaler.scale(loss)
 
     def alpha_grads(self, loss: torch.Tensor, alphas) -> tuple[list[torch.Tensor], bool]:
         """∇α loss, unscaled; and whether all of it is finite."""
-        grads = torch.autograd.grad(self.scale(loss), alphas)
+        return self.unscaled(torch.autograd.grad(self.scale(loss), alphas))
+
+    def unscaled(self, grads) -> tuple[list[torch.Tensor], bool]:
+        """Gradients of a scaled loss, unscaled; and whether all are finite (a host sync, fp16 only)."""
         if self.scaler is None:
             return list(grads), True
         inv = 1.0 / self.scaler.get_scale()

@@ -1,44 +1,39 @@
-"""A whole MiLeNAS iteration — the α passes, the α (Adam) step, the weight pass, gradient clipping and the
-weight (SGD) step — captured once in a CUDA graph and replayed every iteration (`--cuda_graphs`, on by
-default when the device is CUDA). Eager PyTorch issues ~40,000 ATen ops per iteration and is launch-bound;
-one replay removes that CPU cost (PERF.md, "What to fuse" 1).
+"""A whole MiLeNAS iteration — α passes, α (Adam) step, weight pass, clipping, weight (SGD) step — captured
+once in a CUDA graph and replayed every iteration (`--cuda_graphs`, on by default on a CUDA device). Eager
+PyTorch issues ~40,000 ATen ops per iteration and is launch-bound; a replay removes that CPU cost (PERF.md,
+"What to fuse" 1).
 
-How:
-- The first WARMUP iterations run eagerly (`search_step` / `fused_search_step`) on a side stream: they
-  are real iterations on real batches, and they initialise what capture must not (cuDNN autotuning,
-  autograd's and the optimisers' lazy state, SGD's momentum buffers).
-- The next iteration copies its batches into static input buffers, runs the graph body once eagerly (a
-  real iteration; it warms the body's own code paths), then captures the body (capture executes nothing).
-  From then on: copy the batches into the static buffers, replay.
-- Gradients are written into fixed `.grad` buffers (autograd.grad results copied in), so the captured
-  optimiser kernels always read the same memory.
-- α: torch's Adam with `capturable=True` (its step counter lives on the GPU). The flag is switched on only
-  while warming up and capturing, and back off afterwards, so checkpoints stay loadable on a CPU.
-- Weights: the SGD update (weight decay, momentum, dampening, nesterov) as foreach ops inside the graph,
-  reading the learning rate from a 0-d GPU tensor that `begin_epoch` refills from the optimiser's
-  param_group (which the cosine scheduler keeps updating as usual). torch's SGD itself is not used in the
-  graph because its foreach step turns a tensor lr into a host scalar. Its momentum buffers ARE the
-  optimiser's state (`w_optimizer.state[p]["momentum_buffer"]`), so checkpoints are unchanged.
-- Gradient clipping: `clip_grad_norm_(foreach=True)` — no host sync, capturable.
-- BatchNorm running statistics are updated in place by the replayed kernels (train mode in all passes).
-- Shapes are static: a partial batch cannot replay the graph. The search drops the partial last training
-  batch of each epoch on this path (the train loader is built with drop_last: 390 instead of 391 steps at
-  batch 64 over 25,000 images), and the validation stream skips the partial last batch of each of its
-  passes. Documented in the README; the eager path keeps every batch.
-- Not used with fp16 loss scaling (GradScaler's step needs host syncs) or with `--compile`; see `decide`.
-- After `load_state_dict` (resume) the optimiser state tensors are new objects: `invalidate()` forces a
-  new warm-up and capture.
+The graph body is `step.search_step` itself over static input buffers — no second copy of the algorithm.
+- The first `warmup` iterations run `search_step` eagerly on a side stream: real iterations that initialise
+  what capture must not (cuDNN autotuning, Triton autotuning, the optimisers' lazy state, SGD's momentum).
+- The next iteration copies its batches into static buffers, runs the body once eagerly (the real
+  iteration for that batch), then captures the body (capture executes nothing). From then on: copy the
+  batches in, replay.
+- While the body runs or is captured the optimisers are in *graph mode*: SGD fused, reading its learning
+  rate from a 0-d device tensor (refilled from the param group, i.e. the scheduler, before every call);
+  Adam capturable (its step counter on the device). Outside it they are untouched, so checkpoints and the
+  eager loop never see a tensor lr or a capturable flag.
+- `.grad` tensors and the outputs are allocated inside the capture (torch's whole-network pattern), so they
+  live in the graph's pool at fixed addresses; BatchNorm running statistics update in place.
+- Shapes are static: the train loader drops its partial last batch on this path, and at most one partial
+  validation batch (the end of a pass) is skipped per call.
+- Not used with fp16 loss scaling (host syncs) or with `--compile`; see `decide`.
+- After the optimisers' or the model's tensors are replaced (resume, a guard restore) `invalidate()` forces
+  a new warm-up and capture.
 
-GPU-only; written against torch's documented whole-network capture pattern (torch.cuda.graphs), checked
-by tests/test_graphs.py on a CUDA machine. On a CPU device the search never builds it.
+The capture mechanism is injectable: `CudaGraphs` is the real one; `EagerGraphs` "captures" by keeping the
+body and "replays" by calling it, so CPU tests run every line of this path over the same static buffers.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+import contextlib
+import copy
 
+import torch
+
+from ..config import ConfigError
 from ..precision import Precision
-from .step import StepRule, fused_search_step, search_step
+from .step import StepRule, search_step
 
 WARMUP = 3
 
@@ -56,170 +51,185 @@ def decide(cuda_graphs: bool, compile: bool, amp: bool, device: torch.device) ->
     return True, f"on: whole iteration captured after {WARMUP} eager warm-up iterations; partial batches dropped"
 
 
+class CudaGraphs:
+    """The real mechanism: warm-up on a side stream, torch.cuda.graph capture, replay."""
+
+    adam_capturable = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        try:
+            with torch.cuda.stream(side):
+                yield
+        finally:
+            main.wait_stream(side)
+
+    def capture(self, body):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = body()
+
+        def replay():
+            graph.replay()
+            return out
+        return replay
+
+
+class EagerGraphs:
+    """CPU stand-in: the "graph" is the body itself, called eagerly over the same static buffers. Adam's
+    capturable mode is left off (torch supports it on accelerators only)."""
+
+    adam_capturable = False
+
+    def side_stream(self):
+        return contextlib.nullcontext()
+
+    def capture(self, body):
+        return body
+
+
 class GraphedStep:
     def __init__(self, model, w_optimizer, a_optimizer, rule: StepRule, precision: Precision,
-                 batch_size: int, fused_train_step: bool = False, warmup: int = WARMUP):
+                 batch_size: int, fused_train_step: bool = False, warmup: int = WARMUP, graphs=None):
         if precision.scaler is not None:
             raise ValueError("CUDA graphs do not support fp16 loss scaling")
         if len(w_optimizer.param_groups) != 1 or len(a_optimizer.param_groups) != 1:
             raise ValueError("CUDA graph step expects one param group per optimiser")
-        group = w_optimizer.param_groups[0]
-        if group.get("maximize") or group.get("momentum", 0) == 0 and group.get("nesterov"):
-            raise ValueError("unsupported SGD settings for the CUDA graph step")
         self.model, self.w_optimizer, self.a_optimizer = model, w_optimizer, a_optimizer
         self.rule, self.precision, self.batch_size = rule, precision, batch_size
         self.fused_train_step, self.warmup = fused_train_step, max(1, warmup)
         self.device = next(model.parameters()).device
-        self.weights = [p for p in model.parameters() if p.requires_grad]
-        self.neg_lr = torch.full((), -float(group["lr"]), device=self.device)
+        self.graphs = graphs if graphs is not None else CudaGraphs(self.device)
+        self.lr = torch.zeros((), device=self.device)
+        self._lr_value = None
         self.invalidate()
 
-    # --- bookkeeping ---------------------------------------------------------------------------------------
     def invalidate(self) -> None:
-        """Forget the graph (after the optimisers' or the model's tensors were replaced, e.g. on resume)."""
-        self.graph, self.static, self.outputs, self.calls = None, None, None, 0
-
-    def begin_epoch(self, lr: float) -> None:
-        """The cosine schedule: refill the graph's learning rate in place (outside any replay)."""
-        self.neg_lr.fill_(-float(lr))
-
-    def full(self, batch) -> bool:
-        return batch is not None and batch[1].shape[0] == self.batch_size
+        """Forget the graph (after the optimisers' or the model's tensors were replaced)."""
+        self.replay, self.static, self.calls = None, None, 0
 
     @property
     def captured(self) -> bool:
-        return self.graph is not None
+        return self.replay is not None
 
-    def _set_adam_capturable(self, on: bool) -> None:
-        for g in self.a_optimizer.param_groups:
-            g["capturable"] = on
-        if on:  # a resumed (or fresh-from-CPU) state keeps `step` on the CPU; capturable wants it on the GPU
-            for a in self.model.arch_parameters():
-                st = self.a_optimizer.state.get(a)
-                if st and "step" in st and st["step"].device != a.device:
-                    st["step"] = st["step"].to(a.device, torch.float32)
+    @property
+    def phase(self) -> str:
+        """What the next call does: warmup | capture | replay."""
+        return "replay" if self.captured else "warmup" if self.calls < self.warmup else "capture"
 
-    def _autocast(self):
-        # cache_enabled=False: autocast's weight-cast cache must not outlive a capture
-        return torch.autocast("cuda", dtype=self.precision.dtype or torch.float32,
-                              enabled=self.precision.dtype is not None, cache_enabled=False)
+    def full(self, batch) -> bool:
+        return batch[1].shape[0] == self.batch_size
 
     # --- one iteration -----------------------------------------------------------------------------------
     def __call__(self, train_batch, next_valid=None):
         """One iteration. `next_valid` (a callable giving the next validation batch) is called only when the
-        rule needs validation; partial validation batches are skipped. Returns (loss, logits); on the graph
-        path they are the graph's static outputs (read them before the next call)."""
-        valid_batch = None
-        if next_valid is not None and any(w == "valid" for w, _ in self.rule.alpha_terms()):
-            valid_batch = next_valid()
-            while not self.full(valid_batch):
-                valid_batch = next_valid()
+        rule needs validation. Returns (loss, logits); after capture they are the graph's static outputs
+        (read them before the next call)."""
         if not self.full(train_batch):
             raise ValueError(f"the CUDA graph step needs full batches of {self.batch_size} "
                              f"(got {train_batch[1].shape[0]}); build the train loader with drop_last")
-        if self.graph is not None:
+        valid_batch = self._full_valid(next_valid) if self.rule.uses("valid") else None
+        lr = float(self.w_optimizer.param_groups[0]["lr"])
+        if lr != self._lr_value:  # the scheduler moved: refill the tensor the graph reads (no host sync)
+            self.lr.fill_(lr)
+            self._lr_value = lr
+        if self.replay is not None:
             self._copy_in(train_batch, valid_batch)
-            self.graph.replay()
-            return self.outputs
-        if self.calls == 0:
-            self._set_adam_capturable(True)
+            return self.replay()
         self.calls += 1
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
         if self.calls <= self.warmup:
-            step = fused_search_step if self.fused_train_step else search_step
-            with torch.cuda.stream(side):
-                out = step(self.model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
-                           self.precision)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return out
-        self._make_static(train_batch, valid_batch)
-        with torch.cuda.stream(side):  # the real iteration for this batch, through the graph body
-            self._body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        result = tuple(t.clone() for t in self.outputs)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self._body()
-        self.graph = graph
-        self._set_adam_capturable(False)  # the captured kernels keep the GPU step counter; checkpoints stay portable
-        return result
-
-    def _make_static(self, train_batch, valid_batch) -> None:
+            with self.graphs.side_stream():
+                return self._step(train_batch, valid_batch)
         x, y = train_batch
         self.static = {"train": (x.clone(), y.clone())}
         if valid_batch is not None:
             self.static["valid"] = (valid_batch[0].clone(), valid_batch[1].clone())
-        for p in self.weights:
-            p.grad = torch.zeros_like(p)
-        for a in self.model.arch_parameters():
-            a.grad = torch.zeros_like(a)
-        group = self.w_optimizer.param_groups[0]
-        if group["momentum"] != 0:
-            for p in self.weights:  # the eager warm-up steps created them; a fresh zero buffer is not the same
-                st = self.w_optimizer.state[p]
-                if st.get("momentum_buffer") is None:
-                    raise RuntimeError("SGD momentum buffers missing after warm-up")
-        self.outputs = None
+        with self.graphs.side_stream():
+            result = self._body()  # the real iteration for this batch; warms the graph-mode code paths
+        self.replay = self.graphs.capture(self._body)
+        return result
+
+    def _full_valid(self, next_valid):
+        batch = next_valid()
+        if self.full(batch):
+            return batch
+        batch = next_valid()  # the partial end of a pass; the next pass starts with a full batch ...
+        if not self.full(batch):  # ... unless the whole split is smaller than one batch
+            raise ConfigError(f"the validation split ({batch[1].shape[0]} images) is smaller than one batch "
+                              f"({self.batch_size}); the CUDA-graph step needs full batches")
+        return batch
 
     def _copy_in(self, train_batch, valid_batch) -> None:
-        self.static["train"][0].copy_(train_batch[0], non_blocking=True)
-        self.static["train"][1].copy_(train_batch[1], non_blocking=True)
-        if valid_batch is not None:
-            self.static["valid"][0].copy_(valid_batch[0], non_blocking=True)
-            self.static["valid"][1].copy_(valid_batch[1], non_blocking=True)
+        for which, batch in (("train", train_batch), ("valid", valid_batch)):
+            if batch is not None:
+                for dst, src in zip(self.static[which], batch):
+                    dst.copy_(src, non_blocking=True)
+
+    def _step(self, train_batch, valid_batch):
+        return search_step(self.model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
+                           self.precision, self.fused_train_step)
 
     def _body(self):
-        """The iteration as graph-safe ops on the static buffers (no host syncs, no allocation-dependent
-        semantics). Returns (loss, logits) as tensors that persist in the graph's pool."""
-        model, rule = self.model, self.rule
-        alphas = model.arch_parameters()
-        terms = dict(rule.alpha_terms())
-        a_grads = [a.grad for a in alphas]
-        for g in a_grads:
-            g.zero_()
-        x, y = self.static["train"]
-        w_grads = None
-        if self.fused_train_step:
-            # one pass over the training batch gives ∇w and (if used) ∇α at the current α
-            with self._autocast():
-                logits = model(x)
-            loss = model._criterion(logits.float(), y)
-            inputs = self.weights + (list(alphas) if "train" in terms else [])
-            grads = torch.autograd.grad(loss, inputs)
-            w_grads = grads[:len(self.weights)]
-            if "train" in terms:
-                torch._foreach_add_(a_grads, list(grads[len(self.weights):]), alpha=terms["train"])
-        for which, weight in rule.alpha_terms():
-            if self.fused_train_step and which == "train":
-                continue
-            xs, ys = self.static[which]
-            with self._autocast():
-                loss_a = model._criterion(model(xs).float(), ys)
-            torch._foreach_add_(a_grads, list(torch.autograd.grad(loss_a, alphas)), alpha=weight)
-        self.a_optimizer.step()  # Adam, capturable: reads a.grad (the buffers above)
-        if not self.fused_train_step:
-            with self._autocast():
-                logits = model(x)  # the updated α
-            loss = model._criterion(logits.float(), y)
-            w_grads = torch.autograd.grad(loss, self.weights)
-        torch._foreach_copy_([p.grad for p in self.weights], list(w_grads))
-        if rule.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.weights, rule.grad_clip, foreach=True)
-        self._sgd()
-        return loss.detach(), logits.detach()
+        with self._graph_mode():
+            return self._step(self.static["train"], self.static.get("valid"))
 
-    def _sgd(self) -> None:
-        """torch.optim.SGD's update (one group) with the lr read from a GPU tensor."""
-        group = self.w_optimizer.param_groups[0]
-        params = self.weights
-        grads = [p.grad for p in params]
-        wd, mom, damp = group["weight_decay"], group["momentum"], group["dampening"]
-        if wd != 0:
-            grads = torch._foreach_add(grads, params, alpha=wd)
-        if mom != 0:
-            bufs = [self.w_optimizer.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_mul_(bufs, mom)
-            torch._foreach_add_(bufs, grads, alpha=1 - damp)
-            grads = torch._foreach_add(grads, bufs, alpha=mom) if group["nesterov"] else bufs
-        torch._foreach_add_(params, torch._foreach_mul(grads, self.neg_lr))
+    @contextlib.contextmanager
+    def _graph_mode(self):
+        """The optimisers as capture needs them, restored afterwards (checkpoints stay portable): torch's
+        foreach SGD turns a tensor lr into a host scalar, its fused SGD reads it on the device."""
+        w, a = self.w_optimizer.param_groups[0], self.a_optimizer.param_groups[0]
+        saved_w = {k: w[k] for k in ("lr", "fused", "foreach")}
+        saved_capturable = a["capturable"]
+        w.update(lr=self.lr, fused=True, foreach=False)
+        if self.graphs.adam_capturable:
+            a["capturable"] = True
+            for p in a["params"]:  # a fresh or resumed state keeps `step` on the CPU; capturable wants it here
+                st = self.a_optimizer.state.get(p)
+                if st and st["step"].device != p.device:
+                    st["step"] = st["step"].to(p.device, torch.float32)
+        try:
+            yield
+        finally:
+            w.update(saved_w)
+            a["capturable"] = saved_capturable
+
+
+def self_test(device: torch.device, graphs=None) -> str:
+    """Capture and replay a tiny search iteration on `device` and compare it with the eager step: '' when
+    they agree, else why not (one line). Leaves the global RNG untouched."""
+    from ..space.mixed_op import ReferenceMixedOp
+    from ..space.supernet import Network
+
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            model = Network(2, 10, 3, mixed_op=ReferenceMixedOp).to(device)  # 3 cells: normal and reduction α used
+            ref = copy.deepcopy(model)
+            batches = [(torch.randn(2, 3, 8, 8, device=device), torch.randint(0, 10, (2,), device=device))
+                       for _ in range(6)]
+
+            def optimisers(m):
+                return (torch.optim.SGD(m.parameters(), 0.1, momentum=0.9, weight_decay=3e-4),
+                        torch.optim.Adam(m.arch_parameters(), lr=0.01, betas=(0.5, 0.999), weight_decay=1e-3))
+
+            rule, precision = StepRule(), Precision(device, False)
+            graphed = GraphedStep(model, *optimisers(model), rule, precision, 2, warmup=1, graphs=graphs)
+            w, a = optimisers(ref)
+            for i in range(3):  # warm-up, capture, replay
+                tr, va = batches[2 * i], batches[2 * i + 1]
+                graphed(tr, lambda: va)
+                search_step(ref, tr, va, w, a, rule, precision)
+            got = list(model.parameters()) + model.arch_parameters() + list(model.buffers())
+            want = list(ref.parameters()) + ref.arch_parameters() + list(ref.buffers())
+            worst = max(float((g.detach().double() - e.double()).abs().max()) for g, e in zip(got, want))
+    except Exception as e:  # noqa: BLE001 — any failure means "do not use graphs here"
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    if not worst <= 1e-4:
+        return f"replayed iteration differs from the eager one by {worst:.3g}"
+    return ""

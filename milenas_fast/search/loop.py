@@ -1,6 +1,8 @@
 """The search: epochs, validation, model-size buckets, early stopping, run folder, checkpoints, resume."""
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import runs
-from ..config import SearchConfig
+from ..config import ConfigError, SearchConfig
 from ..data import BatchStream, load_dataset, make_loader, split_train_val
 from ..data.datasets import NUM_CLASSES
 from ..data.loaders import epoch_batches, resolve_loader
@@ -19,9 +21,11 @@ from ..precision import Precision
 from ..runtime import (load_rng_state, resolve_device, resolve_impl, rng_state, seed_everything,
                        set_determinism)
 from ..space import genotype as gt
+from ..space.mixed_op import MixedOp, set_impl
 from ..space.supernet import Network
-from .graphed import GraphedStep, decide as decide_graphs
-from .step import StepRule, fused_search_step, search_step
+from . import graphed
+from .guard import Component, Guard
+from .step import StepRule, search_step
 
 log = logging.getLogger("milenas_fast")
 
@@ -29,15 +33,25 @@ log = logging.getLogger("milenas_fast")
 class Search:
     """Everything a search epoch needs, and its checkpointable state."""
 
-    def __init__(self, cfg: SearchConfig, device: torch.device):
+    def __init__(self, cfg: SearchConfig, device: torch.device, graphs=None):
+        """`graphs`: a capture mechanism to use instead of deciding (graphed.EagerGraphs() runs the graph path
+        on a CPU, for tests)."""
         self.cfg, self.device = cfg, device
         seed_everything(cfg.seed)
         set_determinism(cfg.deterministic, device)
         data = load_dataset(cfg.dataset, cfg.data, cfg.synthetic_images)
         train, valid = split_train_val(data, cfg.train_portion)
         self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
-        # CUDA graphs need static shapes: the train loader drops its partial last batch (graphed.py)
-        self.graphs_on, self.graphs_why = decide_graphs(cfg.cuda_graphs, cfg.compile, cfg.amp, device)
+        self.warnings: list[str] = []  # logged once the run folder's log exists
+        self.graphs_on, self.graphs_why = graphed.decide(cfg.cuda_graphs, cfg.compile, cfg.amp, device)
+        if graphs is not None:
+            self.graphs_on, self.graphs_why = True, f"on ({type(graphs).__name__})"
+        elif self.graphs_on and (why := graphed.self_test(device)):
+            self.graphs_on, self.graphs_why = False, f"off: the capture self-test failed ({why}); eager loop"
+            self.warnings.append(f"CUDA graph capture self-test failed ({why}); using the eager loop")
+        check_split_sizes(len(train), len(valid), cfg.batch_size, drop_last=self.graphs_on)
+        # CUDA graphs need static shapes: the train loader drops its partial last batch (graphed.py); it keeps
+        # dropping it if the guard later switches the graph off
         self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers,
                                         drop_last=self.graphs_on)
         self.valid_loader = make_loader(self.loader_name, valid, cfg.batch_size, device, cfg.workers)
@@ -53,10 +67,13 @@ class Search:
         self.rule = StepRule(cfg.optimization, cfg.lambda_train_regularizer, cfg.lambda_valid_regularizer,
                              cfg.grad_clip)
         self.valid_stream = BatchStream(self.valid_loader, cfg.seed, "valid")
-        self.graphed = GraphedStep(self.model, self.w_optimizer, self.a_optimizer, self.rule, self.precision,
-                                   cfg.batch_size, cfg.fused_train_step) if self.graphs_on else None
+        self.graphed = graphed.GraphedStep(self.model, self.w_optimizer, self.a_optimizer, self.rule,
+                                           self.precision, cfg.batch_size, cfg.fused_train_step,
+                                           graphs=graphs) if self.graphs_on else None
         if cfg.compile:
             self.model.compile()  # in place: state_dict keys unchanged
+        self.guard = Guard(self._components(), self._snapshot, self._restore,
+                           iterations=(self.graphed.warmup + 3) if self.graphed else 3)
         self.epoch = 0
         self.history: list[dict] = []
         self.model_sizes: dict[str, dict] = {}
@@ -91,24 +108,42 @@ class Search:
         if self.graphed is not None:
             self.graphed.invalidate()  # the optimisers' state tensors were replaced
 
+    # --- fast components and their guard ---------------------------------------------------------------
+    def _components(self) -> list[Component]:
+        """The fast components, in order of suspicion when an iteration fails."""
+        out = []
+        if self.graphed is not None:
+            out.append(Component("CUDA graph", "the eager loop", self._graphs_off,
+                                 engaged=lambda: self.graphed is not None and self.graphed.phase != "warmup"))
+        if self.cfg.compile:
+            out.append(Component("torch.compile", "the uncompiled model", self._compile_off))
+        mixed = [m for m in self.model.modules() if isinstance(m, MixedOp)]
+        if any(m.decision.impl == "fused" for m in mixed):
+            out.append(Component("fused MixedOp", "the reference MixedOp", lambda: set_impl(self.model, "reference"),
+                                 strict=any(m.decision.requested == "fused" for m in mixed)))
+        return out
+
+    def _graphs_off(self) -> None:
+        self.graphed = None
+
+    def _compile_off(self) -> None:
+        self.model._compiled_call_impl = None  # undoes nn.Module.compile
+
+    def _snapshot(self) -> dict:
+        return copy.deepcopy(self.state_dict())
+
+    def _restore(self, state: dict) -> None:
+        self.load_state_dict(copy.deepcopy(state))  # the snapshot may be restored again
+
     # --- one epoch -------------------------------------------------------------------------------------
     def train_epoch(self, progress) -> tuple[float, float]:
         cfg, model = self.cfg, self.model
         model.train()
         totals = Totals(self.device)
-        needs_valid = any(which == "valid" for which, _ in self.rule.alpha_terms())
         batches = epoch_batches(self.train_loader, cfg.seed, "train", self.epoch)
         start, seen = time.perf_counter(), 0
-        step_fn = fused_search_step if cfg.fused_train_step else search_step
-        if self.graphed is not None:
-            self.graphed.begin_epoch(self.w_optimizer.param_groups[0]["lr"])
         for step, train_batch in enumerate(batches):
-            if self.graphed is not None:
-                loss, logits = self.graphed(train_batch, lambda: next(self.valid_stream))
-            else:
-                valid_batch = next(self.valid_stream) if needs_valid else None
-                loss, logits = step_fn(model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer,
-                                       self.rule, self.precision)
+            loss, logits = self.guard(functools.partial(self.iteration, train_batch))
             totals.add(loss, logits, train_batch[1])
             seen += train_batch[1].numel()
             last = step == len(self.train_loader) - 1
@@ -117,6 +152,14 @@ class Search:
                 progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
         obj, top1, _ = totals.read()
         return top1, obj
+
+    def iteration(self, train_batch):
+        """One search iteration on `train_batch` (the validation batch comes from the stream)."""
+        if self.graphed is not None:
+            return self.graphed(train_batch, lambda: next(self.valid_stream))
+        valid_batch = next(self.valid_stream) if self.rule.uses("valid") else None
+        return search_step(self.model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
+                           self.precision, self.cfg.fused_train_step)
 
     @torch.no_grad()
     def infer(self) -> tuple[float, float]:
@@ -146,6 +189,19 @@ class Search:
                 "epoch": self.epoch, "n": n, "r": r, "valid_acc": valid_acc, "train_acc": train_acc,
                 "genotype": entry["genotype"], "genotype_json": gt.to_dict(g)}
         return entry
+
+
+def check_split_sizes(n_train: int, n_valid: int, batch_size: int, drop_last: bool) -> None:
+    """Refuse splits the loop cannot use: the CUDA-graph step needs one full validation batch per pass
+    (refused on every device, so a command means the same everywhere) and, dropping partial training
+    batches, at least one full training batch."""
+    if n_valid < batch_size:
+        raise ConfigError(f"the validation split has {n_valid} images, fewer than one batch (--batch_size "
+                          f"{batch_size}); use more images, a smaller --batch_size or a smaller --train_portion")
+    if drop_last and n_train < batch_size:
+        raise ConfigError(f"the training split has {n_train} images, fewer than one batch (--batch_size "
+                          f"{batch_size}), and CUDA graphs drop partial batches; use more images, a smaller "
+                          "--batch_size or --no-cuda_graphs")
 
 
 def write_run_files(run_dir: Path, search: Search) -> None:
@@ -223,6 +279,8 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
     else:
         runs.atomic_write_json(run_dir / "args.json", cfg.to_dict())
         log.info("args = %s", cfg.to_dict())
+    for warning in search.warnings:
+        log.warning(warning)
     log.info("device = %s; %s; loader = %s (%s); MixedOp = %s (%s)", search.device, search.precision.note,
              search.loader_name, search.loader_why, search.mixed_op.__name__, search.impl_why)
     log.info("CUDA graphs: %s; fused train step: %s; torch.compile: %s", search.graphs_why,

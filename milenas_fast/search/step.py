@@ -1,10 +1,19 @@
-"""One search iteration: the α update, then the w update (SPEC §1).
+"""One search iteration: the α update, then the w update (SPEC §1). Written once: the eager loop, the
+compiled model and the CUDA-graph body (graphed.py: these functions over static buffers) all run it.
 
 milenas:      g_α = λ_valid·∇α L_val(w, α) + λ_train·∇α L_tr(w, α)   (both at the current w)
 darts:        g_α = ∇α L_val(w, α)                                    (first-order DARTS)
 single_level: g_α = ∇α L_tr(w, α)
 then Adam on α, then SGD on w with ∇w L_tr(w, α_new) on the same training batch, the WEIGHTS clipped.
-The α passes freeze the weights, so no weight gradients are computed there.
+The α-only passes freeze the weights, so no weight gradients are computed there.
+
+`--fused_train_step` (`shared_train_pass=True`) takes ∇w L_tr and ∇α L_tr from ONE backward of the
+training loss: two forward/backward passes instead of three (milenas). It changes the algorithm slightly —
+w's gradient is taken at the pre-update α — while the α update is the same. Order: training pass (w and α
+grads), validation pass (α only), α step, w step.
+
+Nothing here synchronises with the host unless fp16 loss scaling is on (the finiteness checks), so the
+same code is capturable in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -33,12 +42,19 @@ class StepRule:
             return [("train", 1.0)]
         raise ValueError(f"unknown optimization {self.optimization!r}")
 
+    def uses(self, which: str) -> bool:
+        return any(w == which for w, _ in self.alpha_terms())
+
+
+def trainable(model) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
 
 @contextlib.contextmanager
 def frozen_weights(model):
     """Weights marked as not requiring grad for an α-only pass: autograd then neither saves what weight
     gradients need nor computes them (same α gradient, less memory and time)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
     for p in params:
         p.requires_grad_(False)
     try:
@@ -48,94 +64,79 @@ def frozen_weights(model):
             p.requires_grad_(True)
 
 
-def alpha_gradient(model, batches: dict, rule: StepRule, precision: Precision) -> tuple[list[torch.Tensor], bool]:
-    """The combined α gradient (not yet applied) and whether it is finite."""
+def alpha_gradient(model, batches: dict, rule: StepRule, precision: Precision,
+                   known: dict | None = None) -> tuple[list[torch.Tensor], bool]:
+    """The combined α gradient (not yet applied) and whether it is finite. `known` maps a pass already
+    taken (the shared training pass) to its (gradient, finite)."""
     alphas = model.arch_parameters()
     total = [torch.zeros_like(a) for a in alphas]
     finite = True
     for which, weight in rule.alpha_terms():
-        x, y = batches[which]
-        with frozen_weights(model), precision.autocast():
-            loss = model._loss(x, y)
-            grads, ok = precision.alpha_grads(loss, alphas)
+        if known and which in known:
+            grads, ok = known[which]
+        else:
+            x, y = batches[which]
+            with frozen_weights(model), precision.autocast():
+                loss = model._loss(x, y)
+                grads, ok = precision.alpha_grads(loss, alphas)
         finite &= ok
         for t, g in zip(total, grads):
             t.add_(g, alpha=weight)
     return total, finite
 
 
-def weight_step(model, x, y, w_optimizer, rule: StepRule, precision: Precision):
-    """SGD step on the weights from the training batch; returns (loss, logits) for the log."""
-    weights = [p for p in model.parameters() if p.requires_grad]
-    w_optimizer.zero_grad(set_to_none=True)
-    with precision.autocast():
-        logits = model(x)
-    loss = model._criterion(logits.float(), y)
-    torch.autograd.backward(precision.scale(loss), inputs=weights)  # α gets no gradient from this pass
-    precision.step(w_optimizer, weights, rule.grad_clip)
-    return loss.detach(), logits.detach()
-
-
-def search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer, rule: StepRule, precision: Precision):
-    """α step first, then w step with the updated α (same training batch). Returns (loss, logits)."""
-    grads, finite = alpha_gradient(model, {"train": train_batch, "valid": valid_batch}, rule, precision)
+def alpha_step(model, batches: dict, a_optimizer, rule: StepRule, precision: Precision,
+               known: dict | None = None) -> None:
+    """Adam step on α with the rule's gradient; skipped when it is not finite (fp16 overflow, as GradScaler
+    skips for w)."""
+    grads, finite = alpha_gradient(model, batches, rule, precision, known)
     a_optimizer.zero_grad(set_to_none=True)
-    if finite:  # fp16 overflow: skip this α step, as GradScaler does for w
+    if finite:
         for a, g in zip(model.arch_parameters(), grads):
             a.grad = g
         a_optimizer.step()
-    return weight_step(model, *train_batch, w_optimizer, rule, precision)
 
 
-def _unscaled_alpha_grads(alphas, precision: Precision) -> tuple[list[torch.Tensor], bool]:
-    """Take α's .grad (left by a backward over weights and α), unscaled by hand under fp16 loss scaling."""
-    grads = [a.grad if a.grad is not None else torch.zeros_like(a) for a in alphas]
+def train_pass(model, x, y, w_optimizer, precision: Precision, with_alpha: bool = False):
+    """Forward and backward of the training loss into the weights' .grad (and α's .grad when `with_alpha`);
+    returns (loss, logits) for the log."""
+    w_optimizer.zero_grad(set_to_none=True)
+    alphas = list(model.arch_parameters()) if with_alpha else []
     for a in alphas:
         a.grad = None
-    if precision.scaler is None:
-        return grads, True
-    inv = 1.0 / precision.scaler.get_scale()
-    grads = [g.float() * inv for g in grads]
-    return grads, all(bool(torch.isfinite(g).all()) for g in grads)
+    with precision.autocast():
+        logits = model(x)
+    loss = model._criterion(logits.float(), y)
+    torch.autograd.backward(precision.scale(loss), inputs=trainable(model) + alphas)
+    return loss.detach(), logits.detach()
+
+
+def take_alpha_grads(model, precision: Precision) -> tuple[list[torch.Tensor], bool]:
+    """α's .grad left by a shared training pass, unscaled (fp16), and cleared."""
+    alphas = model.arch_parameters()
+    grads = [a.grad for a in alphas]
+    for a in alphas:
+        a.grad = None
+    return precision.unscaled(grads)
+
+
+def search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer, rule: StepRule,
+                precision: Precision, shared_train_pass: bool = False):
+    """One iteration: α step, then w step (see the module docstring). Returns (training loss, logits)."""
+    batches = {"train": train_batch, "valid": valid_batch}
+    if shared_train_pass:
+        with_alpha = rule.uses("train")
+        out = train_pass(model, *train_batch, w_optimizer, precision, with_alpha)
+        known = {"train": take_alpha_grads(model, precision)} if with_alpha else None
+        alpha_step(model, batches, a_optimizer, rule, precision, known)
+    else:
+        alpha_step(model, batches, a_optimizer, rule, precision)
+        out = train_pass(model, *train_batch, w_optimizer, precision)
+    precision.step(w_optimizer, trainable(model), rule.grad_clip)
+    return out
 
 
 def fused_search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer, rule: StepRule,
                       precision: Precision):
-    """`--fused_train_step`: ∇w L_tr and ∇α L_tr from ONE backward of the training loss, so an iteration
-    costs two forward/backward passes instead of three (milenas). Not the default: it changes the algorithm
-    slightly — w's gradient is taken at the pre-update α (the authors' order takes it at the updated α).
-    The α update itself is the same as `search_step`'s (both α gradients at the current w and α).
-    Order: training pass (w and α grads), validation pass (α only, if the rule uses it), α step, w step.
-    Returns (training loss, logits) like `search_step`."""
-    alphas = model.arch_parameters()
-    weights = [p for p in model.parameters() if p.requires_grad]
-    terms = dict(rule.alpha_terms())
-    w_optimizer.zero_grad(set_to_none=True)
-    a_optimizer.zero_grad(set_to_none=True)
-    x, y = train_batch
-    with precision.autocast():
-        logits = model(x)
-    loss = model._criterion(logits.float(), y)
-    train_alpha = "train" in terms
-    torch.autograd.backward(precision.scale(loss), inputs=weights + (list(alphas) if train_alpha else []))
-    total = [torch.zeros_like(a) for a in alphas]
-    finite = True
-    if train_alpha:
-        grads, finite = _unscaled_alpha_grads(alphas, precision)
-        for t, g in zip(total, grads):
-            t.add_(g, alpha=terms["train"])
-    if "valid" in terms:
-        xv, yv = valid_batch
-        with precision.autocast():
-            loss_v = model._loss(xv, yv)
-        grads, ok = precision.alpha_grads(loss_v, alphas)
-        finite &= ok
-        for t, g in zip(total, grads):
-            t.add_(g, alpha=terms["valid"])
-    if finite:
-        for a, g in zip(alphas, total):
-            a.grad = g
-        a_optimizer.step()
-    a_optimizer.zero_grad(set_to_none=True)
-    precision.step(w_optimizer, weights, rule.grad_clip)
-    return loss.detach(), logits.detach()
+    """`--fused_train_step`: `search_step` with one shared training pass."""
+    return search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer, rule, precision, True)

@@ -74,7 +74,9 @@ def edge_reduce(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torc
 
         impl = edge_reduce_impl(y.device.type)
     if impl[0] == "triton":
-        return torch.ops.milenas_fast.edge_reduce_triton(y, w, mean, rstd)
+        from .edge_reduce_triton import edge_reduce_triton  # registers the op (needs Triton: imported late)
+
+        return edge_reduce_triton(y, w, mean, rstd)
     if impl[0] != "cpp":
         raise RuntimeError(f"milenas_fast: edge_reduce cannot run on {y.device.type}: {impl[1]}")
     if not _registered:

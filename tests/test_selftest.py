@@ -1,0 +1,111 @@
+"""The start-up self-test of the fused MixedOp (milenas_fast/selftest.py) and how resolve_impl acts on it:
+on CPU through the Triton interpreter, with faults injected into the fused path's kernels."""
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from milenas_fast import selftest
+from milenas_fast.config import ConfigError
+from milenas_fast.ops import select
+from milenas_fast.runtime import resolve_impl
+from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp
+
+pytestmark = pytest.mark.gpu_path
+fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
+er = importlib.import_module("milenas_fast.ops.edge_reduce")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    """An empty per-process cache, and the fused path possible here (TRITON_INTERPRET=1 from conftest)."""
+    monkeypatch.setattr(selftest, "_results", {})
+    monkeypatch.setattr(selftest, "_warned", set())
+    monkeypatch.delenv(select.ENV, raising=False)
+    assert not select.blockers(CPU), select.blockers(CPU)
+
+
+@pytest.fixture
+def auto_picks_fused(monkeypatch):
+    """`auto` never picks fused on CPU; pretend this CPU is a GPU for the decision only."""
+    real = select.decide
+
+    def decide(requested=None, device="cuda", dtype=None):
+        if select.requested_impl(requested) == "auto":
+            return select.Decision("auto", "fused", ("pretended for the test",))
+        return real(requested, device, dtype)
+
+    monkeypatch.setattr(select, "decide", decide)
+
+
+def our_warnings(rec):
+    return [w for w in rec if "self-test" in str(w.message)]
+
+
+def test_passes_is_cached_and_leaves_the_rng_alone(monkeypatch):
+    state = torch.get_rng_state()
+    cls, why = resolve_impl("fused", CPU)
+    assert cls is FusedMixedOp and "self-test passed" in why
+    assert torch.equal(torch.get_rng_state(), state)
+    monkeypatch.setattr(selftest, "_run", lambda *a: pytest.fail("ran twice"))
+    assert resolve_impl("fused", CPU)[0] is FusedMixedOp
+    assert selftest.results() == {"cpu float32": "passed"}
+
+
+def test_passes_with_the_triton_edge_reduce(monkeypatch):
+    """The fused MixedOp with edge_reduce's Triton twin (what a GPU without nvcc runs)."""
+    monkeypatch.setitem(er.IMPL, "cpu", ("triton", "forced for the test"))
+    calls = []
+    twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
+    real = twin.edge_reduce_triton
+    monkeypatch.setattr(twin, "edge_reduce_triton", lambda *a: calls.append(1) or real(*a))
+    assert selftest.fused_mixed_op(CPU) == ""
+    assert len(calls) == 2  # one MixedOp per stride, through the twin
+
+
+def test_bf16_relative_rule():
+    assert selftest.fused_mixed_op(CPU, torch.bfloat16) == ""
+    assert selftest.results() == {"cpu bfloat16": "passed"}
+
+
+def test_auto_falls_back_with_one_warning_when_a_kernel_raises(monkeypatch, auto_picks_fused):
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    monkeypatch.setattr(fmo, "stencil", broken)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            cls, why = resolve_impl("auto", CPU)
+            assert cls is ReferenceMixedOp and "self-test" in why and "illegal memory access" in why
+    (w,) = our_warnings(rec)
+    assert "fused MixedOp disabled on cpu" in str(w.message) and "illegal memory access" in str(w.message)
+    assert selftest.results()["cpu float32"].startswith("FAILED: stride 1: RuntimeError")
+
+
+def test_explicit_fused_refuses_wrong_outputs(monkeypatch):
+    real = fmo.edge_reduce
+    monkeypatch.setattr(fmo, "edge_reduce", lambda *a: real(*a) * 1.05)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match=r"--impl fused: .*self-test.*output differs"):
+            resolve_impl("fused", CPU)
+    assert not our_warnings(rec)  # explicit: an error, not a warning
+
+
+def test_wrong_gradients_are_caught(monkeypatch, auto_picks_fused):
+    """Right forward, backward off by half: only the gradient checks can see it."""
+    real = fmo.edge_reduce
+
+    def wrong_backward(*a):
+        out = real(*a)
+        return out + 0.5 * (out - out.detach())
+
+    monkeypatch.setattr(fmo, "edge_reduce", wrong_backward)
+    with pytest.warns(RuntimeWarning, match="self-test failed"):
+        cls, why = resolve_impl("auto", CPU)
+    assert cls is ReferenceMixedOp and "grad" in why and "output differs" not in why
+    with pytest.raises(ConfigError, match="grad"):
+        resolve_impl("fused", CPU)

@@ -107,7 +107,7 @@ fi
   grep -E '^(FAILED|ERROR)' "$OUT/pytest.log" 2>/dev/null | head -n 12
   tail -n 1 "$OUT/pytest.log" 2>/dev/null
   echo "-- fallbacks and warnings (milenas_fast) --"
-  cat "$OUT"/*.log "$OUT/env.txt" 2>/dev/null | grep -oE '(RuntimeWarning|UserWarning|WARNING)?:? ?milenas_fast: .*' \
+  cat "$OUT"/*.log "$OUT/env.txt" 2>/dev/null | grep -oE '((Runtime|User)Warning: milenas_fast: |WARNING +milenas_fast:).*' \
     | sort | uniq -c | sort -rn | head -n 8
   true
 } >"$OUT/summary.txt" 2>&1

@@ -108,7 +108,8 @@ def test_gpu_check_dry_run_goes_through_every_stage(tmp_path):
     assert proc.stdout.strip().endswith(summary.strip().splitlines()[-1])  # printed last
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files
-    for line in ("nvcc:", '"C++ extension"', '"Triton kernels"', "pytest ", "install        skipped (dry run)"):
+    for line in ("nvcc:", '"C++ extension"', '"Triton kernels"', "pytest ", "install        skipped (dry run)",
+                 "-- fallbacks and warnings"):
         assert line in summary, (line, summary)
     stages = re.findall(r"^(env|info|bench-search|bench-kernels|pytest) +ok ", summary, re.M)
     assert stages == ["env", "info", "bench-search", "bench-kernels", "pytest"], summary  # search first

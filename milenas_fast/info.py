@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import sys
+import warnings
 
 
 def _version(module: str) -> str:
@@ -89,6 +90,24 @@ def _impl_choices(device) -> dict[str, str]:
     return out
 
 
+def _edge_reduce(device) -> str:
+    """Which edge_reduce kernels the fused path uses on `device`: the C++ op, its Triton twin, or none."""
+    from .ops import select
+
+    try:
+        impl, why = select.edge_reduce_impl(device.type)
+    except Exception as e:  # noqa: BLE001
+        return f"error: {type(e).__name__}: {e}"
+    return f"{impl or 'unusable'} ({why})"
+
+
+def _selftest() -> str:
+    from . import selftest
+
+    res = selftest.results()
+    return "; ".join(f"{k}: {v}" for k, v in res.items()) or "not run (no fused choice above)"
+
+
 def _loader_choice(device) -> str:
     from .data.loaders import resolve_loader
 
@@ -100,19 +119,32 @@ def _loader_choice(device) -> str:
 
 
 def collect() -> dict:
-    """Everything `info` prints, as plain data."""
+    """Everything `info` prints, as plain data. Warnings raised while deciding (no nvcc, a failed self-test,
+    a stale build lock, ...) are collected under "warnings" instead of going to stderr unformatted."""
     from .runtime import resolve_device
 
     device = resolve_device("auto")
-    return {
-        "versions": versions(),
-        "gpus": gpus(),
-        "device (auto)": str(device),
-        "C++ extension": _extension(),
-        "Triton kernels": _triton_kernels(),
-        "MixedOp --impl": _impl_choices(device),
-        "loader --loader auto": _loader_choice(device),
-    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = {
+            "versions": versions(),
+            "gpus": gpus(),
+            "device (auto)": str(device),
+            "C++ extension": _extension(),
+            "Triton kernels": _triton_kernels(),
+            f"edge_reduce ({device.type})": _edge_reduce(device),
+            "MixedOp --impl": _impl_choices(device),
+            "fused self-test": _selftest(),
+            "loader --loader auto": _loader_choice(device),
+        }
+    from .ops.select import twin_notice
+
+    seen = []
+    for text in [str(w.message) for w in caught] + [twin_notice(device.type)]:  # the twin's even if said before
+        if text and text not in seen:
+            seen.append(text)
+    info["warnings"] = seen
+    return info
 
 
 def format_report(info: dict) -> str:
@@ -124,7 +156,10 @@ def format_report(info: dict) -> str:
     lines.append(f"device (auto): {info['device (auto)']}")
     lines.append(f"C++ extension: {info['C++ extension']}")
     lines.append(f"Triton kernels: {info['Triton kernels']}")
+    lines += [f"{k}: {v}" for k, v in info.items() if k.startswith("edge_reduce (")]
     lines.append("MixedOp implementation (--impl):")
     lines += [f"  {k:<9} → {v}" for k, v in info["MixedOp --impl"].items()]
+    lines.append(f"fused self-test: {info['fused self-test']}")
     lines.append(f"loader (--loader auto): {info['loader --loader auto']}")
+    lines += [f"WARNING: {w}" for w in info["warnings"]]
     return "\n".join(lines)

@@ -360,10 +360,11 @@ def test_select_falls_back_to_twin_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(er_module, "IMPL", {})
     monkeypatch.setattr(select, "_extension_problem", lambda dt: "C++ extension has no CUDA kernels (no nvcc)")
-    with pytest.warns(RuntimeWarning, match=r"edge_reduce on cuda runs its Triton twin.*no nvcc") as rec:
+    with pytest.warns(RuntimeWarning, match=r"edge_reduce on cuda: Triton twin, because .*no nvcc.*info --rebuild") as rec:
         assert select.edge_reduce_impl("cuda")[0] == "triton"
         assert select.edge_reduce_impl("cuda")[0] == "triton"
     assert len([w for w in rec if "Triton twin" in str(w.message)]) == 1
+    assert select.twin_notice("cuda") == str(rec[0].message) and select.twin_notice("cpu") == ""
     monkeypatch.setattr(select, "_triton_edge_reduce_problem", lambda: "Triton twin unavailable (no triton)")
     monkeypatch.setattr(er_module, "IMPL", {})
     impl, why = select.edge_reduce_impl("cuda")

@@ -1,5 +1,9 @@
-"""`milenas-fast info` runs anywhere and states its decisions."""
+"""`milenas-fast info` runs anywhere and states its decisions (edge_reduce kernels, self-test, warnings)."""
+import importlib
 import json
+import os
+
+import pytest
 
 from milenas_fast.cli import main
 
@@ -15,3 +19,42 @@ def test_info_prints_versions_and_decisions(capsys):
     assert set(info["MixedOp --impl"]) == {"auto", "fused", "reference"}
     assert "(" in info["MixedOp --impl"]["auto"]  # the class and why it was picked
     assert info["loader --loader auto"].split()[0] in ("torch", "gpu", "dali")
+    assert "fused self-test" in info and isinstance(info["warnings"], list)
+    assert any(k.startswith("edge_reduce (") for k in info)
+
+
+@pytest.mark.gpu_path
+def test_info_shows_twin_warning_and_failed_selftest(capsys, monkeypatch):
+    """A machine where edge_reduce runs its Triton twin and the fused kernels fail their self-test."""
+    from milenas_fast import selftest
+    from milenas_fast.ops import select
+
+    er = importlib.import_module("milenas_fast.ops.edge_reduce")
+    fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
+    monkeypatch.setattr(selftest, "_results", {})
+    monkeypatch.setattr(selftest, "_warned", set())
+    monkeypatch.setitem(er.IMPL, "cpu", ("triton", "Triton twin, because the C++ extension has no CPU kernels (injected)"))
+    monkeypatch.setattr(fmo, "stencil", lambda *a: (_ for _ in ()).throw(RuntimeError("injected launch failure")))
+    monkeypatch.delenv(select.ENV, raising=False)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "edge_reduce (cpu): triton (Triton twin, because the C++ extension has no CPU kernels (injected))" in out
+    assert "WARNING: milenas_fast: edge_reduce on cpu: Triton twin" in out
+    assert "fused self-test: cpu float32: FAILED: stride 1: RuntimeError: injected launch failure" in out
+    assert "refused: --impl fused: the fused MixedOp failed its self-test" in out
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [w for w in info["warnings"] if "edge_reduce on cpu: Triton twin" in w]
+    assert info["fused self-test"].startswith("cpu float32: FAILED")
+
+
+def test_info_rebuild_asks_for_a_retry(capsys, monkeypatch):
+    from milenas_fast import info as info_mod
+    from milenas_fast.ops import extension
+
+    seen = []
+    monkeypatch.delenv(extension.REBUILD_ENV, raising=False)
+    monkeypatch.setattr(info_mod, "collect", lambda: seen.append(os.environ.get(extension.REBUILD_ENV)) or {})
+    monkeypatch.setattr(info_mod, "format_report", lambda info: "")
+    assert main(["info", "--rebuild"]) == 0 and main(["info"]) == 0
+    assert seen == ["1", None] and extension.REBUILD_ENV not in os.environ

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def add_parser(sub) -> None:
@@ -10,11 +11,22 @@ def add_parser(sub) -> None:
                                    "C++ extension and the Triton kernels are usable, and which MixedOp "
                                    "implementation and loader `auto` picks, and why.")
     p.add_argument("--json", action="store_true", help="print the same as JSON")
+    p.add_argument("--rebuild", action="store_true",
+                   help="retry a just-in-time build of the C++ extension that failed before (by default a failed "
+                        "build is remembered and not retried until csrc/, torch or the compilers change)")
 
 
 def run(args, argv) -> int:
     from ..info import collect, format_report
+    from ..ops.extension import REBUILD_ENV
 
-    info = collect()
+    saved = os.environ.get(REBUILD_ENV)
+    if args.rebuild:
+        os.environ[REBUILD_ENV] = "1"  # read by the build, which runs inside collect()
+    try:
+        info = collect()
+    finally:
+        if args.rebuild:
+            os.environ.pop(REBUILD_ENV) if saved is None else os.environ.__setitem__(REBUILD_ENV, saved)
     print(json.dumps(info, indent=2) if args.json else format_report(info))
     return 0

@@ -107,11 +107,20 @@ def edge_reduce_impl(device_type: str) -> tuple[str, str]:
             IMPL[device_type] = ("", f"{problem}; {_triton_edge_reduce_problem()}")
         else:
             IMPL[device_type] = ("triton", f"Triton twin, because the {problem}")
-            hint = (" Install a CUDA toolkit (nvcc) matching torch's CUDA and run `milenas-fast info --rebuild` "
-                    "for the C++/CUDA kernels." if device_type == "cuda" else "")
-            warnings.warn(f"milenas_fast: edge_reduce on {device_type} runs its Triton twin: the {problem}.{hint}",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(twin_notice(device_type), RuntimeWarning, stacklevel=2)
     return IMPL[device_type]
+
+
+def twin_notice(device_type: str) -> str:
+    """The warning text when edge_reduce on `device_type` runs its Triton twin, else ""."""
+    from .edge_reduce import IMPL
+
+    impl, why = IMPL.get(device_type, ("", ""))
+    if impl != "triton":
+        return ""
+    hint = (" Install a CUDA toolkit (nvcc) matching torch's CUDA and run `milenas-fast info --rebuild` for the "
+            "C++/CUDA kernels." if device_type == "cuda" else "")
+    return f"milenas_fast: edge_reduce on {device_type}: {why}.{hint}"
 
 
 @functools.lru_cache(maxsize=None)

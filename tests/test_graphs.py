@@ -143,6 +143,26 @@ def test_capture_self_test_on_cpu():
     assert "differs from the eager one" in self_test(torch.device("cpu"), Stale())
 
 
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("why", ["", "RuntimeError: CUDA error: operation not permitted when stream is capturing"])
+def test_search_runs_the_self_test_where_graphs_would_be_used(monkeypatch, why):
+    """Graphs on (as on a CUDA device): a failing self-test means one warning (logged when the run starts),
+    the eager loop and every training batch kept; a passing one builds the real graph step."""
+    from milenas_fast.search import graphed as graphed_mod
+
+    monkeypatch.setattr(graphed_mod, "decide", lambda *a: (True, "on"))
+    monkeypatch.setattr(graphed_mod, "self_test", lambda device: why)
+    s = Search(tiny_cfg(), torch.device("cpu"))
+    if why:
+        assert s.graphed is None and len(s.train_loader) == 3 and "self-test failed" in s.graphs_why
+        assert s.warnings == [f"CUDA graph capture self-test failed ({why}); using the eager loop"]
+        assert [c.name for c in s.guard.components] == []
+    else:
+        assert isinstance(s.graphed.graphs, graphed_mod.CudaGraphs) and len(s.train_loader) == 2  # drop_last
+        assert s.warnings == [] and [c.name for c in s.guard.components] == ["CUDA graph"]
+        assert s.guard.left == s.graphed.warmup + 3  # warm-up, capture and two replays are guarded
+
+
 # --- split sizes (a validation split smaller than one batch used to loop forever on the graph path) -----------
 
 @pytest.mark.gpu_path

@@ -28,8 +28,29 @@ def fused_mixed_op(device: torch.device | str, dtype: torch.dtype = torch.float3
         device = torch.device("cuda", torch.cuda.current_device())
     key = (str(device), dtype)
     if key not in _results:
-        _results[key] = _run(device, dtype)
+        _results[key] = _run_or_use_twin(device, dtype)
     return _results[key]
+
+
+def _run_or_use_twin(device: torch.device, dtype: torch.dtype) -> str:
+    """A failure with the C++ edge_reduce is retried with its Triton twin: if that passes, the twin stays
+    (one warning); if not, the C++ choice is restored and both reasons are reported."""
+    from .ops import select
+
+    problem = _run(device, dtype)
+    if not problem:
+        return ""
+    previous = select.switch_to_twin(device.type, f"C++ edge_reduce failed the fused self-test ({problem})")
+    if previous is None:
+        return problem
+    again = _run(device, dtype)
+    if again:
+        from .ops.edge_reduce import IMPL
+
+        IMPL[device.type] = previous
+        return f"{problem}; with the Triton edge_reduce too: {again}"
+    warnings.warn(select.twin_notice(device.type), RuntimeWarning, stacklevel=3)
+    return ""
 
 
 def results() -> dict[str, str]:

@@ -109,3 +109,34 @@ def test_wrong_gradients_are_caught(monkeypatch, auto_picks_fused):
     assert cls is ReferenceMixedOp and "grad" in why and "output differs" not in why
     with pytest.raises(ConfigError, match="grad"):
         resolve_impl("fused", CPU)
+
+
+def test_failing_cpp_edge_reduce_is_replaced_by_the_twin(monkeypatch):
+    """C++ kernels that fail at run time (e.g. built for another GPU): the self-test retries with the
+    Triton twin, which then stays, with one warning; the fused MixedOp is kept."""
+    def no_image(*a):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device (injected)")
+
+    monkeypatch.setattr(er, "_cpp", no_image)
+    monkeypatch.setitem(er.IMPL, "cpu", ("cpp", "C++ CPU kernels"))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        cls, why = resolve_impl("fused", CPU)
+    assert cls is FusedMixedOp and er.IMPL["cpu"][0] == "triton" and "no kernel image" in er.IMPL["cpu"][1]
+    (w,) = [w for w in rec if "Triton twin" in str(w.message)]
+    assert "C++ edge_reduce failed the fused self-test" in str(w.message)
+
+
+def test_both_edge_reduce_kernels_failing_reports_both(monkeypatch, auto_picks_fused):
+    def bad(*a):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(er, "_cpp", bad)
+    twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
+    monkeypatch.setattr(twin, "edge_reduce_triton", bad)
+    monkeypatch.setitem(er.IMPL, "cpu", ("cpp", "C++ CPU kernels"))
+    with pytest.warns(RuntimeWarning, match="self-test failed") as rec:
+        cls, why = resolve_impl("auto", CPU)
+    assert cls is ReferenceMixedOp and "with the Triton edge_reduce too" in why
+    assert er.IMPL["cpu"][0] == "cpp"  # restored
+    assert len(our_warnings(rec)) == 1

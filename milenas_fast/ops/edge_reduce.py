@@ -79,6 +79,10 @@ def edge_reduce(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torc
         return edge_reduce_triton(y, w, mean, rstd)
     if impl[0] != "cpp":
         raise RuntimeError(f"milenas_fast: edge_reduce cannot run on {y.device.type}: {impl[1]}")
+    return _cpp(y, w, mean, rstd)
+
+
+def _cpp(y, w, mean, rstd):
     if not _registered:
         register()
     return torch.ops.milenas_fast.edge_reduce(y, w, mean, rstd)

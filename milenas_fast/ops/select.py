@@ -111,6 +111,18 @@ def edge_reduce_impl(device_type: str) -> tuple[str, str]:
     return IMPL[device_type]
 
 
+def switch_to_twin(device_type: str, why: str) -> tuple[str, str] | None:
+    """Make edge_reduce on `device_type` run the Triton twin (the C++ kernels failed at run time); returns
+    the previous choice to restore, or None (and changes nothing) when the twin cannot run."""
+    from .edge_reduce import IMPL
+
+    if _triton_edge_reduce_problem() or IMPL.get(device_type, ("",))[0] != "cpp":
+        return None
+    previous = IMPL[device_type]
+    IMPL[device_type] = ("triton", f"Triton twin, because the {why}")
+    return previous
+
+
 def twin_notice(device_type: str) -> str:
     """The warning text when edge_reduce on `device_type` runs its Triton twin, else ""."""
     from .edge_reduce import IMPL

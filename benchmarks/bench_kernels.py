@@ -4,7 +4,8 @@
 
 For each shape of the default supernet (N=64; C=16 at 32², 32 at 16², 64 at 8²; stride 1 and 2):
 - stencil         fused `stencil` vs `stencil_reference` (NCHW and channels_last)
-- edge_reduce     the C++/CUDA op vs `edge_reduce_reference` (K=7 candidates, the stride's output size)
+- edge_reduce     the C++/CUDA op ("fused") and its Triton twin vs `edge_reduce_reference` (K=7 candidates,
+                  the stride's output size)
 - mixed_op        FusedMixedOp vs ReferenceMixedOp (NCHW and channels_last), train mode, full backward
                   and the α-only backward of the search's α passes
 Phases fwd, bwd (the backward alone, graph retained) and fwd+bwd. Timing: CUDA events around each call
@@ -140,9 +141,22 @@ def edge_reduce_cases(N, C, H, s, dtype, dev):
     for name, fn in (("eager NCHW", edge_reduce_reference), ("fused", edge_reduce)):
         leaves = [t.clone().requires_grad_() for t in (y, w, mean, rstd)]
         cases[name] = (lambda fn=fn, leaves=leaves: fn(*leaves), leaves)
+    cases.update(edge_reduce_twin_case(y, w, mean, rstd))
     el = torch.finfo(dtype).bits // 8
     o = N * C * HO * HO
     return cases, {"fwd": (K_EDGE + 1) * o * el, "bwd": (2 * K_EDGE + 1) * o * el}
+
+
+def edge_reduce_twin_case(y, w, mean, rstd) -> dict:
+    """edge_reduce's Triton twin (what runs on GPUs where the extension has no CUDA kernels), next to the
+    C++/CUDA op ("fused"); {} where Triton cannot import it."""
+    try:
+        from milenas_fast.ops.edge_reduce_triton import edge_reduce_triton
+    except Exception as e:  # noqa: BLE001 - a missing/broken Triton just drops the row
+        print(f"edge_reduce Triton twin skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        return {}
+    leaves = [t.clone().requires_grad_() for t in (y, w, mean, rstd)]
+    return {"Triton twin": (lambda: edge_reduce_triton(*leaves), leaves)}
 
 
 def mixed_op_cases(N, C, H, s, dtype, dev, alpha_only=False):
@@ -218,13 +232,13 @@ def bench_case(op, N, C, H, s, dtype, dev, timer) -> list[dict]:
     results = {name: measure(timer, *case) for name, case in cases.items()}
     rows = []
     for phase in ("fwd", "bwd", "fwd+bwd"):
-        eager = {k: v for k, v in results.items() if k != "fused"}
+        eager = {k: v for k, v in results.items() if k.startswith("eager")}
         best = min(eager, key=lambda k: eager[k][0][phase][0])
         for name, (times, peak) in results.items():
             med, p20, p80 = times[phase]
             b = sum(nbytes.values()) if phase == "fwd+bwd" else nbytes.get(phase)
             gbps = b / (med * 1e-3) / 1e9 if b else None
-            speedup = results[best][0][phase][0] / med if name == "fused" else None
+            speedup = results[best][0][phase][0] / med if not name.startswith("eager") else None
             rows.append(dict(phase=phase, config=name, best=name == best, median_ms=f"{med:.5f}",
                              p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}", gbps=f"{gbps:.1f}" if gbps else "",
                              peak_mib=f"{peak:.1f}", speedup_vs_best_eager=f"{speedup:.3f}" if speedup else ""))

@@ -1,0 +1,173 @@
+"""benchmarks/cost_model.py: counts checked by hand on tiny graphs, FLOPs against torch's counter and the
+known total, the --json shape, and that what it prints is labelled a model."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import cost_model as cm  # noqa: E402
+from milenas_fast.space.primitives import DepthwiseConv2d  # noqa: E402
+
+N, C, H, W = 2, 6, 5, 7  # odd sizes: no count can come out right by accident
+E = N * C * H * W
+
+TINY = dict(C=4, layers=3, batch=4, size=8, steps=1)
+
+
+def _record(fn):
+    """Run fn() under the cost model's recorder on fake tensors; returns (totals, saved peak bytes)."""
+    rec = cm.Recorder()
+    with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
+        net, x = fn()
+        resident = {cm._storage_key(t) for t in [*net.parameters(), *net.buffers()]}
+        saved = cm.SavedBytes(resident)
+        with rec, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            net(x).sum().backward()
+    return cm._summary(rec.by_class), saved.peak, dict(rec.by_class)
+
+
+def _sep_stage():
+    net = nn.Sequential(nn.ReLU(), DepthwiseConv2d(C, 3, 1, 1), nn.Conv2d(C, C, 1, bias=False),
+                        nn.BatchNorm2d(C, affine=False))
+    return net, torch.randn(N, C, H, W, requires_grad=True)
+
+
+def test_hand_count_relu_depthwise_pointwise_bn():
+    """ReLU → depthwise 3×3 → 1×1 → BN(non-affine), .sum(), backward; fp32, x requires grad.
+
+    kernels, forward: relu, depthwise conv, pointwise conv, BN's num_batches_tracked += 1, batch_norm, sum = 6;
+    backward: ones_like (the seed), BN backward, pointwise conv backward (grad input + grad weight = 2),
+    depthwise conv backward (2), relu's threshold_backward = 7. Leaf gradients are stolen, views are free.
+    bytes: num_batches_tracked (int64) read and written, 16; the rest in fp32 elements moved (inputs +
+    outputs; the sum's gradient is an expanded scalar: 1 element):
+      relu 2E; depthwise 2E+9C; pointwise 2E+C²; BN in E + running mean/var 2C, out E + saved mean/invstd 2C;
+      sum E+1; ones_like 1+1; BN backward 1 + E + 4C + E; pointwise backward 3E+2C²; depthwise backward
+      3E+18C; threshold_backward 3E   → 20E + 35C + 3C² + 4 elements of 4 bytes.
+    FLOPs: each conv costs 2·E·(MACs per output) forward, and again for each of its two gradients.
+    saved for backward: relu's output (which the depthwise conv saves too: one storage), the pointwise
+    conv's input, BN's input and its 2C statistics; weights and running stats are resident → 3E + 2C."""
+    tot, saved, _ = _record(_sep_stage)
+    assert tot.kernels == 13
+    assert tot.bytes == 16 + 4 * (20 * E + 35 * C + 3 * C * C + 4)
+    assert tot.flops == 3 * 2 * E * (9 + C)
+    assert saved == 4 * (3 * E + 2 * C)
+
+
+def test_flops_match_torch_flop_counter_where_it_is_right():
+    """Dense convolutions and matmuls: exactly torch.utils.flop_counter's numbers (the 1×1 stage and a
+    linear head, forward and backward)."""
+    def fn():
+        net = nn.Sequential(nn.Conv2d(C, 2 * C, 1, bias=False), nn.Conv2d(2 * C, C, 3, padding=1),
+                            nn.Flatten(), nn.Linear(E // N, 3))
+        return net, torch.randn(N, C, H, W, requires_grad=True)
+
+    tot, _, _ = _record(fn)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        net, x = fn()
+        with FlopCounterMode(display=False) as fc:
+            net(x).sum().backward()
+    assert tot.flops == fc.get_total_flops() > 0
+
+
+@pytest.mark.gpu_path
+def test_hand_count_fused_custom_ops(device):
+    """The stencil triton_op is ONE Triton launch (its six outputs are allocations) reading x and the four
+    filters and writing six outputs; edge_reduce (C++) is one kernel. FLOPs: 2·(9+25+9+25) per output
+    element for the stencil, 3 per candidate element for edge_reduce."""
+    from milenas_fast.ops import extension
+    from milenas_fast.ops.edge_reduce import edge_reduce
+    from milenas_fast.ops.stencil import stencil
+
+    if not extension.available():
+        pytest.skip(f"C++ extension unavailable: {extension.why_not()}")
+    K = 3
+    cm._register_triton_launches()
+    rec = cm.Recorder()
+    with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
+        x = torch.randn(N, C, H, W)
+        ws = [torch.randn(C, 1, k, k) for k in (3, 5, 3, 5)]
+        y, w, mean, rstd = torch.randn(K, N, C, H, W), torch.rand(K), torch.randn(K, C), torch.rand(K, C)
+        with rec:
+            stencil(x, *ws, 1)
+        st = cm._summary(rec.by_class)
+        rec.by_class.clear()
+        with rec:
+            edge_reduce(y, w, mean, rstd)
+        er = cm._summary(rec.by_class)
+    assert st.kernels == 1
+    assert st.bytes == 4 * (E + C * (9 + 25 + 9 + 25) + 6 * E)
+    assert st.flops == 2 * E * (9 + 25 + 9 + 25)
+    assert er.kernels == 1
+    assert er.bytes == 4 * (K * E + K + 2 * K * C + E)
+    assert er.flops == 3 * K * E
+
+
+def test_foreach_launches_follow_multi_tensor_apply():
+    small = [torch.empty(3, device="meta")] * 200  # 200 tensors, 1 list: 110 per launch → 2 launches
+    assert cm._foreach_launches((small, 1.0), None) == 2
+    big = [torch.empty(65536 * 400, device="meta")]  # 400 chunks of 65536 elements, 320 blocks per launch → 2
+    assert cm._foreach_launches((big, big), None) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_json():
+    """The CLI on a tiny supernet (all five modes): its --json output, parsed."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cm.main(["--C", "4", "--layers", "3", "--batch", "4", "--size", "8", "--steps", "1", "--json"])
+    assert rc == 0
+    return json.loads(out.getvalue())
+
+
+def test_json_shape(tiny_json):
+    assert set(tiny_json["modes"]) == set(cm.MODES)
+    for name, m in tiny_json["modes"].items():
+        assert isinstance(m["kernels"], int) and m["kernels"] > 0, name
+        for k in ("gflop", "gbytes", "saved_gbytes", "projected_search_min_h100", "projected_search_min_h200"):
+            assert isinstance(m[k], float) and m[k] > 0, (name, k)
+        assert set(m["classes"]) <= set(cm.CLASSES)
+        assert sum(c["kernels"] for c in m["classes"].values()) == m["kernels"]
+    modes = tiny_json["modes"]
+    # the same arithmetic in either precision; bf16 halves most of the traffic
+    assert modes["eager-bf16"]["gflop"] == pytest.approx(modes["eager-fp32"]["gflop"])
+    assert modes["eager-bf16"]["gbytes"] < modes["eager-fp32"]["gbytes"]
+    # the fused path has no separate pooling kernels (the stencil computes the pools)
+    assert "pooling" not in modes["fused-fp32"]["classes"]
+    # --fused_train_step does two passes instead of three
+    assert modes["fused-bf16-trainstep"]["gflop"] < modes["fused-bf16"]["gflop"]
+    assert set(tiny_json["targets"]) == {"kernels", "gbytes", "saved_gbytes", "projected_search_min_h100"}
+    assert tiny_json["note"] == "a model, not a measurement"
+
+
+def test_table_says_model(tiny_json, capsys):
+    cm.print_table(tiny_json)
+    out = capsys.readouterr().out
+    assert "a model, not a measurement" in out
+    assert "model ms/it" in out and "model 50-ep" in out
+    assert "measured" not in out.lower()
+    for name in cm.MODES:
+        assert name in out
+
+
+def test_bad_input_exits_2(capsys):
+    assert cm.main(["--modes", "warp-drive"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warp-drive" in err[0]
+
+
+@pytest.mark.slow
+def test_eager_fp32_flops_of_the_default_supernet():
+    """Known totals: torch.utils.flop_counter ≈ 245 GFLOP for the reference step, a hand count 257.9
+    (PERF.md). The default supernet at batch 64 must land between them (with a margin)."""
+    r = cm.run(modes=("eager-fp32",))
+    assert 240 <= r["modes"]["eager-fp32"]["gflop"] <= 262

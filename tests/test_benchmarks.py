@@ -53,10 +53,11 @@ def test_bench_kernels_records_a_failing_op_and_goes_on(tmp_path, monkeypatch, c
     monkeypatch.setitem(bk.OPS, "boom", boom)
     assert bk.main(["--cpu-smoke", "--quick", "--ops", "edge_reduce,boom,edge_reduce", "--csv", str(csv_path)]) == 0
     rows = read_csv(csv_path)
-    assert len(seen_before_failure) == 6 and {r["op"] for r in seen_before_failure} == {"edge_reduce"}
+    # edge_reduce: 3 phases x (eager, fused = C++ op, Triton twin)
+    assert len(seen_before_failure) == 9 and {r["op"] for r in seen_before_failure} == {"edge_reduce"}
     errors = [r for r in rows if r["error"]]
     assert [(r["op"], r["error"]) for r in errors] == [("boom", "RuntimeError: CUDA error: misaligned address")]
-    assert len(rows) == 13 and rows[-1]["op"] == "edge_reduce" and rows[-1]["median_ms"]  # it went on
+    assert len(rows) == 19 and rows[-1]["op"] == "edge_reduce" and rows[-1]["median_ms"]  # it went on
     out = capsys.readouterr().out
     assert "boom" in out and "ERROR RuntimeError: CUDA error: misaligned address" in out
 

@@ -369,6 +369,10 @@ def test_select_falls_back_to_twin_with_one_warning(monkeypatch):
     monkeypatch.setattr(er_module, "IMPL", {})
     impl, why = select.edge_reduce_impl("cuda")
     assert impl == "" and "no nvcc" in why and "no triton" in why
+    monkeypatch.setattr(select, "_triton_edge_reduce_problem", lambda: "")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors and no interpreter: the twin cannot stand in
+    impl, why = select.edge_reduce_impl("cpu")
+    assert impl == "" and "no nvcc" in why and "through the interpreter" in why
     monkeypatch.setitem(er_module.IMPL, "cpu", ("", "no kernels at all"))
     with pytest.raises(RuntimeError, match="cannot run on cpu: no kernels at all"):
         edge_reduce(*make_inputs(2)[0])

@@ -101,10 +101,13 @@ def edge_reduce_impl(device_type: str) -> tuple[str, str]:
 
     if device_type not in IMPL:
         problem = _extension_problem(device_type)
+        twin_problem = _triton_edge_reduce_problem() or (
+            "the Triton twin runs on CPU only through the interpreter (TRITON_INTERPRET=1)"
+            if device_type == "cpu" and not _interpreting() else "")
         if not problem:
             IMPL[device_type] = ("cpp", "C++/CUDA kernels" if device_type == "cuda" else "C++ CPU kernels")
-        elif _triton_edge_reduce_problem():
-            IMPL[device_type] = ("", f"{problem}; {_triton_edge_reduce_problem()}")
+        elif twin_problem:
+            IMPL[device_type] = ("", f"{problem}; {twin_problem}")
         else:
             IMPL[device_type] = ("triton", f"Triton twin, because the {problem}")
             warnings.warn(twin_notice(device_type), RuntimeWarning, stacklevel=2)

@@ -244,3 +244,38 @@ def test_an_explicitly_requested_fused_mixed_op_that_fails_ends_the_run(monkeypa
     with pytest.raises(ConfigError, match="fused MixedOp was requested explicitly and failed"):
         s.guard(functools.partial(s.iteration, batch))
     assert_same(s.state_dict(), before)  # restored before failing: nothing half-applied is left
+
+
+@pytest.mark.gpu_path
+def test_a_fused_mixed_op_failing_under_the_graph_switches_off_the_graph_then_itself(monkeypatch, caplog):
+    """The order of suspicion in the loop: the capture iteration fails (the fused MixedOp is broken from then
+    on); the graph is suspected first, the eager redo fails too, then the fused MixedOp goes; the third try
+    succeeds. Two warnings, one per component, and the same end state as eager reference from there on."""
+    def graphed_search():
+        s = Search(cfg(), CPU, graphs=graphed_mod.EagerGraphs())
+        s.graphed.warmup = 1  # iteration 1 is the capture iteration
+        return s
+
+    want = run_epoch(fallback_from(ref := graphed_search(), 1, lambda: setattr(ref, "graphed", None)))
+    s = graphed_search()
+    pretend_fused(s.model, "fused")
+    with_guard(s)
+    fused_fault(monkeypatch, at=3 * 14 * 3 + 1)  # the first MixedOp of iteration 1
+    real, broken = MixedOp.forward, []
+
+    def forward(self, x, weights):  # broken from then on, for as long as the fused path is used
+        if broken and self.decision.impl == "fused":
+            raise Boom("illegal instruction")
+        try:
+            return real(self, x, weights)
+        except Boom:
+            broken.append(1)
+            raise
+
+    monkeypatch.setattr(MixedOp, "forward", forward)
+    with caplog.at_level(logging.WARNING, "milenas_fast"):
+        got = run_epoch(s)
+    msgs = warnings_of(caplog)
+    assert len(msgs) == 2 and msgs[0].startswith("CUDA graph failed") and msgs[1].startswith("fused MixedOp failed")
+    assert s.graphed is None and all(m.decision.impl == "reference" for m in s.model.modules() if isinstance(m, MixedOp))
+    assert_same(got, want)

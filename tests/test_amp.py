@@ -1,21 +1,24 @@
-"""Mixed precision on CPU: bf16 autocast keeps α close to the fp32 run; the fp16 path's loss scaling
-(α gradients unscaled by hand, steps skipped on inf/NaN) checked with a real GradScaler on CPU tensors
-(fp32 compute, so scaling by a power of two is exact)."""
+"""Mixed precision on CPU: bf16 autocast keeps α as close to the fp32 run as bf16-sized rounding allows, on
+every CPU kernel set (CI runs this file under each ATEN_CPU_CAPABILITY); the fp16 path's loss scaling (α
+gradients unscaled by hand, steps skipped on inf/NaN) checked with a real GradScaler on CPU tensors (fp32
+compute, so scaling by a power of two is exact)."""
+import contextlib
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from milenas_fast.data.datasets import make_synthetic
 from milenas_fast.data.loaders import normalize
 from milenas_fast.precision import Precision
 from milenas_fast.search.step import StepRule, fused_search_step, search_step
-from milenas_fast.space import genotype as gt
 from milenas_fast.space.primitives import PRIMITIVES
 from milenas_fast.space.supernet import Network
 
 CPU = torch.device("cpu")
-STEPS = 2  # 2 nodes per cell (5 edges) keeps 30 CPU iterations quick; the code path is the same
+STEPS = 2  # 2 nodes per cell (5 edges) keeps 20 CPU iterations quick; the code path is the same
 
 
 def tiny(seed=0):
@@ -37,28 +40,60 @@ def data(n_iter, batch=8):
             for i in range(n_iter)]
 
 
-def run(amp: bool, n_iter=30):
+BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): a rounding moves a value by ≤ 2^-8 relative
+N_ITER, MID_SEARCH_ALPHA = 20, 0.3
+
+
+class Bf16Rounding(TorchFunctionMode):
+    """fp32 compute with bf16-sized rounding errors where bf16 autocast rounds: each conv's and linear's input,
+    weight and output times (1 + ε), ε uniform in ±2^-8, fresh every call (the backward sees the same ε)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def rounded(self, t):
+        return t * (1 + BF16_U * (2 * torch.rand(t.shape, generator=self.gen) - 1))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.conv2d, F.linear):
+            args = (self.rounded(args[0]), self.rounded(args[1]), *args[2:])
+            return self.rounded(func(*args, **kwargs))
+        return func(*args, **kwargs)
+
+
+def run(amp: bool, rounding_seed=None, n_iter=N_ITER):
+    """α after n_iter search steps from a mid-search α (|α| ~ 0.3, where an α held in bf16 would lose
+    Adam's 3e-4 steps to rounding: the bf16 spacing there is 2^-9); returns (model, α at the start)."""
     model = tiny()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for a in model.arch_parameters():
+            a.copy_(MID_SEARCH_ALPHA * torch.randn(a.shape, generator=gen))
     alpha0 = [a.detach().clone() for a in model.arch_parameters()]
     w, a = optimizers(model)
     precision = Precision(CPU, amp)
     assert (precision.dtype is torch.bfloat16) == amp
-    for tr, va in data(n_iter):
-        search_step(model, tr, va, w, a, StepRule(), precision)
+    with Bf16Rounding(rounding_seed) if rounding_seed is not None else contextlib.nullcontext():
+        for tr, va in data(n_iter):
+            search_step(model, tr, va, w, a, StepRule(), precision)
     return model, alpha0
 
 
+def flat(alphas):
+    return torch.cat([a.detach().float().flatten() for a in alphas])
+
+
 def near_tie_differences(g32, g16, alphas32, tie):
-    """Entries where the two genotypes differ, each checked to be a near-tie in the fp32 run (the choice
-    between the two candidates is within `tie` in softmax weight); returns how many differ."""
-    n = 0
+    """Where the two genotypes differ, check each entry to be a near-tie in the fp32 run (the choice
+    between the two candidates is within `tie` in softmax weight)."""
     for cell, a in (("normal", alphas32[0]), ("reduce", alphas32[1])):
         w = torch.softmax(a, -1)
         w[:, PRIMITIVES.index("none")] = -1
         for k, (e32, e16) in enumerate(zip(getattr(g32, cell), getattr(g16, cell))):
             if e32 == e16:
                 continue
-            n += 1
             node = k // 2
             offset = sum(2 + i for i in range(node))
             (op32, in32), (op16, in16) = e32, e16
@@ -68,28 +103,53 @@ def near_tie_differences(g32, g16, alphas32, tie):
             else:  # different edge kept: compare the edges' strengths
                 margin = abs(float(w[offset + in32].max() - w[offset + in16].max()))
             assert margin < tie, f"{cell} entry {k}: fp32 {e32} vs bf16 {e16} with fp32 margin {margin:.2e} ≥ {tie:.2e}"
-    return n
+
+
+ROUNDING_RUNS = 3  # fp32 runs with modelled bf16 rounding: their RMS deviation is the yardstick
+SLACK = 3  # real bf16 kernels also round inside (accumulation blocking, stored activations, bf16 gradients),
+# and how much differs between CPU kernel sets. Measured (AVX-512 CPU): 0.98× the yardstick with
+# ATEN_CPU_CAPABILITY=default, 0.95× avx2, 0.97× avx512; an α held in bf16 (Adam's steps lost): 4.2×
 
 
 @pytest.mark.slow
-def test_bf16_alpha_tracks_fp32_over_30_iterations():
+def test_bf16_alpha_tracks_fp32_within_the_spread_of_bf16_sized_rounding():
+    """A search trajectory amplifies any perturbation (BatchNorm on small batches, ReLU kinks, the softmax
+    gradient's cancellation), so bf16 is judged against fp32 runs perturbed by bf16-sized rounding errors
+    at the same places, not against a fixed fraction: it must stay within SLACK× their RMS deviation."""
     m32, alpha0 = run(False)
+    a32, a0 = flat(m32.arch_parameters()), flat(alpha0)
+    moved = float((a32 - a0).norm())
+    # α really moved: Adam moves an element by about lr per step while its gradient sign holds
+    assert float((a32 - a0).abs().max()) > 0.25 * 3e-4 * N_ITER
+    spreads = [float((flat(run(False, seed)[0].arch_parameters()) - a32).norm()) for seed in range(ROUNDING_RUNS)]
+    yardstick = (sum(s * s for s in spreads) / len(spreads)) ** 0.5
+    assert 0 < yardstick < 0.5 * moved, (spreads, moved)  # the model perturbs, but does not swamp, the run
     m16, _ = run(True)
-    moved = max(float((a - b).detach().abs().max()) for a, b in zip(m32.arch_parameters(), alpha0))
-    delta = max(float((a - b).detach().abs().max()) for a, b in zip(m32.arch_parameters(), m16.arch_parameters()))
-    assert moved > 5e-3  # α really moved (30 Adam steps at 3e-4)
-    # Stated tolerance: the bf16 run's α differs from the fp32 run's by at most 15% of how far α moved
-    # (measured: ~8%; α gradients under bf16 autocast carry ~1e-3 relative error and Adam normalises them).
-    assert delta <= 0.15 * moved, (delta, moved)
-    for a32, a16, a0 in zip(m32.arch_parameters(), m16.arch_parameters(), alpha0):
-        assert float((a16 - a32).detach().norm() / (a32 - a0).detach().norm()) < 0.15
+    delta = float((flat(m16.arch_parameters()) - a32).norm())
+    assert delta <= SLACK * yardstick, (
+        f"bf16 α is {delta / moved:.1%} of α's movement away from fp32; fp32 under bf16-sized rounding: "
+        f"{yardstick / moved:.1%} (RMS of {[f'{s / moved:.1%}' for s in spreads]}); limit {SLACK}×")
+    for a16 in m16.arch_parameters():
         assert a16.dtype == torch.float32  # α stays fp32 under autocast
-    g32, g16 = m32.genotype(), m16.genotype()
-    # Same genotype — except where fp32 itself is at a near-tie (two candidates' weights closer than what
-    # the α tolerance can move them), which rounding may break either way; at most one such entry.
-    tie = 2 * delta
-    n_diff = near_tie_differences(g32, g16, [a.detach() for a in m32.arch_parameters()], tie)
-    assert n_diff <= 1, (gt.to_text(g32), gt.to_text(g16))
+    # Same genotype, except where fp32 itself is at a near-tie that a deviation of this size can flip
+    tie = 2 * float((flat(m16.arch_parameters()) - a32).abs().max())
+    near_tie_differences(m32.genotype(), m16.genotype(), [a.detach() for a in m32.arch_parameters()], tie)
+
+
+def test_alpha_path_stays_fp32_under_bf16_autocast():
+    """The exact part: softmax(α), α's gradient and Adam's state are fp32 under bf16 autocast (a bf16 softmax
+    or α cast to bf16 hides inside the trajectory's spread at this size, so it is pinned here)."""
+    model = tiny(4)
+    (tr, va), = data(1)
+    precision = Precision(CPU, True)
+    with precision.autocast():
+        assert all(m.dtype == torch.float32 for m in model.mixing_weights())
+        assert model(tr[0]).dtype == torch.bfloat16  # autocast is really on
+    w, a = optimizers(model)
+    search_step(model, tr, va, w, a, StepRule(), precision)
+    for alpha in model.arch_parameters():
+        assert alpha.dtype == torch.float32 and alpha.grad.dtype == torch.float32
+        assert all(v.dtype == torch.float32 for k, v in a.state[alpha].items() if k != "step")
 
 
 # --- fp16 loss scaling, with a real GradScaler on CPU (fp32 compute) --------------------------------------

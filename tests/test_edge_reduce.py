@@ -184,10 +184,18 @@ def test_torch_compile_inductor_cpu():
 @needs_gpu
 @pytest.mark.parametrize("shape", [dict(K=1, N=3, C=5, H=7), dict(K=7, N=3, C=5, H=9), dict(K=8, N=64, C=16, H=32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_matches_reference(shape, dtype):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("milenas_fast::edge_reduce", "CUDA"), extension.describe()
+@pytest.mark.parametrize("impl", ["cpp", "twin"])
+def test_cuda_matches_reference(shape, dtype, impl):
+    if impl == "cpp":
+        if extension.cuda_home() is None:
+            pytest.skip("no nvcc here: the extension has no CUDA kernels (the twin's case)")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("milenas_fast::edge_reduce", "CUDA"), \
+            extension.describe()
+        fn = torch.ops.milenas_fast.edge_reduce
+    else:
+        fn = importlib.import_module("milenas_fast.ops.edge_reduce_triton").edge_reduce_triton
     inputs, grad = make_inputs(**shape, dtype=dtype, device="cuda", seed=shape["K"])
-    got, want = run(edge_reduce, inputs, grad), oracle(inputs, grad)
+    got, want = run(fn, inputs, grad), oracle(inputs, grad)
     naive = run(naive_low_precision, inputs, grad) if dtype != torch.float32 else None
     for i, (name, a, b) in enumerate(zip(NAMES, got, want)):
         assert a.is_cuda and a.dtype == (dtype if name in ("out", "grad_y") else torch.float32), name
@@ -439,3 +447,26 @@ def test_twin_compiles_for_sm90():
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(res) == len(cases) and {k: v for k, v in res.items() if v != "ok"} == {}
+
+
+@cuda
+@needs_gpu
+def test_cuda_twin_opcheck_compile_and_determinism():
+    twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton").edge_reduce_triton
+    inputs, grad = make_inputs(3, N=4, C=6, H=8, device="cuda")
+    torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton.default,
+                          [t.clone().requires_grad_() for t in inputs])
+    for mask in ([True] * 4, [False, True, False, True]):
+        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default, [grad, *inputs, mask])
+    big, bgrad = make_inputs(8, N=64, C=16, H=16, dtype=torch.bfloat16, device="cuda", seed=5)
+    first, second = run(twin, big, bgrad), run(twin, big, bgrad)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+    def f(y, w, mean, rstd):
+        return torch.relu(twin(y, w, mean, rstd)) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for name, a, b in zip(NAMES, run(compiled, inputs, grad), run(f, inputs, grad)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")

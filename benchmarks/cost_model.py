@@ -12,7 +12,8 @@ no compute. A TorchDispatchMode records every dispatched op and counts, per iter
                ops it runs, and the C++ edge_reduce ops count the launches of csrc/cuda/edge_reduce.cu.
                cuDNN and ATen's BatchNorm may launch several kernels per op: eager counts are low estimates.
   gflop        torch.utils.flop_counter's formulas (convolutions and matmuls) plus ours for the custom ops.
-  gbytes       each kernel's inputs + outputs, no credit for caches: an upper estimate of HBM traffic.
+  gbytes       each kernel's inputs + outputs, no credit for caches: an upper estimate of HBM traffic
+               (a Triton launch counts each buffer it is passed once).
   saved_gbytes the peak of the live bytes saved for backward (torch.autograd.graph.saved_tensors_hooks;
                storages counted once; weights and buffers, resident anyway, not counted).
 
@@ -541,7 +542,7 @@ def print_table(result: dict) -> None:
         print(f"{name:22} {r['launch']:6} {r['kernels']:8d} {r['gflop']:7.1f} {r['gbytes']:7.1f} "
               f"{r['saved_gbytes']:8.2f} {r['ms_h100_' + r['launch']]:16.1f} {r['ms_h200_' + r['launch']]:6.1f} "
               f"{r['projected_search_min_h100']:12.1f} min {r['projected_search_min_h200']:5.1f} min")
-    print("\nper op class (kernels / GB / model ms on H100):")
+    print("\nper op class, model (kernels / GB / roofline ms on H100, launch costs not included):")
     names = list(result["modes"])
     print(f"{'class':12}" + "".join(f" {n:>22}" for n in names))
     for c in CLASSES:

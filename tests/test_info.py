@@ -28,24 +28,27 @@ def test_info_shows_twin_warning_and_failed_selftest(capsys, monkeypatch):
     """A machine where edge_reduce runs its Triton twin and the fused kernels fail their self-test."""
     from milenas_fast import selftest
     from milenas_fast.ops import select
+    from milenas_fast.runtime import resolve_device
 
     er = importlib.import_module("milenas_fast.ops.edge_reduce")
     fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
+    dev = resolve_device("auto")
     monkeypatch.setattr(selftest, "_results", {})
     monkeypatch.setattr(selftest, "_warned", set())
-    monkeypatch.setitem(er.IMPL, "cpu", ("triton", "Triton twin, because the C++ extension has no CPU kernels (injected)"))
+    why = "Triton twin, because the C++ extension has no kernels (injected)"
+    monkeypatch.setitem(er.IMPL, dev.type, ("triton", why))
     monkeypatch.setattr(fmo, "stencil", lambda *a: (_ for _ in ()).throw(RuntimeError("injected launch failure")))
     monkeypatch.delenv(select.ENV, raising=False)
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "edge_reduce (cpu): triton (Triton twin, because the C++ extension has no CPU kernels (injected))" in out
-    assert "WARNING: milenas_fast: edge_reduce on cpu: Triton twin" in out
-    assert "fused self-test: cpu float32: FAILED: stride 1: RuntimeError: injected launch failure" in out
+    assert f"edge_reduce ({dev.type}): triton ({why})" in out
+    assert f"WARNING: milenas_fast: edge_reduce on {dev.type}: Triton twin" in out
+    assert "fused self-test: " in out and "FAILED: stride 1: RuntimeError: injected launch failure" in out
     assert "refused: --impl fused: the fused MixedOp failed its self-test" in out
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert [w for w in info["warnings"] if "edge_reduce on cpu: Triton twin" in w]
-    assert info["fused self-test"].startswith("cpu float32: FAILED")
+    assert [w for w in info["warnings"] if f"edge_reduce on {dev.type}: Triton twin" in w]
+    assert "float32: FAILED" in info["fused self-test"]
 
 
 def test_info_rebuild_asks_for_a_retry(capsys, monkeypatch):

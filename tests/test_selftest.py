@@ -1,5 +1,6 @@
-"""The start-up self-test of the fused MixedOp (milenas_fast/selftest.py) and how resolve_impl acts on it:
-on CPU through the Triton interpreter, with faults injected into the fused path's kernels."""
+"""The start-up self-test of the fused MixedOp (milenas_fast/selftest.py) and how resolve_impl acts on it,
+with faults injected into the fused path's kernels: on the GPU when there is one, else on CPU through the
+Triton interpreter."""
 import importlib
 import warnings
 
@@ -15,21 +16,22 @@ from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp
 pytestmark = pytest.mark.gpu_path
 fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
 er = importlib.import_module("milenas_fast.ops.edge_reduce")
-CPU = torch.device("cpu")
+DEV = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+KEY = f"{DEV} float32"
 
 
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch):
-    """An empty per-process cache, and the fused path possible here (TRITON_INTERPRET=1 from conftest)."""
+    """An empty per-process cache, and the fused path possible here (on CPU: TRITON_INTERPRET=1, conftest)."""
     monkeypatch.setattr(selftest, "_results", {})
     monkeypatch.setattr(selftest, "_warned", set())
     monkeypatch.delenv(select.ENV, raising=False)
-    assert not select.blockers(CPU), select.blockers(CPU)
+    assert not select.blockers(DEV), select.blockers(DEV)
 
 
 @pytest.fixture
 def auto_picks_fused(monkeypatch):
-    """`auto` never picks fused on CPU; pretend this CPU is a GPU for the decision only."""
+    """`auto` never picks fused on CPU; pretend this CPU is a GPU for the decision only (a no-op on a GPU)."""
     real = select.decide
 
     def decide(requested=None, device="cuda", dtype=None):
@@ -46,28 +48,28 @@ def our_warnings(rec):
 
 def test_passes_is_cached_and_leaves_the_rng_alone(monkeypatch):
     state = torch.get_rng_state()
-    cls, why = resolve_impl("fused", CPU)
+    cls, why = resolve_impl("fused", DEV)
     assert cls is FusedMixedOp and "self-test passed" in why
     assert torch.equal(torch.get_rng_state(), state)
     monkeypatch.setattr(selftest, "_run", lambda *a: pytest.fail("ran twice"))
-    assert resolve_impl("fused", CPU)[0] is FusedMixedOp
-    assert selftest.results() == {"cpu float32": "passed"}
+    assert resolve_impl("fused", DEV)[0] is FusedMixedOp
+    assert selftest.results() == {KEY: "passed"}
 
 
 def test_passes_with_the_triton_edge_reduce(monkeypatch):
     """The fused MixedOp with edge_reduce's Triton twin (what a GPU without nvcc runs)."""
-    monkeypatch.setitem(er.IMPL, "cpu", ("triton", "forced for the test"))
+    monkeypatch.setitem(er.IMPL, DEV.type, ("triton", "forced for the test"))
     calls = []
     twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
     real = twin.edge_reduce_triton
     monkeypatch.setattr(twin, "edge_reduce_triton", lambda *a: calls.append(1) or real(*a))
-    assert selftest.fused_mixed_op(CPU) == ""
+    assert selftest.fused_mixed_op(DEV) == ""
     assert len(calls) == 2  # one MixedOp per stride, through the twin
 
 
 def test_bf16_relative_rule():
-    assert selftest.fused_mixed_op(CPU, torch.bfloat16) == ""
-    assert selftest.results() == {"cpu bfloat16": "passed"}
+    assert selftest.fused_mixed_op(DEV, torch.bfloat16) == ""
+    assert selftest.results() == {f"{DEV} bfloat16": "passed"}
 
 
 def test_auto_falls_back_with_one_warning_when_a_kernel_raises(monkeypatch, auto_picks_fused):
@@ -78,11 +80,11 @@ def test_auto_falls_back_with_one_warning_when_a_kernel_raises(monkeypatch, auto
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(2):
-            cls, why = resolve_impl("auto", CPU)
+            cls, why = resolve_impl("auto", DEV)
             assert cls is ReferenceMixedOp and "self-test" in why and "illegal memory access" in why
     (w,) = our_warnings(rec)
-    assert "fused MixedOp disabled on cpu" in str(w.message) and "illegal memory access" in str(w.message)
-    assert selftest.results()["cpu float32"].startswith("FAILED: stride 1: RuntimeError")
+    assert f"fused MixedOp disabled on {DEV}" in str(w.message) and "illegal memory access" in str(w.message)
+    assert selftest.results()[KEY].startswith("FAILED: stride 1: RuntimeError")
 
 
 def test_explicit_fused_refuses_wrong_outputs(monkeypatch):
@@ -91,7 +93,7 @@ def test_explicit_fused_refuses_wrong_outputs(monkeypatch):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         with pytest.raises(ConfigError, match=r"--impl fused: .*self-test.*output differs"):
-            resolve_impl("fused", CPU)
+            resolve_impl("fused", DEV)
     assert not our_warnings(rec)  # explicit: an error, not a warning
 
 
@@ -105,10 +107,10 @@ def test_wrong_gradients_are_caught(monkeypatch, auto_picks_fused):
 
     monkeypatch.setattr(fmo, "edge_reduce", wrong_backward)
     with pytest.warns(RuntimeWarning, match="self-test failed"):
-        cls, why = resolve_impl("auto", CPU)
+        cls, why = resolve_impl("auto", DEV)
     assert cls is ReferenceMixedOp and "grad" in why and "output differs" not in why
     with pytest.raises(ConfigError, match="grad"):
-        resolve_impl("fused", CPU)
+        resolve_impl("fused", DEV)
 
 
 def test_failing_cpp_edge_reduce_is_replaced_by_the_twin(monkeypatch):
@@ -118,11 +120,11 @@ def test_failing_cpp_edge_reduce_is_replaced_by_the_twin(monkeypatch):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device (injected)")
 
     monkeypatch.setattr(er, "_cpp", no_image)
-    monkeypatch.setitem(er.IMPL, "cpu", ("cpp", "C++ CPU kernels"))
+    monkeypatch.setitem(er.IMPL, DEV.type, ("cpp", "C++ kernels"))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        cls, why = resolve_impl("fused", CPU)
-    assert cls is FusedMixedOp and er.IMPL["cpu"][0] == "triton" and "no kernel image" in er.IMPL["cpu"][1]
+        cls, why = resolve_impl("fused", DEV)
+    assert cls is FusedMixedOp and er.IMPL[DEV.type][0] == "triton" and "no kernel image" in er.IMPL[DEV.type][1]
     (w,) = [w for w in rec if "Triton twin" in str(w.message)]
     assert "C++ edge_reduce failed the fused self-test" in str(w.message)
 
@@ -134,9 +136,20 @@ def test_both_edge_reduce_kernels_failing_reports_both(monkeypatch, auto_picks_f
     monkeypatch.setattr(er, "_cpp", bad)
     twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
     monkeypatch.setattr(twin, "edge_reduce_triton", bad)
-    monkeypatch.setitem(er.IMPL, "cpu", ("cpp", "C++ CPU kernels"))
+    monkeypatch.setitem(er.IMPL, DEV.type, ("cpp", "C++ kernels"))
     with pytest.warns(RuntimeWarning, match="self-test failed") as rec:
-        cls, why = resolve_impl("auto", CPU)
+        cls, why = resolve_impl("auto", DEV)
     assert cls is ReferenceMixedOp and "with the Triton edge_reduce too" in why
-    assert er.IMPL["cpu"][0] == "cpp"  # restored
+    assert er.IMPL[DEV.type][0] == "cpp"  # restored
     assert len(our_warnings(rec)) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("edge", ["chosen", "twin"])
+def test_cuda_selftest_passes(dtype, edge, monkeypatch):
+    """On the GPU: with the edge_reduce select chose, and with the Triton twin forced."""
+    if edge == "twin":
+        monkeypatch.setitem(er.IMPL, "cuda", ("triton", "forced for the test"))
+    assert selftest.fused_mixed_op("cuda", dtype) == ""

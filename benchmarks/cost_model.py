@@ -108,7 +108,7 @@ _prim_device = torch.ops.prim.device.default
 NO_KERNEL = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.empty_like.default,
              _aten.new_empty.default, _aten.new_empty_strided.default, _aten.lift_fresh.default,
              _aten._local_scalar_dense.default,  # .item() of a CPU scalar (Adam's step count lives on the CPU)
-             _aten.set_.source_Storage_storage_offset, _aten.resize_.default}
+             _aten.set_.source_Storage_storage_offset, _aten.resize_.default, _aten._unsafe_view.default}
 POOLING = {"max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d", "avg_pool2d_backward",
            "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward"}
 REDUCTIONS = {"sum", "mean", "var_mean", "var", "std", "norm", "linalg_vector_norm", "amax", "amin", "max",
@@ -154,7 +154,7 @@ def _stencil_flops(x: torch.Tensor, stride: int) -> int:
     return 2 * n * c * ho * wo * STENCIL_TAPS  # 2 FLOPs per MAC; the pools count 0, as flop_counter's do
 
 
-def _custom_flops(name: str, args, out) -> int:
+def _custom_flops(name: str, args) -> int:
     if name == "milenas_fast::stencil_fwd":
         return _stencil_flops(args[0], args[5])
     if name == "milenas_fast::stencil_bwd_input":
@@ -237,6 +237,7 @@ class Recorder(TorchDispatchMode):
         self.by_class: dict[str, Tally] = defaultdict(Tally)
         self._scopes: list[str] = []  # profiler record_function names (Optimizer.step#…) and our own
         self._custom: list[str] = []  # the custom op being decomposed
+        self._pending_flops = 0
 
     @contextlib.contextmanager
     def scope(self, name: str):
@@ -285,7 +286,8 @@ class Recorder(TorchDispatchMode):
             if _storage_key(t) not in seen:
                 seen.add(_storage_key(t))
                 tensors.append(t)
-        self._record(None, (), 1, 0, tensors)
+        flops, self._pending_flops = self._pending_flops, 0
+        self._record(None, (), 1, flops, tensors)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _prim_device:  # asked ~2× per op by the dispatcher: answer without a fake dispatch
@@ -321,32 +323,19 @@ class Recorder(TorchDispatchMode):
         from torch._library.custom_ops import OPDEFS
         from torch._library.triton import get_triton_kernels_for_op
 
-        flops = _custom_flops(name, args, None)
-        if name in OPDEFS and get_triton_kernels_for_op(name):
-            # a triton_op: run its Python body (its fake kernel) under this mode, so its ATen ops and its
-            # Triton launches (triton_kernel_wrapper_mutation, recorded below) are counted one by one
-            if flops:
-                self._record_flops_only(name, flops)
-            self._custom.append(name)
-            try:
+        flops = _custom_flops(name, args)
+        self._custom.append(name)
+        try:
+            if name in OPDEFS and get_triton_kernels_for_op(name):
+                # a triton_op: run its Python body (its fake kernel) under this mode, so that its ATen ops
+                # and its Triton launches (triton_kernel_wrapper_mutation, below) are counted one by one;
+                # the op's FLOPs go with its first launch
+                self._pending_flops = flops
                 with self:
                     return OPDEFS[name]._abstract_fn(*args, **kwargs)
-            finally:
-                self._custom.pop()
-        out = func(*args, **kwargs)  # a C++ op: its registered fake kernel gives the output shapes
-        self._custom.append(name)
-        try:
-            self._record(func, args, _edge_reduce_launches(name, args), flops,
-                         [*_tensors(args), *_tensors(out)])
-        finally:
-            self._custom.pop()
-        return out
-
-    def _record_flops_only(self, name, flops):
-        self._custom.append(name)
-        try:
-            cls, _ = self._class_of(None, ())
-            self.by_class[cls].add(0, flops, 0.0, _roofline(flops, 0.0, "fp32"))
+            out = func(*args, **kwargs)  # a C++ op: its registered fake kernel gives the output shapes
+            self._record(func, args, _edge_reduce_launches(name, args), flops, [*_tensors(args), *_tensors(out)])
+            return out
         finally:
             self._custom.pop()
 

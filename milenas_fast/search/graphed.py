@@ -227,7 +227,7 @@ def self_test(device: torch.device, graphs=None) -> str:
                 search_step(ref, tr, va, w, a, rule, precision)
             got = list(model.parameters()) + model.arch_parameters() + list(model.buffers())
             want = list(ref.parameters()) + ref.arch_parameters() + list(ref.buffers())
-            worst = max(float((g.detach().double() - e.double()).abs().max()) for g, e in zip(got, want))
+            worst = max(float((g.detach().double() - e.detach().double()).abs().max()) for g, e in zip(got, want))
     except Exception as e:  # noqa: BLE001 — any failure means "do not use graphs here"
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     if not worst <= 1e-4:

@@ -33,6 +33,7 @@ BUILD_RECORD = "_C.build.json"  # beside the prebuilt _C: {"source_hash": ...}
 FAILED_RECORD = "milenas_fast_failed_build.json"
 REBUILD_ENV = "MILENAS_FAST_REBUILD"
 LOCK_ENV = "MILENAS_FAST_BUILD_LOCK_MINUTES"
+SOURCE_SUFFIXES = (".cpp", ".cc", ".cu", ".cuh", ".h", ".hpp")
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ops": None, "how": "", "why": "not loaded yet"}
@@ -97,9 +98,10 @@ def sources(with_cuda: bool) -> list[str]:
 
 
 def source_hash(root: Path = CSRC) -> str:
-    """sha256 of every file under csrc/ (relative names and contents): what a build was made from."""
+    """sha256 of the C++/CUDA sources and headers under csrc/ (relative names and contents): what a build
+    was made from."""
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -162,8 +164,8 @@ def _lock_holders(path: Path) -> list[int] | None:
 
 
 def _torch_lock_is_a_file_baton() -> bool:
-    """torch < 2.14 locks the build folder with FileBaton (the lock FILE's existence blocks: a killed build
-    leaves it behind); newer torch holds an OS lock on it (released when the holder dies)."""
+    """Older torch (2.11, say) locks the build folder with FileBaton: the lock FILE's existence blocks, so a
+    killed build leaves it behind. Newer torch (2.14) holds an OS lock on it, released when the holder dies."""
     from torch.utils import cpp_extension
 
     try:

@@ -91,4 +91,5 @@ def resolve_impl(requested: str, device: torch.device, dtype: torch.dtype = torc
         raise ConfigError(f"--impl fused: the fused MixedOp failed its self-test on {device} ({problem}); "
                           "use --impl reference or auto")
     selftest.warn_disabled(device, dtype, problem)
-    return ReferenceMixedOp, f"{decision.requested}: reference (the fused MixedOp failed its self-test on {device}: {problem})"
+    return ReferenceMixedOp, (f"{decision.requested}: reference (the fused MixedOp failed its self-test on "
+                              f"{device}: {problem})")

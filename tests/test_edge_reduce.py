@@ -386,7 +386,8 @@ def test_select_falls_back_to_twin_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(er_module, "IMPL", {})
     monkeypatch.setattr(select, "_extension_problem", lambda dt: "C++ extension has no CUDA kernels (no nvcc)")
-    with pytest.warns(RuntimeWarning, match=r"edge_reduce on cuda: Triton twin, because .*no nvcc.*info --rebuild") as rec:
+    notice = r"edge_reduce on cuda: Triton twin, because .*no nvcc.*info --rebuild"
+    with pytest.warns(RuntimeWarning, match=notice) as rec:
         assert select.edge_reduce_impl("cuda")[0] == "triton"
         assert select.edge_reduce_impl("cuda")[0] == "triton"
     assert len([w for w in rec if "Triton twin" in str(w.message)]) == 1

@@ -84,6 +84,17 @@ def test_search_lr_of_every_epoch_is_the_cosine_schedule(resumed_search):
     assert resumed_search.used == [[pytest.approx(lr, rel=1e-6)] for lr in expected]  # what SGD used
 
 
+def test_model_sizes_json_keeps_each_buckets_first_best_epoch(resumed_search):
+    history = [json.loads(line) for line in (resumed_search.run_dir / "genotypes.jsonl").read_text().splitlines()]
+    sizes = json.loads((resumed_search.run_dir / "model_sizes.json").read_text())
+    assert set(sizes) == {h["model_size"] for h in history}
+    for key, kept in sizes.items():
+        same = [h for h in history if h["model_size"] == key]
+        first_best = max(same, key=lambda h: (h["valid_acc"], -h["epoch"]))
+        assert (kept["epoch"], kept["valid_acc"], kept["genotype"]) == \
+            (first_best["epoch"], first_best["valid_acc"], first_best["genotype"])
+
+
 def test_search_run_folder_name_and_log_continued_on_resume(resumed_search):
     assert re.fullmatch(r"search-lr-\d{8}-\d{6}", resumed_search.run_dir.name)
     log = (resumed_search.run_dir / "log.txt").read_text()
@@ -222,7 +233,8 @@ def test_a_checkpoint_write_failing_part_way_keeps_the_previous_one(argv, per_ep
         before = ckpt.read_bytes()
         with file_size_limit(len(before) // 2), pytest.raises((OSError, RuntimeError)):
             real_save(path, state)
-        assert ckpt.read_bytes() == before  # the previous checkpoint, byte for byte
+        intact = ckpt.read_bytes() == before
+        assert intact, "a failed checkpoint write changed the previous checkpoint"
         raise KeyboardInterrupt  # stop the run here, as the failure would
 
     monkeypatch.setattr(runs, "save_checkpoint", fail_second_save)
@@ -231,7 +243,10 @@ def test_a_checkpoint_write_failing_part_way_keeps_the_previous_one(argv, per_ep
     monkeypatch.setattr(search_loop, "_plot", lambda run_dir: None)
     assert saved == [1, 2]
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
-    assert runs.load_checkpoint(run_dir, argv[0])[1]["epoch"] == 1
+    state = runs.load_checkpoint(run_dir, argv[0])[1]
+    assert state["epoch"] == 1
+    if argv is SEARCH:  # the per-epoch files are rewritten only after the checkpoint, so they still agree
+        assert len((run_dir / per_epoch).read_text().splitlines()) == len(state["history"]) == 1
     assert main([argv[0], "--resume", str(run_dir), "--quiet", "--workers", "0"]) == 0
     assert runs.load_checkpoint(run_dir, argv[0])[1]["epoch"] == 2
     assert len((run_dir / per_epoch).read_text().splitlines()) == lines  # metrics.csv has a header

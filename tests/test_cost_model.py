@@ -77,10 +77,11 @@ def test_flops_match_torch_flop_counter_where_it_is_right():
 
 
 @pytest.mark.gpu_path
-def test_hand_count_fused_custom_ops(device):
+def test_hand_count_fused_custom_ops():
     """The stencil triton_op is ONE Triton launch (its six outputs are allocations) reading x and the four
     filters and writing six outputs; edge_reduce (C++) is one kernel. FLOPs: 2·(9+25+9+25) per output
-    element for the stencil, 3 per candidate element for edge_reduce."""
+    element for the stencil, 3 per candidate element for edge_reduce. (Runs the ops' Python launch code
+    on fake tensors: the code the GPU runs, without a kernel executing.)"""
     from milenas_fast.ops import extension
     from milenas_fast.ops.edge_reduce import edge_reduce
     from milenas_fast.ops.stencil import stencil

@@ -11,7 +11,9 @@ no compute. A TorchDispatchMode records every dispatched op and counts, per iter
                (torch.library.triton_op) is decomposed into its Triton launches (one each) and the ATen
                ops it runs, and the C++ edge_reduce ops count the launches of csrc/cuda/edge_reduce.cu.
                cuDNN and ATen's BatchNorm may launch several kernels per op: eager counts are low estimates.
-  gflop        torch.utils.flop_counter's formulas (convolutions and matmuls) plus ours for the custom ops.
+  gflop        torch.utils.flop_counter's formulas (convolutions and matmuls) plus ours for the custom ops
+               and for grouped convolutions' backward (flop_counter counts their weight gradient
+               `groups` times too high: 628 instead of 258 GFLOP for eager-fp32).
   gbytes       each kernel's inputs + outputs, no credit for caches: an upper estimate of HBM traffic
                (a Triton launch counts each buffer it is passed once).
   saved_gbytes the peak of the live bytes saved for backward (torch.autograd.graph.saved_tensors_hooks;
@@ -40,10 +42,13 @@ by measurements.
 The fake tensors live on a fake *CPU* device: torch 2.14 cannot run backward through fake CUDA tensors
 without a GPU (the autograd engine queries the CUDA context). What would differ on CUDA is put back for
 the run (see `_as_on_cuda`): DepthwiseConv2d's CPU-only backward is off, foreach kernels are used as on
-CUDA, the fused path is selected. Autocast is CPU's bf16 autocast, which casts the same ops here
-(convolutions, linear). Modes with "fused" use the CUDA graph launch cost; eager modes the eager one.
+CUDA (clipping, and both optimisers, built as search/loop.py builds them plus foreach=True, torch's
+default for CUDA tensors), the fused path is selected. Autocast is CPU's bf16 autocast, which casts the
+same ops here (convolutions, linear). Optimiser state is pre-filled so the recorded iteration is a
+steady-state one. Modes with "fused" use the CUDA graph launch cost; eager modes the eager one.
+Not modelled: data loading and augmentation, host syncs, cuDNN algorithm choice, caches.
 
-    python benchmarks/cost_model.py [--C 16 --layers 8 --batch 64 --size 32] [--modes ...] [--json]
+    python benchmarks/cost_model.py [--C 16 --layers 8 --batch 64 --size 32] [--modes a,b] [--json]
 """
 from __future__ import annotations
 
@@ -424,7 +429,7 @@ def _steady_state(w_opt: torch.optim.SGD, a_opt: torch.optim.Adam) -> None:
                                   exp_avg_sq=torch.zeros_like(p))
 
 
-def _summary(by_class: dict) -> dict:
+def _summary(by_class: dict) -> Tally:
     tot = Tally()
     for t in by_class.values():
         tot.add(t.kernels, t.flops, t.bytes, t.seconds)

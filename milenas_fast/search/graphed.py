@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import torch
 
@@ -106,7 +107,7 @@ class GraphedStep:
         self.fused_train_step, self.warmup = fused_train_step, max(1, warmup)
         self.device = next(model.parameters()).device
         self.graphs = graphs if graphs is not None else CudaGraphs(self.device)
-        self.lr = torch.zeros((), device=self.device)
+        self.lr = torch.zeros((), dtype=torch.float32, device=self.device)  # fused SGD's kernels read fp32
         self._lr_value = None
         self.invalidate()
 
@@ -150,7 +151,9 @@ class GraphedStep:
         self.static = {"train": (x.clone(), y.clone())}
         if valid_batch is not None:
             self.static["valid"] = (valid_batch[0].clone(), valid_batch[1].clone())
-        with self.graphs.side_stream():
+        with self.graphs.side_stream(), warnings.catch_warnings():
+            # Adam warns when a capturable step runs uncaptured; this one eager run is meant
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
             result = self._body()  # the real iteration for this batch; warms the graph-mode code paths
         self.replay = self.graphs.capture(self._body)
         return result

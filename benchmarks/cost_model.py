@@ -482,6 +482,25 @@ def run(C=16, layers=8, batch=64, size=32, modes=tuple(MODES), steps=4) -> dict:
     return result
 
 
+def run_jobs(jobs: int, C, layers, batch, size, modes: tuple, steps) -> dict:
+    """`run` with the modes shared among `jobs` forked processes (each builds its own fake supernet)."""
+    if jobs <= 1 or len(modes) <= 1:
+        return run(C, layers, batch, size, modes, steps)
+    import concurrent.futures
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    groups = [modes[i::jobs] for i in range(min(jobs, len(modes)))]
+    with concurrent.futures.ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("fork")) as ex:
+        parts = list(ex.map(run, *zip(*[(C, layers, batch, size, g, steps) for g in groups])))
+    result = parts[0]
+    found = {k: v for p in parts for k, v in p["modes"].items()}
+    result["modes"] = {m: found[m] for m in modes}
+    result["targets"] = targets(result)
+    result["cpu_seconds"] = time.perf_counter() - t0
+    return result
+
+
 def _iteration_seconds(tot: Tally, gpu: str, launch: str) -> float:
     gpu_s = tot.seconds.get(gpu, 0.0) + tot.kernels * GRAPH_GAP_S
     return max(tot.kernels * EAGER_LAUNCH_S, gpu_s) if launch == "eager" else gpu_s
@@ -562,6 +581,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4, help="nodes per cell (4 in DARTS; fewer for quick checks)")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--jobs", type=int, default=1, help="processes to share the modes among (2 on 2 cores)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -569,16 +589,17 @@ def main(argv=None) -> int:
     if bad or not modes:
         print(f"cost_model: unknown mode(s) {bad or modes}; choose from {', '.join(MODES)}", file=sys.stderr)
         return 2
-    if args.C < 2 or args.C % 2 or args.layers < 3 or args.batch < 2 or args.size < 4 or args.steps < 1:
-        print("cost_model: need --C even >= 2, --layers >= 3, --batch >= 2, --size >= 4, --steps >= 1",
+    if args.C < 2 or args.C % 2 or args.layers < 3 or args.batch < 2 or args.size < 4 or args.steps < 1 \
+            or args.jobs < 1:
+        print("cost_model: need --C even >= 2, --layers >= 3, --batch >= 2, --size >= 4, --steps >= 1, --jobs >= 1",
               file=sys.stderr)
         return 2
-    result = run(args.C, args.layers, args.batch, args.size, tuple(modes), args.steps)
+    result = run_jobs(args.jobs, args.C, args.layers, args.batch, args.size, tuple(modes), args.steps)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print_table(result)
-        print(f"\n(model computed in {result['cpu_seconds']:.0f} s on this CPU)")
+        print(f"\n(model computed in {result['cpu_seconds']:.0f} s on this CPU, {args.jobs} process(es))")
     return 0
 
 

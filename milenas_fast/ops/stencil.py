@@ -68,11 +68,13 @@ def launch_config(kernel: str, shape, stride: int, tile: int | None = None):
 
 def _blocks(planes: int, pixels: int, tile: int):
     hw = min(triton_next_pow2(pixels), tile)
-    p = max(1, min(triton_next_pow2(planes), tile // hw))
-    grid = (triton_cdiv(planes, p), triton_cdiv(pixels, hw))
-    # 4 elements per thread: the forward keeps six fp32 accumulators and many in-flight loads per
-    # element; ptxas (sm_90a) reports no spills at 1024 elements / 8 warps but spills at 4 warps.
-    return p, hw, grid, max(1, min(8, (p * hw) // 128))
+    # Several planes per program cost registers (per-plane filter vectors, 2-D indices): such programs take
+    # half a tile at 2 elements per thread, others 4 (the forward keeps six fp32 accumulators and many
+    # in-flight loads per element). ptxas for sm_90 (tests/test_sm90.py): no spills this way (the fp32
+    # whole-plane forward uses all 255 registers); packed programs at 4 elements per thread spilled.
+    p = max(1, min(triton_next_pow2(planes), tile // 2 // hw))
+    per_thread = 4 if p == 1 else 2
+    return p, hw, (triton_cdiv(planes, p), triton_cdiv(pixels, hw)), max(1, min(8, p * hw // (32 * per_thread)))
 
 
 def triton_next_pow2(n: int) -> int:

@@ -1,0 +1,107 @@
+"""Every stencil kernel lowers for Hopper (sm_90) at the exact configurations the launcher picks for the
+search's shapes, in fp32 and bf16, without register spills. No GPU needed: triton.compile with a CUDA
+target runs ptxas; its `-v` report (printed when TRITON_DUMP_PTXAS_LOG=1) holds registers and spills."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+from milenas_fast.ops.stencil import GPU_MAX_TILE, launch_config  # noqa: E402
+
+KERNELS = {"fwd": "stencil_fwd_kernel", "bwd_input": "stencil_bwd_input_kernel",
+           "bwd_weight": "stencil_bwd_weight_kernel"}
+SEARCH_SHAPES = [(64, 16, 32), (64, 32, 16), (64, 64, 8)]  # batch 64: the three cell resolutions
+
+
+def configs() -> list[tuple[str, int, int, int, int]]:
+    """(kernel, STRIDE, BLOCK_P, BLOCK_HW, num_warps) the GPU launcher uses, without duplicates."""
+    out = set()
+    for N, C, H in SEARCH_SHAPES:
+        for stride in (1, 2):
+            for kernel in KERNELS:
+                bp, bhw, _, warps = launch_config(kernel, (N, C, H, H), stride, GPU_MAX_TILE)
+                out.add((kernel, stride, bp, bhw, warps))
+    return sorted(out)
+
+
+_COMPILE = r"""
+import contextlib, importlib.util, io, json, os, re, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"  # the interpreter's patched triton.language cannot compile
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v report on stdout
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # a cache hit would skip ptxas (no report)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+spec = importlib.util.spec_from_file_location("_stencil", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+dt, res = sys.argv[2], {}
+for name, stride, bp, bhw, warps in json.loads(sys.argv[3]):
+    fn = getattr(mod, name)
+    sig = {p.name: "constexpr" if p.is_constexpr else
+           ("*fp32" if p.name == "part_ptr" else "*" + dt) if p.name.endswith("_ptr") else "i32"
+           for p in fn.params}
+    consts = {p.name: True for p in fn.params if p.name.startswith("HAS")}  # every branch: the most work
+    consts.update(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw)
+    key = f"{name} s{stride} P{bp} HW{bhw} w{warps}"
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps})
+    except Exception as e:
+        res[key] = {"error": repr(e)[-2000:]}
+        continue
+    text = log.getvalue()
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    regs = re.findall(r"Used (\d+) registers", text)
+    res[key] = {"cubin": bool(k.asm.get("cubin")), "regs": max(map(int, regs), default=-1),
+                "spill_bytes": sum(int(a) + int(b) for a, b in spills), "reports": len(spills),
+                "log": text[-1500:]}
+print(json.dumps(res))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_builds():
+    """Compile every configuration for sm_90 in fp32 and bf16: two fresh processes (one per core)."""
+    src = Path(__file__).resolve().parents[1] / "kernels" / "stencil.py"
+    todo = json.dumps([(KERNELS[k], *rest) for k, *rest in configs()])
+    procs = {dt: subprocess.Popen([sys.executable, "-c", _COMPILE, str(src), dt, todo],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for dt in ("fp32", "bf16")}
+    out = {}
+    for dt, p in procs.items():
+        so, se = p.communicate(timeout=1200)
+        assert p.returncode == 0, se[-3000:]
+        out[dt] = json.loads(so.strip().splitlines()[-1])
+    return out
+
+
+def test_configs_are_the_launchers():
+    """The search shapes use large tiles (whole 32×32 planes; several small planes per program)."""
+    cs = configs()
+    assert ("fwd", 1, 1, 1024, 8) in cs and ("bwd_input", 2, 1, 1024, 8) in cs and ("fwd", 2, 32, 16, 8) in cs
+    assert all(bp * bhw <= (GPU_MAX_TILE if bp == 1 else GPU_MAX_TILE // 2) for _, _, bp, bhw, _ in cs)
+    assert {k for k, *_ in cs} == set(KERNELS)
+
+
+@pytest.mark.slow
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sm90_no_spills(sm90_builds, dtype):
+    built = sm90_builds[dtype]
+    assert len(built) == len(configs())
+    bad = []
+    for key, r in built.items():
+        if "error" in r:
+            bad.append(f"{key}: {r['error']}")
+        elif not r["cubin"] or r["reports"] < 1:  # no ptxas report: spills unknown
+            bad.append(f"{key}: no cubin or no ptxas report:\n{r['log']}")
+        elif r["spill_bytes"]:
+            bad.append(f"{key}: {r['spill_bytes']} bytes spilled ({r['regs']} registers)")
+    print(dtype, "registers:", {k: r.get("regs") for k, r in built.items()})
+    assert not bad, f"{dtype}:\n" + "\n".join(bad)

@@ -136,6 +136,7 @@ def test_bf16_alpha_tracks_fp32_within_the_spread_of_bf16_sized_rounding():
     near_tie_differences(m32.genotype(), m16.genotype(), [a.detach() for a in m32.arch_parameters()], tie)
 
 
+@pytest.mark.gpu_path  # the --amp α path on GPUs
 def test_alpha_path_stays_fp32_under_bf16_autocast():
     """The exact part: softmax(α), α's gradient and Adam's state are fp32 under bf16 autocast (a bf16 softmax
     or α cast to bf16 hides inside the trajectory's spread at this size, so it is pinned here)."""
@@ -166,6 +167,7 @@ def scaled_precision(init_scale):
     return p
 
 
+@pytest.mark.gpu_path  # the --amp path on GPUs (fp16 loss scaling: GPUs without bf16)
 def test_alpha_grads_are_unscaled_by_hand():
     model = tiny(1)
     (tr, _), = data(1)
@@ -178,6 +180,7 @@ def test_alpha_grads_are_unscaled_by_hand():
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.gpu_path  # the --amp path on GPUs (fp16 loss scaling: GPUs without bf16)
 @pytest.mark.parametrize("step_fn", [search_step, fused_search_step])
 def test_scaled_step_equals_unscaled_step(step_fn):
     base = tiny(2)
@@ -193,6 +196,7 @@ def test_scaled_step_equals_unscaled_step(step_fn):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.gpu_path  # the --amp path on GPUs (fp16 loss scaling: GPUs without bf16)
 @pytest.mark.parametrize("step_fn", [search_step, fused_search_step])
 def test_non_finite_gradients_skip_both_steps(step_fn):
     model = tiny(3)

@@ -212,7 +212,7 @@ def file_size_limit(nbytes: int):
     """Writes past `nbytes` in any file fail with EFBIG (Python ignores SIGXFSZ): a disk filling up
     part-way through whatever writes the checkpoint, however it writes it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard), hard))
     try:
         yield
     finally:

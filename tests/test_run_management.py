@@ -250,3 +250,26 @@ def test_a_checkpoint_write_failing_part_way_keeps_the_previous_one(argv, per_ep
     assert main([argv[0], "--resume", str(run_dir), "--quiet", "--workers", "0"]) == 0
     assert runs.load_checkpoint(run_dir, argv[0])[1]["epoch"] == 2
     assert len((run_dir / per_epoch).read_text().splitlines()) == lines  # metrics.csv has a header
+
+
+def test_a_disk_full_checkpoint_write_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """The write fails for real (file-size limit): exit 1, one line naming the problem, the previous
+    checkpoint intact and resumable."""
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / runs.CHECKPOINT
+    real_save, saved = runs.save_checkpoint, []
+
+    def full_disk_on_second(path, state):
+        saved.append(state["epoch"])
+        if len(saved) < 2:
+            return real_save(path, state)
+        with file_size_limit(ckpt.stat().st_size // 2):
+            return real_save(path, state)
+
+    monkeypatch.setattr(runs, "save_checkpoint", full_disk_on_second)
+    capsys.readouterr()
+    assert main(SEARCH + ["--epochs", "2", "--save_dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("milenas-fast search: error: ") and "checkpoint is intact" in err[0]
+    assert "Traceback" not in err[0]
+    assert runs.load_checkpoint(run_dir, "search")[1]["epoch"] == 1

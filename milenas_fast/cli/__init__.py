@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"milenas-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a vanished folder: files are written atomically, nothing is half-written
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"milenas-fast {args.command}: error: {e.strerror or e}{where}; the last complete checkpoint is intact "
+              "(continue with --resume RUN_DIR once fixed)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nmilenas-fast {args.command}: interrupted; the last complete checkpoint is intact "
               "(continue with --resume RUN_DIR)", file=sys.stderr)

@@ -164,40 +164,45 @@ def compare_train_and_eval(ref, fused, x, a, **tol):
 # --- fused vs reference under the interpreter (or on the GPU when there is one) -----------------------
 
 @pytest.fixture
-def fused_ok(monkeypatch):
+def fused_ok(monkeypatch, device):
+    """The device (conftest: the GPU when present, else the CPU with the interpreter), fused-capable."""
     monkeypatch.delenv(select.ENV, raising=False)
-    problems = select.blockers(DEV)
+    problems = select.blockers(device)
     assert not problems, f"fused path cannot run here: {problems}"  # a bug on CI, not a skip
+    return device
 
 
+@pytest.mark.gpu_path
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("H", [7, 9, 16])
 @pytest.mark.parametrize("C", [4, 6])
 def test_fused_matches_reference(C, H, stride, fused_ok):
-    ref, fused = pair(C, stride)
-    x, a = inputs(3, C, H)
+    ref, fused = pair(C, stride, fused_ok)
+    x, a = inputs(3, C, H, fused_ok)
     compare_train_and_eval(ref, fused, x, a)
 
 
+@pytest.mark.gpu_path
 def test_second_train_step_and_cumulative_momentum(fused_ok):
     """Two steps (the running averages compound) with momentum=None (cumulative average) on every BN."""
-    ref, fused = pair(4, 1, seed=3)
+    ref, fused = pair(4, 1, fused_ok, seed=3)
     for m in (ref, fused):
         for bn in m.modules():
             if isinstance(bn, nn.BatchNorm2d):
                 bn.momentum = None
     for seed in (5, 6):
-        x, a = inputs(3, 4, 7, seed=seed)
+        x, a = inputs(3, 4, 7, fused_ok, seed=seed)
         r, f = train_step(ref, x, a), train_step(fused, x, a)
         close(f[0], r[0], "output")
     for (name, rb), fb in zip(ref.state_dict().items(), fused.state_dict().values()):
         close(fb.float(), rb.float(), name)
 
 
+@pytest.mark.gpu_path
 def test_alpha_only_backward(fused_ok):
     """α-only passes (torch.autograd.grad wrt the mixing weights) give the reference's gradient."""
-    ref, fused = pair(6, 2, seed=4)
-    x, a = inputs(3, 6, 9, seed=7)
+    ref, fused = pair(6, 2, fused_ok, seed=4)
+    x, a = inputs(3, 6, 9, fused_ok, seed=7)
     grads = []
     for m in (ref, fused):
         aa = a.clone().requires_grad_()
@@ -205,18 +210,19 @@ def test_alpha_only_backward(fused_ok):
     close(grads[1], grads[0], "α-only grad")
 
 
+@pytest.mark.gpu_path
 @pytest.mark.parametrize("stride", [1, 2])
 def test_state_dict_interchange_with_darts(stride, fused_ok):
     C, H = 6, 16  # even H: DARTS's FactorizedReduce slices without padding
     darts = DartsMixedOp(C, stride)
     randomise(darts, 11)
-    x, a = inputs(3, C, H, seed=12)
-    darts.to(DEV)
+    x, a = inputs(3, C, H, fused_ok, seed=12)
+    darts.to(fused_ok)
     for cls in (MixedOp, ReferenceMixedOp, FusedMixedOp):
-        ours = cls(C, stride).to(DEV)
+        ours = cls(C, stride).to(fused_ok)
         ours.load_state_dict(darts.state_dict())  # strict: same keys and shapes
         assert list(ours.state_dict()) == list(darts.state_dict())
-        back = DartsMixedOp(C, stride).to(DEV)
+        back = DartsMixedOp(C, stride).to(fused_ok)
         back.load_state_dict(ours.state_dict())
         for k, v in back.state_dict().items():
             assert torch.equal(v, darts.state_dict()[k]), k
@@ -225,18 +231,19 @@ def test_state_dict_interchange_with_darts(stride, fused_ok):
             close(ours(x, a), back(x, a), f"{cls.__name__} vs DARTS (eval)")
 
 
+@pytest.mark.gpu_path
 @pytest.mark.slow
 def test_network_loss_and_alpha_grad(fused_ok):
     """A tiny supernet (one normal, two reduction cells, 2 nodes per cell: 15 mixed ops) built with each
     implementation. The interpreter pays ~2.5 s per stencil forward+backward, whatever the shape."""
     torch.manual_seed(0)
     kw = dict(C=4, num_classes=10, layers=3, steps=2, multiplier=2)
-    ref = Network(**kw, mixed_op=ReferenceMixedOp).to(DEV)
-    fused = Network(**kw, mixed_op=FusedMixedOp).to(DEV)
+    ref = Network(**kw, mixed_op=ReferenceMixedOp).to(fused_ok)
+    fused = Network(**kw, mixed_op=FusedMixedOp).to(fused_ok)
     fused.load_state_dict(ref.state_dict())
     fused.load_alphas(ref.arch_parameters())
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(2, 3, 16, 16, generator=g).to(DEV), torch.randint(0, 10, (2,), generator=g).to(DEV)
+    x, y = torch.randn(2, 3, 16, 16, generator=g).to(fused_ok), torch.randint(0, 10, (2,), generator=g).to(fused_ok)
     res = []
     for net in (ref, fused):
         loss = net._loss(x, y)
@@ -285,18 +292,19 @@ def test_bad_values_raise(monkeypatch):
         resolve_impl("fast", torch.device("cpu"))
 
 
+@pytest.mark.gpu_path
 def test_env_read_when_built_or_moved(monkeypatch, fused_ok):
     """$MILENAS_FAST_IMPL is read when a MixedOp is built or moved, never per call; set_impl re-pins."""
     calls = []
     real = fmo.fused_forward
     monkeypatch.setattr(fmo, "fused_forward", lambda *a: calls.append(1) or real(*a))
-    x, a = inputs(2, 4, 8)
+    x, a = inputs(2, 4, 8, fused_ok)
     monkeypatch.setenv(select.ENV, "reference")
-    m = MixedOp(4, 2).to(DEV)
+    m = MixedOp(4, 2).to(fused_ok)
     monkeypatch.setenv(select.ENV, "fused")
     m(x, a)
     assert not calls and m.decision.impl == "reference"
-    m.to(DEV)  # a move re-reads it
+    m.to(fused_ok)  # a move re-reads it
     m(x, a)
     assert calls == [1] and m.decision.impl == "fused"
     net = nn.Sequential(m, ReferenceMixedOp(4, 1), nn.Conv2d(4, 4, 1))
@@ -308,9 +316,9 @@ def test_env_read_when_built_or_moved(monkeypatch, fused_ok):
     assert calls == [1, 1]
     with pytest.raises(ValueError, match="fast"):
         set_impl(net, "fast")
-    assert resolve_impl("fused", torch.device(DEV))[0] is FusedMixedOp
+    assert resolve_impl("fused", torch.device(fused_ok))[0] is FusedMixedOp
     # affine BNs are outside the fused path: explicit fused says so, auto falls back
-    aff = MixedOp(4, 1, affine=True).to(DEV)
+    aff = MixedOp(4, 1, affine=True).to(fused_ok)
     with pytest.raises(select.FusedUnavailable, match="affine"):
         aff(x, a)
     # so are float64 inputs

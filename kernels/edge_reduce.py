@@ -23,6 +23,12 @@ def _tile(P, HW, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
 
 
 @triton.jit
+def _zero():
+    """An int32 0 as a tensor (a loop counter must be one, never a constexpr)."""
+    return tl.program_id(0) * 0
+
+
+@triton.jit
 def edge_reduce_fwd_kernel(
     y_ptr, w_ptr, mean_ptr, rstd_ptr, out_ptr,
     K, P, C, HW,
@@ -32,12 +38,14 @@ def edge_reduce_fwd_kernel(
     ch = planes % C
     acc = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
     yk = y_ptr + offs  # advanced by one candidate (P·HW elements) per step: no k·P·HW overflow
-    for k in range(K):
+    k = _zero()
+    while k < K:  # not range(K): Triton 3.6's interpreter cannot range() over a scalar argument
         a = tl.load(w_ptr + k) * tl.load(rstd_ptr + k * C + ch, mask=pm, other=0.0)
         mu = tl.load(mean_ptr + k * C + ch, mask=pm, other=0.0)
         v = tl.load(yk, mask=m, other=0.0).to(tl.float32)
         acc += (v - mu[:, None]) * a[:, None]
         yk += P * HW
+        k += 1
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -57,7 +65,8 @@ def edge_reduce_bwd_kernel(
         tl.store(part_g_ptr + tile * P + planes, tl.sum(g, axis=1), mask=pm)
     yk = y_ptr + offs  # both advanced by one candidate (P·HW elements) per step
     gyk = gy_ptr + offs
-    for k in range(K):
+    k = _zero()
+    while k < K:  # see the forward
         if GY:
             a = tl.load(w_ptr + k) * tl.load(rstd_ptr + k * C + ch, mask=pm, other=0.0)
             tl.store(gyk, (g * a[:, None]).to(gy_ptr.dtype.element_ty), mask=m)
@@ -68,3 +77,4 @@ def edge_reduce_bwd_kernel(
             tl.store(part_gy_ptr + (tile * K + k) * P + planes, tl.sum(g * d, axis=1), mask=pm)
         yk += P * HW
         gyk += P * HW
+        k += 1

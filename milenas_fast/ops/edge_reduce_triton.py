@@ -5,22 +5,21 @@
         -> (grad_y, grad_w, grad_mean, grad_rstd)     unselected outputs are None
 
 It runs where the extension has no CUDA kernels (torch wheels ship no nvcc, so the JIT build is then
-CPU-only); milenas_fast.ops.select decides. Both are torch.library.triton_ops (visible to torch.compile),
-with autograd attached to the forward. Imported lazily: importing it needs Triton.
+CPU-only); milenas_fast.ops.select decides. Both are registered by triton_launch (triton_ops on the GPU,
+visible to torch.compile), with autograd attached to the forward. Imported lazily: importing it needs Triton.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from milenas_fast.kernels import edge_reduce as K
 
 from .edge_reduce import _fake_backward, _fake_forward
+from .triton_launch import INTERPRET, launch, register
 
 # Largest tile (elements) of one program: 1024 = a 32×32 plane on 4 warps on the GPU; the interpreter
 # pays per program, so there one program takes (nearly) everything. Tests lower it to force many programs.
-MAX_TILE = 1 << 16 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1024
+MAX_TILE = 1 << 16 if INTERPRET else 1024
 
 
 def _pow2(n: int) -> int:
@@ -55,7 +54,7 @@ def _check(y, w, mean, rstd):
             raise RuntimeError(f"edge_reduce: all inputs must be on {y.device}, got {t.device}")
 
 
-@torch.library.triton_op("milenas_fast::edge_reduce_triton", mutates_args=())
+@register("milenas_fast::edge_reduce_triton")
 def edge_reduce_triton(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     _check(y, w, mean, rstd)
     y, w, mean, rstd = (t.contiguous() for t in (y, w, mean, rstd))
@@ -65,16 +64,16 @@ def edge_reduce_triton(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rst
         raise RuntimeError(f"edge_reduce: {out.numel()} output elements exceed the kernels' int32 indexing")
     if out.numel():
         bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        torch.library.wrap_triton(K.edge_reduce_fwd_kernel)[grid](
-            y, w, mean, rstd, out, k, n * c, c, h * wd, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        launch(K.edge_reduce_fwd_kernel, grid, y, w, mean, rstd, out, k, n * c, c, h * wd,
+               BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return out
 
 
-@torch.library.triton_op(
-    "milenas_fast::edge_reduce_triton_backward", mutates_args=(),
-    schema="(Tensor grad_out, Tensor y, Tensor w, Tensor mean, Tensor rstd, bool[4] output_mask) "
-           "-> (Tensor, Tensor, Tensor, Tensor)")
-def edge_reduce_triton_backward(grad_out, y, w, mean, rstd, output_mask):
+@register("milenas_fast::edge_reduce_triton_backward")
+def edge_reduce_triton_backward(grad_out: torch.Tensor, y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
+                                rstd: torch.Tensor, output_mask: list[bool]
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unselected outputs are None (the schema cannot say Tensor?: undefined tensors, as the C++ op's)."""
     _check(y, w, mean, rstd)
     if grad_out.shape != y.shape[1:] or grad_out.dtype != y.dtype or grad_out.device != y.device:
         raise RuntimeError(f"edge_reduce_backward: grad_out must match y[0] ({list(y.shape[1:])}, {y.dtype}), "
@@ -89,9 +88,8 @@ def edge_reduce_triton_backward(grad_out, y, w, mean, rstd, output_mask):
         bp, bhw, grid, warps = launch_config(n * c, h * wd)
         part_gy = w.new_empty(grid[1], k, n * c) if sums else w
         part_g = w.new_empty(grid[1], n * c) if sums else w
-        torch.library.wrap_triton(K.edge_reduce_bwd_kernel)[grid](
-            g, y, w, mean, rstd, grad_y if want_y else g, part_gy, part_g, k, n * c, c, h * wd,
-            GY=want_y, SUMS=sums, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        launch(K.edge_reduce_bwd_kernel, grid, g, y, w, mean, rstd, grad_y if want_y else g, part_gy, part_g,
+               k, n * c, c, h * wd, GY=want_y, SUMS=sums, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
         if sums:  # second stage: ordered sums over pixel tiles, then the batch
             sgy = part_gy.sum(0).view(k, n, c).sum(1)
             sg = part_g.sum(0).view(n, c).sum(0)
@@ -111,6 +109,6 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("milenas_fast::edge_reduce_triton", _backward, setup_context=_setup_context)
-# The C++ op's fakes: explicit, because tracing the bodies would launch the interpreter on fake tensors.
+# The C++ op's fakes: cheaper than the bodies (no checks, no partial-sum buffers) and the same for both ops.
 edge_reduce_triton.register_fake(_fake_forward)
 edge_reduce_triton_backward.register_fake(_fake_backward)

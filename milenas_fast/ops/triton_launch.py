@@ -1,0 +1,36 @@
+"""How the project's Triton ops are registered and launched, on the GPU and under the interpreter.
+
+On the GPU an op is a torch.library.triton_op whose kernels go through wrap_triton, so torch.compile
+traces into them. Under TRITON_INTERPRET=1 torch < 2.12's wrap_triton rejects interpreted kernels, and
+they cannot be traced into a graph anyway: there the op is a plain custom op (compiled graphs call it)
+and kernels are launched directly. One code path for every supported torch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """Launch `kernel` on `grid`; nothing on fake tensors under the interpreter, where the op's fake
+    implementation may be its own body (see `register`)."""
+    if not INTERPRET:
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    elif not torch._subclasses.fake_tensor.is_fake(args[0]):
+        kernel[grid](*args, **meta)
+
+
+def register(name: str):
+    """Decorator: `fn` (fully annotated: its schema is inferred, as torch < 2.12's triton_op ignores an
+    explicit one) becomes the op `name`, with `fn` itself as its fake implementation (override with
+    `op.register_fake`)."""
+    def dec(fn):
+        if not INTERPRET:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)  # shapes only: launch() skips fake tensors
+        return op
+    return dec

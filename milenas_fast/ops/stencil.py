@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from milenas_fast.kernels import stencil as K
 
+from .triton_launch import launch as _launch, register as _register
+
 # Largest tile (elements) of one program. On the GPU 1024 covers a whole 32×32 plane with 4 warps;
 # the interpreter pays per program, so there one program takes (nearly) everything.
 # $MILENAS_FAST_MAX_TILE (or `max_tile(n)`) forces smaller tiles: tests use it to run many programs in
@@ -83,28 +85,6 @@ def triton_next_pow2(n: int) -> int:
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _launch(kernel, grid, *args, **meta):
-    """On the GPU through wrap_triton (what lets torch.compile see the kernel). Interpreted kernels are
-    launched directly (torch < 2.12's wrap_triton rejects them), and not at all on fake tensors: there the
-    op is an opaque custom op whose fake implementation is this same launcher (see `_register`)."""
-    if not _INTERPRET:
-        torch.library.wrap_triton(kernel)[grid](*args, **meta)
-    elif not torch._subclasses.fake_tensor.is_fake(args[0]):
-        kernel[grid](*args, **meta)
-
-
-def _register(name: str):
-    """triton_op on the GPU (torch.compile traces into the kernels). Under the interpreter a plain custom
-    op: its kernels cannot be traced into a graph, so compiled graphs call the op itself."""
-    def dec(fn):
-        if not _INTERPRET:
-            return torch.library.triton_op(name, fn, mutates_args=())
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fn)  # shapes only: _launch skips fake tensors
-        return op
-    return dec
 
 
 def _check(x, ws):

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -151,36 +150,65 @@ def test_unheld_os_lock_file_is_left_alone(tmp_path, recwarn):
     assert lock.exists() and not [w for w in recwarn if "lock" in str(w.message)]
 
 
+class FakeClock:
+    """extension's `time`, advanced only by its sleep(): waits are counted, never taken, so no bound here
+    depends on the machine's speed or load."""
+    EPOCH = 1_700_000_000.0
+
+    def __init__(self):
+        self.elapsed, self.sleeps = 0.0, []
+
+    def monotonic(self):
+        return 100.0 + self.elapsed
+
+    def time(self):
+        return self.EPOCH + self.elapsed
+
+    def sleep(self, s):
+        assert len(self.sleeps) < 10_000, "still waiting after 10000 polls: it never gives up"
+        self.sleeps.append(s)
+        self.elapsed += s
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = FakeClock()
+    monkeypatch.setattr(extension, "time", c)
+    return c
+
+
 @pytest.mark.parametrize("baton", [True, False])
-def test_held_lock_times_out_instead_of_hanging(tmp_path, baton):
+def test_held_lock_times_out_instead_of_hanging(tmp_path, baton, clock):
     lock = tmp_path / "lock"
     fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # a live holder: this process
     try:
         if extension._lock_holders(lock) is None:
             pytest.skip("/proc cannot show open files here")
-        t = time.monotonic()
-        with pytest.raises(RuntimeError, match=rf"held by pid {os.getpid()}.*giving up"):
-            extension.clear_stale_lock(lock, timeout_s=0.3, baton=baton, poll_s=0.05)
-        assert time.monotonic() - t < 5 and lock.exists()
+        with pytest.raises(RuntimeError, match=rf"held by pid {os.getpid()}.*10.0 min.*giving up"):
+            extension.clear_stale_lock(lock, timeout_s=600, baton=baton, poll_s=7)
+        # Polled every poll_s until the limit was reached, then gave up at once; the lock is left alone.
+        assert clock.sleeps == [7] * 86 and 600 <= clock.elapsed < 607 and lock.exists()
     finally:
         os.close(fd)
-    extension.clear_stale_lock(lock, timeout_s=0.3, baton=False)  # released: returns at once
+    clock.sleeps.clear()
+    extension.clear_stale_lock(lock, timeout_s=600, baton=False)  # released: returns at once
+    assert clock.sleeps == []
 
 
-def test_old_lock_is_stale_when_holders_cannot_be_seen(tmp_path, monkeypatch):
+def test_old_lock_is_stale_when_holders_cannot_be_seen(tmp_path, monkeypatch, clock):
     monkeypatch.setattr(extension, "_lock_holders", lambda path: None)  # no /proc
     lock = tmp_path / "lock"
     lock.touch()
-    t = time.monotonic()
+    os.utime(lock, (clock.time(), clock.time()))  # just created
     with pytest.warns(RuntimeWarning, match="min old"):  # young: waited for until it is `timeout_s` old
-        extension.clear_stale_lock(lock, timeout_s=0.3, baton=True, poll_s=0.05)
-    assert 0.25 < time.monotonic() - t < 5 and not lock.exists()
+        extension.clear_stale_lock(lock, timeout_s=600, baton=True, poll_s=7)
+    assert clock.sleeps == [7] * 86 and 600 < clock.elapsed <= 607 and not lock.exists()
+    clock.sleeps.clear()
     lock.touch()
-    os.utime(lock, (time.time() - 3600, time.time() - 3600))
-    t = time.monotonic()
+    os.utime(lock, (clock.time() - 3600, clock.time() - 3600))
     with pytest.warns(RuntimeWarning, match="min old"):  # an hour old: removed at once
         extension.clear_stale_lock(lock, timeout_s=600, baton=True)
-    assert time.monotonic() - t < 1 and not lock.exists()
+    assert clock.sleeps == [] and not lock.exists()
 
 
 def test_setup_records_sources_and_loader_compares(setup_module_, tmp_path):

@@ -11,6 +11,7 @@ import torch._dynamo
 from milenas_fast import Network
 from milenas_fast.ops import select
 from milenas_fast.precision import Precision
+from milenas_fast.search.loop import compile_in_place
 from milenas_fast.search.step import StepRule, search_step
 from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp, set_impl
 
@@ -77,13 +78,13 @@ def test_fused_supernet_traces_without_graph_breaks(device, monkeypatch):
 @pytest.mark.gpu_path
 def test_compiled_search_equals_eager_reference(device):
     """Two MiLeNAS iterations (α passes with frozen weights, then the w step), `--compile` as the loop
-    does it (nn.Module.compile in place) vs eager. aot_eager: the same Dynamo graphs and AOT autograd
+    does it (compile_in_place) vs eager. aot_eager: the same Dynamo graphs and AOT autograd
     the loop's inductor gets, without code generation — inductor on this tiny net did not finish in 14 min
     on 2 shared CPU cores."""
     steps = batches(device)
     eager = tiny_net(ReferenceMixedOp, device)
     compiled = copy.deepcopy(eager)
-    compiled.compile(backend="aot_eager", fullgraph=True)
+    compile_in_place(compiled, backend="aot_eager", fullgraph=True)
     le = run_search(eager, device, steps)
     lc = run_search(compiled, device, steps)
     torch.testing.assert_close(lc, le, rtol=0, atol=1e-5)
@@ -100,7 +101,7 @@ def test_compiled_search_equals_eager_fused(device, monkeypatch):
     eager = tiny_net(FusedMixedOp, device)
     compiled = copy.deepcopy(eager)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled.compile(backend=counter, fullgraph=True)
+    compile_in_place(compiled, backend=counter, fullgraph=True)
     le = run_search(eager, device, steps)
     lc = run_search(compiled, device, steps)
     torch.testing.assert_close(lc, le, rtol=0, atol=1e-5)

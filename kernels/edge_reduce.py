@@ -39,7 +39,8 @@ def edge_reduce_fwd_kernel(
     acc = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
     yk = y_ptr + offs  # advanced by one candidate (P·HW elements) per step: no k·P·HW overflow
     k = _zero()
-    while k < K:  # not range(K): Triton 3.6's interpreter cannot range() over a scalar argument
+    # Not range(K): Triton 3.6's interpreter takes int() of a 1-element array there, which numpy 2.4 rejects.
+    while k < K:
         a = tl.load(w_ptr + k) * tl.load(rstd_ptr + k * C + ch, mask=pm, other=0.0)
         mu = tl.load(mean_ptr + k * C + ch, mask=pm, other=0.0)
         v = tl.load(yk, mask=m, other=0.0).to(tl.float32)

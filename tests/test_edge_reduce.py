@@ -381,6 +381,39 @@ def test_twin_opcheck(twin):
 
 
 @gpu_path
+def test_twin_registers_as_triton_ops_as_on_the_gpu(twin, monkeypatch):
+    """The GPU's registration (triton_op: its schema inferred from the annotations, as torch 2.11 ignores an
+    explicit one) and launches (wrap_triton), here too. torch < 2.12's wrap_triton rejects interpreted
+    kernels: there only the registration and schemas are checked."""
+    import uuid
+
+    from triton.runtime.jit import JITFunction
+
+    from milenas_fast.ops import triton_launch
+
+    monkeypatch.setattr(triton_launch, "INTERPRET", False)
+    ns = f"milenas_fast_test_{uuid.uuid4().hex[:8]}"
+    fwd = triton_launch.register(f"{ns}::fwd")(twin.edge_reduce_triton._init_fn)
+    bwd = triton_launch.register(f"{ns}::bwd")(twin.edge_reduce_triton_backward._init_fn)
+    assert str(fwd._opoverload._schema) == (
+        f"{ns}::fwd(Tensor y, Tensor w, Tensor mean, Tensor rstd) -> Tensor")
+    assert str(bwd._opoverload._schema) == (
+        f"{ns}::bwd(Tensor grad_out, Tensor y, Tensor w, Tensor mean, Tensor rstd, bool[] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor)")
+    try:
+        torch.library.wrap_triton(twin.K.edge_reduce_fwd_kernel)
+    except RuntimeError:
+        assert not isinstance(twin.K.edge_reduce_fwd_kernel, JITFunction)  # refused only when interpreted
+        return
+    inputs, grad = make_inputs(3, N=2, C=3, H=5, W=3, seed=6)
+    want = oracle(inputs, grad)
+    got = to_cpu([fwd(*on_dev(*inputs)), *bwd(*on_dev(grad, *inputs), [True, False, True, True])])
+    for name, a, b in zip(("out", "grad_y", "grad_mean", "grad_rstd"), got[:2] + got[3:], want[:2] + want[3:]):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert got[2] is None
+
+
+@gpu_path
 def test_select_falls_back_to_twin_with_one_warning(monkeypatch):
     from milenas_fast.ops import select
 

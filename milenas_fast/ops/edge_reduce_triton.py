@@ -1,7 +1,7 @@
 """Triton twin of the C++/CUDA edge_reduce: the same two ops, the same semantics (output mask included).
 
     milenas_fast::edge_reduce_triton(y, w, mean, rstd) -> out
-    milenas_fast::edge_reduce_triton_backward(grad_out, y, w, mean, rstd, bool[4] output_mask)
+    milenas_fast::edge_reduce_triton_backward(grad_out, y, w, mean, rstd, bool[] output_mask (4 entries))
         -> (grad_y, grad_w, grad_mean, grad_rstd)     unselected outputs are None
 
 It runs where the extension has no CUDA kernels (torch wheels ship no nvcc, so the JIT build is then

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+import torch._dynamo.testing
 
 from milenas_fast import Network
 from milenas_fast.ops import select

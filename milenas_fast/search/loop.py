@@ -30,13 +30,13 @@ from .step import StepRule, search_step
 log = logging.getLogger("milenas_fast")
 
 
-
 def compile_in_place(model, **options) -> None:
     """`--compile`: nn.Module.compile in place (state_dict keys unchanged). frozen_weights toggles the
     weights' requires_grad between passes; torch 2.11 skips the guards on parameters whose module dict is
     unchanged and so replayed the α-pass graph (no weight gradients) for the w pass: keep those guards."""
     torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags = False
     model.compile(**options)
+
 
 class Search:
     """Everything a search epoch needs, and its checkpointable state."""

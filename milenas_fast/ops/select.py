@@ -19,6 +19,7 @@ unavailable fused path; `blockers(device, dtype)` lists what stands in its way (
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -58,15 +59,19 @@ def requested_impl(value: str | None = None) -> str:
     return req
 
 
+def _import_problem(what: str, *modules: str) -> str:
+    """'' when every module imports (importing the kernels fails early if they cannot), else why not."""
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure means "this path is unavailable"
+        return f"{what} unavailable ({type(e).__name__}: {e})"
+    return ""
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_problem() -> str:
-    try:
-        import triton  # noqa: F401
-
-        from milenas_fast.ops import stencil  # noqa: F401  (imports the kernels: fails early if they cannot)
-    except Exception as e:  # noqa: BLE001 - any import failure means "no Triton path"
-        return f"Triton stencil unavailable ({type(e).__name__}: {e})"
-    return ""
+    return _import_problem("Triton stencil", "triton", "milenas_fast.ops.stencil")
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,11 +91,7 @@ def _extension_problem(device_type: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _triton_edge_reduce_problem() -> str:
-    try:
-        from milenas_fast.ops import edge_reduce_triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means "no Triton twin"
-        return f"Triton twin unavailable ({type(e).__name__}: {e})"
-    return ""
+    return _import_problem("Triton twin", "milenas_fast.ops.edge_reduce_triton")
 
 
 def edge_reduce_impl(device_type: str) -> tuple[str, str]:

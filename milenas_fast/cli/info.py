@@ -28,5 +28,5 @@ def run(args, argv) -> int:
     finally:
         if args.rebuild:
             os.environ.pop(REBUILD_ENV) if saved is None else os.environ.__setitem__(REBUILD_ENV, saved)
-    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_report(info))
     return 0

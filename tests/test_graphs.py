@@ -8,16 +8,12 @@ import pytest
 import torch
 
 from milenas_fast.config import ConfigError, SearchConfig
+from milenas_fast.meters import Progress
 from milenas_fast.precision import Precision
 from milenas_fast.search.graphed import EagerGraphs, GraphedStep, decide, self_test
 from milenas_fast.search.loop import Search, check_split_sizes
 from milenas_fast.search.step import StepRule, fused_search_step, search_step
 from milenas_fast.space.supernet import Network
-
-
-class NoProgress:
-    def update(self, *a):
-        pass
 
 
 def tiny_cfg(**kw):
@@ -36,14 +32,14 @@ def test_cuda_graphs_flag_is_ignored_on_cpu():
     s = Search(tiny_cfg(), torch.device("cpu"))
     assert s.graphed is None and not s.graphs_on and "ignored" in s.graphs_why
     assert len(s.train_loader) == 3  # 24 images at batch 10: the partial batch of 4 is kept
-    acc, loss = s.train_epoch(NoProgress())
+    acc, loss = s.train_epoch(Progress(False))
     assert loss == loss and 0 <= acc <= 100
 
 
 def test_fused_train_step_flag_runs_in_the_loop_on_cpu():
     s = Search(tiny_cfg(fused_train_step=True, cuda_graphs=False), torch.device("cpu"))
     before = [a.detach().clone() for a in s.model.arch_parameters()]
-    s.train_epoch(NoProgress())
+    s.train_epoch(Progress(False))
     assert any(not torch.equal(b, a) for b, a in zip(before, s.model.arch_parameters()))
 
 
@@ -216,7 +212,7 @@ def test_graphed_search_epoch_on_cpu():
     """The loop's graph path end to end on CPU: drop_last, warm-up, capture, replays, lr from the group."""
     s = Search(tiny_cfg(synthetic_images=64, batch_size=8, epochs=2), torch.device("cpu"), graphs=EagerGraphs())
     assert len(s.train_loader) == 4 and s.graphed is not None
-    s.train_epoch(NoProgress())
+    s.train_epoch(Progress(False))
     assert s.graphed.captured and s.graphed.phase == "replay"
     assert isinstance(s.w_optimizer.state_dict()["param_groups"][0]["lr"], float)
 
@@ -285,7 +281,7 @@ def test_graphed_search_epoch_and_resume(tmp_path):
     s = Search(cfg, torch.device("cuda"))
     assert s.graphs_on and s.graphed is not None
     assert len(s.train_loader) == 10  # 80 images at batch 8; drop_last
-    s.train_epoch(NoProgress())
+    s.train_epoch(Progress(False))
     assert s.graphed.captured
     s.scheduler.step()
     s.epoch += 1
@@ -293,11 +289,11 @@ def test_graphed_search_epoch_and_resume(tmp_path):
     torch.save(state, tmp_path / "ck.pt")
     s2 = Search(cfg, torch.device("cuda"))
     s2.load_state_dict(torch.load(tmp_path / "ck.pt", map_location="cpu", weights_only=False))
-    s.train_epoch(NoProgress())
-    s2.train_epoch(NoProgress())  # re-warm and re-capture after resume
+    s.train_epoch(Progress(False))
+    s2.train_epoch(Progress(False))  # re-warm and re-capture after resume
     for x, y in zip(s.model.arch_parameters(), s2.model.arch_parameters()):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
     # a GPU checkpoint taken on the graph path loads on a CPU search
     s3 = Search(tiny_cfg(batch_size=8, synthetic_images=160), torch.device("cpu"))
     s3.load_state_dict(torch.load(tmp_path / "ck.pt", map_location="cpu", weights_only=False))
-    s3.train_epoch(NoProgress())
+    s3.train_epoch(Progress(False))

@@ -11,6 +11,7 @@ import torch
 
 from milenas_fast.config import ConfigError, SearchConfig
 from milenas_fast.data.loaders import epoch_batches
+from milenas_fast.meters import Progress
 from milenas_fast.ops import select
 from milenas_fast.search import graphed as graphed_mod
 from milenas_fast.search.guard import Component, Guard
@@ -18,11 +19,6 @@ from milenas_fast.search.loop import Search
 from milenas_fast.space.mixed_op import MixedOp
 
 CPU = torch.device("cpu")
-
-
-class NoProgress:
-    def update(self, *a):
-        pass
 
 
 def cfg(**kw):
@@ -120,7 +116,7 @@ def test_guard_is_strict_for_explicit_requests_and_reraises_real_bugs():
 # --- faults injected into a real (tiny) search on CPU --------------------------------------------------------
 
 def run_epoch(search):
-    search.train_epoch(NoProgress())
+    search.train_epoch(Progress(False))
     state = search.state_dict()
     del state["config"]  # the flags may differ (--compile); what was computed may not
     return state

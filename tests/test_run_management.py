@@ -219,25 +219,33 @@ def file_size_limit(nbytes: int):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
+def patch_second_save(monkeypatch, second) -> list:
+    """runs.save_checkpoint as usual for the first epoch; `second(real_save, path, state)` for the next.
+    Returns the epochs it was asked to save."""
+    real_save, saved = runs.save_checkpoint, []
+
+    def save(path, state):
+        saved.append(state["epoch"])
+        return real_save(path, state) if len(saved) < 2 else second(real_save, path, state)
+
+    monkeypatch.setattr(runs, "save_checkpoint", save)
+    return saved
+
+
 @pytest.mark.parametrize("argv, per_epoch, lines", [(SEARCH, "genotypes.jsonl", 2), (TRAIN, "metrics.csv", 3)],
                          ids=["search", "train"])
 def test_a_checkpoint_write_failing_part_way_keeps_the_previous_one(argv, per_epoch, lines, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    ckpt = run_dir / runs.CHECKPOINT
-    real_save, saved = runs.save_checkpoint, []
 
-    def fail_second_save(path, state):
-        saved.append(state["epoch"])
-        if len(saved) < 2:
-            return real_save(path, state)
-        before = ckpt.read_bytes()
+    def fail_part_way(real_save, path, state):
+        before = path.read_bytes()
         with file_size_limit(len(before) // 2), pytest.raises((OSError, RuntimeError)):
             real_save(path, state)
-        intact = ckpt.read_bytes() == before
+        intact = path.read_bytes() == before
         assert intact, "a failed checkpoint write changed the previous checkpoint"
         raise KeyboardInterrupt  # stop the run here, as the failure would
 
-    monkeypatch.setattr(runs, "save_checkpoint", fail_second_save)
+    saved = patch_second_save(monkeypatch, fail_part_way)
     assert main(argv + ["--epochs", "2", "--save_dir", str(run_dir)]) == 130
     monkeypatch.undo()
     monkeypatch.setattr(search_loop, "_plot", lambda run_dir: None)
@@ -256,17 +264,12 @@ def test_a_disk_full_checkpoint_write_is_one_line_not_a_traceback(tmp_path, monk
     """The write fails for real (file-size limit): exit 1, one line naming the problem, the previous
     checkpoint intact and resumable."""
     run_dir = tmp_path / "run"
-    ckpt = run_dir / runs.CHECKPOINT
-    real_save, saved = runs.save_checkpoint, []
 
-    def full_disk_on_second(path, state):
-        saved.append(state["epoch"])
-        if len(saved) < 2:
-            return real_save(path, state)
-        with file_size_limit(ckpt.stat().st_size // 2):
+    def full_disk(real_save, path, state):
+        with file_size_limit(path.stat().st_size // 2):
             return real_save(path, state)
 
-    monkeypatch.setattr(runs, "save_checkpoint", full_disk_on_second)
+    patch_second_save(monkeypatch, full_disk)
     capsys.readouterr()
     assert main(SEARCH + ["--epochs", "2", "--save_dir", str(run_dir)]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -21,7 +21,8 @@ test machines); the CPU pipeline is tested.
 `GuardedDali` is what `make_loader("dali")` returns: any DALI failure (building the pipeline, or any batch)
 becomes a one-line DataError for an explicit `--loader dali`, and for `--loader auto` one warning and the
 GPU-resident loader from the same batch on (every loader gives the same batches for a plan, so the
-switch changes nothing the run computes).
+switch changes nothing the run computes). That policy is `Guard`, shared with the ImageNet loaders
+(imagenet.py), whose fallback is the torchvision loader.
 """
 from __future__ import annotations
 
@@ -98,14 +99,7 @@ class DaliLoader(_Loader):
         self.pipe.feed_input("anchors", list((offsets - PAD).astype(np.int32)))
         self.pipe.feed_input("flips", list(flips.astype(np.int32)))
         (out,) = self.pipe.run()
-        tensor = out.as_tensor()
-        if self.device_id is None:
-            return torch.from_numpy(np.array(tensor)).to(self.device)
-        from nvidia.dali.plugin.pytorch import feed_ndarray  # GPU path: not run in CI
-
-        x = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
-        feed_ndarray(tensor, x, cuda_stream=torch.cuda.current_stream(self.device))
-        return x
+        return to_torch(out, self.device)
 
     def batches(self, plan: Plan, start: int = 0):
         order = plan.order.numpy()
@@ -122,51 +116,84 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-class GuardedDali(_Loader):
-    """DALI with its failures handled: strict (explicit `--loader dali`) → DataError; otherwise one warning
-    and the GPU-resident loader, which continues at the batch DALI failed on."""
+def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """A DALI pipeline output (dense batch) as a torch tensor on `device`: a host copy for the CPU
+    pipeline, a device-to-device copy on the current stream for the GPU one."""
+    tensor = tensor_list.as_tensor()
+    if device.type == "cpu":
+        return torch.from_numpy(np.array(tensor)).to(device)
+    from nvidia.dali import types
+    from nvidia.dali.plugin.pytorch import feed_ndarray  # GPU path: not run in CI
 
-    def __init__(self, split: Split, batch_size: int, device: torch.device, drop_last: bool = False,
-                 strict: bool = True):
-        super().__init__(split, batch_size, device, drop_last)
-        self.strict, self.inner = strict, None
+    dtype = {types.FLOAT: torch.float32, types.INT32: torch.int32, types.INT64: torch.int64,
+             types.UINT8: torch.uint8}[tensor.dtype]
+    x = torch.empty(tensor.shape(), dtype=dtype, device=device)
+    feed_ndarray(tensor, x, cuda_stream=torch.cuda.current_stream(device))
+    return x
+
+
+class Guard:
+    """The failure policy of a DALI loader, for any loader pair with `batches(start)`-style iteration.
+
+    `build()` makes the DALI loader, `fallback()` the loader that takes over (from the batch DALI failed
+    on: both must give the same batches from there). Strict (an explicit `--loader dali`): any failure is
+    a one-line DataError suggesting `alternatives`. Not strict (`auto`): one warning per process, then
+    the fallback (`instead` says which, in the warning); once DALI failed in this process, later non-strict guards do not try it again."""
+
+    def __init__(self, build, fallback, strict: bool, instead: str, alternatives: str):
+        self.fallback, self.strict, self.instead, self.alternatives = fallback, strict, instead, alternatives
+        self.inner, self.on_dali = None, False
         if _failure is not None and not strict:
-            self._fall_back()
+            self.inner = fallback()
             return
         try:
-            self.inner = DaliLoader(split, batch_size, device, drop_last)
+            self.inner, self.on_dali = build(), True
         except Exception as e:  # noqa: BLE001 - DALI raises many types; all mean "DALI cannot run here"
             self._failed(f"building its pipeline ({_first_line(e)})")
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
 
     def _failed(self, what: str) -> None:
         global _failure
         if self.strict:
-            raise DataError(f"--loader dali failed {what}; use --loader gpu, torch or auto") from None
+            raise DataError(f"--loader dali failed {what}; use --loader {self.alternatives}") from None
         if _failure is None:
-            warnings.warn(f"milenas_fast: the DALI loader failed {what}; using the GPU-resident loader instead "
-                          "(same batches)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"milenas_fast: the DALI loader failed {what}; using {self.instead}", RuntimeWarning,
+                          stacklevel=4)
         _failure = what
-        self._fall_back()
+        self.inner, self.on_dali = self.fallback(), False
 
-    def _fall_back(self) -> None:
-        self.inner = ResidentLoader(self.split, self.batch_size, self.device, self.drop_last)
-
-    def batches(self, plan: Plan, start: int = 0):
-        i, it = start, self.inner.batches(plan, start)
+    def run(self, batches, start: int = 0):
+        """Yield `batches(loader, start)` of the current loader; on a DALI failure at batch i, continue
+        with `batches(fallback, i)`."""
+        i, it = start, batches(self.inner, start)
         while True:
             try:
                 batch = next(it)
             except StopIteration:
                 return
             except Exception as e:  # noqa: BLE001
-                if not isinstance(self.inner, DaliLoader):
+                if not self.on_dali:
                     raise
                 self._failed(f"at batch {i} of a pass ({_first_line(e)})")
-                it = self.inner.batches(plan, i)
+                it = batches(self.inner, i)
                 continue
             i += 1
             yield batch
+
+
+class GuardedDali(_Loader):
+    """DALI with its failures handled (see Guard); the fallback is the GPU-resident loader."""
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, drop_last: bool = False,
+                 strict: bool = True):
+        super().__init__(split, batch_size, device, drop_last)
+        # DaliLoader looked up at call time: tests replace it with injected faults
+        self.guard = Guard(lambda: DaliLoader(split, batch_size, device, drop_last),
+                           lambda: ResidentLoader(split, batch_size, device, drop_last),
+                           strict, "the GPU-resident loader instead (same batches)", "gpu, torch or auto")
+
+    @property
+    def name(self) -> str:
+        return self.guard.inner.name
+
+    def batches(self, plan: Plan, start: int = 0):
+        return self.guard.run(lambda loader, s: loader.batches(plan, s), start)

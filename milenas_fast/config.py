@@ -50,9 +50,12 @@ class Settings:
 @dataclass
 class SearchConfig(Settings):
     # data
-    dataset: str = opt("cifar10", "cifar10 (torchvision, downloaded into --data when missing) or synthetic",
-                       ("cifar10", "synthetic"))
-    data: str = opt("./data", "folder holding (or receiving) CIFAR-10")
+    dataset: str = opt("cifar10", "cifar10 or cifar100 (torchvision, downloaded into --data when missing), "
+                                  "synthetic, or imagefolder (--data DIR: DIR/<class>/<image>, or DIR/train/...)",
+                       ("cifar10", "cifar100", "synthetic", "imagefolder"))
+    data: str = opt("./data", "folder holding (or receiving) CIFAR-10/100, or the image folder")
+    image_size: int = opt(32, "--dataset imagefolder: images resized (shorter side, then centre crop) to this "
+                              "side once, held in memory; a multiple of 4")
     synthetic_images: int = opt(5000, "images in the synthetic set (--dataset synthetic)")
     train_portion: float = opt(0.5, "fraction of the training set that trains the weights; the rest drives α")
     batch_size: int = opt(64, "batch size (train and validation)")
@@ -103,6 +106,7 @@ class SearchConfig(Settings):
     def validate(self) -> "SearchConfig":
         if not 0.0 < self.train_portion < 1.0:
             raise ConfigError(f"--train_portion must lie strictly between 0 and 1, got {self.train_portion}")
+        check_image_size(self.dataset, self.image_size, {"imagefolder": 4})
         self.check(
             positive=("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq"),
             nonneg=("learning_rate", "learning_rate_min", "momentum", "weight_decay", "grad_clip",
@@ -111,6 +115,17 @@ class SearchConfig(Settings):
         if self.learning_rate_min > self.learning_rate:
             raise ConfigError("--learning_rate_min must not exceed --learning_rate")
         return self
+
+
+def check_image_size(dataset: str, image_size: int, multiples: dict[str, int]) -> None:
+    """--image_size applies to the datasets in `multiples` (which the network's stride-2 steps must divide);
+    the others have fixed 32×32 images."""
+    if dataset not in multiples:
+        if image_size != 32:
+            raise ConfigError(f"--image_size applies to --dataset {' / '.join(multiples)}; {dataset} images are 32×32")
+    elif image_size <= 0 or image_size % multiples[dataset]:
+        raise ConfigError(f"--image_size must be a positive multiple of {multiples[dataset]} for --dataset {dataset} "
+                          f"(the network halves it that often), got {image_size}")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: bool = False) -> None:

@@ -1,0 +1,200 @@
+"""Several processes (torchrun: one per GPU, or several on a CPU) running one search or training.
+
+Distributed is on when torchrun's WORLD_SIZE is above 1; a 1-process run (torchrun included) is the plain
+single-process run: no process group, no DDP wrapper, no collectives, so every helper here is a no-op there
+(and the CUDA-graph path, which captures no collectives, stays available).
+
+- `init`: the process group from torchrun's environment, gloo on CPU, nccl on CUDA (LOCAL_RANK picks the
+  GPU), with a timeout so a dead rank ends the others' collectives in bounded time.
+- `wrap`: the weights in DistributedDataParallel (its backward averages their gradients). α are not DDP
+  parameters: `average` all-reduces their gradients once per iteration (search/step.py).
+- `check_alphas`: the per-epoch proof that every rank holds the same α.
+- Collective failures (a rank died, a timeout) become `RankFailure`: one line, exit 1.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import ConfigError
+from .search.guard import one_line
+
+
+class RankFailure(RuntimeError):
+    """The ranks lost each other (a rank died or stopped answering) or disagree about α."""
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or the single process): the only one that writes the run folder."""
+    return rank() == 0
+
+
+def requested_world() -> int:
+    """What torchrun asked for (1 when not launched by it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def init(device: torch.device, timeout_s: float) -> torch.device:
+    """Join torchrun's process group when it launched several processes; returns this rank's device
+    (cuda:LOCAL_RANK on CUDA). A second call is a no-op."""
+    if requested_world() <= 1:
+        return device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                              "start at most one process per GPU (--nproc_per_node)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+        except (RuntimeError, ValueError) as e:
+            raise RankFailure(f"could not join the process group ({one_line(e)})") from None
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def lost(e: BaseException) -> RankFailure:
+    """A failed collective as the one line the CLI prints."""
+    return RankFailure(f"rank {rank()} of {world_size()} lost the other ranks ({one_line(e)}); a rank died or "
+                       "stopped answering; the last complete checkpoint is intact (continue with --resume RUN_DIR)")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because a peer is gone or silent: torch's DistError family,
+    or gloo's and NCCL's plain RuntimeErrors ("Connection closed by peer", timeouts)."""
+    if world_size() <= 1:
+        return False
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection closed", "Timed out"))
+
+
+class DDP(DistributedDataParallel):
+    """DDP that reads the network's other attributes through. The step functions get this object as
+    `model`: `model(x)` is the weight pass, through DDP's reducer (weight gradients averaged); `model._loss`,
+    `arch_parameters()`, … are the network's own, so the α-only passes (frozen weights, `model._loss`) run
+    the UNWRAPPED network: DDP never prepares a reduction that no weight gradient would complete, and no
+    buffers are broadcast for them."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def convert_sync_bn(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """--sync_bn: BatchNorm statistics over the global batch (torch's SyncBatchNorm, CUDA only)."""
+    if requested_world() > 1 and device.type != "cuda":
+        raise ConfigError("--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def wrap(model: torch.nn.Module, device: torch.device):
+    """The weights in DDP when distributed; the network itself otherwise."""
+    if world_size() <= 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def average(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean over ranks of a list of gradients, in ONE flat all-reduce. Every rank receives the same
+    bits (the reduced buffer is shared), so every rank's Adam step is identical."""
+    world = world_size()
+    if world <= 1:
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world)
+    return [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+
+
+def all_sum_(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over ranks, in place (epoch totals)."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_(tensors) -> None:
+    """Rank 0's values into every rank's tensors (α and weights at the start and after resume)."""
+    if world_size() <= 1:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def checksum(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_alphas(alphas) -> str:
+    """The α checksum line; RankFailure when ranks hold different α (the run must stop: they would
+    derive different genotypes)."""
+    mine = checksum(alphas)
+    world = world_size()
+    if world <= 1:
+        return f"alpha checksum {mine} (1 process)"
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    if len(set(every)) != 1:
+        raise RankFailure("α differ across ranks (checksums " + ", ".join(f"rank {r}: {c}" for r, c in
+                                                                           enumerate(every)) + "); stopping")
+    return f"alpha checksum {mine} identical on {world} ranks"
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """`--nproc N`: the same command under torch.distributed.run on this machine (N processes); its exit
+    status."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "milenas_fast", *argv]
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the launcher forwards Ctrl-C to its workers; wait for their exits
+        return proc.wait() or 130
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """argv without `--nproc N` / `--nproc=N`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out

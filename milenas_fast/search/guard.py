@@ -51,6 +51,10 @@ class Guard:
             try:
                 out = iteration()
             except Exception as e:  # noqa: BLE001 — any failure of a fast component is handled the same way
+                from ..distributed import is_collective_failure
+
+                if is_collective_failure(e):  # a lost rank, not a fast component: no fallback can help
+                    raise
                 suspect = (engaged or self.components or [None])[0]
                 if suspect is None:
                     raise

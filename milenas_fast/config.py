@@ -14,7 +14,7 @@ def opt(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-OPTIMIZATIONS = ("milenas", "darts", "single_level")
+OPTIMIZATIONS = ("milenas", "darts", "single_level", "darts_2nd")
 
 
 class Settings:
@@ -70,9 +70,13 @@ class SearchConfig(Settings):
     # architecture
     arch_learning_rate: float = opt(3e-4, "Adam learning rate of α")
     arch_weight_decay: float = opt(1e-3, "Adam weight decay (L2) of α")
-    optimization: str = opt("milenas", "milenas (mixed-level) | darts (first order) | single_level", OPTIMIZATIONS)
+    optimization: str = opt("milenas", "milenas (mixed-level) | darts (first order) | single_level | darts_2nd "
+                                        "(second-order DARTS: unrolled, finite-difference Hessian)", OPTIMIZATIONS)
     lambda_train_regularizer: float = opt(1.0, "weight of ∇α L_train in the α gradient")
     lambda_valid_regularizer: float = opt(1.0, "weight of ∇α L_val in the α gradient")
+    authors_code: bool = opt(False, "reproduce the authors' code where we deliberately differ: clip α (not the "
+                                    "weights), a fresh validation iterator per step, λ_valid ignored, the genotype "
+                                    "logged before each epoch's training")
     # network
     init_channels: int = opt(16, "channels of the first cell")
     layers: int = opt(8, "number of cells")
@@ -114,6 +118,8 @@ class SearchConfig(Settings):
                     "lambda_valid_regularizer", "workers", "early_stop_normal", "early_stop_reduce"))
         if self.learning_rate_min > self.learning_rate:
             raise ConfigError("--learning_rate_min must not exceed --learning_rate")
+        if self.authors_code and self.fused_train_step:
+            raise ConfigError("--authors_code reproduces the authors' three-pass iteration; drop --fused_train_step")
         return self
 
 

@@ -24,6 +24,7 @@ from ..space import genotype as gt
 from ..space.mixed_op import MixedOp, set_impl
 from ..space.supernet import Network
 from . import graphed
+from .authors_code import FreshIteratorStream
 from .guard import Component, Guard
 from .step import StepRule, search_step
 
@@ -73,8 +74,12 @@ class Search:
                                                                     eta_min=cfg.learning_rate_min)
         self.precision = Precision(device, cfg.amp)
         self.rule = StepRule(cfg.optimization, cfg.lambda_train_regularizer, cfg.lambda_valid_regularizer,
-                             cfg.grad_clip)
-        self.valid_stream = BatchStream(self.valid_loader, cfg.seed, "valid")
+                             cfg.grad_clip, cfg.authors_code)
+        stream = FreshIteratorStream if cfg.authors_code else BatchStream
+        self.valid_stream = stream(self.valid_loader, cfg.seed, "valid")
+        if cfg.authors_code and cfg.lambda_valid_regularizer != 1 and cfg.optimization == "milenas":
+            self.warnings.append(f"--authors_code ignores --lambda_valid_regularizer "
+                                 f"{cfg.lambda_valid_regularizer}, as the authors' code does (weight 1)")
         self.graphed = graphed.GraphedStep(self.model, self.w_optimizer, self.a_optimizer, self.rule,
                                            self.precision, cfg.batch_size, cfg.fused_train_step,
                                            graphs=graphs) if self.graphs_on else None
@@ -298,6 +303,8 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
     while search.epoch < cfg.epochs and not search.finished:
         lr = search.scheduler.get_last_lr()[0]
         log.info("epoch %d lr %e", search.epoch, lr)
+        if cfg.authors_code:  # the authors log the architecture the epoch starts from
+            log.info("genotype = %s", gt.to_text(model.genotype()))
         epoch_start = time.perf_counter()
         progress.start(search.epoch, len(search.train_loader))
         try:
@@ -309,7 +316,8 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         log.info("valid_acc %f", valid_acc)
         search.scheduler.step()
         entry = search.record(train_acc, train_obj, valid_acc, valid_obj, lr)
-        log.info("genotype = %s", entry["genotype"])
+        if not cfg.authors_code:
+            log.info("genotype = %s", entry["genotype"])
         log.info("model size %s; epoch time %.1fs", entry["model_size"], time.perf_counter() - epoch_start)
         stop = cfg.early_stopping and (entry["n"], entry["r"]) == (cfg.early_stop_normal, cfg.early_stop_reduce)
         search.epoch += 1

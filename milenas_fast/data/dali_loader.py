@@ -106,7 +106,7 @@ class DaliLoader(_Loader):
         offsets = plan.offsets.numpy()
         flips = plan.flips.numpy()
         order_dev = to_device(plan.order, self.device)  # once per pass: labels are gathered on the device
-        for i in range(start, len(self)):
+        for i in range(start, self.batch_count(len(plan))):  # the plan may be one rank's share
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             yield self._run(order[sl], offsets[sl], flips[sl]), self.labels[order_dev[sl]]
 

@@ -5,6 +5,9 @@ gives the same batches from any loader, and resuming needs only (pass, position)
 - `torch`: a torch DataLoader; each image is cropped/flipped/normalised by torchvision in workers.
 - `gpu`:   the whole uint8 split resident on the device, augmentation as batched tensor ops
            (works on CPU tensors too, which is how CI tests it).
+
+Under DDP every rank draws the same plan and takes its own disjoint share of it (`Plan.shard`): together
+the ranks' i-th batches are the i-th batch of the whole plan at world × the per-rank batch.
 """
 from __future__ import annotations
 
@@ -33,6 +36,18 @@ class Plan:
         offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
         flips = torch.randint(0, 2, (n,), generator=g).bool()
         return Plan(order, offsets, flips)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def shard(self, rank: int, world: int) -> "Plan":
+        """Every world-th position from `rank`, the tail cut to a multiple of `world` (at most world − 1
+        images a pass) so that every rank runs as many iterations: a rank with one more would wait forever
+        in a collective the others never join."""
+        if world <= 1:
+            return self
+        keep = slice(rank, len(self) // world * world, world)
+        return Plan(self.order[keep], self.offsets[keep], self.flips[keep])
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -73,10 +88,18 @@ def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tens
 class _Loader:
     def __init__(self, split: Split, batch_size: int, device: torch.device, drop_last: bool = False):
         self.split, self.batch_size, self.device, self.drop_last = split, batch_size, device, drop_last
+        self.rank, self.world = 0, 1  # this process's share of every plan (make_loader's `shard`)
 
     def __len__(self) -> int:
-        n = len(self.split)
+        return self.batch_count(len(self.split) // self.world)
+
+    def batch_count(self, n: int) -> int:
+        """Batches in a pass over `n` planned positions."""
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def plan(self, seed: int, stream: str, pass_index: int) -> Plan:
+        """This rank's share of pass `pass_index` of `stream`."""
+        return Plan.draw(len(self.split), seed, stream, pass_index).shard(self.rank, self.world)
 
     def batches(self, plan: Plan, start: int = 0):
         raise NotImplementedError
@@ -93,7 +116,7 @@ class ResidentLoader(_Loader):
     def batches(self, plan: Plan, start: int = 0):
         # the plan goes to the device once per pass; each batch then only slices device tensors
         order, offsets, flips = (to_device(t, self.device) for t in (plan.order, plan.offsets, plan.flips))
-        for i in range(start, len(self)):
+        for i in range(start, self.batch_count(len(plan))):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[sl]
             yield augment_batch(self.images[idx], offsets[sl], flips[sl]), self.labels[idx]
@@ -106,7 +129,7 @@ class _PlannedImages(torch.utils.data.Dataset):
         self.split, self.plan = split, plan
 
     def __len__(self):
-        return len(self.split)
+        return len(self.plan)
 
     def __getitem__(self, i):
         from torchvision.transforms.v2 import functional as TF
@@ -164,18 +187,22 @@ def resolve_loader(requested: str, device: torch.device) -> tuple[str, str]:
 
 
 def make_loader(name: str, split: Split, batch_size: int, device: torch.device, workers: int = 0,
-                drop_last: bool = False) -> _Loader:
-    """The loader `name` (from `resolve_loader`). DALI is guarded: an explicit `dali` that fails stops the
-    run with a DataError; an `auto` one falls back to the GPU-resident loader with one warning."""
+                drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> _Loader:
+    """The loader `name` (from `resolve_loader`), reading share `shard` = (rank, world) of every plan. DALI is
+    guarded: an explicit `dali` that fails stops the run with a DataError; an `auto` one falls back to the
+    GPU-resident loader with one warning."""
     if name == "gpu":
-        return ResidentLoader(split, batch_size, device, drop_last)
-    if name == "torch":
-        return TorchLoader(split, batch_size, device, drop_last, workers)
-    if name == "dali":
+        loader = ResidentLoader(split, batch_size, device, drop_last)
+    elif name == "torch":
+        loader = TorchLoader(split, batch_size, device, drop_last, workers)
+    elif name == "dali":
         from .dali_loader import GuardedDali
 
-        return GuardedDali(split, batch_size, device, drop_last, strict=getattr(name, "strict", True))
-    raise ValueError(f"unknown loader {name!r}")
+        loader = GuardedDali(split, batch_size, device, drop_last, strict=getattr(name, "strict", True))
+    else:
+        raise ValueError(f"unknown loader {name!r}")
+    loader.rank, loader.world = shard
+    return loader
 
 
 class BatchStream:
@@ -190,8 +217,12 @@ class BatchStream:
     def state_dict(self) -> dict:
         return {"pass_index": self.pass_index, "position": self.position}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.pass_index, self.position, self._it = int(state["pass_index"]), int(state["position"]), None
+    def load_state_dict(self, state: dict, world: int = 1) -> None:
+        """`world`: how many ranks the saved run had. The position counts this rank's batches; under another
+        world size it is rescaled to the same point of the whole plan (rounded down: at most one global
+        batch is seen again)."""
+        position = int(state["position"]) * world // self.loader.world
+        self.pass_index, self.position, self._it = int(state["pass_index"]), position, None
 
     def __iter__(self):
         return self
@@ -199,7 +230,7 @@ class BatchStream:
     def __next__(self):
         while True:
             if self._it is None:
-                plan = Plan.draw(len(self.loader.split), self.seed, self.stream, self.pass_index)
+                plan = self.loader.plan(self.seed, self.stream, self.pass_index)
                 self._it = self.loader.batches(plan, self.position)
             batch = next(self._it, None)
             if batch is not None:
@@ -210,4 +241,4 @@ class BatchStream:
 
 def epoch_batches(loader: _Loader, seed: int, stream: str, epoch: int):
     """One full pass (one epoch) of `stream`, with its own plan."""
-    return loader.batches(Plan.draw(len(loader.split), seed, stream, epoch))
+    return loader.batches(loader.plan(seed, stream, epoch))

@@ -77,6 +77,13 @@ class SearchConfig(Settings):
     authors_code: bool = opt(False, "reproduce the authors' code where we deliberately differ: clip α (not the "
                                     "weights), a fresh validation iterator per step, λ_valid ignored, the genotype "
                                     "logged before each epoch's training")
+    # sampling (MiLeNAS-GDAS)
+    sampler: str = opt("softmax", "softmax (every candidate, weighted by softmax(α)) | gumbel (hard Gumbel-softmax "
+                                  "samples, straight-through; only the sampled candidate runs)", ("softmax", "gumbel"))
+    tau_max: float = opt(10.0, "--sampler gumbel: temperature of the first epoch (falls linearly to --tau_min)")
+    tau_min: float = opt(1.0, "--sampler gumbel: temperature of the last epoch (GDAS uses 0.1)")
+    gumbel_share: str = opt("cell", "--sampler gumbel: one sample per cell, or one per cell type shared by its "
+                                    "cells", ("cell", "type"))
     # network
     init_channels: int = opt(16, "channels of the first cell")
     layers: int = opt(8, "number of cells")
@@ -97,6 +104,12 @@ class SearchConfig(Settings):
     fused_train_step: bool = opt(False, "∇w and ∇α of the training loss from ONE backward (2 passes instead of 3); "
                                         "changes the algorithm slightly: w's gradient uses the pre-update α")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns and resume on CPU)")
+    scale_lr: bool = opt(False, "several processes (torchrun): multiply the weights' learning rates by the world "
+                                "size (linear scaling: --batch_size is per process, the global batch is world × it)")
+    sync_bn: bool = opt(False, "several processes on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm); "
+                               "default: each process normalises with its own batch")
+    dist_timeout: int = opt(300, "several processes: seconds a collective may wait for the other ranks before the "
+                                 "run stops with an error (a dead or stuck rank)")
     report_freq: int = opt(50, "log a training line every N steps")
     quiet: bool = opt(False, "no progress bar and no per-step console lines (log.txt is unchanged)")
     save: str = opt("EXP", "experiment name: the run folder is search-<save>-<YYYYmmdd-HHMMSS>")
@@ -105,19 +118,21 @@ class SearchConfig(Settings):
 
     # Flags that only change how a run executes, not what it computes: they may differ on --resume.
     RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader", "impl",
-               "cuda_graphs", "compile")
+               "cuda_graphs", "compile", "dist_timeout")
 
     def validate(self) -> "SearchConfig":
         if not 0.0 < self.train_portion < 1.0:
             raise ConfigError(f"--train_portion must lie strictly between 0 and 1, got {self.train_portion}")
         check_image_size(self.dataset, self.image_size, {"imagefolder": 4})
         self.check(
-            positive=("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq"),
+            positive=("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq",
+                      "dist_timeout"),
             nonneg=("learning_rate", "learning_rate_min", "momentum", "weight_decay", "grad_clip",
                     "arch_learning_rate", "arch_weight_decay", "lambda_train_regularizer",
                     "lambda_valid_regularizer", "workers", "early_stop_normal", "early_stop_reduce"))
         if self.learning_rate_min > self.learning_rate:
             raise ConfigError("--learning_rate_min must not exceed --learning_rate")
+        self._check_sampler()
         if self.authors_code and self.fused_train_step:
             raise ConfigError("--authors_code reproduces the authors' three-pass iteration; drop --fused_train_step")
         return self
@@ -132,6 +147,18 @@ def check_image_size(dataset: str, image_size: int, multiples: dict[str, int]) -
     elif image_size <= 0 or image_size % multiples[dataset]:
         raise ConfigError(f"--image_size must be a positive multiple of {multiples[dataset]} for --dataset {dataset} "
                           f"(the network halves it that often), got {image_size}")
+
+
+    def _check_sampler(self) -> None:
+        if not 0.0 < self.tau_min <= self.tau_max:
+            raise ConfigError(f"--tau_min and --tau_max need 0 < tau_min <= tau_max, got {self.tau_min} and "
+                              f"{self.tau_max}")
+        if self.sampler == "gumbel" and self.compile:
+            raise ConfigError("--compile does not apply to --sampler gumbel: the candidates that run change every "
+                              "forward (drop --compile)")
+        if self.sampler == "gumbel" and self.impl == "fused":
+            raise ConfigError("--impl fused does not apply to --sampler gumbel: the fused kernel computes every "
+                              "candidate, sampling runs one (use --impl auto or reference)")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: bool = False) -> None:

@@ -8,9 +8,9 @@ from ..config import ConfigError
 from ..data import DataError
 from ..runs import CheckpointError
 from ..space.genotype import GenotypeError
-from . import info, plot, search, train
+from . import info, plot, search, sweep, train
 
-COMMANDS = {"search": search, "train": train, "plot": plot, "info": info}
+COMMANDS = {"search": search, "train": train, "plot": plot, "info": info, "sweep": sweep}
 USER_ERRORS = (ConfigError, DataError, CheckpointError, GenotypeError)
 
 

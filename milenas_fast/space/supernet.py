@@ -35,13 +35,15 @@ class Cell(nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self._ops.append(mixed_op(C, stride))
 
-    def forward(self, s0, s1, weights):
+    def forward(self, s0, s1, weights, indices=None):
+        """`indices`: host indices of the sampled candidates (HardSampledMixedOp), or None."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self._steps):
             s = None
             for j, h in enumerate(states):
-                y = self._ops[offset + j](h, weights[offset + j])
+                k = offset + j
+                y = self._ops[k](h, weights[k]) if indices is None else self._ops[k](h, weights[k], indices[k])
                 s = y if s is None else s + y
             offset += len(states)
             states.append(s)
@@ -49,6 +51,10 @@ class Cell(nn.Module):
 
 
 class Network(nn.Module):
+    # None: every cell mixes with softmax(α). Else a callable(network) -> (per-cell weights, per-cell host
+    # indices), called once per forward (search/sampler.py's GumbelSampler; the ops must then take an index).
+    sampler = None
+
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, criterion: nn.Module | None = None,
                  steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, mixed_op=MixedOp):
         super().__init__()
@@ -106,10 +112,14 @@ class Network(nn.Module):
             return F.softmax(self.alphas_normal.float(), dim=-1), F.softmax(self.alphas_reduce.float(), dim=-1)
 
     def forward(self, x):
-        w_normal, w_reduce = self.mixing_weights()
+        if self.sampler is not None:
+            weights, indices = self.sampler(self)
+        else:
+            w_normal, w_reduce = self.mixing_weights()
+            weights, indices = [w_reduce if c.reduction else w_normal for c in self.cells], [None] * len(self.cells)
         s0 = s1 = self.stem(x)
-        for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+        for cell, w, i in zip(self.cells, weights, indices):
+            s0, s1 = s1, cell(s0, s1, w, i)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

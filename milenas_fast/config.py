@@ -137,18 +137,6 @@ class SearchConfig(Settings):
             raise ConfigError("--authors_code reproduces the authors' three-pass iteration; drop --fused_train_step")
         return self
 
-
-def check_image_size(dataset: str, image_size: int, multiples: dict[str, int]) -> None:
-    """--image_size applies to the datasets in `multiples` (which the network's stride-2 steps must divide);
-    the others have fixed 32×32 images."""
-    if dataset not in multiples:
-        if image_size != 32:
-            raise ConfigError(f"--image_size applies to --dataset {' / '.join(multiples)}; {dataset} images are 32×32")
-    elif image_size <= 0 or image_size % multiples[dataset]:
-        raise ConfigError(f"--image_size must be a positive multiple of {multiples[dataset]} for --dataset {dataset} "
-                          f"(the network halves it that often), got {image_size}")
-
-
     def _check_sampler(self) -> None:
         if not 0.0 < self.tau_min <= self.tau_max:
             raise ConfigError(f"--tau_min and --tau_max need 0 < tau_min <= tau_max, got {self.tau_min} and "
@@ -159,6 +147,17 @@ def check_image_size(dataset: str, image_size: int, multiples: dict[str, int]) -
         if self.sampler == "gumbel" and self.impl == "fused":
             raise ConfigError("--impl fused does not apply to --sampler gumbel: the fused kernel computes every "
                               "candidate, sampling runs one (use --impl auto or reference)")
+
+
+def check_image_size(dataset: str, image_size: int, multiples: dict[str, int]) -> None:
+    """--image_size applies to the datasets in `multiples` (which the network's stride-2 steps must divide);
+    the others have fixed 32×32 images."""
+    if dataset not in multiples:
+        if image_size != 32:
+            raise ConfigError(f"--image_size applies to --dataset {' / '.join(multiples)}; {dataset} images are 32×32")
+    elif image_size <= 0 or image_size % multiples[dataset]:
+        raise ConfigError(f"--image_size must be a positive multiple of {multiples[dataset]} for --dataset {dataset} "
+                          f"(the network halves it that often), got {image_size}")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""Image sets as uint8 NCHW tensors: CIFAR-10 (through torchvision) and a learnable synthetic set."""
+"""Image sets as uint8 NCHW tensors in memory: CIFAR-10 and CIFAR-100 (through torchvision), a user's image
+folder (decoded and resized once), and a learnable synthetic set."""
 from __future__ import annotations
 
 import math
@@ -18,40 +19,107 @@ class DataError(RuntimeError):
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    images: torch.Tensor  # uint8 [N, 3, H, W] (32×32 but for image folders)
     labels: torch.Tensor  # int64 [N]
+    num_classes: int = NUM_CLASSES  # of the whole set (a split may lack some)
 
     def __len__(self) -> int:
         return self.labels.numel()
 
 
-def load_cifar10(root: str | Path, train: bool = True, download: bool = True) -> Split:
+# torchvision class, folder, archive and files of each CIFAR, and its number of classes.
+CIFARS = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "data_batch_1..5 and test_batch", 10),
+    "cifar100": ("CIFAR100", "cifar-100-python", "cifar-100-python.tar.gz", "train, test and meta", 100),
+}
+
+
+def load_cifar(name: str, root: str | Path, train: bool = True, download: bool = True) -> Split:
+    """CIFAR-10 or CIFAR-100 (fine labels) through torchvision, downloaded into `root` when missing."""
     import torchvision
 
+    cls_name, *_, classes = CIFARS[name]
+    cls = getattr(torchvision.datasets, cls_name)
     root = Path(root)
     try:
-        ds = torchvision.datasets.CIFAR10(root=str(root), train=train, download=False)
+        ds = cls(root=str(root), train=train, download=False)
     except RuntimeError:
         if not download:
-            raise DataError(_missing_cifar(root)) from None
+            raise DataError(_missing_cifar(name, root)) from None
         try:
-            ds = torchvision.datasets.CIFAR10(root=str(root), train=train, download=True)
+            ds = cls(root=str(root), train=train, download=True)
         except Exception as e:  # offline, proxy, disk full: all end the same way for the user
-            raise DataError(_missing_cifar(root, reason=f"{type(e).__name__}: {e}")) from None
+            raise DataError(_missing_cifar(name, root, reason=f"{type(e).__name__}: {e}")) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    return Split(images, torch.tensor(ds.targets, dtype=torch.int64))
+    return Split(images, torch.tensor(ds.targets, dtype=torch.int64), classes)
 
 
-def _missing_cifar(root: Path, reason: str = "") -> str:
+def load_cifar10(root: str | Path, train: bool = True, download: bool = True) -> Split:
+    return load_cifar("cifar10", root, train, download)
+
+
+def _missing_cifar(name: str, root: Path, reason: str = "") -> str:
+    _, folder, archive, files, _ = CIFARS[name]
+    title = name.upper().replace("CIFAR", "CIFAR-")
     why = f" (download failed: {reason.splitlines()[0][:200]})" if reason else ""
     return (
-        f"CIFAR-10 is not in {root.resolve()} and could not be downloaded{why}. "
-        f"Put the python version of CIFAR-10 there, i.e. the folder {root / 'cifar-10-batches-py'} with "
-        f"data_batch_1..5 and test_batch, by downloading "
-        f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz on a machine with internet access and "
-        f"unpacking it into {root} (tar -xzf cifar-10-python.tar.gz -C {root}); or pass --data DIR where it "
+        f"{title} is not in {root.resolve()} and could not be downloaded{why}. "
+        f"Put the python version of {title} there, i.e. the folder {root / folder} with "
+        f"{files}, by downloading "
+        f"https://www.cs.toronto.edu/~kriz/{archive} on a machine with internet access and "
+        f"unpacking it into {root} (tar -xzf {archive} -C {root}); or pass --data DIR where it "
         f"already is; or try the pipeline offline with --dataset synthetic."
     )
+
+
+def load_image_folder(root: str | Path, image_size: int, samples=None, num_classes: int | None = None) -> Split:
+    """ROOT/<class>/<image> decoded into memory: each image's shorter side resized to `image_size`
+    (bilinear, antialiased), then the central image_size² square; grayscale and RGBA become RGB. For
+    small sets (the whole set is held as uint8); `samples`/`num_classes` from an earlier scan. A file
+    that does not decode is a DataError naming it. The images are ordered with the classes interleaved
+    in proportion (the scan lists them class by class), so the DARTS split's first floor(portion·N)
+    images hold every class in its share."""
+    from .imagefolder import scan
+
+    if samples is None:
+        classes, samples = scan(root)
+        num_classes = len(classes)
+    samples = interleave(samples)
+    images = torch.empty(len(samples), 3, image_size, image_size, dtype=torch.uint8)
+    for i, (path, _) in enumerate(samples):
+        images[i] = _decode(path, image_size)
+    return Split(images, torch.tensor([c for _, c in samples], dtype=torch.int64), num_classes)
+
+
+def interleave(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Sort by (position within its class / class size, class): a prefix of any length is stratified."""
+    sizes = torch.bincount(torch.tensor([c for _, c in samples])).tolist()
+    seen = [0] * len(sizes)
+    keyed = []
+    for path, c in samples:
+        keyed.append(((seen[c] + 0.5) / sizes[c], c, path))
+        seen[c] += 1
+    return [(path, c) for _, c, path in sorted(keyed)]
+
+
+def _decode(path: str, size: int) -> torch.Tensor:
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
+        first = (str(e).strip().splitlines() or ["unreadable"])[0][:200]
+        raise DataError(f"corrupt image {path}: {type(e).__name__}: {first}; remove or replace it") from None
+    img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+    return TF.pil_to_tensor(img)
+
+
+def source_folder(root: str | Path) -> Path:
+    """Where a search's image folder is: ROOT/train when it exists (the layout `train` needs), else ROOT."""
+    root = Path(root)
+    return root / "train" if (root / "train").is_dir() else root
 
 
 def make_synthetic(n: int, seed: int = 0) -> Split:
@@ -75,13 +143,19 @@ def make_synthetic(n: int, seed: int = 0) -> Split:
     return Split(images.contiguous(), labels.to(torch.int64))
 
 
-def load_dataset(name: str, root: str | Path, synthetic_images: int = 5000) -> Split:
-    """The search's source set (CIFAR-10's training set, or the synthetic set)."""
-    if name == "cifar10":
-        return load_cifar10(root, train=True)
+SEARCH_DATASETS = ("cifar10", "cifar100", "synthetic", "imagefolder")
+
+
+def load_dataset(name: str, root: str | Path, synthetic_images: int = 5000, image_size: int = 32) -> Split:
+    """The search's source set: a CIFAR training set, the synthetic set, or an image folder (see
+    `source_folder`) at `image_size`."""
+    if name in CIFARS:
+        return load_cifar(name, root, train=True)
     if name == "synthetic":
         return make_synthetic(synthetic_images)
-    raise DataError(f"unknown dataset {name!r}; choose cifar10 or synthetic")
+    if name == "imagefolder":
+        return load_image_folder(source_folder(root), image_size)
+    raise DataError(f"unknown dataset {name!r}; choose {', '.join(SEARCH_DATASETS)}")
 
 
 def split_train_val(data: Split, train_portion: float) -> tuple[Split, Split]:
@@ -89,4 +163,5 @@ def split_train_val(data: Split, train_portion: float) -> tuple[Split, Split]:
     cut = int(math.floor(train_portion * len(data)))
     if cut < 1 or cut >= len(data):
         raise DataError(f"--train_portion {train_portion} leaves an empty train or validation half of {len(data)} images")
-    return Split(data.images[:cut], data.labels[:cut]), Split(data.images[cut:], data.labels[cut:])
+    return (Split(data.images[:cut], data.labels[:cut], data.num_classes),
+            Split(data.images[cut:], data.labels[cut:], data.num_classes))

@@ -14,7 +14,6 @@ import torch
 from .. import runs
 from ..config import ConfigError, SearchConfig
 from ..data import BatchStream, load_dataset, make_loader, split_train_val
-from ..data.datasets import NUM_CLASSES
 from ..data.loaders import epoch_batches, resolve_loader
 from ..meters import Progress, Totals
 from ..precision import Precision
@@ -48,7 +47,7 @@ class Search:
         self.cfg, self.device = cfg, device
         seed_everything(cfg.seed)
         set_determinism(cfg.deterministic, device)
-        data = load_dataset(cfg.dataset, cfg.data, cfg.synthetic_images)
+        data = load_dataset(cfg.dataset, cfg.data, cfg.synthetic_images, cfg.image_size)
         train, valid = split_train_val(data, cfg.train_portion)
         self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
         self.warnings: list[str] = []  # logged once the run folder's log exists
@@ -65,7 +64,7 @@ class Search:
                                         drop_last=self.graphs_on)
         self.valid_loader = make_loader(self.loader_name, valid, cfg.batch_size, device, cfg.workers)
         self.mixed_op, self.impl_why = resolve_impl(cfg.impl, device)
-        self.model = Network(cfg.init_channels, NUM_CLASSES, cfg.layers, mixed_op=self.mixed_op).to(device)
+        self.model = Network(cfg.init_channels, data.num_classes, cfg.layers, mixed_op=self.mixed_op).to(device)
         self.w_optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
                                            weight_decay=cfg.weight_decay)
         self.a_optimizer = torch.optim.Adam(self.model.arch_parameters(), lr=cfg.arch_learning_rate,

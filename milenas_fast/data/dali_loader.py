@@ -112,8 +112,13 @@ class DaliLoader(_Loader):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+    """One line saying why: for DALI's multi-line pipeline errors, the failing operator and its reason
+    (its first line is only "Critical error in pipeline:")."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    op = next((line.rstrip(",") for line in lines if line.startswith("Error in ")), None)
+    if op and "encountered:" in lines[:-1]:
+        return f"{type(e).__name__}: {op}: {lines[lines.index('encountered:') + 1][:300]}"
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def to_torch(tensor_list, device: torch.device) -> torch.Tensor:

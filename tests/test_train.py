@@ -45,7 +45,8 @@ def test_one_epoch_writes_every_artifact(tmp_path):
     for line in ("epoch 0 lr 2.500000e-02", "train_acc ", "valid_acc ", "train 000 ", "valid 000 "):
         assert line in log
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5",
+                             "seconds"]
     assert len(rows) == 1 and rows[0]["epoch"] == "0" and 0 <= float(rows[0]["test_acc"]) <= 100
     for name in ("weights_best.pt", "weights_last.pt"):
         model.load_state_dict(torch.load(run / name, weights_only=True))

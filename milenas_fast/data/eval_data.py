@@ -1,12 +1,12 @@
-"""Data for training a genotype from scratch: the held-out test set, its plain (unaugmented) batches,
-and cutout applied to already-augmented training batches."""
+"""Data for training a genotype from scratch: the training and held-out test sets, the test set's plain
+(unaugmented) batches, and cutout applied to already-augmented training batches."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from .datasets import DataError, Split, load_cifar10, make_synthetic
+from .datasets import CIFARS, DataError, Split, load_cifar, load_image_folder, make_synthetic
 from .loaders import normalize, to_device
 
 SYNTHETIC_TEST_SEED = 1  # the training set uses seed 0: a different draw of the same classes
@@ -16,13 +16,26 @@ def synthetic_test_size(synthetic_images: int) -> int:
     return max(10, synthetic_images // 5)
 
 
-def load_test_set(name: str, root: str | Path, synthetic_images: int = 5000) -> Split:
-    """CIFAR-10's test set, or a synthetic set drawn with a different seed (a fifth of the training size)."""
-    if name == "cifar10":
-        return load_cifar10(root, train=False)
+TRAIN_DATASETS = ("cifar10", "cifar100", "synthetic", "imagefolder")  # in memory; imagenet streams
+
+
+def load_train_test(name: str, root: str | Path, synthetic_images: int = 5000,
+                    image_size: int = 32) -> tuple[Split, Split]:
+    """(training set, test set): a CIFAR's two sets; the synthetic set and a second draw of it with another
+    seed (a fifth of the training size); or ROOT/train and ROOT/val of an image folder (the same classes)."""
+    if name in CIFARS:
+        return load_cifar(name, root, train=True), load_cifar(name, root, train=False)
     if name == "synthetic":
-        return make_synthetic(synthetic_test_size(synthetic_images), seed=SYNTHETIC_TEST_SEED)
-    raise DataError(f"unknown dataset {name!r}; choose cifar10 or synthetic")
+        return (make_synthetic(synthetic_images),
+                make_synthetic(synthetic_test_size(synthetic_images), seed=SYNTHETIC_TEST_SEED))
+    if name == "imagefolder":
+        from .imagefolder import scan_pair
+
+        root = Path(root)
+        classes, train, test = scan_pair(root / "train", root / "val")
+        return (load_image_folder(root, image_size, train, len(classes)),
+                load_image_folder(root, image_size, test, len(classes)))
+    raise DataError(f"unknown dataset {name!r}; choose {', '.join(TRAIN_DATASETS)}")
 
 
 class TestBatches:
@@ -61,3 +74,35 @@ def cutout(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Te
     in_cols = (cols >= cx - half) & (cols < cx + half)  # [B, W]
     hole = in_rows[:, :, None] & in_cols[:, None, :]
     return x.masked_fill(hole[:, None], 0.0)
+
+
+class LoaderPass:
+    """The validation pass of an image loader (imagenet.py) as a re-iterable like TestBatches: its order
+    never changes, so every pass is the same."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return self.loader.epoch(0)
+
+
+def imagenet_loaders(root: str | Path, loader: str, batch_size: int, image_size: int, device: torch.device,
+                     workers: int, seed: int):
+    """(training loader, test batches, number of classes, loader name, why) over ROOT/train and ROOT/val.
+    Both folders are scanned and every file's header checked first (imagefolder.scan_pair, check="verify"),
+    so a missing folder, an empty class, mismatched classes or an unreadable file stop the run before it
+    writes anything; a file that fails later is skipped by the loader (counted, with a warning)."""
+    from .imagefolder import scan_pair
+    from .imagenet import make_image_loader, resolve_image_loader
+
+    root = Path(root)
+    classes, train, val = scan_pair(root / "train", root / "val", check="verify")
+    name, why = resolve_image_loader(loader, device)
+    kw = dict(batch_size=batch_size, image_size=image_size, device=device, workers=workers, seed=seed)
+    train_loader = make_image_loader(name, train, train=True, **kw)
+    test_batches = LoaderPass(make_image_loader(name, val, train=False, **kw))
+    return train_loader, test_batches, len(classes), name, why

@@ -6,27 +6,27 @@ import io
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .. import runs
-from ..data import load_dataset, make_loader
-from ..data.datasets import NUM_CLASSES
-from ..data.eval_data import TestBatches, cutout, cutout_generator, load_test_set
+from ..data import make_loader
+from ..data.eval_data import TestBatches, cutout, cutout_generator, imagenet_loaders, load_train_test
 from ..data.loaders import epoch_batches, resolve_loader
 from ..meters import Progress, Totals
 from ..precision import Precision
 from ..runtime import load_rng_state, resolve_device, rng_state, seed_everything, set_determinism
 from ..space import genotype as gt
-from ..space.evalnet import NetworkCIFAR, param_count
+from ..space.evalnet import MOBILE_MULT_ADDS, NetworkCIFAR, NetworkImageNet, check_cell, mult_adds, param_count
 from ..space.known_genotypes import by_name
 from .config import TrainConfig
 
 log = logging.getLogger("milenas_fast")
 
-METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "seconds")
 
 
 def resolve_genotype(cfg: TrainConfig) -> tuple[gt.Genotype, str]:
@@ -37,6 +37,22 @@ def resolve_genotype(cfg: TrainConfig) -> tuple[gt.Genotype, str]:
     return by_name(name), f"--arch {name}"
 
 
+def build_network(cfg: TrainConfig, genotype: gt.Genotype, num_classes: int):
+    if cfg.dataset == "imagenet":
+        return NetworkImageNet(cfg.init_channels, num_classes, cfg.layers, cfg.auxiliary, genotype, cfg.image_size)
+    return NetworkCIFAR(cfg.init_channels, num_classes, cfg.layers, cfg.auxiliary, genotype,
+                        image_size=cfg.image_size)
+
+
+def count_mult_adds(cfg: TrainConfig, genotype: gt.Genotype, num_classes: int) -> tuple[int, int]:
+    """(mult-adds, image side): at 224×224 for ImageNet (the papers' number, whatever --image_size), else at
+    the run's size; counted on a meta-device copy (no memory, no compute, the RNG untouched)."""
+    size = 224 if cfg.dataset == "imagenet" else cfg.image_size
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        net = build_network(replace(cfg, image_size=size), genotype, num_classes)
+    return mult_adds(net, size), size
+
+
 class Trainer:
     """Everything a training epoch needs, and its checkpointable state."""
 
@@ -44,17 +60,28 @@ class Trainer:
         self.cfg, self.device, self.genotype = cfg, device, genotype
         seed_everything(cfg.seed)
         set_determinism(cfg.deterministic, device)
-        # The model first: a genotype the network cannot be built from fails before any data is loaded.
-        self.model = NetworkCIFAR(cfg.init_channels, NUM_CLASSES, cfg.layers, cfg.auxiliary, genotype).to(device)
-        self.criterion = nn.CrossEntropyLoss()
-        train = load_dataset(cfg.dataset, cfg.data, cfg.synthetic_images)
-        test = load_test_set(cfg.dataset, cfg.data, cfg.synthetic_images)
-        self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
-        self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers)
-        self.test_batches = TestBatches(test, cfg.batch_size, device)
+        # The genotype first: one the network cannot be built from fails before any data is loaded.
+        check_cell(genotype.normal, genotype.normal_concat, "normal")
+        check_cell(genotype.reduce, genotype.reduce_concat, "reduce")
+        if cfg.dataset == "imagenet":  # streamed from image files
+            self.train_loader, self.test_batches, self.num_classes, self.loader_name, self.loader_why = \
+                imagenet_loaders(cfg.data, cfg.loader, cfg.batch_size, cfg.image_size, device, cfg.workers, cfg.seed)
+        else:  # in memory
+            train, test = load_train_test(cfg.dataset, cfg.data, cfg.synthetic_images, cfg.image_size)
+            self.num_classes = train.num_classes
+            self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
+            self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers)
+            self.test_batches = TestBatches(test, cfg.batch_size, device)
+        # loading draws nothing from the global RNG: the weights are those the seed gave before data existed
+        self.model = build_network(cfg, genotype, self.num_classes).to(device)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smooth)
+        self.test_criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=0.0)
+        if cfg.lr_schedule == "exponential":  # DARTS ImageNet: StepLR(1, gamma), the same thing
+            self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, cfg.gamma)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=0.0)
         self.precision = Precision(device, cfg.amp)
         self.epoch = 0
         self.best_acc = -1.0
@@ -89,7 +116,11 @@ class Trainer:
         weights = list(model.parameters())
         totals = Totals(self.device)
         start, seen = time.perf_counter(), 0
-        for step, (x, y) in enumerate(epoch_batches(self.train_loader, cfg.seed, "train", self.epoch)):
+        if cfg.dataset == "imagenet":
+            batches = self.train_loader.epoch(self.epoch)
+        else:
+            batches = epoch_batches(self.train_loader, cfg.seed, "train", self.epoch)
+        for step, (x, y) in enumerate(batches):
             if cfg.cutout:
                 x = cutout(x, cfg.cutout_length, cutout_generator(cfg.seed, self.epoch, step))
             self.optimizer.zero_grad(set_to_none=True)
@@ -109,17 +140,18 @@ class Trainer:
         return top1, obj
 
     @torch.no_grad()
-    def infer(self) -> tuple[float, float]:
+    def infer(self) -> tuple[float, float, float]:
+        """(top-1, loss, top-5) on the test set; the loss without label smoothing."""
         self.model.eval()
         totals = Totals(self.device)
         for step, (x, y) in enumerate(self.test_batches):
             with self.precision.autocast():
                 logits, _ = self.model(x)
-            totals.add(self.criterion(logits.float(), y), logits, y)
+            totals.add(self.test_criterion(logits.float(), y), logits, y)
             if step % self.cfg.report_freq == 0 or step == len(self.test_batches) - 1:
                 totals.log_line("valid", step)
-        obj, top1, _ = totals.read()
-        return top1, obj
+        obj, top1, top5 = totals.read()
+        return top1, obj, top5
 
 
 def metrics_csv(history: list[dict]) -> str:
@@ -127,7 +159,7 @@ def metrics_csv(history: list[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=METRICS, lineterminator="\n")
     w.writeheader()
     for row in history:
-        w.writerow({k: row[k] for k in METRICS})
+        w.writerow({k: row.get(k, "") for k in METRICS})  # runs from before test_top5 lack it
     return buf.getvalue()
 
 
@@ -157,6 +189,8 @@ def prepare(cfg: TrainConfig, explicit: dict | None = None) -> tuple[Trainer, Pa
         check_resume_flags(state["config"], explicit or {})
         runtime = {k: getattr(cfg, k) for k in TrainConfig.RUNTIME}
         cfg = TrainConfig.from_dict({**state["config"], **runtime})
+    else:  # a checkpoint holds the resolved settings
+        cfg = cfg.with_dataset_defaults(explicit)
     cfg.validate()
     if state is not None:  # the checkpoint's own copy: the source file or run folder may have changed since
         genotype, source = gt.from_text(state["genotype"], "checkpoint genotype"), f"checkpoint {run_dir}"
@@ -201,6 +235,13 @@ def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: 
     if cfg.auxiliary:
         aux = sum(p.numel() for p in model.auxiliary_head.parameters())
         log.info("auxiliary head = %fMB (not counted above)", aux / 1e6)
+    macs, size = count_mult_adds(cfg, g, trainer.num_classes)
+    mobile = ""
+    if cfg.dataset == "imagenet":
+        mobile = "; within the mobile setting (≤ 600M)" if macs <= MOBILE_MULT_ADDS else \
+            "; EXCEEDS the mobile setting's 600M"
+    log.info("mult-adds = %fM at %dx%d (conv and linear layers, auxiliary head excluded%s)", macs / 1e6, size,
+             size, mobile)
 
     while trainer.epoch < cfg.epochs:
         lr = trainer.scheduler.get_last_lr()[0]
@@ -213,12 +254,14 @@ def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: 
         finally:
             progress.close()
         log.info("train_acc %f", train_acc)
-        test_acc, test_obj = trainer.infer()
+        test_acc, test_obj, test_top5 = trainer.infer()
         log.info("valid_acc %f", test_acc)
+        log.info("valid_acc_top5 %f", test_top5)
         trainer.scheduler.step()
         seconds = time.perf_counter() - epoch_start
         trainer.history.append({"epoch": trainer.epoch, "lr": lr, "train_loss": train_obj, "train_acc": train_acc,
-                                "test_loss": test_obj, "test_acc": test_acc, "seconds": round(seconds, 3)})
+                                "test_loss": test_obj, "test_acc": test_acc, "test_top5": test_top5,
+                                "seconds": round(seconds, 3)})
         improved = test_acc > trainer.best_acc
         if improved:
             trainer.best_acc = test_acc

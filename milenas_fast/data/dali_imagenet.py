@@ -71,7 +71,7 @@ def build_pipeline(files: list[str], labels: list[int], *, train: bool, batch_si
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
                                           mean=[255 * m for m in IMAGENET_MEAN],
                                           std=[255 * s for s in IMAGENET_STD], **crop)
-        return images, label
+        return images, (label if device_id is None else label.gpu())  # both outputs where the loader copies from
 
     p = pipe()
     p.build()

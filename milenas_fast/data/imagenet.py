@@ -122,9 +122,10 @@ class _Files(torch.utils.data.Dataset):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63)
             try:
                 with Image.open(path) as img:
-                    return self.tf(img.convert("RGB")), label, None
-            except Exception:  # noqa: BLE001 - any unreadable file is skipped, and named
+                    rgb = img.convert("RGB")  # decodes
+            except Exception:  # noqa: BLE001 - PIL raises many types for bad files; each is skipped, and named
                 return None, label, f"{path}: {corrupt(path, 'decode') or 'unreadable'}"
+            return self.tf(rgb), label, None
 
 
 def _collate(items):

@@ -142,6 +142,24 @@ def all_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_totals_(totals) -> None:
+    """Epoch totals (meters.Totals: loss/top-1/top-5 sums and a count) summed over ranks, in place."""
+    if world_size() > 1:
+        t = torch.cat([totals.sums, totals.sums.new_tensor([totals.n])])
+        dist.all_reduce(t)
+        totals.sums.copy_(t[:-1])
+        totals.n = int(t[-1].item())
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` (picklable) on every rank, e.g. the run folder it just created."""
+    if world_size() <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_(tensors) -> None:
     """Rank 0's values into every rank's tensors (α and weights at the start and after resume)."""
     if world_size() <= 1:
@@ -171,6 +189,30 @@ def check_alphas(alphas) -> str:
         raise RankFailure("α differ across ranks (checksums " + ", ".join(f"rank {r}: {c}" for r, c in
                                                                            enumerate(every)) + "); stopping")
     return f"alpha checksum {mine} identical on {world} ranks"
+
+
+def add_nproc_flag(parser) -> None:
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="run N processes on this machine (one per GPU, or N on the CPU): re-launches this "
+                             "command through torch.distributed.run (torchrun); --batch_size is per process")
+
+
+def run_command(command: str, args, argv: list[str], body) -> int:
+    """A CLI command under torchrun, or re-launched by `--nproc N`: `body()` with collective failures (a rank
+    died or stopped answering, α diverged) as one line and exit status 1; the process group closed after."""
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be positive, got {args.nproc}")
+    if args.nproc > 1 and requested_world() <= 1:
+        return relaunch(args.nproc, strip_nproc(argv))
+    try:
+        return body()
+    except Exception as e:  # noqa: BLE001 — only collective failures are handled here
+        if not (isinstance(e, RankFailure) or is_collective_failure(e)):
+            raise
+        print(f"milenas-fast {command}: error: {e if isinstance(e, RankFailure) else lost(e)}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:

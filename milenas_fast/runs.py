@@ -92,7 +92,8 @@ class _TqdmHandler(logging.StreamHandler):
         tqdm.write(self.format(record), file=sys.stdout)
 
 
-def setup_logging(run_dir: Path, console: bool = True, quiet: bool = False, bar: bool = False) -> logging.Logger:
+def setup_logging(run_dir: Path | None, console: bool = True, quiet: bool = False,
+                  bar: bool = False) -> logging.Logger:
     """DARTS log format in log.txt (appending, so a resumed run continues the same file); the same lines
     on the console unless quiet (then warnings only)."""
     log = logging.getLogger("milenas_fast")
@@ -100,9 +101,10 @@ def setup_logging(run_dir: Path, console: bool = True, quiet: bool = False, bar:
     log.setLevel(logging.INFO)
     log.propagate = False
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%m/%d %I:%M:%S %p")
-    fh = logging.FileHandler(run_dir / "log.txt")
-    fh.setFormatter(fmt)
-    log.addHandler(fh)
+    if run_dir is not None:  # None: a rank other than 0 of a distributed run (it writes no files)
+        fh = logging.FileHandler(run_dir / "log.txt")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
     if console:
         sh = _TqdmHandler(sys.stdout) if bar else logging.StreamHandler(sys.stdout)
         sh.setFormatter(fmt)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import runs
+from .. import distributed, runs
 from ..config import ConfigError, SearchConfig
 from ..data import BatchStream, load_dataset, make_loader, split_train_val
 from ..data.loaders import epoch_batches, resolve_loader
@@ -21,10 +21,12 @@ from ..runtime import (load_rng_state, resolve_device, resolve_impl, rng_state, 
                        set_determinism)
 from ..space import genotype as gt
 from ..space.mixed_op import MixedOp, set_impl
+from ..space.sampled_op import HardSampledMixedOp
 from ..space.supernet import Network
 from . import graphed
 from .authors_code import FreshIteratorStream
 from .guard import Component, Guard
+from .sampler import GumbelSampler, tau_at
 from .step import StepRule, search_step
 
 log = logging.getLogger("milenas_fast")
@@ -52,25 +54,43 @@ class Search:
         self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
         self.warnings: list[str] = []  # logged once the run folder's log exists
         self.graphs_on, self.graphs_why = graphed.decide(cfg.cuda_graphs, cfg.compile, cfg.amp, device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if self.graphs_on and self.world > 1:  # README "Multi-GPU and multi-node": collectives stay outside graphs
+            self.graphs_on, self.graphs_why = False, f"off: {self.world} processes (DDP); eager loop"
+            self.warnings.append(f"CUDA graphs are off with {self.world} processes: the all-reduces of DDP and of α "
+                                 "are not captured; using the eager loop")
+        if self.graphs_on and cfg.sampler == "gumbel":
+            self.graphs_on, self.graphs_why = False, "off: --sampler gumbel chooses on the host which candidates run"
         if graphs is not None:
             self.graphs_on, self.graphs_why = True, f"on ({type(graphs).__name__})"
         elif self.graphs_on and (why := graphed.self_test(device)):
             self.graphs_on, self.graphs_why = False, f"off: the capture self-test failed ({why}); eager loop"
             self.warnings.append(f"CUDA graph capture self-test failed ({why}); using the eager loop")
-        check_split_sizes(len(train), len(valid), cfg.batch_size, drop_last=self.graphs_on)
+        check_split_sizes(len(train) // self.world, len(valid) // self.world, cfg.batch_size,
+                          drop_last=self.graphs_on)
         # CUDA graphs need static shapes: the train loader drops its partial last batch (graphed.py); it keeps
         # dropping it if the guard later switches the graph off
+        shard = (self.rank, self.world)  # each process reads its own share of every plan
         self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers,
-                                        drop_last=self.graphs_on)
-        self.valid_loader = make_loader(self.loader_name, valid, cfg.batch_size, device, cfg.workers)
-        self.mixed_op, self.impl_why = resolve_impl(cfg.impl, device)
+                                        drop_last=self.graphs_on, shard=shard)
+        self.valid_loader = make_loader(self.loader_name, valid, cfg.batch_size, device, cfg.workers, shard=shard)
+        if cfg.sampler == "gumbel":
+            self.mixed_op, self.impl_why = HardSampledMixedOp, "the sampled candidate only (--sampler gumbel)"
+        else:
+            self.mixed_op, self.impl_why = resolve_impl(cfg.impl, device)
         self.model = Network(cfg.init_channels, data.num_classes, cfg.layers, mixed_op=self.mixed_op).to(device)
-        self.w_optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
-                                           weight_decay=cfg.weight_decay)
+        self.sampler = (GumbelSampler(cfg.gumbel_share, cfg.seed, device, cfg.tau_max)
+                        if cfg.sampler == "gumbel" else None)
+        self.model.sampler = self.sampler
+        if cfg.sync_bn:
+            self.model = distributed.convert_sync_bn(self.model, device)
+        lr_scale = self.world if cfg.scale_lr else 1  # --scale_lr: linear scaling with the global batch
+        self.w_optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate * lr_scale,
+                                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.a_optimizer = torch.optim.Adam(self.model.arch_parameters(), lr=cfg.arch_learning_rate,
                                             betas=(0.5, 0.999), weight_decay=cfg.arch_weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_optimizer, cfg.epochs,
-                                                                    eta_min=cfg.learning_rate_min)
+                                                                    eta_min=cfg.learning_rate_min * lr_scale)
         self.precision = Precision(device, cfg.amp)
         self.rule = StepRule(cfg.optimization, cfg.lambda_train_regularizer, cfg.lambda_valid_regularizer,
                              cfg.grad_clip, cfg.authors_code)
@@ -84,6 +104,7 @@ class Search:
                                            graphs=graphs) if self.graphs_on else None
         if cfg.compile:
             compile_in_place(self.model)
+        self.net = distributed.wrap(self.model, device)  # what the step runs: DDP under several processes
         self.guard = Guard(self._components(), self._snapshot, self._restore,
                            iterations=(self.graphed.warmup + 3) if self.graphed else 3)
         self.epoch = 0
@@ -99,7 +120,8 @@ class Search:
             "w_optimizer": self.w_optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "precision": self.precision.state_dict(),
             "valid_stream": self.valid_stream.state_dict(), "history": self.history,
-            "model_sizes": self.model_sizes, "rng": rng_state(),
+            "model_sizes": self.model_sizes, "rng": rng_state(), "world_size": self.world,
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -113,10 +135,12 @@ class Search:
             raise runs.CheckpointError(f"checkpoint does not fit this network ({first})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state["precision"])
-        self.valid_stream.load_state_dict(state["valid_stream"])
+        self.valid_stream.load_state_dict(state["valid_stream"], state.get("world_size", 1))
         self.epoch, self.finished = state["epoch"], state["finished"]
         self.history, self.model_sizes = state["history"], state["model_sizes"]
         load_rng_state(state["rng"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
         if self.graphed is not None:
             self.graphed.invalidate()  # the optimisers' state tensors were replaced
 
@@ -162,6 +186,7 @@ class Search:
             if step % cfg.report_freq == 0 or last:
                 obj, top1 = totals.log_line("train", step)
                 progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+        distributed.all_totals_(totals)  # the epoch's numbers over every rank's share
         obj, top1, _ = totals.read()
         return top1, obj
 
@@ -170,7 +195,7 @@ class Search:
         if self.graphed is not None:
             return self.graphed(train_batch, lambda: next(self.valid_stream))
         valid_batch = next(self.valid_stream) if self.rule.uses("valid") else None
-        return search_step(self.model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
+        return search_step(self.net, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
                            self.precision, self.cfg.fused_train_step)
 
     @torch.no_grad()
@@ -181,6 +206,7 @@ class Search:
             with self.precision.autocast():
                 logits = self.model(x)
             totals.add(self.model._criterion(logits.float(), y), logits, y)
+        distributed.all_totals_(totals)
         obj, top1 = totals.log_line("valid", len(self.valid_loader) - 1)
         return top1, obj
 
@@ -194,6 +220,8 @@ class Search:
             "lr": lr, "alphas_normal": w_normal.detach().cpu().tolist(),
             "alphas_reduce": w_reduce.detach().cpu().tolist(),
         }
+        if self.sampler is not None:
+            entry["tau"] = self.sampler.tau
         self.history.append(entry)
         best = self.model_sizes.get(entry["model_size"])
         if best is None or valid_acc > best["valid_acc"]:
@@ -263,10 +291,12 @@ def prepare(cfg: SearchConfig, explicit: dict | None = None):
         runtime = {k: getattr(cfg, k) for k in SearchConfig.RUNTIME}
         cfg = SearchConfig.from_dict({**saved, **runtime})
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
     search = Search(cfg, device)
     if state is not None:
         search.load_state_dict(state)
+    # every rank starts from rank 0's α and weights (identical by seeding or from the same checkpoint: a check)
+    distributed.broadcast_(search.model.arch_parameters() + list(search.model.state_dict().values()))
     return search, run_dir
 
 
@@ -274,10 +304,11 @@ def run(cfg: SearchConfig, explicit: dict | None = None, console: bool = True) -
     search, run_dir = prepare(cfg, explicit)
     cfg = search.cfg
     resumed = run_dir is not None
+    main = distributed.is_main()  # rank 0 alone writes the run folder; the others log warnings to the console
     if not resumed:
-        run_dir = runs.new_run_dir("search", cfg.save, cfg.save_dir)
-    bar = console and not cfg.quiet and sys.stderr.isatty()
-    runs.setup_logging(run_dir, console=console, quiet=cfg.quiet, bar=bar)
+        run_dir = distributed.from_rank0(runs.new_run_dir("search", cfg.save, cfg.save_dir) if main else None)
+    bar = console and main and not cfg.quiet and sys.stderr.isatty()
+    runs.setup_logging(run_dir if main else None, console=console, quiet=cfg.quiet or not main, bar=bar)
     try:
         return _run(search, run_dir, resumed, Progress(bar))
     finally:
@@ -286,10 +317,12 @@ def run(cfg: SearchConfig, explicit: dict | None = None, console: bool = True) -
 
 def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Path:
     cfg, model, ckpt = search.cfg, search.model, run_dir / runs.CHECKPOINT
+    main = distributed.is_main()
     if resumed:
         log.info("resuming %s at epoch %d", run_dir, search.epoch)
     else:
-        runs.atomic_write_json(run_dir / "args.json", cfg.to_dict())
+        if main:
+            runs.atomic_write_json(run_dir / "args.json", cfg.to_dict())
         log.info("args = %s", cfg.to_dict())
     for warning in search.warnings:
         log.warning(warning)
@@ -302,6 +335,9 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
     while search.epoch < cfg.epochs and not search.finished:
         lr = search.scheduler.get_last_lr()[0]
         log.info("epoch %d lr %e", search.epoch, lr)
+        if search.sampler is not None:
+            search.sampler.tau = tau_at(search.epoch, cfg.epochs, cfg.tau_max, cfg.tau_min)
+            log.info("tau %f", search.sampler.tau)
         if cfg.authors_code:  # the authors log the architecture the epoch starts from
             log.info("genotype = %s", gt.to_text(model.genotype()))
         epoch_start = time.perf_counter()
@@ -321,13 +357,16 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         stop = cfg.early_stopping and (entry["n"], entry["r"]) == (cfg.early_stop_normal, cfg.early_stop_reduce)
         search.epoch += 1
         search.finished = stop or search.epoch >= cfg.epochs
-        runs.save_checkpoint(ckpt, search.state_dict())
-        write_run_files(run_dir, search)
+        log.info("%s", distributed.check_alphas(model.arch_parameters()))  # stops diverged ranks before saving
+        if main:
+            runs.save_checkpoint(ckpt, search.state_dict())
+            write_run_files(run_dir, search)
         if stop:
             log.info("early stopping: the normal cell has %d convs and the reduction cell %d", entry["n"], entry["r"])
-    write_run_files(run_dir, search)
-    g = write_final(run_dir, search)
-    log.info("final genotype = %s", gt.to_text(g))
-    _plot(run_dir)
+    if main:
+        write_run_files(run_dir, search)
+        g = write_final(run_dir, search)
+        log.info("final genotype = %s", gt.to_text(g))
+        _plot(run_dir)
     log.info("run folder: %s", run_dir)
     return run_dir

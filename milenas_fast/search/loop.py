@@ -135,7 +135,11 @@ class Search:
             raise runs.CheckpointError(f"checkpoint does not fit this network ({first})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state["precision"])
-        self.valid_stream.load_state_dict(state["valid_stream"], state.get("world_size", 1))
+        saved_world = state.get("world_size", 1)
+        self.valid_stream.load_state_dict(state["valid_stream"], saved_world)
+        if saved_world != self.world:
+            self.warnings.append(f"resuming a run of {saved_world} process(es) with {self.world}: the global batch is "
+                                 f"now {self.world} × --batch_size; the learning rates continue as saved")
         self.epoch, self.finished = state["epoch"], state["finished"]
         self.history, self.model_sizes = state["history"], state["model_sizes"]
         load_rng_state(state["rng"])

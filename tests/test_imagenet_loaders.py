@@ -201,7 +201,7 @@ class FlakyDali(TorchImageLoader):
     """Stands in for DaliImageLoader: the torchvision batches until batch 1, then a DALI-style error."""
     name = "dali"
 
-    def __init__(self, *args, **kw):
+    def __init__(self, *args, num_threads, **kw):
         super().__init__(*args, workers=0, **kw)
 
     def epoch(self, epoch, start=0):

@@ -7,6 +7,8 @@ JPEG decoding) and its torchvision twin, with DARTS's ImageNet transforms.
     len(loader)                               # batches per epoch on this rank
     loader.skipped                            # corrupt files skipped so far (torchvision loader)
 
+`workers` is the torchvision loader's worker processes and DALI's CPU threads.
+
 `name` comes from `resolve_image_loader(--loader, device)`: `auto|dali|torch` as for CIFAR (loaders.py):
 auto picks DALI on a CUDA device when it is installed, and dali_loader's Guard turns a DALI failure into
 one warning and the torchvision loader from the same batch on; an explicit `dali` that fails is a
@@ -207,7 +209,7 @@ class GuardedImageLoader:
         from . import dali_loader
 
         # DaliImageLoader looked up at call time: tests replace it with injected faults
-        self.guard = dali_loader.Guard(lambda: DaliImageLoader(*args, **kw),
+        self.guard = dali_loader.Guard(lambda: DaliImageLoader(*args, num_threads=max(1, workers), **kw),
                                        lambda: TorchImageLoader(*args, workers=workers, **kw), strict,
                                        "the torchvision loader instead", "torch or auto")
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import runs
+from .. import distributed, runs
+from ..config import ConfigError
 from ..data import make_loader
 from ..data.eval_data import TestBatches, cutout, cutout_generator, imagenet_loaders, load_train_test
 from ..data.loaders import epoch_batches, resolve_loader
@@ -70,14 +71,19 @@ class Trainer:
             train, test = load_train_test(cfg.dataset, cfg.data, cfg.synthetic_images, cfg.image_size)
             self.num_classes = train.num_classes
             self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
-            self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers)
+            self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers,
+                                            shard=(distributed.rank(), distributed.world_size()))
             self.test_batches = TestBatches(test, cfg.batch_size, device)
         # loading draws nothing from the global RNG: the weights are those the seed gave before data existed
         self.model = build_network(cfg, genotype, self.num_classes).to(device)
+        if cfg.sync_bn:
+            self.model = distributed.convert_sync_bn(self.model, device)
+        self.net = distributed.wrap(self.model, device)  # what the training step runs: DDP with several processes
+        lr_scale = distributed.world_size() if cfg.scale_lr else 1  # --scale_lr: linear scaling, global batch
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smooth)
         self.test_criterion = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate * lr_scale,
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         if cfg.lr_schedule == "exponential":  # DARTS ImageNet: StepLR(1, gamma), the same thing
             self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, cfg.gamma)
         else:
@@ -125,7 +131,7 @@ class Trainer:
                 x = cutout(x, cfg.cutout_length, cutout_generator(cfg.seed, self.epoch, step))
             self.optimizer.zero_grad(set_to_none=True)
             with precision.autocast():
-                logits, logits_aux = model(x)
+                logits, logits_aux = self.net(x)
             loss = self.criterion(logits.float(), y)
             if logits_aux is not None:
                 loss = loss + cfg.auxiliary_weight * self.criterion(logits_aux.float(), y)
@@ -136,6 +142,7 @@ class Trainer:
             if step % cfg.report_freq == 0 or step == len(self.train_loader) - 1:
                 obj, top1 = totals.log_line("train", step)
                 progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+        distributed.all_totals_(totals)  # the epoch's numbers over every rank's share
         obj, top1, _ = totals.read()
         return top1, obj
 
@@ -192,14 +199,17 @@ def prepare(cfg: TrainConfig, explicit: dict | None = None) -> tuple[Trainer, Pa
     else:  # a checkpoint holds the resolved settings
         cfg = cfg.with_dataset_defaults(explicit)
     cfg.validate()
+    if cfg.dataset == "imagenet" and distributed.requested_world() > 1:
+        raise ConfigError("--dataset imagenet is not sharded across processes yet; train it with one process")
     if state is not None:  # the checkpoint's own copy: the source file or run folder may have changed since
         genotype, source = gt.from_text(state["genotype"], "checkpoint genotype"), f"checkpoint {run_dir}"
     else:
         genotype, source = resolve_genotype(cfg)
-    device = resolve_device(cfg.device)
+    device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
     trainer = Trainer(cfg, device, genotype)
     if state is not None:
         trainer.load_state_dict(state)
+    distributed.broadcast_(trainer.model.state_dict().values())  # every rank starts from rank 0's weights
     return trainer, run_dir, source
 
 
@@ -207,10 +217,11 @@ def run(cfg: TrainConfig, explicit: dict | None = None, console: bool = True) ->
     trainer, run_dir, source = prepare(cfg, explicit)
     cfg = trainer.cfg
     resumed = run_dir is not None
+    main = distributed.is_main()  # rank 0 alone writes the run folder; the others log warnings to the console
     if not resumed:
-        run_dir = runs.new_run_dir("eval", cfg.save, cfg.save_dir)
-    bar = console and not cfg.quiet and sys.stderr.isatty()
-    runs.setup_logging(run_dir, console=console, quiet=cfg.quiet, bar=bar)
+        run_dir = distributed.from_rank0(runs.new_run_dir("eval", cfg.save, cfg.save_dir) if main else None)
+    bar = console and main and not cfg.quiet and sys.stderr.isatty()
+    runs.setup_logging(run_dir if main else None, console=console, quiet=cfg.quiet or not main, bar=bar)
     try:
         return _run(trainer, run_dir, resumed, source, Progress(bar))
     finally:
@@ -220,9 +231,10 @@ def run(cfg: TrainConfig, explicit: dict | None = None, console: bool = True) ->
 def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: Progress) -> Path:
     cfg, model = trainer.cfg, trainer.model
     g = trainer.genotype
+    main = distributed.is_main()
     if resumed:
         log.info("resuming %s at epoch %d", run_dir, trainer.epoch)
-    else:
+    elif main:
         runs.atomic_write_json(run_dir / "args.json", cfg.to_dict())
         runs.atomic_write_text(run_dir / "genotype.txt", gt.to_text(g) + "\n")
         runs.atomic_write_json(run_dir / "genotype.json", gt.to_dict(g))
@@ -267,12 +279,14 @@ def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: 
             trainer.best_acc = test_acc
         trainer.epoch += 1
         # Weights first, checkpoint last: a crash in between leaves a checkpoint that redoes this epoch.
-        save_weights(run_dir / "weights_last.pt", model)
-        if improved:
-            save_weights(run_dir / "weights_best.pt", model)
-        runs.atomic_write_text(run_dir / "metrics.csv", metrics_csv(trainer.history))
-        runs.save_checkpoint(run_dir / runs.CHECKPOINT, trainer.state_dict())
+        if main:
+            save_weights(run_dir / "weights_last.pt", model)
+            if improved:
+                save_weights(run_dir / "weights_best.pt", model)
+            runs.atomic_write_text(run_dir / "metrics.csv", metrics_csv(trainer.history))
+            runs.save_checkpoint(run_dir / runs.CHECKPOINT, trainer.state_dict())
         log.info("best test_acc %f; epoch time %.1fs", trainer.best_acc, seconds)
-    runs.atomic_write_text(run_dir / "metrics.csv", metrics_csv(trainer.history))
+    if main:
+        runs.atomic_write_text(run_dir / "metrics.csv", metrics_csv(trainer.history))
     log.info("run folder: %s", run_dir)
     return run_dir

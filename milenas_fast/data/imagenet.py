@@ -105,8 +105,9 @@ def transform(train: bool, image_size: int):
 
 class _Files(torch.utils.data.Dataset):
     """Position i of this rank's epoch → (image, label, None) or, for a file that cannot be read,
-    (None, label, "path: why"). Each position's random draws come from its own generator seeded by
-    (seed, epoch, position): the same images whatever the worker count, and a resumed epoch repeats them."""
+    (None, label, "path: why"). Each image's random draws come from a generator seeded by (seed, epoch,
+    image index): the same batches whatever the worker count, a resumed epoch repeats them, and ranks
+    draw independently."""
 
     def __init__(self, samples: list[Sample], indices: torch.Tensor, train: bool, image_size: int, seed: int,
                  epoch: int):
@@ -119,9 +120,10 @@ class _Files(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        path, label = self.samples[self.indices[i]]
+        j = self.indices[i]
+        path, label = self.samples[j]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63)
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + j) % 2**63)
             try:
                 with Image.open(path) as img:
                     rgb = img.convert("RGB")  # decodes

@@ -15,6 +15,7 @@ loaders' business: see imagenet.py.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .datasets import DataError
@@ -64,7 +65,10 @@ def check_files(samples: list[Sample], check: str = "verify") -> None:
     and how many more failed."""
     if check not in CHECKS[1:]:
         raise ValueError(f"check must be one of {CHECKS[1:]}, got {check!r}")
-    bad = [(path, why) for path, _ in samples if (why := corrupt(path, check)) is not None]
+    # threads: the check mostly waits on file reads (and PIL's decoder releases the GIL)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = pool.map(lambda path: corrupt(path, check), [path for path, _ in samples], chunksize=256)
+        bad = [(path, why) for (path, _), why in zip(samples, reasons) if why is not None]
     if bad:
         path, why = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

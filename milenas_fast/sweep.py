@@ -243,7 +243,7 @@ def table_csv(rows: list[SeedRow], selected: SeedRow | None) -> str:
     w.writerow(COLUMNS)
     for r in rows:
         done = r.status == "finished"
-        w.writerow([r.seed, r.status, r.epochs, r.valid_acc if done else "", r.n if done else "",
+        w.writerow([r.seed, r.status, r.epochs if done else "", r.valid_acc if done else "", r.n if done else "",
                     r.r if done else "", f"n{r.n}r{r.r}" if done else "", f"{r.params_mb:.6f}" if done else "",
                     "yes" if r is selected else "", r.genotype, r.error])
     return buf.getvalue()
@@ -261,7 +261,7 @@ def plot_table(rows: list[SeedRow], selected: SeedRow | None, stem: Path) -> lis
             ax.text(i, 0, "failed", ha="center", va="bottom", color="#d62728", fontsize=9)
             continue
         ax.bar(i, r.valid_acc, color="#2ca02c" if r is selected else "#aec7e8", edgecolor="black")
-        ax.text(i, r.valid_acc, f"n{r.n}r{r.r}\n{r.params_mb:.2f}MB", ha="center", va="bottom", fontsize=8)
+        ax.text(i, r.valid_acc, f"{r.valid_acc:.2f}%\nn{r.n}r{r.r}\n{r.params_mb:.2f}MB", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)), [f"seed {r.seed}" for r in rows])
     ax.set_ylabel("final search validation accuracy (%)")
     top = max((r.valid_acc for r in rows if r.status == "finished"), default=0.0)

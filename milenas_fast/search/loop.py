@@ -292,7 +292,8 @@ def prepare(cfg: SearchConfig, explicit: dict | None = None):
         run_dir, state = runs.load_checkpoint(cfg.resume, "search")
         saved = state["config"]
         check_resume_flags(saved, explicit or {})
-        runtime = {k: getattr(cfg, k) for k in SearchConfig.RUNTIME}
+        # runtime flags typed now replace the checkpoint's (an untyped --data must not become ./data)
+        runtime = {k: getattr(cfg, k) for k in SearchConfig.RUNTIME if explicit is None or k in explicit}
         cfg = SearchConfig.from_dict({**saved, **runtime})
     cfg.validate()
     device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)

@@ -194,7 +194,8 @@ def prepare(cfg: TrainConfig, explicit: dict | None = None) -> tuple[Trainer, Pa
     if cfg.resume:
         run_dir, state = runs.load_checkpoint(cfg.resume, "train")
         check_resume_flags(state["config"], explicit or {})
-        runtime = {k: getattr(cfg, k) for k in TrainConfig.RUNTIME}
+        # runtime flags typed now replace the checkpoint's (an untyped --data must not become ./data)
+        runtime = {k: getattr(cfg, k) for k in TrainConfig.RUNTIME if explicit is None or k in explicit}
         cfg = TrainConfig.from_dict({**state["config"], **runtime})
     else:  # a checkpoint holds the resolved settings
         cfg = cfg.with_dataset_defaults(explicit)

@@ -143,6 +143,7 @@ def two_seeds(tmp_path_factory):
     return sweep_dir
 
 
+@pytest.mark.slow  # shares the two-seed sweep: two real child searches, ~28 s of CPU
 def test_sweep_end_to_end(two_seeds, capsys):
     rows = _table(two_seeds)
     assert [r["seed"] for r in rows] == ["2", "1"] and {r["status"] for r in rows} == {"finished"}
@@ -163,6 +164,7 @@ def test_sweep_end_to_end(two_seeds, capsys):
     assert json.loads((two_seeds / sweep.SWEEP_FILE).read_text())["seeds"] == [2, 1]
 
 
+@pytest.mark.slow  # shares the two-seed sweep: two real child searches, ~28 s of CPU
 def test_resume_skips_finished_seeds(two_seeds, tmp_path, monkeypatch, capsys):
     sweep_dir = Path(shutil.copytree(two_seeds, tmp_path / "sw"))
     (sweep_dir / "genotype.json").unlink()
@@ -177,6 +179,7 @@ def test_resume_skips_finished_seeds(two_seeds, tmp_path, monkeypatch, capsys):
     assert main(["sweep", "--resume", str(sweep_dir), "--seeds", "1,2"]) == 2
 
 
+@pytest.mark.slow  # shares the two-seed sweep: two real child searches, ~28 s of CPU
 def test_failing_seed_is_reported_and_the_next_one_still_runs(two_seeds, tmp_path, capsys):
     """Resumed sweep: seed 2 (run first) has a corrupt checkpoint and its child exits 2; seed 1 lost its final
     files (killed after its last checkpoint) and still finishes through its own --resume; exit code 1."""

@@ -18,18 +18,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
 def tau_at(epoch: int, epochs: int, tau_max: float, tau_min: float) -> float:
     """The authors' schedule: linear from tau_max at epoch 0 towards tau_min at epoch `epochs` (so the last
     epoch runs at tau_min + (tau_max - tau_min) / epochs)."""
     return tau_max - (tau_max - tau_min) * epoch / epochs
 
 
-def hard_gumbel(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None):
-    """(straight-through one-hot rows, their indices on the device) for logits [..., K], in fp32."""
-    # G = −log E with E ~ Exp(1); E is kept above 0 so that G stays finite
+def gumbel_noise(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel(0, 1) noise shaped like `logits`: −log E with E ~ Exp(1), E kept above 0 so that it is finite."""
     exp = torch.empty_like(logits).exponential_(generator=generator)
-    gumbels = -exp.clamp_(min=torch.finfo(logits.dtype).tiny).log()
-    soft = F.softmax((logits + gumbels) / tau, dim=-1)
+    return -exp.clamp_(min=torch.finfo(logits.dtype).tiny).log()
+
+
+def hard_gumbel(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None):
+    """(straight-through one-hot rows, their indices on the device) for logits [..., K]."""
+    soft = F.softmax((logits + gumbel_noise(logits, generator)) / tau, dim=-1)
     index = soft.argmax(dim=-1)
     hard = torch.zeros_like(soft).scatter_(-1, index.unsqueeze(-1), 1.0)
     return hard + (soft - soft.detach()), index
@@ -55,7 +59,8 @@ class GumbelSampler:
         with torch.autocast(device_type=alpha_normal.device.type, enabled=False):
             weights, index = hard_gumbel(torch.stack(rows).float(), self.tau, self.generator)
         host = index.tolist()  # the forward's one host synchronisation
-        return [weights[i] for i in which], [host[i] for i in which]
+        samples = weights.unbind(0)
+        return [samples[i] for i in which], [host[i] for i in which]
 
     def state_dict(self) -> dict:
         return {"share": self.share, "tau": self.tau, "generator": self.generator.get_state()}

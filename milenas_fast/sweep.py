@@ -200,8 +200,8 @@ class SeedRow:
 
 
 def eval_params_mb(g: gt.Genotype) -> float:
-    """DARTS' `param size` of the evaluation network `milenas-fast train --genotype` builds by default
-    (auxiliary head excluded); built on the meta device, so nothing is allocated."""
+    """DARTS' `param size` of the CIFAR-10 network `milenas-fast train --genotype` builds by default (auxiliary
+    head excluded): one size to compare the seeds by; built on the meta device, so nothing is allocated."""
     import torch
 
     from .data.datasets import NUM_CLASSES
@@ -217,10 +217,9 @@ def eval_params_mb(g: gt.Genotype) -> float:
 def read_seed(run_dir: Path, seed: int, outcome: Outcome | None = None) -> SeedRow:
     from .plot import read_history
 
-    if outcome is not None and outcome.returncode != 0:
-        return SeedRow(seed, "failed", error=outcome.error)
-    if not is_finished(run_dir):
-        return SeedRow(seed, "failed", error=f"{run_dir}: no genotype.json (search did not finish)")
+    if not is_finished(run_dir):  # the folder decides, as it does for --resume
+        error = outcome.error if outcome is not None and outcome.error else "no genotype.json (did not finish)"
+        return SeedRow(seed, "failed", error=error)
     try:
         history = read_history(run_dir)
         g = gt.load(run_dir)

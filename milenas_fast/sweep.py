@@ -260,7 +260,8 @@ def plot_table(rows: list[SeedRow], selected: SeedRow | None, stem: Path) -> lis
             ax.text(i, 0, "failed", ha="center", va="bottom", color="#d62728", fontsize=9)
             continue
         ax.bar(i, r.valid_acc, color="#2ca02c" if r is selected else "#aec7e8", edgecolor="black")
-        ax.text(i, r.valid_acc, f"{r.valid_acc:.2f}%\nn{r.n}r{r.r}\n{r.params_mb:.2f}MB", ha="center", va="bottom", fontsize=8)
+        ax.text(i, r.valid_acc, f"{r.valid_acc:.2f}%\nn{r.n}r{r.r}\n{r.params_mb:.2f}MB", ha="center",
+                va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)), [f"seed {r.seed}" for r in rows])
     ax.set_ylabel("final search validation accuracy (%)")
     top = max((r.valid_acc for r in rows if r.status == "finished"), default=0.0)
@@ -284,8 +285,8 @@ def run(sweep_dir: Path, seeds: list[int], flags: dict) -> int:
     runs.atomic_write_text(sweep_dir / TABLE, table_csv(rows, best))
     pictures = plot_table(rows, best, sweep_dir / "sweep")
     for r in rows:
-        size = f"valid_acc {r.valid_acc:.4f}  n{r.n}r{r.r}  {r.params_mb:.6f}MB" if r.status == "finished" else r.error
-        print(f"{'*' if r is best else ' '} seed {r.seed:<6} {r.status:<9} {size}")
+        detail = f"valid_acc {r.valid_acc:.4f}  n{r.n}r{r.r}  {r.params_mb:.6f}MB" if r.status == "finished" else r.error
+        print(f"{'*' if r is best else ' '} seed {r.seed:<6} {r.status:<9} {detail}")
     print(f"table: {sweep_dir / TABLE}; plot: {', '.join(str(p) for p in pictures)}")
     if best is not None:
         g = gt.from_text(best.genotype)

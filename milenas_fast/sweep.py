@@ -285,7 +285,8 @@ def run(sweep_dir: Path, seeds: list[int], flags: dict) -> int:
     runs.atomic_write_text(sweep_dir / TABLE, table_csv(rows, best))
     pictures = plot_table(rows, best, sweep_dir / "sweep")
     for r in rows:
-        detail = f"valid_acc {r.valid_acc:.4f}  n{r.n}r{r.r}  {r.params_mb:.6f}MB" if r.status == "finished" else r.error
+        done = r.status == "finished"
+        detail = f"valid_acc {r.valid_acc:.4f}  n{r.n}r{r.r}  {r.params_mb:.6f}MB" if done else r.error
         print(f"{'*' if r is best else ' '} seed {r.seed:<6} {r.status:<9} {detail}")
     print(f"table: {sweep_dir / TABLE}; plot: {', '.join(str(p) for p in pictures)}")
     if best is not None:

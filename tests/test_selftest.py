@@ -88,8 +88,8 @@ def test_auto_falls_back_with_one_warning_when_a_kernel_raises(monkeypatch, auto
 
 
 def test_explicit_fused_refuses_wrong_outputs(monkeypatch):
-    real = fmo.edge_reduce
-    monkeypatch.setattr(fmo, "edge_reduce", lambda *a: real(*a) * 1.05)
+    real = fmo.folded_reduce
+    monkeypatch.setattr(fmo, "folded_reduce", lambda *a: real(*a) * 1.05)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         with pytest.raises(ConfigError, match=r"--impl fused: .*self-test.*output differs"):
@@ -99,13 +99,13 @@ def test_explicit_fused_refuses_wrong_outputs(monkeypatch):
 
 def test_wrong_gradients_are_caught(monkeypatch, auto_picks_fused):
     """Right forward, backward off by half: only the gradient checks can see it."""
-    real = fmo.edge_reduce
+    real = fmo.folded_reduce
 
     def wrong_backward(*a):
         out = real(*a)
         return out + 0.5 * (out - out.detach())
 
-    monkeypatch.setattr(fmo, "edge_reduce", wrong_backward)
+    monkeypatch.setattr(fmo, "folded_reduce", wrong_backward)
     with pytest.warns(RuntimeWarning, match="self-test failed"):
         cls, why = resolve_impl("auto", DEV)
     assert cls is ReferenceMixedOp and "grad" in why and "output differs" not in why

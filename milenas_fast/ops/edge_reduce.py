@@ -68,21 +68,37 @@ def register() -> None:
 def edge_reduce(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """The fast op. y: [K,N,C,H,W] (fp32/bf16/fp16), w: [K] fp32, mean/rstd: [K,C] fp32 -> [N,C,H,W].
     Raises RuntimeError when neither the extension nor the Triton twin can run (choose the reference)."""
-    impl = IMPL.get(y.device.type)
-    if impl is None:  # first call on this device type outside a fused-path decision
-        from .select import edge_reduce_impl
-
-        impl = edge_reduce_impl(y.device.type)
-    if impl[0] == "triton":
+    if _impl(y.device.type) == "triton":
         from .edge_reduce_triton import edge_reduce_triton  # registers the op (needs Triton: imported late)
 
         return edge_reduce_triton(y, w, mean, rstd)
-    if impl[0] != "cpp":
-        raise RuntimeError(f"milenas_fast: edge_reduce cannot run on {y.device.type}: {impl[1]}")
     return _cpp(y, w, mean, rstd)
 
 
 def _cpp(y, w, mean, rstd):
-    if not _registered:
-        register()
     return torch.ops.milenas_fast.edge_reduce(y, w, mean, rstd)
+
+
+def edge_reduce_backward(grad: torch.Tensor, y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
+                         rstd: torch.Tensor, output_mask: list[bool]):
+    """The backward op of whichever implementation `edge_reduce` runs: (grad_y, grad_w, grad_mean, grad_rstd),
+    None where output_mask is False."""
+    if _impl(y.device.type) == "triton":
+        from . import edge_reduce_triton  # noqa: F401  (registers the op)
+
+        return torch.ops.milenas_fast.edge_reduce_triton_backward(grad, y, w, mean, rstd, output_mask)
+    return torch.ops.milenas_fast.edge_reduce_backward(grad, y, w, mean, rstd, output_mask)
+
+
+def _impl(device_type: str) -> str:
+    """"cpp" (registered) or "triton" for `device_type`, else RuntimeError."""
+    impl = IMPL.get(device_type)
+    if impl is None:  # first call on this device type outside a fused-path decision
+        from .select import edge_reduce_impl
+
+        impl = edge_reduce_impl(device_type)
+    if impl[0] == "cpp" and not _registered:
+        register()
+    if impl[0] not in ("cpp", "triton"):
+        raise RuntimeError(f"milenas_fast: edge_reduce cannot run on {device_type}: {impl[1]}")
+    return impl[0]

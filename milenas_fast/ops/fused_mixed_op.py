@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce, Identity
-from .edge_reduce import edge_reduce
+from .bn_fold import batch_stats, folded_reduce
 from .stencil import stencil
 
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -53,26 +53,26 @@ def _last_bn(name: str, op: nn.Module) -> nn.BatchNorm2d | None:
 
 
 def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """nn.BatchNorm2d's running-statistics update for each BN k from batch mean[k]/biased var[k]."""
+    """nn.BatchNorm2d's running-statistics update for each BN k from batch mean[k]/biased var[k]: one foreach
+    launch for every counter, one lerp per momentum for running mean and var together
+    (r + f·(s − r) = (1 − f)·r + f·s)."""
     with torch.no_grad():
         unbiased = var * (n / (n - 1))
+        tracked = [k for k, bn in enumerate(bns) if bn.track_running_stats and bn.running_mean is not None]
+        counters = [bns[k].num_batches_tracked for k in tracked if bns[k].num_batches_tracked is not None]
+        if counters:
+            torch._foreach_add_(counters, 1)
         groups: dict[float, list[int]] = {}
-        for k, bn in enumerate(bns):
-            if not bn.track_running_stats or bn.running_mean is None:
-                continue
-            factor = bn.momentum if bn.momentum is not None else 0.0
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                if bn.momentum is None:
-                    factor = 1.0 / float(bn.num_batches_tracked)
+        for k in tracked:
+            bn = bns[k]
+            factor = bn.momentum
+            if factor is None:  # cumulative average (a host read of the counter, as nn.BatchNorm2d does)
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0
             groups.setdefault(float(factor), []).append(k)
         for factor, ks in groups.items():
-            rm = [bns[k].running_mean for k in ks]
-            rv = [bns[k].running_var for k in ks]
-            torch._foreach_mul_(rm, 1.0 - factor)
-            torch._foreach_add_(rm, [mean[k].to(rm[0].dtype) for k in ks], alpha=factor)
-            torch._foreach_mul_(rv, 1.0 - factor)
-            torch._foreach_add_(rv, [unbiased[k].to(rv[0].dtype) for k in ks], alpha=factor)
+            stats = [bns[k].running_mean for k in ks] + [bns[k].running_var for k in ks]
+            dt = stats[0].dtype
+            torch._foreach_lerp_(stats, [mean[k].to(dt) for k in ks] + [unbiased[k].to(dt) for k in ks], factor)
 
 
 def _eps(bns: list[nn.BatchNorm2d], like: torch.Tensor):
@@ -87,11 +87,13 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
     stride, C = mod.stride, x.shape[1]
 
     # 1. the six first stages from one read of x (absent conv candidates get unused zero filters)
-    filters = [x.new_zeros(C, 1, k, k) for k in _FILTER_SIZE]
+    filters: list = [None] * 4
     for name, op in zip(names, ops):
         if name.startswith(("sep_conv", "dil_conv")):
             filters[_STENCIL_SLOT[name]] = op.op[1].weight
-    stage1 = stencil(x, *filters, stride) if any(n in _STENCIL_SLOT for n in names) else None
+    if any(n in _STENCIL_SLOT for n in names):
+        filters = [f if f is not None else x.new_zeros(C, 1, k, k) for f, k in zip(filters, _FILTER_SIZE)]
+        stage1 = stencil(x, *filters, stride)
 
     # 2. pre-BN candidate outputs, BN-folded ones first, identity (if any) last
     folded_ks, identity_k = _order(mod)
@@ -110,41 +112,33 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         folded.append(y)
         bns.append(_last_bn(name, op))
 
+    # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce
+    use_batch = [bn.training or bn.running_mean is None for bn in bns]
+    if any(use_batch) and not all(use_batch):  # some in train, some in eval mode: only a user does that
+        return mod.reference_forward(x, weights)
     dtype = folded[0].dtype if folded else x.dtype
     for y in folded[1:]:
         dtype = torch.promote_types(dtype, y.dtype)
     ys = torch.stack([y.to(dtype) for y in folded] + ([x.to(dtype)] if identity_k is not None else []))
     K = len(folded)
-
-    # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce
+    if K and use_batch[0]:
+        n = ys.shape[1] * ys.shape[3] * ys.shape[4]
+        if n <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{list(folded[0].shape)}")
+        with torch.no_grad():
+            var, mean = batch_stats(ys[:K])
+            _update_running_stats(bns, mean, var, n)
+    elif K:
+        mean = torch.stack([bn.running_mean for bn in bns]).float()
+        var = torch.stack([bn.running_var for bn in bns]).float()
     if K:
-        use_batch = [bn.training or bn.running_mean is None for bn in bns]
-        if any(use_batch):
-            n = ys.shape[1] * ys.shape[3] * ys.shape[4]
-            if n <= 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                                 f"{list(folded[0].shape)}")
-            var, mean = torch.var_mean(ys[:K].float(), dim=(1, 3, 4), unbiased=False)
-            train_bns = [bn for bn, b in zip(bns, use_batch) if b]
-            sel = [k for k, b in enumerate(use_batch) if b]
-            _update_running_stats(train_bns, mean[sel] if len(sel) < K else mean,
-                                  var[sel] if len(sel) < K else var, n)
-        if not all(use_batch):
-            rm = torch.stack([bn.running_mean for bn in bns]).float()
-            rv = torch.stack([bn.running_var for bn in bns]).float()
-            if any(use_batch):
-                b = torch.tensor(use_batch, device=x.device)[:, None]
-                mean, var = torch.where(b, mean, rm), torch.where(b, var, rv)
-            else:
-                mean, var = rm, rv
         rstd = torch.rsqrt(var + _eps(bns, var))
-    else:
-        mean = rstd = x.new_zeros(0, C, dtype=torch.float32)
     if identity_k is not None:
-        mean = torch.cat([mean, mean.new_zeros(1, C)])
-        rstd = torch.cat([rstd, rstd.new_ones(1, C)])
-
-    return edge_reduce(ys, weights.float()[mod._fused_index], mean, rstd)
+        mean, rstd = (mod._identity_stats if not K else
+                      (torch.cat([mean, mod._identity_stats[0]]), torch.cat([rstd, mod._identity_stats[1]])))
+    batch = K if K and use_batch[0] else 0
+    return folded_reduce(ys, weights.float()[mod._fused_index], mean, rstd, batch)
 
 
 def _order(mod: nn.Module) -> tuple[list[int], int | None]:
@@ -163,3 +157,8 @@ def weight_index(mod: nn.Module, device: torch.device) -> torch.Tensor:
     host-to-device copy happens per call."""
     folded, identity = _order(mod)
     return torch.tensor(folded + ([identity] if identity is not None else []), device=device)
+
+
+def identity_stats(C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The identity candidate's constant mean 0 and rstd 1 ([1, C] fp32), built once per placement."""
+    return torch.zeros(1, C, device=device), torch.ones(1, C, device=device)

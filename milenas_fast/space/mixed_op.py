@@ -49,6 +49,7 @@ class MixedOp(nn.Module):
                 decision = select.Decision(decision.requested, "reference", (f"this MixedOp: {why_not}",))
             else:
                 self._fused_index = fused_mixed_op.weight_index(self, device)
+                self._identity_stats = fused_mixed_op.identity_stats(self.C, device)
         self.decision = decision
 
     def _apply(self, fn, recurse=True):

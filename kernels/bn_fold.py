@@ -1,0 +1,43 @@
+"""The candidates' gradient of edge_reduce when the first B candidates' (non-affine) BatchNorm statistics
+are their batch statistics, so the gradient also flows through mean and rstd.
+
+y is viewed as [K, P, HW] (P = N·C planes), g (the edge output's gradient) as [P, HW]; with c = p mod C,
+a = w_k·rstd_k, and for batch-statistics candidates (k < B) the statistics' share
+b = −gr_k·rstd_k³/n, d = gm_k/n − b·mean_k (gm, gr: the loss's gradient wrt mean and rstd, n = N·H·W):
+    gy[k, p, i] = a · g[p, i] + b · y[k, p, i] + d          (b = d = 0 for k >= B)
+One pass: g read once per program for all K candidates, each y_k once, gy written once in y's dtype;
+the coefficients are formed here from [K, C] vectors, so no small kernels are launched for them.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bn_fold_grad_kernel(
+    g_ptr, y_ptr, w_ptr, mean_ptr, rstd_ptr, gm_ptr, gr_ptr, gy_ptr,
+    K, B, inv_n, P, C, HW,
+    BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    planes = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    pm = planes < P
+    m = pm[:, None] & (pix < HW)[None, :]
+    offs = planes[:, None].to(tl.int64) * HW + pix[None, :]
+    ch = planes % C
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    yk = y_ptr + offs  # both advanced by one candidate (P·HW elements) per step
+    gyk = gy_ptr + offs
+    k = tl.program_id(0) * 0  # a tensor loop counter (Triton 3.6's interpreter cannot range() over K)
+    while k < K:
+        r = tl.load(rstd_ptr + k * C + ch, mask=pm, other=0.0)
+        a = tl.load(w_ptr + k) * r
+        on = (k < B).to(tl.float32)  # 0 for candidates whose statistics are constants
+        mu = tl.load(mean_ptr + k * C + ch, mask=pm, other=0.0)
+        b = -on * tl.load(gr_ptr + k * C + ch, mask=pm, other=0.0) * r * r * r * inv_n
+        d = on * tl.load(gm_ptr + k * C + ch, mask=pm, other=0.0) * inv_n - b * mu
+        v = tl.load(yk, mask=m, other=0.0).to(tl.float32)
+        gy = g * a[:, None] + v * b[:, None] + d[:, None]
+        tl.store(gyk, gy.to(gy_ptr.dtype.element_ty), mask=m)
+        yk += P * HW
+        gyk += P * HW
+        k += 1

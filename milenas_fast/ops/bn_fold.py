@@ -1,0 +1,82 @@
+"""edge_reduce with the first B candidates' non-affine BatchNorm in training mode: batch statistics.
+
+    out = folded_reduce(ys, w, mean, rstd, B)       ys [K, N, C, H, W], w [K], mean/rstd [K, C] fp32
+
+For k < B, mean[k] / rstd[k] must be ys[k]'s batch statistics (`batch_stats`): the gradient then flows
+through them, as through nn.BatchNorm2d. Autograd through torch.var_mean would cost a copy of ys to fp32
+(bf16), the statistics' backward (five full-size elementwise passes) and a saved fp32 copy; instead the
+backward is written out: edge_reduce_backward gives the loss's gradient wrt w, mean and rstd (two reductions),
+and ONE kernel (`bn_fold_grad`, kernels/bn_fold.py) forms every candidate's input gradient from it.
+`bn_fold_grad_reference` is its plain-PyTorch twin.
+"""
+from __future__ import annotations
+
+import torch
+
+from milenas_fast.kernels import bn_fold as K
+
+from .edge_reduce import edge_reduce, edge_reduce_backward
+from .edge_reduce_triton import launch_config
+from .triton_launch import launch, register
+
+
+def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(biased var, mean) per [candidate, channel] of y [K, N, C, H, W], in fp32, from reductions that read y
+    as it is (no fp32 copy of bf16 data): var_mean for fp32 (two-pass), Σy and ‖y‖² for 16-bit data."""
+    dims = (1, 3, 4)
+    if y.dtype == torch.float32:
+        return torch.var_mean(y, dim=dims, unbiased=False)
+    n = y.numel() // (y.shape[0] * y.shape[2])
+    mean = torch.sum(y, dims, dtype=torch.float32) / n
+    sq = torch.linalg.vector_norm(y, 2, dims, dtype=torch.float32)
+    return (sq * sq / n - mean * mean).clamp_(min=0), mean
+
+
+@register("milenas_fast::bn_fold_grad")
+def bn_fold_grad(g: torch.Tensor, y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                 gmean: torch.Tensor, grstd: torch.Tensor, batch: int) -> torch.Tensor:
+    k, n, c, h, wd = y.shape
+    g, y = g.contiguous(), y.contiguous()
+    gy = torch.empty_like(y)
+    if y.numel():
+        bp, bhw, grid, warps = launch_config(n * c, h * wd)
+        launch(K.bn_fold_grad_kernel, grid, g, y, w, mean, rstd, gmean, grstd, gy, k, batch, 1.0 / (n * h * wd),
+               n * c, c, h * wd, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+    return gy
+
+
+def bn_fold_grad_reference(g, y, w, mean, rstd, gmean, grstd, batch: int) -> torch.Tensor:
+    """Plain-PyTorch twin of `bn_fold_grad` (fp32 arithmetic, gy in y's dtype)."""
+    k, n, c, h, wd = y.shape
+    on = (torch.arange(k, device=y.device) < batch).float()[:, None]
+    b = -on * grstd * rstd ** 3 / (n * h * wd)
+    d = on * gmean / (n * h * wd) - b * mean
+    v = lambda t: t.view(k, 1, c, 1, 1)  # noqa: E731
+    return (g.float() * v(w[:, None] * rstd) + y.float() * v(b) + v(d)).to(y.dtype)
+
+
+class _FoldedReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ys, w, mean, rstd, batch):
+        ctx.save_for_backward(ys, w, mean, rstd)
+        ctx.batch = batch
+        return edge_reduce(ys, w, mean, rstd)  # no graph: autograd is off in here
+
+    @staticmethod
+    def backward(ctx, grad):
+        ys, w, mean, rstd = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[:2]
+        grad = grad.contiguous()
+        stats = need_y and ctx.batch > 0
+        _, gw, gmean, grstd = edge_reduce_backward(grad, ys, w, mean, rstd, [False, need_w, stats, stats])
+        gy = None
+        if need_y:
+            gm, gr = (gmean, grstd) if stats else (mean, rstd)  # unread when batch == 0
+            gy = torch.ops.milenas_fast.bn_fold_grad(grad, ys, w, mean, rstd, gm, gr, ctx.batch if stats else 0)
+        return gy, gw, None, None, None
+
+
+def folded_reduce(ys: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, batch: int):
+    """Σ_k w_k (ys_k − mean_k) rstd_k, differentiable in ys and w; the first `batch` candidates' mean/rstd
+    are their batch statistics (constants otherwise: running statistics, the identity's 0 and 1)."""
+    return _FoldedReduce.apply(ys, w, mean.detach(), rstd.detach(), batch)

@@ -130,6 +130,8 @@ class SearchConfig(Settings):
             nonneg=("learning_rate", "learning_rate_min", "momentum", "weight_decay", "grad_clip",
                     "arch_learning_rate", "arch_weight_decay", "lambda_train_regularizer",
                     "lambda_valid_regularizer", "workers", "early_stop_normal", "early_stop_reduce"))
+        if self.layers < 3:  # fewer cells leave no normal cell: its α would get no gradient
+            raise ConfigError(f"--layers must be at least 3 (two reduction cells and a normal one), got {self.layers}")
         if self.learning_rate_min > self.learning_rate:
             raise ConfigError("--learning_rate_min must not exceed --learning_rate")
         self._check_sampler()

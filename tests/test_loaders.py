@@ -397,7 +397,7 @@ def test_explicit_dali_that_cannot_run_exits_2_with_one_line(monkeypatch, fresh_
 
     monkeypatch.setattr(dali_loader, "DaliLoader", BrokenDali)
     rc = main(["search", "--loader", "dali", "--device", "cpu", "--dataset", "synthetic", "--synthetic_images",
-               "40", "--batch_size", "8", "--init_channels", "4", "--layers", "2", "--epochs", "1",
+               "40", "--batch_size", "8", "--init_channels", "4", "--layers", "3", "--epochs", "1",
                "--save_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

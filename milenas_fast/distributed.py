@@ -120,7 +120,9 @@ def wrap(model: torch.nn.Module, device: torch.device):
     """The weights in DDP when distributed; the network itself otherwise."""
     if world_size() <= 1:
         return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # --sampler gumbel: the candidates not drawn get no gradient (every rank draws the same sample)
+    unused = getattr(model, "sampler", None) is not None
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
 
 
 def average(grads: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -123,6 +123,22 @@ def test_gumbel_forward_runs_one_candidate_per_edge_with_one_host_sync(monkeypat
     torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-6)
 
 
+def test_sampler_state_continues_the_sequence():
+    net = _net(layers=3)
+    a = net.sampler
+    a(net)  # advance the stream
+    saved = a.state_dict()
+    b = GumbelSampler("cell", 99, torch.device("cpu"), 9.0)
+    assert b.load_state_dict(saved) and b.tau == 1.0
+    assert a(net)[1] == b(net)[1] and a(net)[1] == b(net)[1]
+    # a state saved on another device type (a 16-byte CUDA Philox state) cannot continue here: a new stream,
+    # the same for every process that loads it
+    cuda_state = {**saved, "generator": torch.arange(16, dtype=torch.uint8)}
+    c, d = (GumbelSampler("cell", s, torch.device("cpu"), 1.0) for s in (1, 2))
+    assert not c.load_state_dict(cuda_state) and not d.load_state_dict(cuda_state)
+    assert c(net)[1] == d(net)[1]
+
+
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("amp", [False, True])
 def test_search_step_with_gumbel(amp):

@@ -143,8 +143,9 @@ class Search:
         self.epoch, self.finished = state["epoch"], state["finished"]
         self.history, self.model_sizes = state["history"], state["model_sizes"]
         load_rng_state(state["rng"])
-        if self.sampler is not None:
-            self.sampler.load_state_dict(state["sampler"])
+        if self.sampler is not None and not self.sampler.load_state_dict(state["sampler"]):
+            self.warnings.append("the checkpoint's Gumbel noise generator is another device type's: the samples "
+                                 "continue from a new stream (this resume is not bit-exact with an uninterrupted run)")
         if self.graphed is not None:
             self.graphed.invalidate()  # the optimisers' state tensors were replaced
 

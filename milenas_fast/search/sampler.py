@@ -15,6 +15,8 @@ the checkpoint (and of the guard's snapshot), so resume continues the same sampl
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +67,13 @@ class GumbelSampler:
     def state_dict(self) -> dict:
         return {"share": self.share, "tau": self.tau, "generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> bool:
+        """False when the saved generator state is another device type's (a run resumed on another kind of
+        device): the noise then continues from a new stream seeded from that state, deterministically."""
         self.tau = state["tau"]
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+            return True
+        except RuntimeError:
+            self.generator.manual_seed(zlib.crc32(state["generator"].numpy().tobytes()))
+            return False

@@ -132,6 +132,7 @@ class Network(nn.Module):
                             self._multiplier, self._stem_multiplier, self._mixed_op)
         model_new.to(self.classifier.weight.device)
         model_new.load_alphas(self._arch_parameters)
+        model_new.sampler = self.sampler
         return model_new
 
     def genotype(self) -> gt.Genotype:

@@ -92,15 +92,19 @@ class AuxiliaryHead(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def AuxiliaryHeadCIFAR(C: int, num_classes: int, size: int = 8) -> AuxiliaryHead:
+class AuxiliaryHeadCIFAR(AuxiliaryHead):
     """8×8 features (32×32 inputs) → 2×2 by a 5/3 average pool."""
-    return AuxiliaryHead(C, num_classes, aux_pool(5, 3, size))
+
+    def __init__(self, C: int, num_classes: int, size: int = 8):
+        super().__init__(C, num_classes, aux_pool(5, 3, size))
 
 
-def AuxiliaryHeadImageNet(C: int, num_classes: int, size: int = 7) -> AuxiliaryHead:
+class AuxiliaryHeadImageNet(AuxiliaryHead):
     """7×7 features (224×224 inputs) → 2×2 by a 5/2 average pool. No BatchNorm after the 768 conv: DARTS'
     ImageNet head omits it (its published ImageNet results were trained without), so its state_dicts load."""
-    return AuxiliaryHead(C, num_classes, aux_pool(5, 2, size), bn_768=False)
+
+    def __init__(self, C: int, num_classes: int, size: int = 7):
+        super().__init__(C, num_classes, aux_pool(5, 2, size), bn_768=False)
 
 
 class EvalNetwork(nn.Module):

@@ -1,4 +1,5 @@
-"""The DARTS evaluation network: a fixed genotype stacked into 20 cells and trained from scratch (SPEC §6).
+"""The DARTS evaluation networks: a fixed genotype stacked into cells and trained from scratch (SPEC §6),
+for CIFAR (20 cells, a stride-1 stem) and for ImageNet (14 cells, a stride-8 stem); their mult-adds.
 
 Differences from the search supernet: one op per selected edge, affine BatchNorm, no BatchNorm after
 pools, drop path on every non-identity op (ramped by the caller through `drop_path_prob`), and an

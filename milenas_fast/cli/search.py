@@ -7,7 +7,7 @@ from ..config import SearchConfig, add_dataclass_flags, explicit_flags
 
 def add_parser(sub) -> None:
     p = sub.add_parser("search", help="run the architecture search",
-                       description="MiLeNAS search on CIFAR-10 (or --dataset synthetic). DARTS flag names; "
+                       description="MiLeNAS search on CIFAR-10 (or --dataset cifar100 | imagefolder | synthetic). DARTS flag names; "
                                    "hyphenated aliases are accepted. Several processes: torchrun "
                                    "--nproc_per_node N -m milenas_fast search ..., or --nproc N.")
     add_dataclass_flags(p, SearchConfig)

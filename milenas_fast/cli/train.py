@@ -9,7 +9,7 @@ from ..train.config import TrainConfig
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a genotype from scratch and report test accuracy",
                        description="Train a cell (--arch NAME or --genotype TEXT|FILE|RUN_DIR) from scratch on "
-                                   "CIFAR-10 (or --dataset synthetic), DARTS-style. DARTS flag names; hyphenated "
+                                   "CIFAR-10 (or --dataset cifar100 | imagefolder | imagenet | synthetic), DARTS-style. DARTS flag names; hyphenated "
                                    "aliases are accepted. Several processes: torchrun --nproc_per_node N -m "
                                    "milenas_fast train ..., or --nproc N.")
     add_dataclass_flags(p, TrainConfig)

@@ -166,6 +166,8 @@ def _custom_flops(name: str, args) -> int:
         return _stencil_flops(args[0], args[12])  # the transposed stencils: as many MACs
     if name == "milenas_fast::stencil_bwd_weight":
         return _stencil_flops(args[0], args[5])
+    if name == "milenas_fast::bn_fold_grad":
+        return 5 * args[1].numel()  # gy = a·g + b·y + d per candidate element
     if name.startswith("milenas_fast::edge_reduce"):
         y = args[1] if "backward" in name else args[0]
         # forward: subtract, scale, accumulate per candidate; backward: grad_y plus the dot products
@@ -402,7 +404,7 @@ class _Handle:
 def _as_on_cuda(recorder: Recorder):
     """Make the fake-CPU iteration take the paths it takes on CUDA (see the module docstring)."""
     import torch.utils._foreach_utils as foreach_utils
-    from milenas_fast.ops import stencil  # noqa: F401  (kernels imported before TRITON_INTERPRET is set)
+    from milenas_fast.ops import bn_fold, stencil  # noqa: F401  (kernels imported before TRITON_INTERPRET is set)
 
     clip = torch.nn.utils.clip_grad_norm_
 

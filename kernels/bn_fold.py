@@ -41,3 +41,48 @@ def bn_fold_grad_kernel(
         yk += P * HW
         gyk += P * HW
         k += 1
+
+
+@triton.jit
+def bn_stats_kernel(
+    y_ptr, mean_ptr, rstd_ptr, uvar_ptr,
+    K, N, C, HW, eps,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Per (candidate k, channel) of y [K, N, C, HW]: mean, rstd = 1/sqrt(biased var + eps) and the unbiased
+    var (for the running statistics), two passes in fp32 (the centred second pass keeps the variance exact
+    when the mean is large). Rows k >= K of mean/rstd (the identity) get 0 and 1. Program (k, channel block)."""
+    k = tl.program_id(0)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = ch < C
+    pix = tl.arange(0, BLOCK_HW)
+    cnt = (N * HW).to(tl.float32)
+    if k < K:
+        base = y_ptr + k.to(tl.int64) * N * C * HW + ch[:, None].to(tl.int64) * HW
+        s = tl.zeros((BLOCK_C,), tl.float32)
+        n = k * 0  # tensor loop counters (Triton 3.6's interpreter cannot range() over a scalar argument)
+        while n < N:
+            i = k * 0
+            while i < HW:
+                m = cm[:, None] & (i + pix < HW)[None, :]
+                s += tl.sum(tl.load(base + n * C * HW + i + pix[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
+                i += BLOCK_HW
+            n += 1
+        mean = s / cnt
+        ss = tl.zeros((BLOCK_C,), tl.float32)
+        n = k * 0
+        while n < N:
+            i = k * 0
+            while i < HW:
+                m = cm[:, None] & (i + pix < HW)[None, :]
+                v = tl.load(base + n * C * HW + i + pix[None, :], mask=m, other=0.0).to(tl.float32)
+                d = tl.where(m, v - mean[:, None], 0.0)
+                ss += tl.sum(d * d, axis=1)
+                i += BLOCK_HW
+            n += 1
+        tl.store(mean_ptr + k * C + ch, mean, mask=cm)
+        tl.store(rstd_ptr + k * C + ch, 1.0 / tl.sqrt(ss / cnt + eps), mask=cm)
+        tl.store(uvar_ptr + k * C + ch, ss / (cnt - 1.0), mask=cm)
+    else:
+        tl.store(mean_ptr + k * C + ch, tl.zeros((BLOCK_C,), tl.float32), mask=cm)
+        tl.store(rstd_ptr + k * C + ch, tl.full((BLOCK_C,), 1.0, tl.float32), mask=cm)

@@ -3,8 +3,8 @@ autograd through torch.var_mean and the plain-PyTorch edge_reduce (float64 oracl
 import pytest
 import torch
 
-from milenas_fast.ops import select
-from milenas_fast.ops.bn_fold import batch_stats, bn_fold_grad, bn_fold_grad_reference, folded_reduce
+from milenas_fast.ops import bn_fold, select
+from milenas_fast.ops.bn_fold import bn_fold_grad, bn_fold_grad_reference, bn_stats, bn_stats_reference, folded_reduce
 from milenas_fast.ops.edge_reduce import edge_reduce_reference
 
 
@@ -37,10 +37,7 @@ def _reference(ys, w, B, eps=1e-5):
 def test_folded_reduce_gradients_match_batchnorm_autograd(K, B, shape, dev):
     ys, w, grad = _inputs(K, *shape, dev, seed=K + B)
     got_in = [ys.clone().requires_grad_(), w.clone().requires_grad_()]
-    var, mean = batch_stats(got_in[0][:K].detach())
-    c = ys.shape[2]
-    mean = torch.cat([mean[:B], torch.zeros(K - B, c, device=dev)])
-    rstd = torch.cat([torch.rsqrt(var[:B] + 1e-5), torch.ones(K - B, c, device=dev)])
+    mean, rstd, _ = bn_stats(ys, B, 1e-5)
     out = folded_reduce(got_in[0], got_in[1], mean, rstd, B)
     gy, gw = torch.autograd.grad(out, got_in, grad)
     ref_in = [ys.double().requires_grad_(), w.double().requires_grad_()]
@@ -65,11 +62,19 @@ def test_bn_fold_grad_matches_twin(dtype, dev):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
 
 
-def test_batch_stats_16bit_from_fp32_accumulation():
-    """bf16 data: Σy and ‖y‖² accumulated in fp32, no bf16 rounding of the statistics themselves."""
-    ys, _, _ = _inputs(3, 4, 5, 6, 7, "cpu", seed=5, dtype=torch.bfloat16)
-    var, mean = batch_stats(ys)
-    rv, rm = torch.var_mean(ys.double(), dim=(1, 3, 4), unbiased=False)
-    assert var.dtype == mean.dtype == torch.float32
-    torch.testing.assert_close(mean.double(), rm, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(var.double(), rv, rtol=1e-5, atol=1e-5)
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,shape,tile", [(3, (3, 5, 7, 9), None), (2, (2, 3, 5, 5), None), (2, (2, 3, 5, 7), 16)])
+def test_bn_stats_matches_twin(B, shape, tile, dtype, dev, monkeypatch):
+    """Statistics in fp32 from 16-bit data too (no rounding of the statistics), identity rows 0 / 1; an
+    offset mean (0.7 vs std 1.5) checks the centred second pass; tile 16 makes the pixel loop run 3 times."""
+    if tile:
+        monkeypatch.setattr(bn_fold, "MAX_TILE", tile)
+    ys, _, _ = _inputs(B + 1, *shape, dev, seed=5, dtype=dtype)
+    got = bn_stats(ys, B, 1e-5)
+    want = bn_stats_reference(ys.double(), B, 1e-5)
+    assert [t.dtype for t in got] == [torch.float32] * 3 and got[2].shape == (B, shape[1])
+    for g, w, name in zip(got, want, ("mean", "rstd", "unbiased var")):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(got[0][B:], torch.zeros(1, shape[1], device=dev))
+    assert torch.equal(got[1][B:], torch.ones(1, shape[1], device=dev))

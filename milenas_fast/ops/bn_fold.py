@@ -16,20 +16,35 @@ import torch
 from milenas_fast.kernels import bn_fold as K
 
 from .edge_reduce import edge_reduce, edge_reduce_backward
-from .edge_reduce_triton import launch_config
-from .triton_launch import launch, register
+from .edge_reduce_triton import MAX_TILE, _pow2, launch_config
+from .triton_launch import INTERPRET, launch, register
 
 
-def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(biased var, mean) per [candidate, channel] of y [K, N, C, H, W], in fp32, from reductions that read y
-    as it is (no fp32 copy of bf16 data): var_mean for fp32 (two-pass), Σy and ‖y‖² for 16-bit data."""
-    dims = (1, 3, 4)
-    if y.dtype == torch.float32:
-        return torch.var_mean(y, dim=dims, unbiased=False)
-    n = y.numel() // (y.shape[0] * y.shape[2])
-    mean = torch.sum(y, dims, dtype=torch.float32) / n
-    sq = torch.linalg.vector_norm(y, 2, dims, dtype=torch.float32)
-    return (sq * sq / n - mean * mean).clamp_(min=0), mean
+@register("milenas_fast::bn_stats")
+def bn_stats(ys: torch.Tensor, batch: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONE kernel (kernels/bn_fold.py) for the statistics of ys [K, N, C, H, W], fp32 whatever ys's dtype:
+    (mean [K, C], rstd [K, C], unbiased var [batch, C]); rows k < batch are ys[k]'s batch statistics, later
+    rows (the identity) mean 0 and rstd 1, so nothing is concatenated per call."""
+    kt, n, c, h, wd = ys.shape
+    ys = ys.contiguous()
+    mean = ys.new_empty(kt, c, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    uvar = ys.new_empty(batch, c, dtype=torch.float32)
+    bhw = min(_pow2(h * wd), MAX_TILE)
+    bc = _pow2(c) if INTERPRET else max(1, min(_pow2(c), MAX_TILE // bhw // 4))  # the interpreter pays per program
+    launch(K.bn_stats_kernel, (kt, -(-c // bc)), ys, mean, rstd, uvar, batch, n, c, h * wd, eps,
+           BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
+    return mean, rstd, uvar
+
+
+def bn_stats_reference(ys: torch.Tensor, batch: int, eps: float):
+    """Plain-PyTorch twin of `bn_stats`."""
+    kt, c = ys.shape[0], ys.shape[2]
+    var, mean = torch.var_mean(ys[:batch].float(), dim=(1, 3, 4), correction=0)
+    n = ys[0].numel() // c
+    pad = kt - batch
+    return (torch.cat([mean, mean.new_zeros(pad, c)]), torch.cat([torch.rsqrt(var + eps), mean.new_ones(pad, c)]),
+            var * (n / (n - 1)))
 
 
 @register("milenas_fast::bn_fold_grad")

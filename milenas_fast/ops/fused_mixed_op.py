@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce, Identity
-from .bn_fold import batch_stats, folded_reduce
+from .bn_fold import bn_stats, folded_reduce
 from .stencil import stencil
 
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -52,12 +52,11 @@ def _last_bn(name: str, op: nn.Module) -> nn.BatchNorm2d | None:
     return None  # identity
 
 
-def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """nn.BatchNorm2d's running-statistics update for each BN k from batch mean[k]/biased var[k]: one foreach
+def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, unbiased: torch.Tensor) -> None:
+    """nn.BatchNorm2d's running-statistics update for each BN k from batch mean[k]/unbiased var[k]: one foreach
     launch for every counter, one lerp per momentum for running mean and var together
     (r + f·(s − r) = (1 − f)·r + f·s)."""
     with torch.no_grad():
-        unbiased = var * (n / (n - 1))
         tracked = [k for k, bn in enumerate(bns) if bn.track_running_stats and bn.running_mean is not None]
         counters = [bns[k].num_batches_tracked for k in tracked if bns[k].num_batches_tracked is not None]
         if counters:
@@ -121,23 +120,25 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         dtype = torch.promote_types(dtype, y.dtype)
     ys = torch.stack([y.to(dtype) for y in folded] + ([x.to(dtype)] if identity_k is not None else []))
     K = len(folded)
-    if K and use_batch[0]:
+    batch = K if K and use_batch[0] else 0
+    if batch:
         n = ys.shape[1] * ys.shape[3] * ys.shape[4]
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{list(folded[0].shape)}")
+        eps = {bn.eps for bn in bns}
+        if len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
+            return mod.reference_forward(x, weights)
         with torch.no_grad():
-            var, mean = batch_stats(ys[:K])
-            _update_running_stats(bns, mean, var, n)
-    elif K:
-        mean = torch.stack([bn.running_mean for bn in bns]).float()
-        var = torch.stack([bn.running_var for bn in bns]).float()
-    if K:
-        rstd = torch.rsqrt(var + _eps(bns, var))
-    if identity_k is not None:
-        mean, rstd = (mod._identity_stats if not K else
-                      (torch.cat([mean, mod._identity_stats[0]]), torch.cat([rstd, mod._identity_stats[1]])))
-    batch = K if K and use_batch[0] else 0
+            mean, rstd, unbiased = bn_stats(ys, K, eps.pop())
+            _update_running_stats(bns, mean, unbiased)
+    else:
+        if K:
+            mean = torch.stack([bn.running_mean for bn in bns]).float()
+            rstd = torch.rsqrt(torch.stack([bn.running_var for bn in bns]).float() + _eps(bns, mean))
+        if identity_k is not None:
+            mean, rstd = (mod._identity_stats if not K else
+                          (torch.cat([mean, mod._identity_stats[0]]), torch.cat([rstd, mod._identity_stats[1]])))
     return folded_reduce(ys, weights.float()[mod._fused_index], mean, rstd, batch)
 
 

@@ -65,22 +65,23 @@ def versions(device):
     return out
 
 
-def build(mode, args, device) -> Search:
-    """The loop's Search for one mode; enough images that the timed iterations stay within one pass."""
+def build(mode, args, device, **settings) -> Search:
+    """The loop's Search for one mode (plus SearchConfig `settings`, e.g. optimization); enough images that the
+    timed iterations stay within one pass."""
     _, impl, amp, graphs, _, fused_step = mode
     per_half = args.batch * (args.warmup + args.iters + 6)  # + the 4 pre-built batches, + slack
     cfg = SearchConfig(dataset="synthetic", synthetic_images=2 * per_half, batch_size=args.batch, loader="gpu",
                        init_channels=args.C, layers=args.layers, impl=impl, amp=amp, cuda_graphs=graphs,
-                       fused_train_step=fused_step, device=device.type, seed=0, quiet=True).validate()
+                       fused_train_step=fused_step, device=device.type, seed=0, quiet=True, **settings).validate()
     return Search(cfg, device)
 
 
-def bench_mode(mode, args, device):
+def bench_mode(mode, args, device, **settings):
     name, _, _, graphs, gpu_data, _ = mode
     if graphs and device.type != "cuda":
         return {"status": "n/a (CUDA graphs need CUDA)"}
     try:
-        search = build(mode, args, device)
+        search = build(mode, args, device, **settings)
     except ConfigError as e:  # e.g. --impl fused where the kernels cannot run
         return {"status": f"n/a ({str(e).splitlines()[0][:200]})"}
     notes = f"MixedOp {search.impl_why}; CUDA graphs {search.graphs_why}"
@@ -136,11 +137,11 @@ def print_row(name, r, base):
           f"{r['peak_mib']:9.0f} {r['proj_50ep_min']:10.1f} min   {r['notes']}", flush=True)
 
 
-def append_csv(path: Path, row: dict) -> None:
+def append_csv(path: Path, row: dict, fields=FIELDS) -> None:
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
         w.writerow(row)

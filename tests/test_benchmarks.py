@@ -119,3 +119,31 @@ def test_gpu_check_dry_run_goes_through_every_stage(tmp_path):
     assert re.search(r"tests collected", summary), summary
     assert [r["status"] for r in read_csv(out / "search.csv")] == ["ok"]
     assert not [r for r in read_csv(out / "kernels.csv") if r["error"]]
+
+
+@pytest.mark.slow  # five methods, darts_2nd's five passes included: ~60 s on the loaded 2-core machine
+def test_bench_methods_runs_every_method_tiny_on_the_cpu(tmp_path, capsys):
+    bm = load("bench_methods.py")
+    csv_path = tmp_path / "m.csv"
+    assert bm.main(["--device", "cpu", "--csv", str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA GPU" in out and "device: cpu" in out
+    rows = {r["method"]: r for r in read_csv(csv_path)}
+    assert list(rows) == ["milenas", "darts", "darts_2nd", "single_level", "gumbel_milenas"]
+    has_sampler = not bm.available({"sampler": "gumbel"})
+    for name, r in rows.items():
+        if name == "gumbel_milenas" and not has_sampler:
+            assert r["status"].startswith("not available"), r
+            continue
+        assert r["status"] == "ok" and float(r["median_ms"]) > 0, r
+    assert float(rows["milenas"]["vs_milenas"]) == 1.0
+    ratio = float(rows["darts_2nd"]["median_ms"]) / float(rows["milenas"]["median_ms"])
+    assert f"MiLeNAS vs second-order DARTS on cpu: {ratio:.2f}x faster per iteration" in out
+
+
+def test_bench_methods_says_which_settings_a_build_lacks():
+    bm = load("bench_methods.py")
+    assert bm.available({"optimization": "darts_2nd"}) == ""
+    assert bm.available({"optimization": "milenas", "no_such_flag": 1}) == (
+        "not available (SearchConfig has no no_such_flag)")
+    assert bm.mode_for(("fast", "fused", True, True, True, False), {"sampler": "gumbel"})[1] == "auto"

@@ -62,6 +62,7 @@ def _top(name: str) -> str:
 
 
 def check_compatible(theirs: nn.Module, ours: nn.Module, where: str) -> None:
+    """PatchError naming the first difference between the two MixedOps' candidates; None when alike."""
     a, b = _describe(theirs), _describe(ours)
     if a == b:
         return
@@ -71,8 +72,11 @@ def check_compatible(theirs: nn.Module, ours: nn.Module, where: str) -> None:
                          f"({', '.join(PRIMITIVES)}); only DARTS's op list can be replaced")
     for key in sorted(set(a) | set(b), key=lambda k: (not k.startswith("_ops."), len(k), k)):
         if a.get(key) != b.get(key):
-            what = f"candidate {key.split('.')[1]} ({PRIMITIVES[int(key.split('.')[1])]} in PRIMITIVES order)" \
-                if key.startswith("_ops.") else f"submodule {key!r}"
+            if key.startswith("_ops."):
+                k = int(key.split(".")[1])
+                what = f"candidate {k} ({PRIMITIVES[k]} in PRIMITIVES order)"
+            else:
+                what = f"submodule {key!r}"
             diff = next((x, y) for x, y in zip(a.get(key, []) + [None], b.get(key, []) + [None]) if x != y)
             raise PatchError(f"{where}: {what} differs from milenas_fast's: {diff[0]} against ours {diff[1]}; "
                              "only DARTS's op list (milenas_fast.PRIMITIVES, same order) can be replaced")

@@ -176,3 +176,28 @@ def test_eager_fp32_flops_of_the_default_supernet():
     assert 30_000 <= m["kernels"] <= 45_000
     assert 150 <= m["gbytes"] <= 230
     assert 7.0 <= m["saved_gbytes"] <= 9.0
+
+
+@pytest.mark.gpu_path
+def test_hand_count_bn_fold_ops():
+    """bn_stats and bn_fold_grad (triton_ops) are ONE launch each: bn_stats reads y and writes mean, rstd
+    [K, C] and the unbiased var [B, C]; bn_fold_grad reads g, y and six [K]/[K, C] vectors and writes gy."""
+    from milenas_fast.ops.bn_fold import bn_fold_grad, bn_stats
+
+    K, B = 3, 2
+    cm._register_triton_launches()
+    rec = cm.Recorder()
+    with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
+        y, g, w = torch.randn(K, N, C, H, W), torch.randn(N, C, H, W), torch.rand(K)
+        vecs = [torch.randn(K, C) for _ in range(4)]
+        with rec:
+            bn_stats(y, B, 1e-5)
+        st = cm._summary(rec.by_class)
+        rec.by_class.clear()
+        with rec:
+            bn_fold_grad(g, y, w, *vecs, B)
+        fg = cm._summary(rec.by_class)
+    assert (st.kernels, fg.kernels) == (1, 1)
+    assert st.bytes == 4 * (K * E + 2 * K * C + B * C)
+    assert fg.bytes == 4 * (E + 2 * K * E + K + 4 * K * C)
+    assert fg.flops == 5 * K * E

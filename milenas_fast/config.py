@@ -149,6 +149,10 @@ class SearchConfig(Settings):
         if self.sampler == "gumbel" and self.impl == "fused":
             raise ConfigError("--impl fused does not apply to --sampler gumbel: the fused kernel computes every "
                               "candidate, sampling runs one (use --impl auto or reference)")
+        if self.sampler == "gumbel" and self.optimization == "darts_2nd":
+            raise ConfigError("--optimization darts_2nd does not combine with --sampler gumbel: each forward draws "
+                              "its own sample, so the finite difference of its Hessian term would compare two "
+                              "different networks")
 
 
 def check_image_size(dataset: str, image_size: int, multiples: dict[str, int]) -> None:

@@ -140,8 +140,8 @@ def test_sampler_state_continues_the_sequence():
 
 
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("amp", [False, True])
-def test_search_step_with_gumbel(amp):
+@pytest.mark.parametrize("amp, shared", [(False, False), (True, False), (False, True)])
+def test_search_step_with_gumbel(amp, shared):
     net = _net(layers=3, tau=5.0)
     w_opt = torch.optim.SGD(net.parameters(), 0.05, momentum=0.9)
     a_opt = torch.optim.Adam(net.arch_parameters(), lr=0.1, betas=(0.5, 0.999))
@@ -149,7 +149,7 @@ def test_search_step_with_gumbel(amp):
     valid = (torch.randn(4, 3, 8, 8), torch.tensor([5, 6, 7, 8]))
     alphas = [a.detach().clone() for a in net.arch_parameters()]
     stem = net.stem[0].weight.detach().clone()
-    loss, _ = search_step(net, batch, valid, w_opt, a_opt, StepRule(), Precision(torch.device("cpu"), amp))
+    loss, _ = search_step(net, batch, valid, w_opt, a_opt, StepRule(), Precision(torch.device("cpu"), amp), shared)
     assert torch.isfinite(loss)
     for before, after in zip(alphas, net.arch_parameters()):
         moved = (after.detach() - before).abs().sum(-1)
@@ -221,6 +221,7 @@ def _fails(capsys, argv, fragment):
 @pytest.mark.parametrize("flags, fragment", [
     (["--compile"], "--compile does not apply to --sampler gumbel"),
     (["--impl", "fused"], "--impl fused does not apply to --sampler gumbel"),
+    (["--optimization", "darts_2nd"], "--optimization darts_2nd does not combine with --sampler gumbel"),
     (["--tau_min", "0"], "need 0 < tau_min <= tau_max"),
     (["--tau_max", "0.5"], "need 0 < tau_min <= tau_max"),
     (["--gumbel_share", "edge"], "--gumbel_share must be one of cell, type"),

@@ -20,7 +20,7 @@ from milenas_fast.config import ConfigError
 from milenas_fast.data.loaders import Plan, ResidentLoader
 from milenas_fast.precision import Precision
 from milenas_fast.search.step import StepRule, alpha_gradient, search_step
-from milenas_fast.space.mixed_op import ReferenceMixedOp
+from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp
 from milenas_fast.space.supernet import Network
 
 CPU = torch.device("cpu")
@@ -54,6 +54,16 @@ def _batches(rank: int, iteration: int):
     return tuple((torch.randn(5, 3, 8, 8, generator=g), torch.randint(0, 10, (5,), generator=g)) for _ in range(2))
 
 
+def _mixed_op(cls):
+    torch.manual_seed(0)
+    return cls(4, 1)
+
+
+def _op_inputs(rank: int):
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(2, 4, 6, 6, generator=g), torch.softmax(torch.randn(8, generator=g), 0)
+
+
 def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -72,6 +82,12 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
                 first_exp_avg = [a_opt.state[a]["exp_avg"].clone() for a in model.arch_parameters()]
         results[fused] = {"alphas": alphas, "exp_avg": first_exp_avg,
                           "weights": [p.detach().clone() for p in model.parameters()]}
+    op = _mixed_op(FusedMixedOp)  # the fused MixedOp (Triton interpreter on the CPU) under DDP
+    x, w = _op_inputs(rank)
+    ddp = distributed.wrap(op, CPU)  # kept alive until backward: its reducer does the all-reduce
+    ddp(x, w).square().sum().backward()
+    results["fused_op"] = {"fused": op._fused_index is not None,
+                           "grads": {n: p.grad.clone() for n, p in op.named_parameters()}}
     torch.save(results, Path(out) / f"rank{rank}.pt")
     distributed.shutdown()
 
@@ -123,6 +139,23 @@ def test_alpha_update_is_the_single_process_update_from_the_mean_gradient(ranks,
     # the check can fail: rank 0's own gradient alone gives another Adam state
     _, own_avg = _single_process_update(g0)
     assert max(float((x - y).abs().max()) for x, y in zip(own_avg, want_avg)) > 1e-4
+
+
+@pytest.mark.gpu_path
+def test_fused_mixed_op_under_ddp_gets_the_mean_of_the_ranks_weight_gradients(ranks):
+    a, b = ranks[0]["fused_op"], ranks[1]["fused_op"]
+    assert a["fused"] and b["fused"]
+    want = {}
+    for rank in range(2):  # the reference MixedOp, one process, each rank's input
+        op = _mixed_op(ReferenceMixedOp)
+        x, w = _op_inputs(rank)
+        op(x, w).square().sum().backward()
+        for n, p in op.named_parameters():
+            want[n] = want.get(n, 0) + p.grad / 2
+    assert set(a["grads"]) == set(want)
+    for n, g in want.items():
+        assert torch.equal(a["grads"][n], b["grads"][n]), n
+        torch.testing.assert_close(a["grads"][n], g, rtol=1e-4, atol=1e-5, msg=n)
 
 
 # --- data: disjoint shares of the same plan --------------------------------------------------------------
@@ -178,6 +211,21 @@ def test_torchrun_search_writes_one_run_folder_and_logs_the_checksum_every_epoch
     state = torch.load(entries[0] / "checkpoint.pt", weights_only=False)
     assert state["finished"] and state["world_size"] == 2
     assert distributed.checksum(state["alphas"]) == sums[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.gpu_path
+def test_torchrun_train_writes_one_run_folder(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "milenas_fast", "train", "--dataset", "synthetic", "--synthetic_images", "40", "--layers", "3",
+           "--init_channels", "4", "--batch_size", "8", "--epochs", "1", "--device", "cpu", "--auxiliary", "--quiet",
+           "--loader", "gpu", "--workers", "0", "--scale_lr", "--save", "ddp"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith("eval-ddp-") and (run_dir / "weights_last.pt").is_file()
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["history"][0]["lr"] == pytest.approx(2 * 0.025)  # --scale_lr × 2 ranks
 
 
 def _ranks(args: list[str], cwd: Path) -> list[subprocess.Popen]:

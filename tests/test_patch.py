@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from milenas_fast import HardSampledMixedOp, MixedOp, patch_module, replace_mixed_ops
+from milenas_fast.ops import select
 from milenas_fast.patch import PatchError
 
 MODEL_SEARCH = '''
@@ -115,8 +116,8 @@ class Network(nn.Module):
             self.cells.append(Cell(C_pp, C_p, C_curr, reduction, reduction_prev))
             C_pp, C_p, reduction_prev = C_p, 4 * C_curr, reduction
         self.classifier = nn.Linear(C_p, num_classes)
-        self.alphas_normal = (1e-1 * torch.randn(14, len(PRIMITIVES))).requires_grad_()
-        self.alphas_reduce = (1e-1 * torch.randn(14, len(PRIMITIVES))).requires_grad_()
+        self.alphas_normal = nn.Parameter(1e-1 * torch.randn(14, len(PRIMITIVES)))  # as the MiLeNAS code
+        self.alphas_reduce = nn.Parameter(1e-1 * torch.randn(14, len(PRIMITIVES)))
 
     def forward(self, x):
         s0 = s1 = self.stem(x)
@@ -160,10 +161,7 @@ def test_patch_module_builds_ours_with_the_same_results(tmp_path):
     theirs = theirs_mod.Network(4, 10, 3)
     ours = patched_mod.Network(4, 10, 3)
     assert len(_mixed_ops(ours, MixedOp)) == 3 * 14 and not _mixed_ops(ours, original)
-    ours.load_state_dict(theirs.state_dict())  # strict: the same keys and shapes
-    with torch.no_grad():
-        ours.alphas_normal.copy_(theirs.alphas_normal)
-        ours.alphas_reduce.copy_(theirs.alphas_reduce)
+    ours.load_state_dict(theirs.state_dict())  # strict: the same keys and shapes (α included)
     x = torch.randn(2, 3, 9, 9)
     (o1, g1), (o2, g2) = _out_and_alpha_grads(theirs, x), _out_and_alpha_grads(ours, x)
     torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-6)
@@ -205,6 +203,29 @@ def test_replace_mixed_ops_keeps_every_tensor_and_the_outputs(tmp_path, device, 
         op, ref = net.cells[1]._ops[0], original.cells[1]._ops[0]
         h, row = torch.randn(2, 8, 7, 7, device=device), torch.eye(8, device=device)[5]
         torch.testing.assert_close(op(h, row), ref(h, row), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu_path
+def test_replaced_mixed_ops_take_the_fused_path(tmp_path, device, monkeypatch):
+    """The taken-over tensors feed the fused kernels (on CPU: the Triton interpreter and the C++ CPU ops)."""
+    monkeypatch.setenv(select.ENV, "fused")
+    mod = load(tmp_path, "ms_fused")
+    torch.manual_seed(2)
+    net = mod.Network(4, 10, 3).to(device)
+    original = copy.deepcopy(net)
+    replace_mixed_ops(net)
+    for name in ("cells.0._ops.2", "cells.1._ops.0"):  # stride 1 and stride 2
+        ours, theirs = net.get_submodule(name), original.get_submodule(name)
+        assert ours.decision.impl == "fused", ours.decision
+        h = torch.randn(2, ours.C, 7, 7, device=device)
+        w = torch.softmax(torch.randn(8, device=device), 0)
+        results = []
+        for op in (theirs, ours):
+            hi, wi = h.clone().requires_grad_(), w.clone().requires_grad_()
+            out = op(hi, wi)
+            results.append((out, *torch.autograd.grad(out.square().sum(), [hi, wi])))
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant, message", [

@@ -115,6 +115,11 @@ def test_weights_are_restored_and_the_validation_pass_leaves_no_trace():
     assert int(model.bn.num_batches_tracked) == int(other.bn.num_batches_tracked) == 3
     torch.testing.assert_close(model.bn.running_mean, other.bn.running_mean, rtol=1e-3, atol=1e-4)
     assert model.bn.running_mean.abs().max() > 1e-2
+    # a pass that fails (here the validation pass, at w') leaves the weights as they were too
+    with pytest.raises(RuntimeError):
+        unrolled_alpha_gradient(model, {**batches, "valid": (batches["valid"][0][:, :4], batches["valid"][1])},
+                                sgd(model, xi, 0.9))
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
 
 
 def tiny_float32_batches():

@@ -55,21 +55,23 @@ def unrolled_alpha_gradient(model, batches: dict, w_optimizer, r: float = R) -> 
     """g_α of the module docstring for batches {"train": (x, y), "valid": (x, y)}; the weights end as they began."""
     params, alphas = trainable(model), model.arch_parameters()
     w = [p.detach().clone() for p in params]
-    grads = torch.autograd.grad(_loss(model, batches["train"]), params)  # ∇w L_tr(w, α), weights only
-    w_prime = torch._foreach_sub(w, virtual_step(params, grads, w_optimizer))
-    with torch.no_grad():
-        torch._foreach_copy_(params, w_prime)
-    buffers = [b for b in model.buffers()]
-    saved = [b.clone() for b in buffers]
-    val = torch.autograd.grad(_loss(model, batches["valid"]), alphas + params)
-    with torch.no_grad():
-        torch._foreach_copy_(buffers, saved)
-    d_alpha, v = val[:len(alphas)], val[len(alphas):]
-    eps = r / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
-    ev = torch._foreach_mul(v, eps)
-    g_plus = alpha_grad_at(model, params, torch._foreach_add(w, ev), batches["train"])
-    g_minus = alpha_grad_at(model, params, torch._foreach_sub(w, ev), batches["train"])
-    with torch.no_grad():
-        torch._foreach_copy_(params, w)
+    try:
+        grads = torch.autograd.grad(_loss(model, batches["train"]), params)  # ∇w L_tr(w, α), weights only
+        w_prime = torch._foreach_sub(w, virtual_step(params, grads, w_optimizer))
+        with torch.no_grad():
+            torch._foreach_copy_(params, w_prime)
+        buffers = list(model.buffers())
+        saved = [b.clone() for b in buffers]  # BatchNorm statistics: the pass at w' must leave none
+        val = torch.autograd.grad(_loss(model, batches["valid"]), alphas + params)
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, saved)
+        d_alpha, v = val[:len(alphas)], val[len(alphas):]
+        eps = r / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
+        ev = torch._foreach_mul(v, eps)
+        g_plus = alpha_grad_at(model, params, torch._foreach_add(w, ev), batches["train"])
+        g_minus = alpha_grad_at(model, params, torch._foreach_sub(w, ev), batches["train"])
+    finally:  # the weights end as they began, also when a pass fails
+        with torch.no_grad():
+            torch._foreach_copy_(params, w)
     coef = w_optimizer.param_groups[0]["lr"] / (2 * eps)
     return [d - coef * (gp - gm) for d, gp, gm in zip(d_alpha, g_plus, g_minus)]

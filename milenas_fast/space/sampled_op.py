@@ -3,8 +3,9 @@
 `forward(x, weights)` takes a hard one-hot row with straight-through gradients (search/sampler.py makes one)
 and runs ONLY the chosen candidate, scaled by its weight: the value is op_k(x), and the weight's gradient
 ⟨∂L/∂out, op_k(x)⟩ flows through the straight-through row to every logit of the edge. The other entries of
-the row get no gradient (MixedOp would give them ⟨∂L/∂out, op_j(x)⟩, which needs the ops not run); their
-candidates' parameters get none and their BatchNorm statistics stay unchanged.
+the row get a zero gradient, as in the authors' code, which skips them (MixedOp would give them
+⟨∂L/∂out, op_j(x)⟩, which needs the ops not run); their candidates' parameters get none and their BatchNorm
+statistics stay unchanged.
 
 Which candidate: `index` when the caller passes it (the supernet hands over the host indices of the whole
 forward, read back in one transfer), else the row's argmax, read with one host synchronisation per call

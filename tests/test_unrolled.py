@@ -177,7 +177,7 @@ TINY = ["search", "--dataset", "synthetic", "--synthetic_images", "32", "--layer
         "--optimization", "darts_2nd", "--epochs", "2"]  # one iteration per epoch
 
 
-@pytest.mark.slow  # four darts_2nd iterations over three runs: 74 s on the loaded 2-core machine
+@pytest.mark.slow  # four darts_2nd iterations over three runs: 45-75 s on the shared, loaded 2-core machine
 def test_darts_2nd_search_writes_a_run_folder_and_resumes_bit_exactly(tmp_path, monkeypatch):
     from milenas_fast.search import loop
 

@@ -137,13 +137,6 @@ def average(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
-def all_sum_(t: torch.Tensor) -> torch.Tensor:
-    """`t` summed over ranks, in place (epoch totals)."""
-    if world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def all_totals_(totals) -> None:
     """Epoch totals (meters.Totals: loss/top-1/top-5 sums and a count) summed over ranks, in place."""
     if world_size() > 1:
@@ -207,14 +200,15 @@ def run_command(command: str, args, argv: list[str], body) -> int:
     if args.nproc > 1 and requested_world() <= 1:
         return relaunch(args.nproc, strip_nproc(argv))
     try:
-        return body()
+        code = body()
     except Exception as e:  # noqa: BLE001 — only collective failures are handled here
         if not (isinstance(e, RankFailure) or is_collective_failure(e)):
             raise
+        # no shutdown: tearing down a group whose peer is gone may block; the process exit frees it
         print(f"milenas-fast {command}: error: {e if isinstance(e, RankFailure) else lost(e)}", file=sys.stderr)
         return 1
-    finally:
-        shutdown()
+    shutdown()
+    return code
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:

@@ -109,6 +109,17 @@ class DDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def graphs_policy(on: bool, why: str) -> tuple[bool, str, str | None]:
+    """CUDA graphs with several processes: off, since DDP's and α's all-reduces are not captured (README
+    "Multi-GPU and multi-node"). Returns (on, why, the warning to log once or None)."""
+    world = world_size()
+    if not on or world <= 1:
+        return on, why, None
+    return (False, f"off: {world} processes (DDP); eager loop",
+            f"CUDA graphs are off with {world} processes: the all-reduces of DDP and of α are not captured; "
+            "using the eager loop")
+
+
 def convert_sync_bn(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """--sync_bn: BatchNorm statistics over the global batch (torch's SyncBatchNorm, CUDA only)."""
     if requested_world() > 1 and device.type != "cuda":

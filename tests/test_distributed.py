@@ -319,3 +319,12 @@ def test_one_process_helpers_are_no_ops():
     assert distributed.wrap(model, CPU) is model
     assert distributed.check_alphas(model.arch_parameters()).endswith("(1 process)")
     assert not distributed.is_collective_failure(RuntimeError("gloo: Connection closed by peer"))
+
+
+@pytest.mark.gpu_path
+def test_cuda_graphs_are_off_with_several_processes_with_one_warning(monkeypatch):
+    assert distributed.graphs_policy(True, "on") == (True, "on", None)  # one process keeps them
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    on, why, warning = distributed.graphs_policy(True, "on")
+    assert not on and why.startswith("off: 2 processes") and "not captured" in warning
+    assert distributed.graphs_policy(False, "off (--no-cuda_graphs)") == (False, "off (--no-cuda_graphs)", None)

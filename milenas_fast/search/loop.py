@@ -55,10 +55,8 @@ class Search:
         self.warnings: list[str] = []  # logged once the run folder's log exists
         self.graphs_on, self.graphs_why = graphed.decide(cfg.cuda_graphs, cfg.compile, cfg.amp, device)
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        if self.graphs_on and self.world > 1:  # README "Multi-GPU and multi-node": collectives stay outside graphs
-            self.graphs_on, self.graphs_why = False, f"off: {self.world} processes (DDP); eager loop"
-            self.warnings.append(f"CUDA graphs are off with {self.world} processes: the all-reduces of DDP and of α "
-                                 "are not captured; using the eager loop")
+        self.graphs_on, self.graphs_why, warning = distributed.graphs_policy(self.graphs_on, self.graphs_why)
+        self.warnings += [warning] if warning else []
         if self.graphs_on and cfg.sampler == "gumbel":
             self.graphs_on, self.graphs_why = False, "off: --sampler gumbel chooses on the host which candidates run"
         if graphs is not None:

@@ -13,9 +13,10 @@ come from identical states, never from trajectories (two correct fp32 runs may p
 
 The supernet: C=4, one normal and two reduction cells of one node (6 mixed ops: stride-1 edges with the
 identity skip, stride-2 edges with FactorizedReduce), batch 2, odd 9×9 inputs (9 → 5 → 3 planes).
-The interpreter's cost is per Triton op, not per element, so the guard pays ~0.5 s per mixed op; its
-integer-overflow sanitizer (on by default there, off on the GPU) is switched off for it: it doubles
-the cost and checks nothing numerical (tests/test_stencil.py keeps it on).
+The interpreter's cost is per Triton op, not per element, so the guard pays ~0.7 s per mixed op (4-5 s per
+state, over the 60 s it was meant to take: the stencil's backward is most of it); the interpreter's
+integer-overflow sanitizer (on by default there, off on the GPU) is switched off for it: it adds to
+the cost (~40% in a profile) and checks nothing numerical (tests/test_stencil.py keeps it on).
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def fidelity_failures(seed: int) -> list[str]:
     return bad
 
 
+@pytest.mark.slow  # ~80-95 s of CPU: 20 states × 6 fused mixed ops through the interpreter
 @pytest.mark.gpu_path
 def test_fused_gradients_as_faithful_as_fp32_reference(monkeypatch, device):
     monkeypatch.delenv(select.ENV, raising=False)

@@ -328,3 +328,9 @@ def test_cuda_graphs_are_off_with_several_processes_with_one_warning(monkeypatch
     on, why, warning = distributed.graphs_policy(True, "on")
     assert not on and why.startswith("off: 2 processes") and "not captured" in warning
     assert distributed.graphs_policy(False, "off (--no-cuda_graphs)") == (False, "off (--no-cuda_graphs)", None)
+
+
+def test_imagenet_training_is_refused_with_several_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is joined
+    assert main(["train", "--dataset", "imagenet", "--data", "/nonexistent", "--device", "cpu"]) == 2
+    assert "--dataset imagenet is not sharded across processes yet" in capsys.readouterr().err

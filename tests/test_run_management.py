@@ -136,7 +136,7 @@ def test_a_bucket_keeps_its_best_epoch_earliest_on_ties_with_that_epochs_genotyp
     # (normal op, valid_acc) per epoch; sep and dil convs count alike, so epochs 0-3 share bucket n8r0
     epochs = [("sep_conv_3x3", 50.0), ("dil_conv_3x3", 70.0), ("sep_conv_5x5", 70.0), ("dil_conv_5x5", 60.0),
               ("skip_connect", 10.0)]
-    search = SimpleNamespace(history=[], model_sizes={}, epoch=0)
+    search = SimpleNamespace(history=[], model_sizes={}, epoch=0, sampler=None)
     genotypes = []
     for epoch, (op, acc) in enumerate(epochs):
         search.epoch, search.model = epoch, network_choosing(op, "max_pool_3x3")

@@ -88,8 +88,33 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     ddp(x, w).square().sum().backward()
     results["fused_op"] = {"fused": op._fused_index is not None,
                            "grads": {n: p.grad.clone() for n, p in op.named_parameters()}}
+    results["darts_2nd"] = _darts_2nd_gradient(*_halves(rank))  # under DDP: the global batch's gradient
     torch.save(results, Path(out) / f"rank{rank}.pt")
     distributed.shutdown()
+
+
+def _halves(rank: int | None):
+    """Rank `rank`'s half of one (train, valid) pair of batches; None: the whole batches (one process)."""
+    g = torch.Generator().manual_seed(7)
+    whole = [(torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    return whole if rank is None else [(x[3 * rank:3 * rank + 3], y[3 * rank:3 * rank + 3]) for x, y in whole]
+
+
+def _darts_2nd_gradient(train, valid):
+    """darts_2nd's α gradient, as the step averages it, on the smooth tiny supernet in eval mode (BatchNorm on
+    running statistics, so two half batches are exactly one whole batch), after one real SGD step (momentum)."""
+    from tiny_supernet import Tiny
+
+    torch.manual_seed(3)
+    model = Tiny().eval()
+    w_opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=3e-4)
+    model._loss(*train).backward()
+    for p, g in zip(model.parameters(), distributed.average([p.grad for p in model.parameters()])):
+        p.grad = g
+    w_opt.step()
+    grads, _ = alpha_gradient(model, {"train": train, "valid": valid}, StepRule("darts_2nd"),
+                              Precision(CPU, False), w_optimizer=w_opt)
+    return distributed.average(grads)
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +359,15 @@ def test_imagenet_training_is_refused_with_several_processes(monkeypatch, capsys
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is joined
     assert main(["train", "--dataset", "imagenet", "--data", "/nonexistent", "--device", "cpu"]) == 2
     assert "--dataset imagenet is not sharded across processes yet" in capsys.readouterr().err
+
+
+@pytest.mark.gpu_path
+def test_darts_2nd_under_ddp_is_the_global_batch_unrolled_gradient(ranks):
+    """Each rank unrolls with the ranks' mean weight gradients (virtual step and v), so the averaged α
+    gradient equals one process's on the whole batch; per-rank unrolling would not."""
+    one = _darts_2nd_gradient(*_halves(None))
+    for r in ranks:
+        for got, want in zip(r["darts_2nd"], one):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    alone = _darts_2nd_gradient(*_halves(0))  # rank 0's half alone: a different gradient
+    assert max((a - b).abs().max() for a, b in zip(alone, one)) > 1e-3

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from .step import frozen_weights, trainable
 
 R = 0.01  # DARTS's r: ε = r / ‖v‖
@@ -56,7 +57,9 @@ def unrolled_alpha_gradient(model, batches: dict, w_optimizer, r: float = R) -> 
     params, alphas = trainable(model), model.arch_parameters()
     w = [p.detach().clone() for p in params]
     try:
-        grads = torch.autograd.grad(_loss(model, batches["train"]), params)  # ∇w L_tr(w, α), weights only
+        # ∇w L_tr(w, α), weights only; under DDP the two weight-side gradients are the ranks' mean, so every
+        # rank unrolls the same global-batch step (the α side is averaged after, by the step's all-reduce)
+        grads = distributed.average(list(torch.autograd.grad(_loss(model, batches["train"]), params)))
         w_prime = torch._foreach_sub(w, virtual_step(params, grads, w_optimizer))
         with torch.no_grad():
             torch._foreach_copy_(params, w_prime)
@@ -65,7 +68,7 @@ def unrolled_alpha_gradient(model, batches: dict, w_optimizer, r: float = R) -> 
         val = torch.autograd.grad(_loss(model, batches["valid"]), alphas + params)
         with torch.no_grad():
             torch._foreach_copy_(buffers, saved)
-        d_alpha, v = val[:len(alphas)], val[len(alphas):]
+        d_alpha, v = val[:len(alphas)], distributed.average(list(val[len(alphas):]))
         eps = r / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
         ev = torch._foreach_mul(v, eps)
         g_plus = alpha_grad_at(model, params, torch._foreach_add(w, ev), batches["train"])

@@ -21,10 +21,13 @@ TINY = ["search", "--dataset", "synthetic", "--synthetic_images", "64", "--layer
         "--sampler", "gumbel"]
 
 
-def test_tau_falls_linearly_per_epoch_as_in_the_authors_code():
+def test_tau_falls_linearly_per_epoch_from_tau_max_to_tau_min():
     taus = [tau_at(e, 50, 10.0, 1.0) for e in range(50)]
-    assert taus[0] == 10.0 and taus[-1] == pytest.approx(1.18)
-    assert all(b - a == pytest.approx(-0.18) for a, b in zip(taus, taus[1:]))
+    assert taus[0] == 10.0 and taus[-1] == pytest.approx(1.0)
+    assert all(b - a == pytest.approx(-9 / 49) for a, b in zip(taus, taus[1:]))
+    authors = [tau_at(e, 50, 10.0, 1.0, authors=True) for e in range(50)]  # --authors_code: their formula
+    assert authors[0] == 10.0 and authors[-1] == pytest.approx(1.18)
+    assert all(b - a == pytest.approx(-0.18) for a, b in zip(authors, authors[1:]))
     assert tau_at(0, 1, 10.0, 0.1) == 10.0 and tau_at(2, 4, 1.0, 1.0) == 1.0
 
 
@@ -173,14 +176,14 @@ def test_tiny_gumbel_search_writes_a_complete_run_folder(gumbel_run):
     assert {"log.txt", "args.json", "genotypes.jsonl", "model_sizes.json", "genotype.json", "genotype.txt",
             "checkpoint.pt", "plots"} <= names
     log = (gumbel_run / "log.txt").read_text()
-    for line in ("MixedOp = HardSampledMixedOp", "epoch 0 lr", "tau 10.000000", "tau 5.500000", "train_acc",
+    for line in ("MixedOp = HardSampledMixedOp", "epoch 0 lr", "tau 10.000000", "tau 1.000000", "train_acc",
                  "valid_acc", "genotype = Genotype(normal=[("):
         assert line in log
     assert json.loads((gumbel_run / "args.json").read_text())["sampler"] == "gumbel"
     history = [json.loads(line) for line in (gumbel_run / "genotypes.jsonl").read_text().splitlines()]
-    assert [h["tau"] for h in history] == [10.0, 5.5]
+    assert [h["tau"] for h in history] == [10.0, 1.0]
     ckpt = torch.load(gumbel_run / "checkpoint.pt", weights_only=False)
-    assert ckpt["finished"] and ckpt["sampler"]["tau"] == 5.5 and ckpt["sampler"]["share"] == "cell"
+    assert ckpt["finished"] and ckpt["sampler"]["tau"] == 1.0 and ckpt["sampler"]["share"] == "cell"
     assert isinstance(ckpt["sampler"]["generator"], torch.Tensor)
 
 

@@ -340,7 +340,7 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         lr = search.scheduler.get_last_lr()[0]
         log.info("epoch %d lr %e", search.epoch, lr)
         if search.sampler is not None:
-            search.sampler.tau = tau_at(search.epoch, cfg.epochs, cfg.tau_max, cfg.tau_min)
+            search.sampler.tau = tau_at(search.epoch, cfg.epochs, cfg.tau_max, cfg.tau_min, cfg.authors_code)
             log.info("tau %f", search.sampler.tau)
         if cfg.authors_code:  # the authors log the architecture the epoch starts from
             log.info("genotype = %s", gt.to_text(model.genotype()))

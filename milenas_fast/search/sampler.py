@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 
-def tau_at(epoch: int, epochs: int, tau_max: float, tau_min: float) -> float:
-    """The authors' schedule: linear from tau_max at epoch 0 towards tau_min at epoch `epochs` (so the last
-    epoch runs at tau_min + (tau_max - tau_min) / epochs)."""
-    return tau_max - (tau_max - tau_min) * epoch / epochs
+def tau_at(epoch: int, epochs: int, tau_max: float, tau_min: float, authors: bool = False) -> float:
+    """Linear per epoch from tau_max at the first epoch to tau_min at the last. The authors' formula
+    (`authors`, for --authors_code) divides by `epochs` instead, so their last epoch stops short of tau_min
+    (1.18 after 50 epochs at 10 → 1)."""
+    span = epochs if authors else epochs - 1
+    return tau_max - (tau_max - tau_min) * epoch / span if span else tau_max
 
 
 def gumbel_noise(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -48,3 +48,10 @@ def corrupt_jpeg(path: Path, how: str = "garbage") -> None:
     else:
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
+
+
+def jpeg_imagenet(root: Path) -> Path:
+    """ROOT/train (3 classes × 4 JPEGs) and ROOT/val (3 × 2): the ImageNet layout."""
+    make_folder(root / "train", per_class=4, png=False)
+    make_folder(root / "val", per_class=2, seed=1, png=False)
+    return root

@@ -355,10 +355,23 @@ def test_cuda_graphs_are_off_with_several_processes_with_one_warning(monkeypatch
     assert distributed.graphs_policy(False, "off (--no-cuda_graphs)") == (False, "off (--no-cuda_graphs)", None)
 
 
-def test_imagenet_training_is_refused_with_several_processes(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is joined
-    assert main(["train", "--dataset", "imagenet", "--data", "/nonexistent", "--device", "cpu"]) == 2
-    assert "--dataset imagenet is not sharded across processes yet" in capsys.readouterr().err
+@pytest.mark.slow
+@pytest.mark.gpu_path
+def test_torchrun_imagenet_training_reads_disjoint_shards(tmp_path):
+    """ImageNet-style training on a generated JPEG folder with 2 ranks (each reads its shard of the epoch's
+    order; tests/test_imagenet_loaders.py checks the shards): one run folder, one finished epoch."""
+    from image_folders import jpeg_imagenet
+
+    data = jpeg_imagenet(tmp_path / "imagenet")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "milenas_fast", "train", "--dataset", "imagenet", "--data", str(data), "--image_size", "32",
+           "--layers", "3", "--init_channels", "4", "--batch_size", "2", "--epochs", "1", "--device", "cpu",
+           "--quiet", "--loader", "torch", "--workers", "0", "--save", "ddp"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("eval-ddp-")]
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["config"]["dataset"] == "imagenet"
 
 
 @pytest.mark.gpu_path

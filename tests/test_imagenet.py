@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from image_folders import corrupt_jpeg, make_folder
+from image_folders import corrupt_jpeg, jpeg_imagenet, make_folder
 from milenas_fast.cli import main
 from milenas_fast.space.evalnet import (MOBILE_MULT_ADDS, NetworkCIFAR, NetworkImageNet, mult_adds,
                                         param_count)
@@ -106,12 +106,6 @@ def test_protocol_defaults_only_for_unset_flags():
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-
-
-def jpeg_imagenet(root):
-    make_folder(root / "train", per_class=4, png=False)
-    make_folder(root / "val", per_class=2, seed=1, png=False)
-    return root
 
 
 SMOKE = ["train", "--dataset", "imagenet", "--image_size", "64", "--layers", "3", "--init_channels", "8",

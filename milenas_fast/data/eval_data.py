@@ -91,11 +91,12 @@ class LoaderPass:
 
 
 def imagenet_loaders(root: str | Path, loader: str, batch_size: int, image_size: int, device: torch.device,
-                     workers: int, seed: int):
+                     workers: int, seed: int, shard: tuple[int, int] = (0, 1)):
     """(training loader, test batches, number of classes, loader name, why) over ROOT/train and ROOT/val.
     Both folders are scanned and every file's header checked first (imagefolder.scan_pair, check="verify"),
     so a missing folder, an empty class, mismatched classes or an unreadable file stop the run before it
-    writes anything; a file that fails later is skipped by the loader (counted, with a warning)."""
+    writes anything; a file that fails later is skipped by the loader (counted, with a warning). Training reads
+    this rank's `shard` (rank, world) of each epoch's order; every rank evaluates the whole validation set."""
     from .imagefolder import scan_pair
     from .imagenet import make_image_loader, resolve_image_loader
 
@@ -103,6 +104,6 @@ def imagenet_loaders(root: str | Path, loader: str, batch_size: int, image_size:
     classes, train, val = scan_pair(root / "train", root / "val", check="verify")
     name, why = resolve_image_loader(loader, device)
     kw = dict(batch_size=batch_size, image_size=image_size, device=device, workers=workers, seed=seed)
-    train_loader = make_image_loader(name, train, train=True, **kw)
+    train_loader = make_image_loader(name, train, train=True, rank=shard[0], world=shard[1], **kw)
     test_batches = LoaderPass(make_image_loader(name, val, train=False, **kw))
     return train_loader, test_batches, len(classes), name, why

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 from .. import distributed, runs
-from ..config import ConfigError
 from ..data import make_loader
 from ..data.eval_data import TestBatches, cutout, cutout_generator, imagenet_loaders, load_train_test
 from ..data.loaders import epoch_batches, resolve_loader
@@ -66,7 +65,8 @@ class Trainer:
         check_cell(genotype.reduce, genotype.reduce_concat, "reduce")
         if cfg.dataset == "imagenet":  # streamed from image files
             self.train_loader, self.test_batches, self.num_classes, self.loader_name, self.loader_why = \
-                imagenet_loaders(cfg.data, cfg.loader, cfg.batch_size, cfg.image_size, device, cfg.workers, cfg.seed)
+                imagenet_loaders(cfg.data, cfg.loader, cfg.batch_size, cfg.image_size, device, cfg.workers, cfg.seed,
+                                 shard=(distributed.rank(), distributed.world_size()))
         else:  # in memory
             train, test = load_train_test(cfg.dataset, cfg.data, cfg.synthetic_images, cfg.image_size)
             self.num_classes = train.num_classes
@@ -200,8 +200,6 @@ def prepare(cfg: TrainConfig, explicit: dict | None = None) -> tuple[Trainer, Pa
     else:  # a checkpoint holds the resolved settings
         cfg = cfg.with_dataset_defaults(explicit)
     cfg.validate()
-    if cfg.dataset == "imagenet" and distributed.requested_world() > 1:
-        raise ConfigError("--dataset imagenet is not sharded across processes yet; train it with one process")
     if state is not None:  # the checkpoint's own copy: the source file or run folder may have changed since
         genotype, source = gt.from_text(state["genotype"], "checkpoint genotype"), f"checkpoint {run_dir}"
     else:

@@ -56,7 +56,7 @@ def bn_stats_kernel(
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
     pix = tl.arange(0, BLOCK_HW)
-    cnt = (N * HW).to(tl.float32)
+    cnt = N * HW * 1.0  # not .to(): N or HW equal to 1 arrive as constexprs on the GPU
     if k < K:
         base = y_ptr + k.to(tl.int64) * N * C * HW + ch[:, None].to(tl.int64) * HW
         s = tl.zeros((BLOCK_C,), tl.float32)

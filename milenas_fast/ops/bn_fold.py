@@ -2,12 +2,12 @@
 
     out = folded_reduce(ys, w, mean, rstd, B)       ys [K, N, C, H, W], w [K], mean/rstd [K, C] fp32
 
-For k < B, mean[k] / rstd[k] must be ys[k]'s batch statistics (`batch_stats`): the gradient then flows
+For k < B, mean[k] / rstd[k] must be ys[k]'s batch statistics (`bn_stats`): the gradient then flows
 through them, as through nn.BatchNorm2d. Autograd through torch.var_mean would cost a copy of ys to fp32
 (bf16), the statistics' backward (five full-size elementwise passes) and a saved fp32 copy; instead the
 backward is written out: edge_reduce_backward gives the loss's gradient wrt w, mean and rstd (two reductions),
 and ONE kernel (`bn_fold_grad`, kernels/bn_fold.py) forms every candidate's input gradient from it.
-`bn_fold_grad_reference` is its plain-PyTorch twin.
+`bn_stats_reference` and `bn_fold_grad_reference` are the plain-PyTorch twins.
 """
 from __future__ import annotations
 

@@ -5,11 +5,12 @@
 2. PyTorch finishes the conv candidates with the module's own submodules (pointwise 1×1; for sep convs the
    inner BatchNorm, ReLU, second depthwise and pointwise), so parameters, inner running statistics and
    state_dict are the reference's.
-3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train) or running
-   statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes Σ_k w_k (y_k − mean_k) rstd_k over
-   the stacked pre-BN outputs. Identity (stride 1 skip) enters with mean 0, rstd 1. Running statistics
-   are updated exactly as nn.BatchNorm2d does (momentum or cumulative average, unbiased variance,
-   num_batches_tracked). Autograd flows through the statistics, so every gradient is the reference's.
+3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train: ONE `bn_stats`
+   kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
+   Σ_k w_k (y_k − mean_k) rstd_k over the stacked pre-BN outputs. Identity (stride 1 skip) enters with
+   mean 0, rstd 1. Running statistics are updated as nn.BatchNorm2d does (momentum or cumulative average,
+   unbiased variance, num_batches_tracked). The gradient flows through the batch statistics (bn_fold's
+   written-out backward), so every gradient is the reference's.
 
 Only non-affine search MixedOps over (a subset of) the DARTS primitives are fused; `unsupported(mod)`
 says why one is not.

@@ -364,3 +364,30 @@ def test_cuda_network_auto_uses_fused(monkeypatch):
     monkeypatch.delenv(select.ENV, raising=False)
     cls, why = resolve_impl("auto", torch.device("cuda"))
     assert cls is FusedMixedOp, why
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("stride", [1, 2])
+def test_autocast_weights_cast_at_once_same_as_per_convolution(stride, fused_ok, monkeypatch):
+    """Under bf16 autocast the conv candidates' weights are cast by one foreach copy (and their gradients
+    back by one): the output and every gradient equal what autocast's per-convolution casts give."""
+    _, fused = pair(6, stride, fused_ok, seed=8)
+    x, a = inputs(3, 6, 9, fused_ok, seed=9)
+    x = x.to(torch.bfloat16)  # as in the supernet under autocast: cell states are bf16
+    copies = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda *args, **kw: copies.append(1) or real(*args, **kw))
+
+    def run():
+        with torch.autocast(torch.device(fused_ok).type, dtype=torch.bfloat16):
+            return train_step(fused, x, a)
+
+    got = run()
+    assert len(copies) == 2  # forward and backward, for all 8 weights
+    monkeypatch.setattr(fmo, "_conv_weights", lambda *args: {})
+    want = run()
+    assert got[0].dtype == torch.bfloat16
+    for g, w, name in zip(got[:3], want[:3], ("output", "grad x", "grad mixing weights")):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+    for name in want[3]:
+        torch.testing.assert_close(got[3][name], want[3][name], rtol=0, atol=0, msg=name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce, Identity
 from .bn_fold import bn_stats, folded_reduce
@@ -82,6 +83,47 @@ def _eps(bns: list[nn.BatchNorm2d], like: torch.Tensor):
     return torch.tensor(eps, dtype=like.dtype, device=like.device)[:, None]
 
 
+class _CastAll(torch.autograd.Function):
+    """Tensors cast to `dtype` by ONE foreach copy (and their gradients back by one): autocast would launch
+    a cast per convolution weight per call, in both directions. The values are autocast's (round to nearest)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *ts):
+        ctx.dtypes = [t.dtype for t in ts]
+        out = [torch.empty_like(t, dtype=dtype) for t in ts]
+        torch._foreach_copy_(out, list(ts))
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        out = [torch.empty_like(g, dtype=d) for g, d in zip(grads, ctx.dtypes)]
+        torch._foreach_copy_(out, list(grads))
+        return (None, *out)
+
+
+def _conv_weights(names, ops, device_type: str) -> dict:
+    """Under autocast: the conv candidates' 1×1 and second-stage depthwise weights cast all at once (see
+    _CastAll), by module id; {} otherwise (the modules then run as they are)."""
+    convs = []
+    for name, op in zip(names, ops):
+        if name.startswith("sep_conv"):
+            convs += [op.op[2], op.op[5], op.op[6]]
+        elif name.startswith("dil_conv"):
+            convs.append(op.op[2])
+    if not convs or not torch.is_autocast_enabled(device_type):
+        return {}
+    dtype = torch.get_autocast_dtype(device_type)
+    if all(c.weight.dtype == dtype for c in convs):
+        return {}
+    return {id(c): w for c, w in zip(convs, _CastAll.apply(dtype, *[c.weight for c in convs]))}
+
+
+def _conv(m: nn.Conv2d, x: torch.Tensor, weights: dict) -> torch.Tensor:
+    """m(x), with m's weight from `weights` where _conv_weights cast it."""
+    w = weights.get(id(m))
+    return m(x) if w is None else F.conv2d(x, w, None, m.stride, m.padding, m.dilation, m.groups)
+
+
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     names, ops = tuple(mod.primitives), mod._ops
     stride, C = mod.stride, x.shape[1]
@@ -97,6 +139,7 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
 
     # 2. pre-BN candidate outputs, BN-folded ones first, identity (if any) last
     folded_ks, identity_k = _order(mod)
+    cw = _conv_weights(names, ops, x.device.type)
     folded, bns = [], []
     for k in folded_ks:
         name, op = names[k], ops[k]
@@ -104,9 +147,10 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
             y = stage1[_STENCIL_SLOT[name]]
         elif name.startswith("sep_conv"):
             seq = op.op
-            y = seq[6](seq[5](seq[4](seq[3](seq[2](stage1[_STENCIL_SLOT[name]])))))
+            y = _conv(seq[2], stage1[_STENCIL_SLOT[name]], cw)
+            y = _conv(seq[6], _conv(seq[5], seq[4](seq[3](y)), cw), cw)
         elif name.startswith("dil_conv"):
-            y = op.op[2](stage1[_STENCIL_SLOT[name]])
+            y = _conv(op.op[2], stage1[_STENCIL_SLOT[name]], cw)
         else:  # stride-2 skip
             y = op.pre_bn(x)
         folded.append(y)

@@ -182,18 +182,20 @@ def checksum(tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def check_alphas(alphas) -> str:
+def check_alphas(alphas, sampler_state: torch.Tensor | None = None) -> str:
     """The α checksum line; RankFailure when ranks hold different α (the run must stop: they would
-    derive different genotypes)."""
+    derive different genotypes) or, with `sampler_state` (the Gumbel noise generator's), different noise
+    streams: each rank would then train another sampled network while the averaged α stayed identical."""
     mine = checksum(alphas)
     world = world_size()
     if world <= 1:
         return f"alpha checksum {mine} (1 process)"
     every = [None] * world
-    dist.all_gather_object(every, mine)
-    if len(set(every)) != 1:
-        raise RankFailure("α differ across ranks (checksums " + ", ".join(f"rank {r}: {c}" for r, c in
-                                                                           enumerate(every)) + "); stopping")
+    dist.all_gather_object(every, (mine, None if sampler_state is None else checksum([sampler_state])))
+    for i, what in enumerate(("α", "the Gumbel sampler's noise streams")):
+        if len({e[i] for e in every}) != 1:
+            raise RankFailure(f"{what} differ across ranks (checksums " + ", ".join(
+                f"rank {r}: {e[i]}" for r, e in enumerate(every)) + "); stopping")
     return f"alpha checksum {mine} identical on {world} ranks"
 
 

@@ -89,6 +89,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     results["fused_op"] = {"fused": op._fused_index is not None,
                            "grads": {n: p.grad.clone() for n, p in op.named_parameters()}}
     results["darts_2nd"] = _darts_2nd_gradient(*_halves(rank))  # under DDP: the global batch's gradient
+    results["gumbel"] = _gumbel_steps(rank)
     torch.save(results, Path(out) / f"rank{rank}.pt")
     distributed.shutdown()
 
@@ -115,6 +116,37 @@ def _darts_2nd_gradient(train, valid):
     grads, _ = alpha_gradient(model, {"train": train, "valid": valid}, StepRule("darts_2nd"),
                               Precision(CPU, False), w_optimizer=w_opt)
     return distributed.average(grads)
+
+
+def _gumbel_steps(rank: int) -> dict:
+    """Two --sampler gumbel steps under DDP: the indices each rank drew, its α, and the epoch check with equal
+    and with deliberately different noise streams."""
+    from milenas_fast.search.sampler import GumbelSampler
+    from milenas_fast.space.sampled_op import HardSampledMixedOp
+
+    torch.manual_seed(0)
+    model = Network(4, 10, 3, mixed_op=HardSampledMixedOp)
+    sampler, drawn = GumbelSampler("cell", 5, CPU, 2.0), []
+    model.sampler = lambda net: _record(sampler, net, drawn)  # the sampler, recording what it drew
+    net = distributed.wrap(model, CPU)
+    w_opt, a_opt = _optimisers(model)
+    for i in range(2):
+        search_step(net, *_batches(rank, i), w_opt, a_opt, StepRule(), Precision(CPU, False), False)
+    out = {"drawn": drawn, "alphas": [a.detach().clone() for a in model.arch_parameters()],
+           "same": distributed.check_alphas(model.arch_parameters(), sampler.generator.get_state())}
+    sampler.generator.manual_seed(rank)  # one rank's stream moved: the check must stop the run
+    try:
+        distributed.check_alphas(model.arch_parameters(), sampler.generator.get_state())
+        out["different"] = None
+    except distributed.RankFailure as e:
+        out["different"] = str(e)
+    return out
+
+
+def _record(draw, net, drawn):
+    weights, indices = draw(net)
+    drawn.append(indices)
+    return weights, indices
 
 
 @pytest.fixture(scope="module")
@@ -384,3 +416,16 @@ def test_darts_2nd_under_ddp_is_the_global_batch_unrolled_gradient(ranks):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     alone = _darts_2nd_gradient(*_halves(0))  # rank 0's half alone: a different gradient
     assert max((a - b).abs().max() for a, b in zip(alone, one)) > 1e-3
+
+
+@pytest.mark.gpu_path
+def test_gumbel_ranks_draw_the_same_sample_and_diverged_streams_stop_the_run(ranks):
+    """Every rank draws the same architecture at every forward (same seed, same number of draws), and the
+    epoch check compares the noise streams too: averaged α would stay equal even if the samples parted."""
+    a, b = (r["gumbel"] for r in ranks)
+    assert len(a["drawn"]) == 2 * 3 and a["drawn"] == b["drawn"]  # 3 forwards per milenas step
+    assert len({str(d) for d in a["drawn"]}) > 1  # the draws change from forward to forward
+    for x, y in zip(a["alphas"], b["alphas"]):
+        assert torch.equal(x, y)
+    assert a["same"].endswith("identical on 2 ranks")
+    assert a["different"] and a["different"].startswith("the Gumbel sampler's noise streams differ across ranks")

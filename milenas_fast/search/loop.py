@@ -361,7 +361,8 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         stop = cfg.early_stopping and (entry["n"], entry["r"]) == (cfg.early_stop_normal, cfg.early_stop_reduce)
         search.epoch += 1
         search.finished = stop or search.epoch >= cfg.epochs
-        log.info("%s", distributed.check_alphas(model.arch_parameters()))  # stops diverged ranks before saving
+        sampler_state = search.sampler.generator.get_state() if search.sampler is not None else None
+        log.info("%s", distributed.check_alphas(model.arch_parameters(), sampler_state))  # diverged ranks stop before saving
         if main:
             runs.save_checkpoint(ckpt, search.state_dict())
             write_run_files(run_dir, search)

@@ -17,8 +17,16 @@ def opt(default, help: str, choices=None):
 OPTIMIZATIONS = ("milenas", "darts", "single_level", "darts_2nd")
 
 
+@dataclass
 class Settings:
-    """What search and train settings share: range checks with flag-named messages, dict round trip."""
+    """What search and train settings share: the flags of runs with several processes (torchrun), range checks
+    with flag-named messages, dict round trip."""
+    scale_lr: bool = opt(False, "several processes (torchrun): multiply the weights' learning rates by the world "
+                                "size (linear scaling: --batch_size is per process, the global batch is world × it)")
+    sync_bn: bool = opt(False, "several processes on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm); "
+                               "default: each process normalises with its own batch")
+    dist_timeout: int = opt(300, "several processes: seconds a collective may wait for the other ranks before the "
+                                 "run stops with an error (a dead or stuck rank)")
 
     def check(self, positive=(), nonneg=()) -> None:
         for name in positive:
@@ -104,12 +112,6 @@ class SearchConfig(Settings):
     fused_train_step: bool = opt(False, "∇w and ∇α of the training loss from ONE backward (2 passes instead of 3); "
                                         "changes the algorithm slightly: w's gradient uses the pre-update α")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns and resume on CPU)")
-    scale_lr: bool = opt(False, "several processes (torchrun): multiply the weights' learning rates by the world "
-                                "size (linear scaling: --batch_size is per process, the global batch is world × it)")
-    sync_bn: bool = opt(False, "several processes on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm); "
-                               "default: each process normalises with its own batch")
-    dist_timeout: int = opt(300, "several processes: seconds a collective may wait for the other ranks before the "
-                                 "run stops with an error (a dead or stuck rank)")
     report_freq: int = opt(50, "log a training line every N steps")
     quiet: bool = opt(False, "no progress bar and no per-step console lines (log.txt is unchanged)")
     save: str = opt("EXP", "experiment name: the run folder is search-<save>-<YYYYmmdd-HHMMSS>")
@@ -168,8 +170,10 @@ def check_image_size(dataset: str, image_size: int, multiples: dict[str, int]) -
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: bool = False) -> None:
     """One flag per field, snake_case as in DARTS plus a hyphenated alias. With explicit_only, defaults
-    are suppressed so the namespace holds only the flags the user typed."""
-    for f in fields(cls):
+    are suppressed so the namespace holds only the flags the user typed. The shared multi-process flags
+    come last in --help, after the command's own."""
+    shared = {f.name for f in fields(Settings)}
+    for f in sorted(fields(cls), key=lambda f: f.name in shared):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         default = argparse.SUPPRESS if explicit_only else f.default
         kwargs = {"dest": f.name, "default": default, "help": f.metadata.get("help", "")}

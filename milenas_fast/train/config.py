@@ -53,12 +53,6 @@ class TrainConfig(Settings):
     device: str = opt("auto", "auto | cpu | cuda", ("auto", "cpu", "cuda"))
     amp: bool = opt(False, "mixed precision (bf16 autocast; fp16 + loss scaling where bf16 is unsupported)")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns and resume on CPU)")
-    scale_lr: bool = opt(False, "several processes (torchrun): multiply the weights' learning rates by the world "
-                                "size (linear scaling: --batch_size is per process, the global batch is world × it)")
-    sync_bn: bool = opt(False, "several processes on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm); "
-                               "default: each process normalises with its own batch")
-    dist_timeout: int = opt(300, "several processes: seconds a collective may wait for the other ranks before the "
-                                 "run stops with an error (a dead or stuck rank)")
     report_freq: int = opt(50, "log a training line every N steps")
     quiet: bool = opt(False, "no per-step console lines (log.txt is unchanged)")
     save: str = opt("EXP", "experiment name: the run folder is eval-<save>-<YYYYmmdd-HHMMSS>")

@@ -391,3 +391,24 @@ def test_autocast_weights_cast_at_once_same_as_per_convolution(stride, fused_ok,
         torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
     for name in want[3]:
         torch.testing.assert_close(got[3][name], want[3][name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("odd", ["one BatchNorm in eval mode", "one BatchNorm with another eps"])
+def test_a_call_the_kernels_cannot_take_is_the_reference_under_auto_and_an_error_under_explicit_fused(odd):
+    torch.manual_seed(0)
+    op = FusedMixedOp(4, 1)
+    bn = op._ops[PRIMITIVES.index("sep_conv_3x3")].op[-1]
+    if odd.endswith("eval mode"):
+        bn.eval()
+    else:
+        bn.eps = 1e-3
+    x, w = torch.randn(2, 4, 5, 7), torch.softmax(torch.randn(len(PRIMITIVES)), 0)
+    with pytest.raises(select.FusedUnavailable, match="this MixedOp: its BatchNorms") as e:
+        op(x, w)
+    assert "\n" not in str(e.value)
+    op.decision = select.Decision("auto", "fused", ("test",))  # auto: the reference twin, same result
+    twin = ReferenceMixedOp(4, 1)
+    twin.load_state_dict(op.state_dict())
+    twin._ops[PRIMITIVES.index("sep_conv_3x3")].op[-1].train(bn.training).eps = bn.eps
+    torch.testing.assert_close(op(x, w), twin(x, w))

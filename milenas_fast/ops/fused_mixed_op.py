@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce, Identity
+from . import select
 from .bn_fold import bn_stats, folded_reduce
 from .stencil import stencil
 
@@ -159,7 +160,7 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
     # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce
     use_batch = [bn.training or bn.running_mean is None for bn in bns]
     if any(use_batch) and not all(use_batch):  # some in train, some in eval mode: only a user does that
-        return mod.reference_forward(x, weights)
+        return _reference(mod, x, weights, "its BatchNorms are partly in training and partly in eval mode")
     dtype = folded[0].dtype if folded else x.dtype
     for y in folded[1:]:
         dtype = torch.promote_types(dtype, y.dtype)
@@ -173,7 +174,7 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
                              f"{list(folded[0].shape)}")
         eps = {bn.eps for bn in bns}
         if len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
-            return mod.reference_forward(x, weights)
+            return _reference(mod, x, weights, f"its BatchNorms have different eps ({sorted(eps)})")
         with torch.no_grad():
             mean, rstd, unbiased = bn_stats(ys, K, eps.pop())
             _update_running_stats(bns, mean, unbiased)
@@ -208,3 +209,11 @@ def weight_index(mod: nn.Module, device: torch.device) -> torch.Tensor:
 def identity_stats(C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The identity candidate's constant mean 0 and rstd 1 ([1, C] fp32), built once per placement."""
     return torch.zeros(1, C, device=device), torch.ones(1, C, device=device)
+
+
+def _reference(mod, x, weights, why: str):
+    """A call the fused kernels cannot take: the reference twin (same maths), or, under an explicit
+    `--impl fused`, the one-line FusedUnavailable error (explicit requests never fall back silently)."""
+    if mod.decision.requested == "fused":
+        select.require_fused(select.Decision("fused", "reference", (f"this MixedOp: {why}",)))
+    return mod.reference_forward(x, weights)

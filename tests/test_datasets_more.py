@@ -47,6 +47,9 @@ def test_cifar100_search_and_train_have_100_classes(monkeypatch):
     assert main([*TRAIN, "--dataset", "cifar100", "--save_dir", "t"]) == 0
     weights = torch.load("t/weights_last.pt", weights_only=True)
     assert weights["classifier.weight"].shape[0] == weights["auxiliary_head.classifier.weight"].shape[0] == 100
+    for run in ("s", "t"):  # CIFAR-100's own statistics, recorded in the log
+        log = open(f"{run}/log.txt").read()
+        assert "normalisation: mean (0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762)" in log
 
 
 def test_missing_cifar100_says_where_files_go(monkeypatch, tmp_path, capsys):
@@ -135,6 +138,8 @@ def test_image_folder_search_split_resume_and_train(tmp_path, monkeypatch):
                  "--genotype", "straight", "--save_dir", "t"]) == 0
     assert torch.load("t/weights_last.pt", weights_only=True)["classifier.weight"].shape[0] == 4
     assert "mult-adds = " in open("t/log.txt").read()
+    for run in ("straight", "t"):
+        assert "(measured on the training images)" in open(f"{run}/log.txt").read()
 
 
 def user_error(capsys, argv, match):

@@ -46,13 +46,15 @@ def available() -> bool:
     return True
 
 
-def build_pipeline(batch_size: int, device_id: int | None, height: int = 32, width: int = 32, num_threads: int = 2):
+def build_pipeline(batch_size: int, device_id: int | None, height: int = 32, width: int = 32, num_threads: int = 2,
+                   mean: tuple = CIFAR_MEAN, std: tuple = CIFAR_STD):
     """A DALI pipeline with three external sources (images uint8 HWC, anchors int32 [2] = (top, left) in
-    the unpadded image, i.e. plan offset − PAD, flips int32 scalar) and one output: float32 CHW."""
+    the unpadded image, i.e. plan offset − PAD, flips int32 scalar) and one output: float32 CHW normalised
+    by `mean`/`std` (the split's)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    mean = np.asarray(CIFAR_MEAN, dtype=np.float32)
-    std = np.asarray(CIFAR_STD, dtype=np.float32)
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
     shape = np.asarray([height, width], dtype=np.int32)
 
     # Synchronous, unpipelined execution: every run() consumes exactly the inputs fed just before it,
@@ -92,7 +94,8 @@ class DaliLoader(_Loader):
         self.images_hwc = np.ascontiguousarray(split.images.permute(0, 2, 3, 1).numpy())
         self.labels = split.labels.to(device)
         _, _, self.height, self.width = split.images.shape
-        self.pipe = build_pipeline(batch_size, self.device_id, self.height, self.width, num_threads)
+        self.pipe = build_pipeline(batch_size, self.device_id, self.height, self.width, num_threads,
+                                   split.mean, split.std)
 
     def _run(self, idx: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         self.pipe.feed_input("images", self.images_hwc[idx])

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 CIFAR_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR_STD = (0.24703233, 0.24348505, 0.26158768)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # as DARTS-family CIFAR-100 code normalises it
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 NUM_CLASSES = 10
 
 
@@ -24,11 +26,48 @@ class Split:
     images: torch.Tensor  # uint8 [N, 3, H, W] (32×32 but for image folders)
     labels: torch.Tensor  # int64 [N]
     num_classes: int = NUM_CLASSES  # of the whole set (a split may lack some)
+    mean: tuple[float, ...] = CIFAR_MEAN  # per-channel normalisation, of the set's TRAINING images
+    std: tuple[float, ...] = CIFAR_STD
+    fitted: bool = False  # mean/std measured on these images (an image folder): a split refits them
 
     def __len__(self) -> int:
         return self.labels.numel()
 
+    def stats_note(self) -> str:
+        """The normalisation, as the run log records it."""
+        mean, std = (", ".join(f"{x:.6g}" for x in v) for v in (self.mean, self.std))
+        return f"mean ({mean}), std ({std})" + (" (measured on the training images)" if self.fitted else "")
 
+
+def image_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 [N, C, H, W] images on the 0..1 scale. Sums of
+    integers in float64 are exact here, and chunks bound the memory. A constant channel gets std 1/255
+    (one grey level) rather than a division by zero."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for chunk in images.split(1024):
+        x = chunk.to(torch.float64)
+        total += x.sum((0, 2, 3))
+        squares += x.square().sum((0, 2, 3))
+    n = images.numel() // images.shape[1]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(0).sqrt().clamp_min(1.0)
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
+
+
+def fit_stats(split: Split) -> Split:
+    """`split` normalised by its own images' statistics."""
+    mean, std = image_stats(split.images)
+    return replace(split, mean=mean, std=std, fitted=True)
+
+
+def with_stats_of(split: Split, train: Split) -> Split:
+    """`split` (a validation or test set) normalised as `train` is."""
+    return replace(split, mean=train.mean, std=train.std, fitted=train.fitted)
+
+
+# (mean, std) each CIFAR is normalised with.
+CIFAR_STATS = {"cifar10": (CIFAR_MEAN, CIFAR_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 # torchvision class, folder, archive and files of each CIFAR, and its number of classes.
 CIFARS = {
     "cifar10": ("CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "data_batch_1..5 and test_batch", 10),
@@ -53,7 +92,7 @@ def load_cifar(name: str, root: str | Path, train: bool = True, download: bool =
         except Exception as e:  # offline, proxy, disk full: all end the same way for the user
             raise DataError(_missing_cifar(name, root, reason=f"{type(e).__name__}: {e}")) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    return Split(images, torch.tensor(ds.targets, dtype=torch.int64), classes)
+    return Split(images, torch.tensor(ds.targets, dtype=torch.int64), classes, *CIFAR_STATS[name])
 
 
 def load_cifar10(root: str | Path, train: bool = True, download: bool = True) -> Split:
@@ -80,7 +119,8 @@ def load_image_folder(root: str | Path, image_size: int, samples=None, num_class
     small sets (the whole set is held as uint8); `samples`/`num_classes` from an earlier scan. A file
     that does not decode is a DataError naming it. The images are ordered with the classes interleaved
     in proportion (the scan lists them class by class), so the DARTS split's first floor(portion·N)
-    images hold every class in its share."""
+    images hold every class in its share. Normalised by its own images' statistics (`fit_stats`): give a
+    test set the training set's with `with_stats_of`."""
     from .imagefolder import scan
 
     if samples is None:
@@ -91,7 +131,7 @@ def load_image_folder(root: str | Path, image_size: int, samples=None, num_class
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         for i, image in enumerate(pool.map(lambda s: _decode(s[0], image_size), samples)):
             images[i] = image
-    return Split(images, torch.tensor([c for _, c in samples], dtype=torch.int64), num_classes)
+    return fit_stats(Split(images, torch.tensor([c for _, c in samples], dtype=torch.int64), num_classes))
 
 
 def interleave(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -162,9 +202,12 @@ def load_dataset(name: str, root: str | Path, synthetic_images: int = 5000, imag
 
 
 def split_train_val(data: Split, train_portion: float) -> tuple[Split, Split]:
-    """DARTS split: the first floor(portion·N) images train the weights, the rest drive α."""
+    """DARTS split: the first floor(portion·N) images train the weights, the rest drive α. Both halves are
+    normalised as the set is, or, where its statistics were measured (`fitted`), by the train half's alone."""
     cut = int(math.floor(train_portion * len(data)))
     if cut < 1 or cut >= len(data):
         raise DataError(f"--train_portion {train_portion} leaves an empty train or validation half of {len(data)} images")
-    return (Split(data.images[:cut], data.labels[:cut], data.num_classes),
-            Split(data.images[cut:], data.labels[cut:], data.num_classes))
+    train = replace(data, images=data.images[:cut], labels=data.labels[:cut])
+    if data.fitted:
+        train = fit_stats(train)
+    return train, with_stats_of(replace(data, images=data.images[cut:], labels=data.labels[cut:]), train)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .datasets import CIFARS, DataError, Split, load_cifar, load_image_folder, make_synthetic
+from .datasets import CIFARS, DataError, Split, load_cifar, load_image_folder, make_synthetic, with_stats_of
 from .loaders import normalize, to_device
 
 SYNTHETIC_TEST_SEED = 1  # the training set uses seed 0: a different draw of the same classes
@@ -22,7 +22,8 @@ TRAIN_DATASETS = ("cifar10", "cifar100", "synthetic", "imagefolder")  # in memor
 def load_train_test(name: str, root: str | Path, synthetic_images: int = 5000,
                     image_size: int = 32) -> tuple[Split, Split]:
     """(training set, test set): a CIFAR's two sets; the synthetic set and a second draw of it with another
-    seed (a fifth of the training size); or ROOT/train and ROOT/val of an image folder (the same classes)."""
+    seed (a fifth of the training size); or ROOT/train and ROOT/val of an image folder (the same classes).
+    The test set is normalised with the training set's statistics."""
     if name in CIFARS:
         return load_cifar(name, root, train=True), load_cifar(name, root, train=False)
     if name == "synthetic":
@@ -33,16 +34,18 @@ def load_train_test(name: str, root: str | Path, synthetic_images: int = 5000,
 
         root = Path(root)
         classes, train, test = scan_pair(root / "train", root / "val")
-        return (load_image_folder(root, image_size, train, len(classes)),
-                load_image_folder(root, image_size, test, len(classes)))
+        train_split = load_image_folder(root, image_size, train, len(classes))
+        return train_split, with_stats_of(load_image_folder(root, image_size, test, len(classes)), train_split)
     raise DataError(f"unknown dataset {name!r}; choose {', '.join(TRAIN_DATASETS)}")
 
 
 class TestBatches:
-    """The test split resident on the device, in order, normalised only (DARTS' valid_transform)."""
+    """The test split resident on the device, in order, normalised only (DARTS' valid_transform) with the
+    split's statistics (the training set's: `load_train_test`)."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device):
         self.images, self.labels = split.images.to(device), split.labels.to(device)
+        self.mean, self.std = split.mean, split.std
         self.batch_size = batch_size
 
     def __len__(self) -> int:
@@ -51,7 +54,7 @@ class TestBatches:
     def __iter__(self):
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            yield normalize(self.images[sl]), self.labels[sl]
+            yield normalize(self.images[sl], self.mean, self.std), self.labels[sl]
 
 
 def cutout_generator(seed: int, epoch: int, step: int) -> torch.Generator:

@@ -59,19 +59,23 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalisation constants, copied to each device once per process (not once per batch)."""
-    return (torch.tensor(CIFAR_MEAN, device=device).view(-1, 1, 1),
-            torch.tensor(CIFAR_STD, device=device).view(-1, 1, 1))
+def _mean_std(device: torch.device, mean: tuple = CIFAR_MEAN,
+              std: tuple = CIFAR_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants, copied to each device once per process and statistics (not once per
+    batch)."""
+    return (torch.tensor(mean, device=device).view(-1, 1, 1),
+            torch.tensor(std, device=device).view(-1, 1, 1))
 
 
-def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 → float32, then (x/255 − mean)/std, op for op as torchvision's to_tensor + normalize."""
-    mean, std = _mean_std(x_uint8.device)
-    return x_uint8.float().div(255).sub(mean).div(std)
+def normalize(x_uint8: torch.Tensor, mean: tuple = CIFAR_MEAN, std: tuple = CIFAR_STD) -> torch.Tensor:
+    """uint8 → float32, then (x/255 − mean)/std, op for op as torchvision's to_tensor + normalize; `mean`,
+    `std`: the split's (Split.mean/std)."""
+    mean_t, std_t = _mean_std(x_uint8.device, tuple(mean), tuple(std))
+    return x_uint8.float().div(255).sub(mean_t).div(std_t)
 
 
-def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, mean: tuple = CIFAR_MEAN,
+                  std: tuple = CIFAR_STD) -> torch.Tensor:
     """Batched DARTS augmentation of uint8 [B, 3, H, W]: zero-pad 4, crop H×W at `offsets`, flip, normalise.
     All index tensors are made on the device (arange), so a batch needs no host-to-device copy."""
     B, C, H, W = images.shape
@@ -82,7 +86,7 @@ def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tens
     cols = torch.where(flips[:, None], offsets[:, 1:2] + (W - 1) - ar_w, offsets[:, 1:2] + ar_w)  # [B, W]
     b = torch.arange(B, device=images.device)[:, None, None, None]
     c = torch.arange(C, device=images.device)[None, :, None, None]
-    return normalize(padded[b, c, rows[:, None, :, None], cols[:, None, None, :]])
+    return normalize(padded[b, c, rows[:, None, :, None], cols[:, None, None, :]], mean, std)
 
 
 class _Loader:
@@ -119,7 +123,8 @@ class ResidentLoader(_Loader):
         for i in range(start, self.batch_count(len(plan))):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[sl]
-            yield augment_batch(self.images[idx], offsets[sl], flips[sl]), self.labels[idx]
+            yield augment_batch(self.images[idx], offsets[sl], flips[sl], self.split.mean, self.split.std), \
+                self.labels[idx]
 
 
 class _PlannedImages(torch.utils.data.Dataset):
@@ -140,7 +145,7 @@ class _PlannedImages(torch.utils.data.Dataset):
         img = TF.crop(img, top, left, self.split.images.shape[-2], self.split.images.shape[-1])
         if self.plan.flips[i]:
             img = TF.horizontal_flip(img)
-        img = TF.normalize(TF.to_dtype(img, torch.float32, scale=True), CIFAR_MEAN, CIFAR_STD)
+        img = TF.normalize(TF.to_dtype(img, torch.float32, scale=True), self.split.mean, self.split.std)
         return img, self.split.labels[j]
 
 

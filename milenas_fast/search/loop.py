@@ -332,6 +332,7 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         log.warning(warning)
     log.info("device = %s; %s; loader = %s (%s); MixedOp = %s (%s)", search.device, search.precision.note,
              search.loader_name, search.loader_why, search.mixed_op.__name__, search.impl_why)
+    log.info("normalisation: %s", search.train_loader.split.stats_note())  # the validation half uses it too
     log.info("CUDA graphs: %s; fused train step: %s; torch.compile: %s", search.graphs_why,
              cfg.fused_train_step, cfg.compile)
     log.info("param size = %fMB", sum(p.numel() for p in model.parameters()) / 1e6)

@@ -242,6 +242,8 @@ def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: 
     log.info("genotype = %s (from %s; model size n%dr%d)", gt.to_text(g), source, n, r)
     log.info("device = %s; %s; loader = %s (%s)", trainer.device, trainer.precision.note, trainer.loader_name,
              trainer.loader_why)
+    log.info("normalisation: %s", "ImageNet's mean and std" if cfg.dataset == "imagenet" else
+             trainer.train_loader.split.stats_note())  # the test set uses the training set's
     log.info("param size = %fMB", param_count(model) / 1e6)
     if cfg.auxiliary:
         aux = sum(p.numel() for p in model.auxiliary_head.parameters())

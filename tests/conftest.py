@@ -1,4 +1,5 @@
 """Shared test setup: decides CPU / Triton-interpreter / CUDA before any project import."""
+import contextlib
 import os
 
 import torch
@@ -27,3 +28,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def ctrl_c_in_second_epoch(monkeypatch):
+    """`with ctrl_c_in_second_epoch(Loop):` — Loop.train_epoch (search or train) raises KeyboardInterrupt when
+    the second epoch starts, as Ctrl-C would; the real method is back after the block."""
+    @contextlib.contextmanager
+    def patched(cls):
+        real = cls.train_epoch
+
+        def crash(self, progress):
+            if self.epoch == 1:
+                raise KeyboardInterrupt
+            return real(self, progress)
+
+        with monkeypatch.context() as m:
+            m.setattr(cls, "train_epoch", crash)
+            yield
+    return patched

@@ -103,7 +103,7 @@ def test_interleave_makes_every_prefix_stratified():
 
 
 @pytest.mark.gpu_path
-def test_image_folder_search_split_resume_and_train(tmp_path, monkeypatch):
+def test_image_folder_search_split_resume_and_train(tmp_path, ctrl_c_in_second_epoch):
     """A search on DIR/train (the layout train reads) with every class on both sides of the split;
     interrupted and resumed it ends with the α and weights of an uninterrupted one; train on DIR."""
     data = tmp_path / "data"
@@ -115,16 +115,8 @@ def test_image_folder_search_split_resume_and_train(tmp_path, monkeypatch):
 
     common = [*SEARCH, "--dataset", "imagefolder", "--data", str(data), "--image_size", "16", "--epochs", "2"]
     assert main([*common, "--save_dir", "straight"]) == 0
-    real = search_loop.Search.train_epoch
-
-    def crash_in_second_epoch(self, progress):
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, progress)
-
-    monkeypatch.setattr(search_loop.Search, "train_epoch", crash_in_second_epoch)
-    assert main([*common, "--save_dir", "split"]) == 130
-    monkeypatch.setattr(search_loop.Search, "train_epoch", real)
+    with ctrl_c_in_second_epoch(search_loop.Search):
+        assert main([*common, "--save_dir", "split"]) == 130
     assert main(["search", "--resume", "split", "--quiet", "--workers", "0"]) == 0  # --data from the checkpoint
     a, b = (torch.load(f"{run}/checkpoint.pt", weights_only=False) for run in ("straight", "split"))
     assert a["model"]["classifier.weight"].shape[0] == 4

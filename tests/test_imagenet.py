@@ -114,21 +114,12 @@ SMOKE = ["train", "--dataset", "imagenet", "--image_size", "64", "--layers", "3"
 
 
 @pytest.mark.gpu_path
-def test_train_imagenet_one_epoch_then_resume(tmp_path, monkeypatch):
+def test_train_imagenet_one_epoch_then_resume(tmp_path, ctrl_c_in_second_epoch):
     """The protocol's defaults at a trial size; an interrupted run resumed equals an uninterrupted one."""
     data = str(jpeg_imagenet(tmp_path / "imagenet"))
     assert main([*SMOKE, "--data", data, "--save_dir", "straight"]) == 0
-
-    real = loop.Trainer.train_epoch
-
-    def crash_in_second_epoch(self, progress):
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, progress)
-
-    monkeypatch.setattr(loop.Trainer, "train_epoch", crash_in_second_epoch)
-    assert main([*SMOKE, "--data", data, "--save_dir", "split"]) == 130
-    monkeypatch.setattr(loop.Trainer, "train_epoch", real)
+    with ctrl_c_in_second_epoch(loop.Trainer):
+        assert main([*SMOKE, "--data", data, "--save_dir", "split"]) == 130
     assert main(["train", "--resume", "split", "--quiet", "--workers", "0"]) == 0
 
     a, b = (torch.load(f"{run}/weights_last.pt", weights_only=True) for run in ("straight", "split"))

@@ -54,22 +54,14 @@ def test_one_epoch_writes_every_artifact(tmp_path):
     assert state["kind"] == "train" and state["epoch"] == 1
 
 
-def test_resume_is_bit_exact(tmp_path, monkeypatch):
+def test_resume_is_bit_exact(tmp_path, ctrl_c_in_second_epoch):
     common = ("--epochs", "2", "--arch", "DARTS_V2", "--auxiliary", "--cutout", "--drop_path_prob", "0.3",
               "--deterministic")
     assert train(*common, "--save_dir", "straight") == 0
 
-    real = loop.Trainer.train_epoch
-
-    def crash_in_second_epoch(self, progress):
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, progress)
-
-    monkeypatch.setattr(loop.Trainer, "train_epoch", crash_in_second_epoch)
-    assert train(*common, "--save_dir", "split") == 130
+    with ctrl_c_in_second_epoch(loop.Trainer):
+        assert train(*common, "--save_dir", "split") == 130
     assert torch.load("split/checkpoint.pt", weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(loop.Trainer, "train_epoch", real)
     assert main(["train", "--resume", "split", "--quiet", "--workers", "0"]) == 0
 
     a = torch.load("straight/weights_last.pt", weights_only=True)

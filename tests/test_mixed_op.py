@@ -412,3 +412,6 @@ def test_a_call_the_kernels_cannot_take_is_the_reference_under_auto_and_an_error
     twin.load_state_dict(op.state_dict())
     twin._ops[PRIMITIVES.index("sep_conv_3x3")].op[-1].train(bn.training).eps = bn.eps
     torch.testing.assert_close(op(x, w), twin(x, w))
+    # nothing ran twice: the running statistics and counters are the twin's
+    for (name, a), b in zip(op.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")

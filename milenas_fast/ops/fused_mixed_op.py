@@ -55,13 +55,14 @@ def _last_bn(name: str, op: nn.Module) -> nn.BatchNorm2d | None:
     return None  # identity
 
 
-def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, unbiased: torch.Tensor) -> None:
+def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, unbiased: torch.Tensor,
+                          counters: list[torch.Tensor]) -> None:
     """nn.BatchNorm2d's running-statistics update for each BN k from batch mean[k]/unbiased var[k]: one foreach
-    launch for every counter, one lerp per momentum for running mean and var together
-    (r + f·(s − r) = (1 − f)·r + f·s)."""
+    launch for every counter (these BNs' and the `counters` of _inner_bn), one lerp per momentum for running
+    mean and var together (r + f·(s − r) = (1 − f)·r + f·s)."""
     with torch.no_grad():
         tracked = [k for k, bn in enumerate(bns) if bn.track_running_stats and bn.running_mean is not None]
-        counters = [bns[k].num_batches_tracked for k in tracked if bns[k].num_batches_tracked is not None]
+        counters = counters + [bns[k].num_batches_tracked for k in tracked if bns[k].num_batches_tracked is not None]
         if counters:
             torch._foreach_add_(counters, 1)
         groups: dict[float, list[int]] = {}
@@ -75,6 +76,17 @@ def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, unbiase
             stats = [bns[k].running_mean for k in ks] + [bns[k].running_var for k in ks]
             dt = stats[0].dtype
             torch._foreach_lerp_(stats, [mean[k].to(dt) for k in ks] + [unbiased[k].to(dt) for k in ks], factor)
+
+
+def _inner_bn(bn: nn.Module, y: torch.Tensor, counters: list[torch.Tensor]) -> torch.Tensor:
+    """bn(y) for a sep conv's inner BatchNorm, without nn.BatchNorm2d's own `num_batches_tracked += 1` launch:
+    a training-mode counter is appended to `counters` instead (one foreach add per MixedOp). With momentum
+    None the counter sets the average's factor, so such a BN runs as itself."""
+    if not (type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.momentum is not None
+            and bn.num_batches_tracked is not None):
+        return bn(y)
+    counters.append(bn.num_batches_tracked)
+    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
 
 
 def _eps(bns: list[nn.BatchNorm2d], like: torch.Tensor):
@@ -128,6 +140,15 @@ def _conv(m: nn.Conv2d, x: torch.Tensor, weights: dict) -> torch.Tensor:
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     names, ops = tuple(mod.primitives), mod._ops
     stride, C = mod.stride, x.shape[1]
+    folded_ks, identity_k = _order(mod)
+    bns = [_last_bn(names[k], ops[k]) for k in folded_ks]
+    # Checked before anything runs: a call handed to the reference must not have updated running statistics.
+    use_batch = [bn.training or bn.running_mean is None for bn in bns]
+    if any(use_batch) and not all(use_batch):  # some in train, some in eval mode: only a user does that
+        return _reference(mod, x, weights, "its BatchNorms are partly in training and partly in eval mode")
+    eps = {bn.eps for bn in bns}
+    if any(use_batch) and len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
+        return _reference(mod, x, weights, f"its BatchNorms have different eps ({sorted(eps)})")
 
     # 1. the six first stages from one read of x (absent conv candidates get unused zero filters)
     filters: list = [None] * 4
@@ -139,9 +160,8 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         stage1 = stencil(x, *filters, stride)
 
     # 2. pre-BN candidate outputs, BN-folded ones first, identity (if any) last
-    folded_ks, identity_k = _order(mod)
     cw = _conv_weights(names, ops, x.device.type)
-    folded, bns = [], []
+    folded, counters = [], []
     for k in folded_ks:
         name, op = names[k], ops[k]
         if name in ("max_pool_3x3", "avg_pool_3x3"):
@@ -149,18 +169,14 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         elif name.startswith("sep_conv"):
             seq = op.op
             y = _conv(seq[2], stage1[_STENCIL_SLOT[name]], cw)
-            y = _conv(seq[6], _conv(seq[5], seq[4](seq[3](y)), cw), cw)
+            y = _conv(seq[6], _conv(seq[5], seq[4](_inner_bn(seq[3], y, counters)), cw), cw)
         elif name.startswith("dil_conv"):
             y = _conv(op.op[2], stage1[_STENCIL_SLOT[name]], cw)
         else:  # stride-2 skip
             y = op.pre_bn(x)
         folded.append(y)
-        bns.append(_last_bn(name, op))
 
     # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce
-    use_batch = [bn.training or bn.running_mean is None for bn in bns]
-    if any(use_batch) and not all(use_batch):  # some in train, some in eval mode: only a user does that
-        return _reference(mod, x, weights, "its BatchNorms are partly in training and partly in eval mode")
     dtype = folded[0].dtype if folded else x.dtype
     for y in folded[1:]:
         dtype = torch.promote_types(dtype, y.dtype)
@@ -172,13 +188,13 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{list(folded[0].shape)}")
-        eps = {bn.eps for bn in bns}
-        if len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
-            return _reference(mod, x, weights, f"its BatchNorms have different eps ({sorted(eps)})")
         with torch.no_grad():
             mean, rstd, unbiased = bn_stats(ys, K, eps.pop())
-            _update_running_stats(bns, mean, unbiased)
+            _update_running_stats(bns, mean, unbiased, counters)
     else:
+        if counters:  # inner BNs in training mode, last ones in eval mode
+            with torch.no_grad():
+                torch._foreach_add_(counters, 1)
         if K:
             mean = torch.stack([bn.running_mean for bn in bns]).float()
             rstd = torch.rsqrt(torch.stack([bn.running_var for bn in bns]).float() + _eps(bns, mean))

@@ -13,17 +13,17 @@ Tiling: a program owns BLOCK_P planes (n·C + c) × BLOCK_HW flattened output pi
 and DRAM sees x once; consecutive pixels are consecutive addresses (coalesced for stride 1). Small
 planes (8×8) pack several planes per program to keep programs large.
 
+Branch selection: constexpr flags HAS3, HAS5, HASD3, HASD5 (the four convolutions) and HASMAX, HASAVG
+(the pools) choose which branches a launch computes. An unselected branch is not compiled in: no
+loads (of x at offsets only it uses, of its filter or gradient), no FLOPs, no stores; its pointers may
+be any tensor. ReLU → one depthwise conv alone (the sep convs' second stage) is the 3×3 or 5×5 branch.
+
 Filter gradients are deterministic: each program writes fp32 per-(pixel tile, plane, tap) partial
-sums, and the launcher reduces them over tiles and the batch with a plain (ordered) torch sum.
+sums, and the launcher reduces them over tiles and the batch with a plain (ordered) torch sum. The
+partials hold the selected convolutions' taps only, in the order w3 (9), w5 (25), wd3 (9), wd5 (25).
 """
 import triton
 import triton.language as tl
-
-# Tap layout of the concatenated filter-gradient partials: [w3 (9) | w5 (25) | wd3 (9) | wd5 (25)].
-TAPS = 68
-OFF5 = 9
-OFFD3 = 34
-OFFD5 = 43
 
 
 @triton.jit
@@ -38,6 +38,8 @@ def stencil_fwd_kernel(
     x_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr,
     y3_ptr, y5_ptr, yd3_ptr, yd5_ptr, ymax_ptr, yavg_ptr,
     P, C, H, W, HO, WO,
+    HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
+    HASMAX: tl.constexpr, HASAVG: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
@@ -57,42 +59,55 @@ def stencil_fwd_kernel(
         for b in tl.static_range(9):
             dy = a - 4
             dx = b - 4
+            in3 = (dy >= -1) and (dy <= 1) and (dx >= -1) and (dx <= 1)
             in5 = (dy >= -2) and (dy <= 2) and (dx >= -2) and (dx <= 2)
             even = (dy % 2 == 0) and (dx % 2 == 0)
-            if in5 or even:  # 41 of the 81 offsets feed some branch
+            use3 = in3 and HAS3
+            use_pool = in3 and (HASMAX or HASAVG)
+            use5 = in5 and HAS5
+            used3 = in5 and even and HASD3
+            used5 = even and HASD5
+            if use3 or use_pool or use5 or used3 or used5:  # all six: 41 of the 81 offsets
                 ih = ch_ + dy
                 iw = cw_ + dx
                 m = pm[:, None] & (sm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
                 v = tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
                 r = tl.maximum(v, 0.0)
-                if (dy >= -1) and (dy <= 1) and (dx >= -1) and (dx <= 1):
+                if use3:
                     wv = tl.load(w3_ptr + ch * 9 + (dy + 1) * 3 + (dx + 1), mask=pm, other=0.0)
                     acc3 += r * wv.to(tl.float32)[:, None]
+                if use_pool and HASMAX:
                     vmax = tl.maximum(vmax, tl.where(m, v, float("-inf")))
+                if use_pool and HASAVG:
                     vsum += v
-                if in5:
+                if use5:
                     wv = tl.load(w5_ptr + ch * 25 + (dy + 2) * 5 + (dx + 2), mask=pm, other=0.0)
                     acc5 += r * wv.to(tl.float32)[:, None]
-                    if even:
-                        wv = tl.load(wd3_ptr + ch * 9 + (dy // 2 + 1) * 3 + (dx // 2 + 1), mask=pm, other=0.0)
-                        accd3 += r * wv.to(tl.float32)[:, None]
-                if even:
+                if used3:
+                    wv = tl.load(wd3_ptr + ch * 9 + (dy // 2 + 1) * 3 + (dx // 2 + 1), mask=pm, other=0.0)
+                    accd3 += r * wv.to(tl.float32)[:, None]
+                if used5:
                     wv = tl.load(wd5_ptr + ch * 25 + (dy // 2 + 2) * 5 + (dx // 2 + 2), mask=pm, other=0.0)
                     accd5 += r * wv.to(tl.float32)[:, None]
 
-    # count_include_pad=False: divide by the in-bounds part of each 3×3 window.
-    cnt = ((tl.minimum(ch_ + 2, H) - tl.maximum(ch_ - 1, 0)) * (tl.minimum(cw_ + 2, W) - tl.maximum(cw_ - 1, 0)))
-    yavg = vsum / tl.maximum(cnt, 1).to(tl.float32)[None, :]  # max: lanes past the end have cnt <= 0
-
     out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]
     om = pm[:, None] & sm[None, :]
-    dt = y3_ptr.dtype.element_ty
-    tl.store(y3_ptr + out, acc3.to(dt), mask=om)
-    tl.store(y5_ptr + out, acc5.to(dt), mask=om)
-    tl.store(yd3_ptr + out, accd3.to(dt), mask=om)
-    tl.store(yd5_ptr + out, accd5.to(dt), mask=om)
-    tl.store(ymax_ptr + out, vmax.to(dt), mask=om)
-    tl.store(yavg_ptr + out, yavg.to(dt), mask=om)
+    dt = x_ptr.dtype.element_ty  # every output has x's dtype
+    if HAS3:
+        tl.store(y3_ptr + out, acc3.to(dt), mask=om)
+    if HAS5:
+        tl.store(y5_ptr + out, acc5.to(dt), mask=om)
+    if HASD3:
+        tl.store(yd3_ptr + out, accd3.to(dt), mask=om)
+    if HASD5:
+        tl.store(yd5_ptr + out, accd5.to(dt), mask=om)
+    if HASMAX:
+        tl.store(ymax_ptr + out, vmax.to(dt), mask=om)
+    if HASAVG:
+        # count_include_pad=False: divide by the in-bounds part of each 3×3 window.
+        cnt = ((tl.minimum(ch_ + 2, H) - tl.maximum(ch_ - 1, 0)) * (tl.minimum(cw_ + 2, W) - tl.maximum(cw_ - 1, 0)))
+        yavg = vsum / tl.maximum(cnt, 1).to(tl.float32)[None, :]  # max: lanes past the end have cnt <= 0
+        tl.store(yavg_ptr + out, yavg.to(dt), mask=om)
 
 
 @triton.jit
@@ -188,17 +203,25 @@ def stencil_bwd_weight_kernel(
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """part[tile, plane, tap] = Σ_{o in tile} g[plane, o] · relu(x[plane, o·s + tap offset]) in fp32."""
+    """part[tile, plane, tap] = Σ_{o in tile} g[plane, o] · relu(x[plane, o·s + tap offset]) in fp32, for
+    the selected branches' taps only (see the module docstring for their order)."""
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     om = pm[:, None] & sm[None, :]
     out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]
     x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
-    # Absent branches load nothing (fully masked) and store nothing (their taps are skipped below).
-    g3 = tl.load(g3_ptr + out, mask=om & HAS3, other=0.0).to(tl.float32)
-    g5 = tl.load(g5_ptr + out, mask=om & HAS5, other=0.0).to(tl.float32)
-    gd3 = tl.load(gd3_ptr + out, mask=om & HASD3, other=0.0).to(tl.float32)
-    gd5 = tl.load(gd5_ptr + out, mask=om & HASD5, other=0.0).to(tl.float32)
-    p_base = part_ptr + (tl.program_id(1) * P + planes).to(tl.int64) * 68  # 68 = TAPS
+    if HAS3:
+        g3 = tl.load(g3_ptr + out, mask=om, other=0.0).to(tl.float32)
+    if HAS5:
+        g5 = tl.load(g5_ptr + out, mask=om, other=0.0).to(tl.float32)
+    if HASD3:
+        gd3 = tl.load(gd3_ptr + out, mask=om, other=0.0).to(tl.float32)
+    if HASD5:
+        gd5 = tl.load(gd5_ptr + out, mask=om, other=0.0).to(tl.float32)
+    off5 = 9 * HAS3  # each selected branch's first tap in the partials
+    offd3 = off5 + 25 * HAS5
+    offd5 = offd3 + 9 * HASD3
+    taps = offd5 + 25 * HASD5
+    p_base = part_ptr + (tl.program_id(1) * P + planes).to(tl.int64) * taps
     ch_ = oh * STRIDE
     cw_ = ow * STRIDE
     for a in tl.static_range(9):
@@ -217,8 +240,8 @@ def stencil_bwd_weight_kernel(
                 if in3 and HAS3:
                     tl.store(p_base + (dy + 1) * 3 + (dx + 1), tl.sum(r * g3, axis=1), mask=pm)
                 if in5 and HAS5:
-                    tl.store(p_base + 9 + (dy + 2) * 5 + (dx + 2), tl.sum(r * g5, axis=1), mask=pm)
+                    tl.store(p_base + off5 + (dy + 2) * 5 + (dx + 2), tl.sum(r * g5, axis=1), mask=pm)
                 if ind3 and HASD3:
-                    tl.store(p_base + 34 + (dy // 2 + 1) * 3 + (dx // 2 + 1), tl.sum(r * gd3, axis=1), mask=pm)
+                    tl.store(p_base + offd3 + (dy // 2 + 1) * 3 + (dx // 2 + 1), tl.sum(r * gd3, axis=1), mask=pm)
                 if even and HASD5:
-                    tl.store(p_base + 43 + (dy // 2 + 2) * 5 + (dx // 2 + 2), tl.sum(r * gd5, axis=1), mask=pm)
+                    tl.store(p_base + offd5 + (dy // 2 + 2) * 5 + (dx // 2 + 2), tl.sum(r * gd5, axis=1), mask=pm)

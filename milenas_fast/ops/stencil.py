@@ -1,17 +1,25 @@
 """The multi-stencil op: six mixed-op candidates' first stages from one read of the edge input.
 
-    y3, y5, yd3, yd5, ymax, yavg = stencil(x, w3, w5, wd3, wd5, stride)
+    y3, y5, yd3, yd5, ymax, yavg = stencil(x, w3, w5, wd3, wd5, stride, pools=True)
+    y = relu_depthwise(x, w, stride=1)
 
 y3/y5/yd3/yd5: ReLU → depthwise (3×3 pad 1, 5×5 pad 2, 3×3 dil 2 pad 2, 5×5 dil 2 pad 4; stride s);
 ymax/yavg: 3×3 max / avg pool (stride s, pad 1, count_include_pad=False) of the raw input.
 Filters are [C, 1, k, k]. Outputs have x's dtype (fp32 accumulation); filter gradients the filters'.
+A filter given as None (a MixedOp without that candidate) skips its branch: no loads, FLOPs or stores
+in any kernel, no zero filter, and its output is None; `pools=False` skips both pools likewise.
+`relu_depthwise` is ReLU → depthwise k×k (k 3 or 5, pad k//2, dilation 1): the sep convs' second stage,
+the same kernels with the one branch selected.
 
-Registered ops (torch.library.triton_op, visible to torch.compile):
-    milenas_fast::stencil_fwd(x, w3, w5, wd3, wd5, stride) -> 6 tensors
-    milenas_fast::stencil_bwd_input(x, w3, w5, wd3, wd5, ymax, g3, g5, gd3, gd5, gmax, gavg, stride) -> dx
-    milenas_fast::stencil_bwd_weight(x, g3, g5, gd3, gd5, stride) -> (dw3, dw5, dwd3, dwd5)
+Registered ops (torch.library.triton_op, visible to torch.compile); an absent branch is None on input
+and a 0-element tensor on output:
+    milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools) -> 6 tensors
+    milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride) -> dx
+    milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride) -> dw [C, taps] (fp32: the given
+        gradients' branches' taps side by side, w3 | w5 | wd3 | wd5)
 The two backward halves are separate ops so that α-only passes (no filter gradients wanted) and
-frozen inputs skip the work they do not need. `stencil_reference` is the plain-PyTorch twin.
+frozen inputs skip the work they do not need. `stencil_reference` and `relu_depthwise_reference` are
+the plain-PyTorch twins.
 """
 from __future__ import annotations
 
@@ -87,103 +95,151 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+KSIZE = (3, 5, 3, 5)  # filter size of each convolution branch: w3, w5, wd3, wd5
+
+
 def _check(x, ws):
     assert x.dim() == 4 and x.is_contiguous(), "x must be NCHW contiguous"
     C = x.shape[1]
-    for w, k in zip(ws, (3, 5, 3, 5)):
-        assert w.shape == (C, 1, k, k) and w.is_contiguous(), f"filter must be [{C}, 1, {k}, {k}] contiguous"
+    for w, k in zip(ws, KSIZE):
+        assert w is None or (w.shape == (C, 1, k, k) and w.is_contiguous()), \
+            f"filter must be [{C}, 1, {k}, {k}] contiguous"
+
+
+def _present(ts):
+    """The kernels' HAS flags for optional tensors."""
+    return [t is not None for t in ts]
+
+
+def _or(ts, default):
+    """Absent branches' pointers: any tensor does, the kernel never touches them."""
+    return [default if t is None else t for t in ts]
 
 
 @_register("milenas_fast::stencil_fwd")
-def stencil_fwd(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, wd3: torch.Tensor, wd5: torch.Tensor,
-                stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, (w3, w5, wd3, wd5))
+def stencil_fwd(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
+                wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int,
+                pools: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ws = (w3, w5, wd3, wd5)
+    _check(x, ws)
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
-    ys = [x.new_empty(N, C, HO, WO) for _ in range(6)]
+    has = _present(ws) + [pools, pools]
+    ys = [x.new_empty((N, C, HO, WO) if h else (0,)) for h in has]
     bp, bhw, grid, warps = launch_config("fwd", x.shape, stride)
     _launch(
-        K.stencil_fwd_kernel, grid, x, w3, w5, wd3, wd5, *ys, N * C, C, H, W, HO, WO,
+        K.stencil_fwd_kernel, grid, x, *_or(ws, x), *ys, N * C, C, H, W, HO, WO, *has,
         STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return tuple(ys)
 
 
 @_register("milenas_fast::stencil_bwd_input")
-def stencil_bwd_input(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, wd3: torch.Tensor, wd5: torch.Tensor,
-                      ymax: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional[torch.Tensor],
-                      gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor], gmax: Optional[torch.Tensor],
-                      gavg: Optional[torch.Tensor], stride: int) -> torch.Tensor:
+def stencil_bwd_input(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
+                      wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], ymax: Optional[torch.Tensor],
+                      g3: Optional[torch.Tensor], g5: Optional[torch.Tensor], gd3: Optional[torch.Tensor],
+                      gd5: Optional[torch.Tensor], gmax: Optional[torch.Tensor], gavg: Optional[torch.Tensor],
+                      stride: int) -> torch.Tensor:
+    """dx from the given output gradients (a branch without its gradient, or without its filter or ymax,
+    costs nothing)."""
     N, C, H, W = x.shape
-    gs = [g.contiguous() if g is not None else None for g in (g3, g5, gd3, gd5, gmax, gavg)]
+    gs = [g.contiguous() if g is not None and need is not None else None
+          for g, need in zip((g3, g5, gd3, gd5, gmax, gavg), (w3, w5, wd3, wd5, ymax, ymax))]  # ymax: pools ran
     dx = torch.empty_like(x)
     bp, bhw, grid, warps = launch_config("bwd_input", x.shape, stride)
     _launch(
-        K.stencil_bwd_input_kernel, grid, x, w3, w5, wd3, wd5, ymax.contiguous(), *[g if g is not None else x for g in gs], dx,
-        N * C, C, H, W, out_size(H, stride), out_size(W, stride),
-        *[g is not None for g in gs],
+        K.stencil_bwd_input_kernel, grid, x, *_or((w3, w5, wd3, wd5), x),
+        ymax.contiguous() if gs[4] is not None else x, *_or(gs, x), dx,
+        N * C, C, H, W, out_size(H, stride), out_size(W, stride), *_present(gs),
         STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return dx
 
 
 @_register("milenas_fast::stencil_bwd_weight")
 def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional[torch.Tensor],
-                       gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor],
-                       stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 filter gradients (the caller casts to the filters' dtype)."""
+                       gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor], stride: int) -> torch.Tensor:
+    """fp32 filter gradients of the branches whose output gradient is given, [C, Σ k²] in the order
+    w3 | w5 | wd3 | wd5 (`split_taps` parts them; the caller casts to the filters' dtype)."""
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
     gs = [g.contiguous() if g is not None else None for g in (g3, g5, gd3, gd5)]
+    taps = sum(k * k for g, k in zip(gs, KSIZE) if g is not None)
     bp, bhw, grid, warps = launch_config("bwd_weight", x.shape, stride)
-    # Zeroed so that absent branches (never stored) reduce to exact zeros.
-    part = x.new_zeros(grid[1], N, C, K.TAPS, dtype=torch.float32)
+    part = x.new_empty(grid[1], N, C, taps, dtype=torch.float32)  # every program stores all its taps
     _launch(
-        K.stencil_bwd_weight_kernel, grid, x, *[g if g is not None else x for g in gs], part, N * C, H, W, HO, WO,
-        *[g is not None for g in gs],
+        K.stencil_bwd_weight_kernel, grid, x, *_or(gs, x), part, N * C, H, W, HO, WO, *_present(gs),
         STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     # Deterministic second stage: an ordered sum over pixel tiles and the batch, in fp32.
-    dw = part.sum(dim=(0, 1))
-    bounds = (0, K.OFF5, K.OFFD3, K.OFFD5, K.TAPS)
-    return tuple(dw[:, bounds[i]:bounds[i + 1]].reshape(C, 1, k, k).clone() for i, k in enumerate((3, 5, 3, 5)))
+    return part.sum(dim=(0, 1))
+
+
+def split_taps(dw: torch.Tensor, present) -> list:
+    """stencil_bwd_weight's [C, taps] as one [C, 1, k, k] tensor per present branch, None elsewhere
+    (a view when one branch is present, else contiguous copies)."""
+    sizes = [k * k for k, p in zip(KSIZE, present) if p]
+    parts = iter(torch.split(dw, sizes, dim=1))
+    return [next(parts).reshape(dw.shape[0], 1, k, k) if p else None for k, p in zip(KSIZE, present)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, w3, w5, wd3, wd5, stride = inputs
-    ctx.save_for_backward(x, w3, w5, wd3, wd5, output[4])  # ymax locates the argmax in backward
+    x, w3, w5, wd3, wd5, stride, pools = inputs
+    ctx.save_for_backward(x, w3, w5, wd3, wd5, output[4] if pools else None)  # ymax: the argmax in backward
     ctx.stride = stride
 
 
 def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg):
     x, w3, w5, wd3, wd5, ymax = ctx.saved_tensors
-    need_x = ctx.needs_input_grad[0]
-    need_w = any(ctx.needs_input_grad[1:5])
-    dx = dws = None
-    if need_x:
-        dx = torch.ops.milenas_fast.stencil_bwd_input(x, w3, w5, wd3, wd5, ymax, g3, g5, gd3, gd5, gmax, gavg,
-                                                      ctx.stride)
-    if need_w:
-        dws = torch.ops.milenas_fast.stencil_bwd_weight(x, g3, g5, gd3, gd5, ctx.stride)
-        dws = [d.to(w.dtype) for d, w in zip(dws, (w3, w5, wd3, wd5))]
-    return (dx, *(dws if dws is not None else (None,) * 4), None)
+    ws = (w3, w5, wd3, wd5)
+    dx, dws = None, [None] * 4
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, g3, g5, gd3, gd5, gmax, gavg, ctx.stride)
+    # only the filters that want a gradient and whose output has one (frozen filters: no kernel at all)
+    gw = [g if w is not None and need else None for g, w, need in zip((g3, g5, gd3, gd5), ws, ctx.needs_input_grad[1:5])]
+    if any(g is not None for g in gw):
+        dw = torch.ops.milenas_fast.stencil_bwd_weight(x, *gw, ctx.stride)
+        dws = [d if d is None else d.to(w.dtype, memory_format=torch.contiguous_format)
+               for d, w in zip(split_taps(dw, _present(gw)), ws)]
+    return (dx, *dws, None, None)
 
 
 torch.library.register_autograd("milenas_fast::stencil_fwd", _backward, setup_context=_setup_context)
 
 
-def stencil(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, wd3: torch.Tensor, wd5: torch.Tensor,
-            stride: int):
-    """The differentiable Triton op (gradients flow to x and all four filters)."""
-    return torch.ops.milenas_fast.stencil_fwd(x.contiguous(), w3.contiguous(), w5.contiguous(),
-                                              wd3.contiguous(), wd5.contiguous(), stride)
+def _contiguous(t):
+    return None if t is None else t.contiguous()
 
 
-def stencil_reference(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, wd3: torch.Tensor, wd5: torch.Tensor,
-                      stride: int):
-    """Plain-PyTorch twin of `stencil` (same six outputs, same autograd semantics)."""
+def stencil(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor], wd3: Optional[torch.Tensor],
+            wd5: Optional[torch.Tensor], stride: int, pools: bool = True):
+    """The differentiable Triton op (gradients flow to x and the filters). A None filter (or pools=False)
+    skips that branch: its output is None."""
+    ys = torch.ops.milenas_fast.stencil_fwd(x.contiguous(), *map(_contiguous, (w3, w5, wd3, wd5)), stride, pools)
+    return tuple(y if has else None for y, has in zip(ys, _present((w3, w5, wd3, wd5)) + [pools, pools]))
+
+
+def relu_depthwise(x: torch.Tensor, w: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """depthwise_conv(ReLU(x), w), w [C, 1, k, k] with k 3 or 5, padding k//2: `stencil` with one branch."""
+    k = w.shape[-1]
+    if k not in (3, 5):
+        raise ValueError(f"relu_depthwise: filter size {k} (3 or 5 supported)")
+    ws = (w, None) if k == 3 else (None, w)
+    return stencil(x, *ws, None, None, stride, pools=False)[0 if k == 3 else 1]
+
+
+def relu_depthwise_reference(x: torch.Tensor, w: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """Plain-PyTorch twin of `relu_depthwise`."""
+    k = w.shape[-1]
+    return F.conv2d(F.relu(x), w.to(x.dtype), stride=stride, padding=k // 2, groups=x.shape[1])
+
+
+def stencil_reference(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
+                      wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int, pools: bool = True):
+    """Plain-PyTorch twin of `stencil` (same six outputs, None for skipped branches, same autograd)."""
     C = x.shape[1]
     r = F.relu(x)
 
     def dw(w, pad, dil):
-        return F.conv2d(r, w.to(x.dtype), stride=stride, padding=pad, dilation=dil, groups=C)
+        return None if w is None else F.conv2d(r, w.to(x.dtype), stride=stride, padding=pad, dilation=dil, groups=C)
 
-    return (dw(w3, 1, 1), dw(w5, 2, 1), dw(wd3, 2, 2), dw(wd5, 4, 2),
-            F.max_pool2d(x, 3, stride, 1), F.avg_pool2d(x, 3, stride, 1, count_include_pad=False))
+    pooled = (F.max_pool2d(x, 3, stride, 1), F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)) if pools \
+        else (None, None)
+    return (dw(w3, 1, 1), dw(w5, 2, 1), dw(wd3, 2, 2), dw(wd5, 4, 2), *pooled)

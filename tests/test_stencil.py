@@ -13,7 +13,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
-from milenas_fast.ops.stencil import launch_config, max_tile, stencil, stencil_reference  # noqa: E402
+from milenas_fast.ops import stencil as stencil_mod  # noqa: E402
+from milenas_fast.ops.stencil import (launch_config, max_tile, relu_depthwise, relu_depthwise_reference,  # noqa: E402
+                                      stencil, stencil_reference)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the real-shape CUDA tests only
 NAMES = ("dw3", "dw5", "dil3", "dil5", "max", "avg")
@@ -148,6 +150,150 @@ def test_low_precision(dtype, stride, device):
     check_low_precision(3, 5, 9, stride, dtype, seed=stride, device=device)
 
 
+# --- skipped branches and relu_depthwise (the same kernels with one branch) ------------------------
+
+@pytest.fixture
+def launches(monkeypatch):
+    """(kernel name, its six or four HAS flags) of every Triton launch the stencil ops make."""
+    seen = []
+    real = stencil_mod._launch
+
+    def spy(kernel, grid, *args, **meta):
+        flags = [a for a in args if isinstance(a, bool)]
+        seen.append((kernel.fn.__name__.removeprefix("stencil_").removesuffix("_kernel"), flags))
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(stencil_mod, "_launch", spy)
+    return seen
+
+
+def grads_of(fn, inputs, grad_outs):
+    """fn's outputs and d Σ⟨grad_out, y⟩ / d input for each input that requires grad (else None)."""
+    leaves = [t if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    ys = fn(*leaves)
+    used = [(y, g) for y, g in zip(ys, grad_outs) if y is not None and g is not None]
+    wrt = [t for t in leaves if t is not None and t.requires_grad]
+    gs = iter(torch.autograd.grad([y for y, _ in used], wrt, [g for _, g in used]) if wrt else ())
+    return ([y if y is None else y.detach() for y in ys],
+            [next(gs) if t is not None and t.requires_grad else None for t in leaves])
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("pools", [True, False])
+def test_none_filters_skip_their_branches(pools, device, launches):
+    """Absent conv candidates (None) and pools=False: no output, no gradient, no HAS flag in any kernel;
+    what is computed equals the reference, filter gradients included (compact tap layout, w3 | wd5)."""
+    gen = torch.Generator().manual_seed(11 + pools)
+    x, ws = make(3, 5, 9, torch.float32, gen, device=device)
+    ws = [ws[0].requires_grad_(), None, None, ws[3].requires_grad_()]
+    x.requires_grad_()
+    g = grads_like(3, 5, 9, 2, gen, device)
+
+    def fn(ref):
+        op = stencil_reference if ref else stencil
+        return lambda x, *ws: op(x, *ws, 2, pools=pools)
+
+    ys, gs = grads_of(fn(False), [x, *ws], g)
+    yr, gr = grads_of(fn(True), [x, *ws], g)
+    present = [True, False, False, True, pools, pools]
+    assert [y is not None for y in ys] == [y is not None for y in yr] == present
+    for name, a, b in zip(NAMES, ys, yr):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    for name, a, b in zip(GRADS, gs, gr):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=f"grad {name}")
+    assert launches == [("fwd", present), ("bwd_input", present), ("bwd_weight", present[:4])]
+
+
+def rd_inputs(N, C, H, W, k, dtype, gen, device):
+    x = torch.randn(N, C, H, W, generator=gen).to(dtype)
+    w = torch.randn(C, 1, k, k, generator=gen) / k  # an fp32 filter, as autocast leaves the parameter
+    return x.to(device), w.to(device)
+
+
+def check_relu_depthwise(x, w, stride, tol):
+    """relu_depthwise vs its twin: output, dx and dw, dtypes: x's for y and dx, the filter's for dw."""
+    gen = torch.Generator().manual_seed(x.shape[2] * 10 + w.shape[-1])
+    HO, WO = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+    g = torch.randn(x.shape[0], x.shape[1], HO, WO, generator=gen).to(x.device, x.dtype)
+    inputs = [x.requires_grad_(), w.requires_grad_()]
+    (y,), (dx, dw) = grads_of(lambda x, w: (relu_depthwise(x, w, stride),), inputs, [g])
+    (yr,), (dxr, dwr) = grads_of(lambda x, w: (relu_depthwise_reference(x, w, stride),), inputs, [g])
+    assert (y.dtype, dx.dtype, dw.dtype) == (x.dtype, x.dtype, w.dtype)
+    assert y.shape == yr.shape and dw.shape == w.shape and dw.is_contiguous()
+    for name, a, b in (("y", y, yr), ("dx", dx, dxr), ("dw", dw, dwr)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()), msg=name)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("H,W,stride", [(7, 9, 1), (11, 6, 1), (11, 6, 2)])
+def test_relu_depthwise_fp32(H, W, stride, k, device):
+    gen = torch.Generator().manual_seed(H + W + k)
+    check_relu_depthwise(*rd_inputs(3, 5, H, W, k, torch.float32, gen, device), stride, 1e-5)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("k", [3, 5])
+def test_relu_depthwise_bf16(k, device):
+    """bf16 x (and y, dx): STYLE.md's rule against an fp64 oracle, 2× plain PyTorch's bf16 error + eps."""
+    gen = torch.Generator().manual_seed(k)
+    x, w = rd_inputs(3, 5, 11, 6, k, torch.bfloat16, gen, device)
+    g = torch.randn(3, 5, 11, 6, generator=gen).to(device, torch.bfloat16)
+    inputs = [x.requires_grad_(), w.requires_grad_()]
+    (y,), gs = grads_of(lambda x, w: (relu_depthwise(x, w),), inputs, [g])
+    (yl,), gl = grads_of(lambda x, w: (relu_depthwise_reference(x, w),), inputs, [g])
+    (y64,), g64 = grads_of(lambda x, w: (relu_depthwise_reference(x, w),), [x.double(), w.double()], [g.double()])
+    eps = torch.finfo(torch.bfloat16).eps
+    assert (y.dtype, gs[0].dtype, gs[1].dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    for name, a, lo, ref in zip(("y", "dx", "dw"), [y, *gs], [yl, *gl], [y64, *g64]):
+        bound = 2 * err(lo, ref) + eps * ref.abs().max().item()
+        assert err(a, ref) <= bound, f"{name}: {err(a, ref):.3g} > {bound:.3g} (torch {err(lo, ref):.3g})"
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("tile,split", [(16, "pixels"), (64, "planes")])
+def test_relu_depthwise_many_programs(tile, split, k, device):
+    """Programs along both grid dimensions (a 5×7 plane over 3 pixel tiles), or several planes per
+    program with the last block partial (5 planes of 15 pixels, 2 per program)."""
+    N, C, H, W = (1, 2, 5, 7) if split == "pixels" else (1, 5, 5, 3)
+    for kernel in ("fwd", "bwd_input", "bwd_weight"):
+        bp, _, grid, _ = launch_config(kernel, (N, C, H, W), 1, tile)
+        assert (grid[0] > 1 and grid[1] > 1) if split == "pixels" else (bp > 1 and (N * C) % bp), (kernel, grid)
+    gen = torch.Generator().manual_seed(tile + k)
+    with max_tile(tile):
+        check_relu_depthwise(*rd_inputs(N, C, H, W, k, torch.float32, gen, device), 1, 1e-5)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("need_x,need_w,kernels", [(True, False, ["fwd", "bwd_input"]),
+                                                   (False, True, ["fwd", "bwd_weight"])])
+def test_relu_depthwise_launches_one_branch_and_only_the_needed_half(need_x, need_w, kernels, device, launches):
+    """α-only passes (filter frozen) launch no weight-gradient kernel, frozen inputs no input-gradient one;
+    every launch selects the one branch (5×5: HAS5 only)."""
+    gen = torch.Generator().manual_seed(5)
+    x, w = rd_inputs(3, 5, 7, 9, 5, torch.float32, gen, device)
+    g = torch.randn(3, 5, 7, 9, generator=gen).to(device)
+    inputs = [x.requires_grad_(need_x), w.requires_grad_(need_w)]
+    _, gs = grads_of(lambda x, w: (relu_depthwise(x, w),), inputs, [g])
+    _, gr = grads_of(lambda x, w: (relu_depthwise_reference(x, w),), inputs, [g])
+    assert [name for name, _ in launches] == kernels
+    for _, flags in launches:
+        assert flags[:4] == [False, True, False, False] and not any(flags[4:]), flags
+    for a, b in zip(gs, gr):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+def test_relu_depthwise_refuses_other_filter_sizes():
+    with pytest.raises(ValueError, match="filter size 7"):
+        relu_depthwise(torch.zeros(1, 2, 4, 4), torch.zeros(2, 1, 7, 7))
+
+
 # --- on a real GPU: the search's shapes ------------------------------------------------------------
 
 REAL = [(16, 32), (32, 16), (64, 8)]
@@ -184,3 +330,5 @@ def test_cuda_opcheck():
     x, ws = make(2, 16, 9, torch.float32, gen)
     torch.library.opcheck(torch.ops.milenas_fast.stencil_fwd.default,
                           (x.requires_grad_(), *[w.requires_grad_() for w in ws], 2))
+    # relu_depthwise's form: one filter, the other branches and the pools skipped
+    torch.library.opcheck(torch.ops.milenas_fast.stencil_fwd.default, (x, None, ws[1], None, None, 1, False))

@@ -150,22 +150,24 @@ def _storage_key(t: torch.Tensor):
 
 
 # --- FLOPs of our custom ops (the ATen ones come from torch.utils.flop_counter) ---------------------------
-STENCIL_TAPS = 9 + 25 + 9 + 25  # the four depthwise filters the stencil evaluates per output element
+def _stencil_flops(x: torch.Tensor, stride: int, present) -> int:
+    """2 FLOPs per MAC of the computed convolution branches (`present`: w3, w5, wd3, wd5); the pools count
+    0, as flop_counter's do. relu_depthwise is the stencil with one branch."""
+    from milenas_fast.ops.stencil import KSIZE
 
-
-def _stencil_flops(x: torch.Tensor, stride: int) -> int:
     n, c, h, w = x.shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    return 2 * n * c * ho * wo * STENCIL_TAPS  # 2 FLOPs per MAC; the pools count 0, as flop_counter's do
+    return 2 * n * c * ho * wo * sum(k * k for k, p in zip(KSIZE, present) if p)
 
 
 def _custom_flops(name: str, args) -> int:
     if name == "milenas_fast::stencil_fwd":
-        return _stencil_flops(args[0], args[5])
-    if name == "milenas_fast::stencil_bwd_input":
-        return _stencil_flops(args[0], args[12])  # the transposed stencils: as many MACs
+        return _stencil_flops(args[0], args[5], [w is not None for w in args[1:5]])
+    if name == "milenas_fast::stencil_bwd_input":  # the transposed stencils: as many MACs per given gradient
+        return _stencil_flops(args[0], args[12], [w is not None and g is not None
+                                                  for w, g in zip(args[1:5], args[6:10])])
     if name == "milenas_fast::stencil_bwd_weight":
-        return _stencil_flops(args[0], args[5])
+        return _stencil_flops(args[0], args[5], [g is not None for g in args[1:5]])
     if name == "milenas_fast::bn_fold_grad":
         return 5 * args[1].numel()  # gy = a·g + b·y + d per candidate element
     if name.startswith("milenas_fast::edge_reduce"):

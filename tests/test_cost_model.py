@@ -110,6 +110,45 @@ def test_hand_count_fused_custom_ops():
     assert er.flops == 3 * K * E
 
 
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("k", [3, 5])
+def test_hand_count_relu_depthwise(k):
+    """relu_depthwise (the stencil with one branch, no pools), forward and both gradients, fp32, stride 1.
+    forward: ONE launch reading x and w, writing y (the absent branches' filters and outputs are aliases
+    of x or 0-element tensors: no bytes); bwd_input: ONE launch reading x, w, g, writing dx; bwd_weight:
+    ONE launch reading x and g, writing the fp32 partials [tiles, N, C, k²] (no memset: every program
+    stores all its taps), then ONE ordered sum of them to [C, k²]. FLOPs: 2·E·k² for each of the three
+    (the sum counts 0, as flop_counter's reductions). Unused outputs get no zero-filled gradients.
+    Under the Triton interpreter the ops are plain custom ops, opaque to the recorder: one kernel
+    each, its inputs and output (the same bytes for fwd and bwd_input; bwd_weight's partials unseen)."""
+    from milenas_fast.ops.stencil import launch_config, relu_depthwise
+    from milenas_fast.ops.triton_launch import INTERPRET
+
+    cm._register_triton_launches()
+    tiles = launch_config("bwd_weight", (N, C, H, W), 1)[2][1]
+    part = tiles * N * C * k * k
+    counts = {}
+    rec = cm.Recorder()
+    with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
+        x, w, g = torch.randn(N, C, H, W), torch.randn(C, 1, k, k), torch.randn(N, C, H, W)
+        for what, wrt in (("fwd", None), ("dx", [x]), ("dw", [w])):
+            xi, wi = x.detach().requires_grad_(what == "dx"), w.detach().requires_grad_(what == "dw")
+            y = relu_depthwise(xi, wi)
+            rec.by_class.clear()
+            with rec:
+                if wrt is None:
+                    relu_depthwise(xi, wi)
+                else:
+                    torch.autograd.grad(y, xi if what == "dx" else wi, g)
+            counts[what] = cm._summary(rec.by_class)
+    fwd, dx, dw = counts["fwd"], counts["dx"], counts["dw"]
+    assert (fwd.kernels, dx.kernels, dw.kernels) == (1, 1, 1 if INTERPRET else 2)
+    assert fwd.bytes == 4 * (E + C * k * k + E)
+    assert dx.bytes == 4 * (3 * E + C * k * k)
+    assert dw.bytes == (4 * (2 * E + C * k * k) if INTERPRET else 4 * (2 * E + part) + 4 * (part + C * k * k))
+    assert fwd.flops == dx.flops == dw.flops == 2 * E * k * k
+
+
 def test_foreach_launches_follow_multi_tensor_apply():
     small = [torch.empty(3, device="meta")] * 200  # 200 tensors, 1 list: 110 per launch → 2 launches
     assert cm._foreach_launches((small, 1.0), None) == 2

@@ -184,6 +184,9 @@ def _setup_context(ctx, inputs, output):
     x, w3, w5, wd3, wd5, stride, pools = inputs
     ctx.save_for_backward(x, w3, w5, wd3, wd5, output[4] if pools else None)  # ymax: the argmax in backward
     ctx.stride = stride
+    # Unused outputs (skipped branches' 0-element ones included) get None, not zero tensors to launch
+    # fills for: their branches then cost nothing in backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg):

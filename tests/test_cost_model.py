@@ -79,8 +79,9 @@ def test_flops_match_torch_flop_counter_where_it_is_right():
 @pytest.mark.gpu_path
 def test_hand_count_fused_custom_ops():
     """The stencil triton_op is ONE Triton launch (its six outputs are allocations) reading x and the four
-    filters and writing six outputs; edge_reduce (C++) is one kernel. FLOPs: 2·(9+25+9+25) per output
-    element for the stencil, 3 per candidate element for edge_reduce. (Runs the ops' Python launch code
+    filters and writing six outputs (skipped branches: neither); edge_reduce (C++) is one kernel. FLOPs:
+    2·(9+25+9+25) per output element for the stencil (of the computed branches), 3 per candidate element
+    for edge_reduce. (Runs the ops' Python launch code
     on fake tensors: the code the GPU runs, without a kernel executing.)"""
     from milenas_fast.ops import extension
     from milenas_fast.ops.edge_reduce import edge_reduce
@@ -99,12 +100,19 @@ def test_hand_count_fused_custom_ops():
             stencil(x, *ws, 1)
         st = cm._summary(rec.by_class)
         rec.by_class.clear()
+        with rec:  # w5 absent, no pools: those branches move no bytes and cost no FLOPs
+            stencil(x, ws[0], None, *ws[2:], 1, pools=False)
+        skipped = cm._summary(rec.by_class)
+        rec.by_class.clear()
         with rec:
             edge_reduce(y, w, mean, rstd)
         er = cm._summary(rec.by_class)
     assert st.kernels == 1
     assert st.bytes == 4 * (E + C * (9 + 25 + 9 + 25) + 6 * E)
     assert st.flops == 2 * E * (9 + 25 + 9 + 25)
+    assert skipped.kernels == 1
+    assert skipped.bytes == 4 * (E + C * (9 + 9 + 25) + 3 * E)
+    assert skipped.flops == 2 * E * (9 + 9 + 25)
     assert er.kernels == 1
     assert er.bytes == 4 * (K * E + K + 2 * K * C + E)
     assert er.flops == 3 * K * E

@@ -4,6 +4,8 @@
 
 For each shape of the default supernet (N=64; C=16 at 32², 32 at 16², 64 at 8²; stride 1 and 2):
 - stencil         fused `stencil` vs `stencil_reference` (NCHW and channels_last)
+- relu_depthwise  `relu_depthwise` (the stencil kernels, one 3×3 branch: the sep convs' second stage) vs
+                  F.relu + F.conv2d (`relu_depthwise_reference`, NCHW and channels_last)
 - edge_reduce     the C++/CUDA op ("fused") and its Triton twin vs `edge_reduce_reference` (K=7 candidates,
                   the stride's output size)
 - mixed_op        FusedMixedOp vs ReferenceMixedOp (NCHW and channels_last), train mode, full backward
@@ -128,6 +130,23 @@ def stencil_cases(N, C, H, s, dtype, dev):
     return cases, nbytes
 
 
+def relu_depthwise_cases(N, C, H, s, dtype, dev):
+    from milenas_fast.ops.stencil import relu_depthwise, relu_depthwise_reference
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(N, C, H, H, device=dev, generator=g).to(dtype)
+    w = 0.2 * torch.randn(C, 1, 3, 3, device=dev, generator=g)
+    cases = {}
+    for name, fn, fmt in (("eager NCHW", relu_depthwise_reference, torch.contiguous_format),
+                          ("eager channels_last", relu_depthwise_reference, torch.channels_last),
+                          ("fused", relu_depthwise, torch.contiguous_format)):
+        xl, wl = x.contiguous(memory_format=fmt).requires_grad_(), w.clone().requires_grad_()
+        cases[name] = (lambda fn=fn, xl=xl, wl=wl: fn(xl, wl, s), [xl, wl])
+    el = torch.finfo(dtype).bits // 8
+    i, o = N * C * H * H, N * C * out_size(H, s) ** 2
+    return cases, {"fwd": (i + o) * el, "bwd": (2 * i + o) * el}  # bwd: x and the grad read, dx written
+
+
 def edge_reduce_cases(N, C, H, s, dtype, dev):
     from milenas_fast.ops import edge_reduce, edge_reduce_reference
 
@@ -189,7 +208,8 @@ def mixed_op_cases(N, C, H, s, dtype, dev, alpha_only=False):
 
 # The benchmark table: one entry per op, name → case builder (N, C, H, stride, dtype, device) → (cases, bytes).
 # Each (op, shape, stride) runs on its own: a failure is recorded as an error row and the others go on.
-OPS = {"stencil": stencil_cases, "edge_reduce": edge_reduce_cases, "mixed_op": mixed_op_cases,
+OPS = {"stencil": stencil_cases, "relu_depthwise": relu_depthwise_cases, "edge_reduce": edge_reduce_cases,
+       "mixed_op": mixed_op_cases,
        "mixed_op(α-only bwd)": lambda *a: mixed_op_cases(*a, alpha_only=True)}
 
 

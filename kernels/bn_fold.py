@@ -1,10 +1,14 @@
-"""The candidates' gradient of edge_reduce when the first B candidates' (non-affine) BatchNorm statistics
-are their batch statistics, so the gradient also flows through mean and rstd.
+"""The BatchNorm fold's kernels. STATS (a constexpr bitmask) names the candidates whose non-affine BatchNorm
+statistics are their batch statistics: bit k set for row k. The other rows' mean/rstd are constants (running
+statistics, or the identity's 0 and 1), wherever they sit, so candidates stay stacked in PRIMITIVES order.
+
+bn_fold_grad: the candidates' gradient of edge_reduce; for batch-statistics rows it also flows through mean
+and rstd.
 
 y is viewed as [K, P, HW] (P = N·C planes), g (the edge output's gradient) as [P, HW]; with c = p mod C,
-a = w_k·rstd_k, and for batch-statistics candidates (k < B) the statistics' share
+a = w_k·rstd_k, and for batch-statistics rows (bit k of STATS) the statistics' share
 b = −gr_k·rstd_k³/n, d = gm_k/n − b·mean_k (gm, gr: the loss's gradient wrt mean and rstd, n = N·H·W):
-    gy[k, p, i] = a · g[p, i] + b · y[k, p, i] + d          (b = d = 0 for k >= B)
+    gy[k, p, i] = a · g[p, i] + b · y[k, p, i] + d          (b = d = 0 for the other rows)
 One pass: g read once per program for all K candidates, each y_k once, gy written once in y's dtype;
 the coefficients are formed here from [K, C] vectors, so no small kernels are launched for them.
 """
@@ -15,8 +19,8 @@ import triton.language as tl
 @triton.jit
 def bn_fold_grad_kernel(
     g_ptr, y_ptr, w_ptr, mean_ptr, rstd_ptr, gm_ptr, gr_ptr, gy_ptr,
-    K, B, inv_n, P, C, HW,
-    BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    K, inv_n, P, C, HW,
+    STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     planes = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pix = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -31,7 +35,7 @@ def bn_fold_grad_kernel(
     while k < K:
         r = tl.load(rstd_ptr + k * C + ch, mask=pm, other=0.0)
         a = tl.load(w_ptr + k) * r
-        on = (k < B).to(tl.float32)  # 0 for candidates whose statistics are constants
+        on = ((STATS >> k) & 1).to(tl.float32)  # 0 for rows whose statistics are constants
         mu = tl.load(mean_ptr + k * C + ch, mask=pm, other=0.0)
         b = -on * tl.load(gr_ptr + k * C + ch, mask=pm, other=0.0) * r * r * r * inv_n
         d = on * tl.load(gm_ptr + k * C + ch, mask=pm, other=0.0) * inv_n - b * mu
@@ -46,18 +50,19 @@ def bn_fold_grad_kernel(
 @triton.jit
 def bn_stats_kernel(
     y_ptr, mean_ptr, rstd_ptr, uvar_ptr,
-    K, N, C, HW, eps,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    N, C, HW, eps,
+    STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Per (candidate k, channel) of y [K, N, C, HW]: mean, rstd = 1/sqrt(biased var + eps) and the unbiased
     var (for the running statistics), two passes in fp32 (the centred second pass keeps the variance exact
-    when the mean is large). Rows k >= K of mean/rstd (the identity) get 0 and 1. Program (k, channel block)."""
+    when the mean is large), for the rows k in STATS; the others (the identity) get mean 0, rstd 1 and var 0.
+    Program (k, channel block): the row test is one branch per program, none per element."""
     k = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
     pix = tl.arange(0, BLOCK_HW)
     cnt = N * HW * 1.0  # not .to(): N or HW equal to 1 arrive as constexprs on the GPU
-    if k < K:
+    if (STATS >> k) & 1:
         base = y_ptr + k.to(tl.int64) * N * C * HW + ch[:, None].to(tl.int64) * HW
         s = tl.zeros((BLOCK_C,), tl.float32)
         n = k * 0  # tensor loop counters (Triton 3.6's interpreter cannot range() over a scalar argument)
@@ -86,3 +91,4 @@ def bn_stats_kernel(
     else:
         tl.store(mean_ptr + k * C + ch, tl.zeros((BLOCK_C,), tl.float32), mask=cm)
         tl.store(rstd_ptr + k * C + ch, tl.full((BLOCK_C,), 1.0, tl.float32), mask=cm)
+        tl.store(uvar_ptr + k * C + ch, tl.zeros((BLOCK_C,), tl.float32), mask=cm)

@@ -3,8 +3,9 @@ autograd through torch.var_mean and the plain-PyTorch edge_reduce (float64 oracl
 import pytest
 import torch
 
-from milenas_fast.ops import bn_fold, select
-from milenas_fast.ops.bn_fold import bn_fold_grad, bn_fold_grad_reference, bn_stats, bn_stats_reference, folded_reduce
+from milenas_fast.ops import bn_fold, edge_reduce_triton, select
+from milenas_fast.ops.bn_fold import (bn_fold_grad, bn_fold_grad_reference, bn_stats, bn_stats_reference, folded_reduce,
+                                      stats_mask)
 from milenas_fast.ops.edge_reduce import edge_reduce_reference
 
 
@@ -23,25 +24,33 @@ def _inputs(K, N, C, H, W, dev, seed, dtype=torch.float32):
     return ys, w, grad
 
 
-def _reference(ys, w, B, eps=1e-5):
-    """nn.BatchNorm2d semantics by autograd: batch statistics for the first B candidates, 0/1 for the rest."""
-    K, C = ys.shape[0], ys.shape[2]
-    var, mean = torch.var_mean(ys[:B], dim=(1, 3, 4), unbiased=False) if B else (ys.new_zeros(0, C),) * 2
-    const_m, const_r = torch.zeros(K - B, C, dtype=ys.dtype, device=ys.device), torch.ones(K - B, C, dtype=ys.dtype,
-                                                                                               device=ys.device)
-    return edge_reduce_reference(ys, w, torch.cat([mean, const_m]), torch.cat([torch.rsqrt(var + eps), const_r]))
+def _reference(ys, w, rows, eps=1e-5):
+    """nn.BatchNorm2d semantics by autograd: batch statistics for the candidates in `rows`, 0/1 for the rest."""
+    C = ys.shape[2]
+    mean, rstd = [], []
+    for k, y in enumerate(ys):
+        if k in rows:
+            var, m = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+            mean.append(m)
+            rstd.append(torch.rsqrt(var + eps))
+        else:
+            mean.append(ys.new_zeros(C))
+            rstd.append(ys.new_ones(C))
+    return edge_reduce_reference(ys, w, torch.stack(mean), torch.stack(rstd))
 
 
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("K,B,shape", [(3, 2, (3, 5, 7, 9)), (4, 4, (2, 3, 5, 5)), (2, 0, (3, 4, 3, 3))])
-def test_folded_reduce_gradients_match_batchnorm_autograd(K, B, shape, dev):
-    ys, w, grad = _inputs(K, *shape, dev, seed=K + B)
+@pytest.mark.parametrize("K,rows,shape", [(3, (0, 2), (3, 5, 7, 9)), (4, (0, 1, 2, 3), (2, 3, 5, 5)),
+                                          (2, (), (3, 4, 3, 3)), (5, (0, 1, 3, 4), (2, 3, 4, 5))])
+def test_folded_reduce_gradients_match_batchnorm_autograd(K, rows, shape, dev):
+    """The identity (constant 0/1 statistics) in a middle row too, as in PRIMITIVES order at stride 1."""
+    ys, w, grad = _inputs(K, *shape, dev, seed=K + len(rows))
     got_in = [ys.clone().requires_grad_(), w.clone().requires_grad_()]
-    mean, rstd, _ = bn_stats(ys, B, 1e-5)
-    out = folded_reduce(got_in[0], got_in[1], mean, rstd, B)
+    mean, rstd, _ = bn_stats(ys, stats_mask(rows), 1e-5)
+    out = folded_reduce(got_in[0], got_in[1], mean, rstd, stats_mask(rows))
     gy, gw = torch.autograd.grad(out, got_in, grad)
     ref_in = [ys.double().requires_grad_(), w.double().requires_grad_()]
-    ref = _reference(*ref_in, B)
+    ref = _reference(*ref_in, rows)
     ry, rw = torch.autograd.grad(ref, ref_in, grad.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gy.double(), ry, rtol=1e-5, atol=1e-5 * ry.abs().max().item())
@@ -50,34 +59,55 @@ def test_folded_reduce_gradients_match_batchnorm_autograd(K, B, shape, dev):
 
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bn_fold_grad_matches_twin(dtype, dev):
-    K, B = 3, 2
+@pytest.mark.parametrize("rows,tile", [((0, 2, 3), None), ((0, 2, 3), 16), ((), 16)])
+def test_bn_fold_grad_matches_twin(rows, tile, dtype, dev, monkeypatch):
+    """Row 1 (the identity) in the middle takes no statistics' share; tile 16 spreads the 2·3 planes of
+    5×7 pixels over a 2×3 grid of programs."""
+    if tile:
+        monkeypatch.setattr(edge_reduce_triton, "MAX_TILE", tile)
+    K = 4
     ys, w, grad = _inputs(K, 2, 3, 5, 7, dev, seed=9, dtype=dtype)
     g = torch.Generator().manual_seed(3)
     mean, rstd, gm, gr = (torch.randn(K, 3, generator=g).to(dev) for _ in range(4))
-    got = bn_fold_grad(grad, ys, w, mean, rstd, gm, gr, B)
-    want = bn_fold_grad_reference(grad, ys, w, mean, rstd, gm, gr, B)
+    got = bn_fold_grad(grad, ys, w, mean, rstd, gm, gr, stats_mask(rows))
+    want = bn_fold_grad_reference(grad, ys, w, mean, rstd, gm, gr, stats_mask(rows))
     assert got.dtype == ys.dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
+    # the twin itself: constant rows get exactly w·rstd·g, batch-statistics rows more
+    a = (w[:, None] * rstd).view(K, 1, 3, 1, 1) * grad.float()
+    for k in range(K):
+        same = torch.equal(want[k], a[k].to(dtype))
+        assert same == (k not in rows), k
 
 
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,shape,tile", [(3, (3, 5, 7, 9), None), (2, (2, 3, 5, 5), None), (2, (2, 3, 5, 7), 16)])
-def test_bn_stats_matches_twin(B, shape, tile, dtype, dev, monkeypatch):
-    """Statistics in fp32 from 16-bit data too (no rounding of the statistics), identity rows 0 / 1; an
-    offset mean (0.7 vs std 1.5) checks the centred second pass; tile 16 makes the pixel loop run 3 times."""
+@pytest.mark.parametrize("rows,K,shape,tile", [((0, 1, 2), 4, (3, 5, 7, 9), None), ((0, 2), 3, (2, 3, 5, 5), None),
+                                               ((0, 1, 3, 4), 5, (2, 3, 5, 7), 16)])
+def test_bn_stats_matches_twin(rows, K, shape, tile, dtype, dev, monkeypatch):
+    """Statistics in fp32 from 16-bit data too (no rounding of the statistics), the identity's row (last or in
+    the middle) exactly 0 / 1 / 0; an offset mean (0.7 vs std 1.5) checks the centred second pass; tile 16
+    makes the pixel loop run 3 times."""
     if tile:
         monkeypatch.setattr(bn_fold, "MAX_TILE", tile)
-    ys, _, _ = _inputs(B + 1, *shape, dev, seed=5, dtype=dtype)
-    got = bn_stats(ys, B, 1e-5)
-    want = bn_stats_reference(ys.double(), B, 1e-5)
-    assert [t.dtype for t in got] == [torch.float32] * 3 and got[2].shape == (B, shape[1])
+    ys, _, _ = _inputs(K, *shape, dev, seed=5, dtype=dtype)
+    got = bn_stats(ys, stats_mask(rows), 1e-5)
+    want = bn_stats_reference(ys.double(), stats_mask(rows), 1e-5)
+    assert [t.dtype for t in got] == [torch.float32] * 3 and [t.shape for t in got] == [(K, shape[1])] * 3
     for g, w, name in zip(got, want, ("mean", "rstd", "unbiased var")):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-6, msg=name)
-    assert torch.equal(got[0][B:], torch.zeros(1, shape[1], device=dev))
-    assert torch.equal(got[1][B:], torch.ones(1, shape[1], device=dev))
+    const = [k for k in range(K) if k not in rows]
+    for t, v in zip(got, (0.0, 1.0, 0.0)):
+        assert torch.equal(t[const], torch.full((len(const), shape[1]), v, device=dev))
+    assert (got[1][list(rows)] != 1).all()  # not mistaken for an identity row
+
+
+def test_stats_rows_beyond_the_candidates_raise():
+    ys = torch.zeros(3, 2, 2, 2, 2)
+    for fn in (lambda m: bn_stats(ys, m, 1e-5), lambda m: bn_stats_reference(ys, m, 1e-5)):
+        with pytest.raises(ValueError, match="beyond the 3 candidates"):
+            fn(0b1001)
 
 
 _SM90 = r"""
@@ -123,9 +153,13 @@ def test_bn_fold_kernels_build_for_sm90():
 
     pytest.importorskip("triton")
     src = Path(__file__).resolve().parents[1] / "kernels" / "bn_fold.py"
-    todo = [("bn_stats_kernel", {"BLOCK_C": 1, "BLOCK_HW": 1024}), ("bn_stats_kernel", {"BLOCK_C": 4, "BLOCK_HW": 64}),
-            ("bn_stats_kernel", {"BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1}),
-            ("bn_fold_grad_kernel", {"BLOCK_P": 1, "BLOCK_HW": 1024}), ("bn_fold_grad_kernel", {"BLOCK_P": 16, "BLOCK_HW": 64})]
+    s1, s2 = 0b1111011, 0b1111111  # the DARTS candidates at stride 1 (identity in row 2) and 2
+    todo = [("bn_stats_kernel", {"STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024}),
+            ("bn_stats_kernel", {"STATS": s2, "BLOCK_C": 4, "BLOCK_HW": 64}),
+            ("bn_stats_kernel", {"STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1}),
+            ("bn_fold_grad_kernel", {"STATS": s1, "BLOCK_P": 1, "BLOCK_HW": 1024}),
+            ("bn_fold_grad_kernel", {"STATS": s2, "BLOCK_P": 16, "BLOCK_HW": 64}),
+            ("bn_fold_grad_kernel", {"STATS": 0, "BLOCK_P": 16, "BLOCK_HW": 64})]
     p = subprocess.run([sys.executable, "-c", _SM90, str(src), json.dumps(todo)], capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -227,24 +227,24 @@ def test_eager_fp32_flops_of_the_default_supernet():
 
 @pytest.mark.gpu_path
 def test_hand_count_bn_fold_ops():
-    """bn_stats and bn_fold_grad (triton_ops) are ONE launch each: bn_stats reads y and writes mean, rstd
-    [K, C] and the unbiased var [B, C]; bn_fold_grad reads g, y and six [K]/[K, C] vectors and writes gy."""
+    """bn_stats and bn_fold_grad (triton_ops) are ONE launch each: bn_stats reads y and writes mean, rstd and
+    the unbiased var [K, C]; bn_fold_grad reads g, y and six [K]/[K, C] vectors and writes gy."""
     from milenas_fast.ops.bn_fold import bn_fold_grad, bn_stats
 
-    K, B = 3, 2
+    K, stats = 3, 0b101  # the identity in the middle row
     cm._register_triton_launches()
     rec = cm.Recorder()
     with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
         y, g, w = torch.randn(K, N, C, H, W), torch.randn(N, C, H, W), torch.rand(K)
         vecs = [torch.randn(K, C) for _ in range(4)]
         with rec:
-            bn_stats(y, B, 1e-5)
+            bn_stats(y, stats, 1e-5)
         st = cm._summary(rec.by_class)
         rec.by_class.clear()
         with rec:
-            bn_fold_grad(g, y, w, *vecs, B)
+            bn_fold_grad(g, y, w, *vecs, stats)
         fg = cm._summary(rec.by_class)
     assert (st.kernels, fg.kernels) == (1, 1)
-    assert st.bytes == 4 * (K * E + 2 * K * C + B * C)
+    assert st.bytes == 4 * (K * E + 3 * K * C)
     assert fg.bytes == 4 * (E + 2 * K * E + K + 4 * K * C)
     assert fg.flops == 5 * K * E

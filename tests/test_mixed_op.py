@@ -258,6 +258,72 @@ def test_network_loss_and_alpha_grad(fused_ok):
         close(fb.float(), rb.float(), name, rtol=1e-4, atol_rel=1e-4)
 
 
+@pytest.mark.gpu_path
+def test_darts_list_mixes_a_view_of_the_weights(fused_ok, monkeypatch):
+    """Candidates stacked in PRIMITIVES order (`none` left out, the identity in its own row): the mixing
+    weights edge_reduce gets are weights[1:] itself, a view, so no gather kernel runs per call."""
+    _, fused = pair(4, 1, fused_ok)
+    assert fused._fused_index == slice(1, len(PRIMITIVES))
+    seen = []
+    real = fmo.folded_reduce
+    monkeypatch.setattr(fmo, "folded_reduce", lambda ys, w, *rest: seen.append((ys, w)) or real(ys, w, *rest))
+    x, a = inputs(2, 4, 5, fused_ok)
+    fused(x, a)
+    (ys, w), = seen
+    assert w._base is a and w.storage_offset() == 1 and w.shape == (len(PRIMITIVES) - 1,)
+    assert torch.equal(ys[PRIMITIVES.index("skip_connect") - 1], x)  # the identity's row: x itself
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("prims,stride,view", [(("max_pool_3x3", "none", "skip_connect", "dil_conv_3x3"), 1, False),
+                                               (("skip_connect", "avg_pool_3x3", "none"), 1, True),
+                                               (("none", "skip_connect", "dil_conv_5x5"), 2, True)])
+def test_primitive_subsets_match_reference(prims, stride, view, fused_ok):
+    """Subsets: `none` in the middle (no view possible: a gather index built once), the identity first, a
+    stride-2 skip; output, every gradient and the running statistics, train and eval, are the reference's."""
+    C, H = 4, 7
+    ref = ReferenceMixedOp(C, stride, primitives=prims)
+    randomise(ref, 13)
+    fused = FusedMixedOp(C, stride, primitives=prims)
+    fused.load_state_dict(ref.state_dict())
+    ref, fused = ref.to(fused_ok), fused.to(fused_ok)
+    assert isinstance(fused._fused_index, slice) == view
+    x, _ = inputs(3, C, H, fused_ok, seed=14)
+    a = torch.softmax(torch.randn(len(prims), generator=torch.Generator().manual_seed(15)), 0).to(fused_ok)
+    r, f = train_step(ref, x, a), train_step(fused, x, a)
+    for name, got, want in zip(("output", "grad x", "grad mixing weights"), f[:3], r[:3]):
+        close(got, want, name)
+    assert f[2][prims.index("none")] == 0
+    for name in r[3]:
+        close(f[3][name], r[3][name], f"grad {name}")
+    for (name, rb), fb in zip(ref.state_dict().items(), fused.state_dict().values()):
+        close(fb.float(), rb.float(), name)
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        close(fused(x, a), ref(x, a), "eval output")
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("stride", [1, 2])
+def test_eval_statistics_are_the_running_ones(stride, fused_ok):
+    """Eval mode: each folded row's mean/rstd are its BatchNorm's running mean and 1/sqrt(var + eps), the
+    identity's row (stride 1: in the middle) exactly 0 and 1."""
+    _, fused = pair(5 if stride == 1 else 6, stride, fused_ok, seed=6)  # FactorizedReduce needs an even C
+    fused.eval()
+    ks, identity = fmo._order(fused)
+    assert identity == (PRIMITIVES.index("skip_connect") - 1 if stride == 1 else None)
+    bns = [fmo._last_bn(fused.primitives[k], fused._ops[k]) for k in ks]
+    mean, rstd = fmo._running_stats(fused, bns, identity)
+    assert mean.shape == rstd.shape == (len(ks), fused.C) and mean.dtype == rstd.dtype == torch.float32
+    for r, bn in enumerate(bns):
+        if bn is None:
+            assert torch.equal(mean[r], torch.zeros_like(mean[r])) and torch.equal(rstd[r], torch.ones_like(rstd[r]))
+        else:
+            assert torch.equal(mean[r], bn.running_mean), r
+            torch.testing.assert_close(rstd[r], torch.rsqrt(bn.running_var + bn.eps), rtol=1e-6, atol=0)
+            assert (rstd[r] != 1).all()
+
+
 # --- the switch ----------------------------------------------------------------------------------------
 
 def test_auto_is_reference_on_cpu(monkeypatch):

@@ -7,10 +7,11 @@
    state_dict are the reference's.
 3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train: ONE `bn_stats`
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
-   Σ_k w_k (y_k − mean_k) rstd_k over the stacked pre-BN outputs. Identity (stride 1 skip) enters with
-   mean 0, rstd 1. Running statistics are updated as nn.BatchNorm2d does (momentum or cumulative average,
-   unbiased variance, num_batches_tracked). The gradient flows through the batch statistics (bn_fold's
-   written-out backward), so every gradient is the reference's.
+   Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, stacked in the module's (PRIMITIVES) order with
+   `none` left out, so the mixing weights are a view (`weights[1:]` for the DARTS list). Identity (stride 1
+   skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as nn.BatchNorm2d does
+   (momentum or cumulative average, unbiased variance, num_batches_tracked). The gradient flows through the
+   batch statistics (bn_fold's written-out backward), so every gradient is the reference's.
 
 Only non-affine search MixedOps over (a subset of) the DARTS primitives are fused; `unsupported(mod)`
 says why one is not.
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce, Identity
 from . import select
-from .bn_fold import bn_stats, folded_reduce
+from .bn_fold import bn_stats, folded_reduce, stats_mask
 from .stencil import stencil
 
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -61,7 +62,8 @@ def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, unbiase
     launch for every counter (these BNs' and the `counters` of _inner_bn), one lerp per momentum for running
     mean and var together (r + f·(s − r) = (1 − f)·r + f·s)."""
     with torch.no_grad():
-        tracked = [k for k, bn in enumerate(bns) if bn.track_running_stats and bn.running_mean is not None]
+        tracked = [k for k, bn in enumerate(bns)
+                   if bn is not None and bn.track_running_stats and bn.running_mean is not None]
         counters = counters + [bns[k].num_batches_tracked for k in tracked if bns[k].num_batches_tracked is not None]
         if counters:
             torch._foreach_add_(counters, 1)
@@ -140,13 +142,14 @@ def _conv(m: nn.Conv2d, x: torch.Tensor, weights: dict) -> torch.Tensor:
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     names, ops = tuple(mod.primitives), mod._ops
     stride, C = mod.stride, x.shape[1]
-    folded_ks, identity_k = _order(mod)
-    bns = [_last_bn(names[k], ops[k]) for k in folded_ks]
+    ks, identity = _order(mod)
+    bns = [_last_bn(names[k], ops[k]) for k in ks]  # per stacked row; None for the identity
+    folded_bns = [bn for bn in bns if bn is not None]
     # Checked before anything runs: a call handed to the reference must not have updated running statistics.
-    use_batch = [bn.training or bn.running_mean is None for bn in bns]
+    use_batch = [bn.training or bn.running_mean is None for bn in folded_bns]
     if any(use_batch) and not all(use_batch):  # some in train, some in eval mode: only a user does that
         return _reference(mod, x, weights, "its BatchNorms are partly in training and partly in eval mode")
-    eps = {bn.eps for bn in bns}
+    eps = {bn.eps for bn in folded_bns}
     if any(use_batch) and len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
         return _reference(mod, x, weights, f"its BatchNorms have different eps ({sorted(eps)})")
 
@@ -159,12 +162,14 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         filters = [f if f is not None else x.new_zeros(C, 1, k, k) for f, k in zip(filters, _FILTER_SIZE)]
         stage1 = stencil(x, *filters, stride)
 
-    # 2. pre-BN candidate outputs, BN-folded ones first, identity (if any) last
+    # 2. pre-BN candidate outputs, in the module's order (the identity: x itself)
     cw = _conv_weights(names, ops, x.device.type)
-    folded, counters = [], []
-    for k in folded_ks:
+    cands, counters = [], []
+    for k, bn in zip(ks, bns):
         name, op = names[k], ops[k]
-        if name in ("max_pool_3x3", "avg_pool_3x3"):
+        if bn is None:
+            y = x
+        elif name in ("max_pool_3x3", "avg_pool_3x3"):
             y = stage1[_STENCIL_SLOT[name]]
         elif name.startswith("sep_conv"):
             seq = op.op
@@ -174,57 +179,65 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
             y = _conv(op.op[2], stage1[_STENCIL_SLOT[name]], cw)
         else:  # stride-2 skip
             y = op.pre_bn(x)
-        folded.append(y)
+        cands.append(y)
 
     # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce
-    dtype = folded[0].dtype if folded else x.dtype
-    for y in folded[1:]:
+    outs = [y for y, bn in zip(cands, bns) if bn is not None]
+    dtype = outs[0].dtype if outs else x.dtype
+    for y in outs[1:]:
         dtype = torch.promote_types(dtype, y.dtype)
-    ys = torch.stack([y.to(dtype) for y in folded] + ([x.to(dtype)] if identity_k is not None else []))
-    K = len(folded)
-    batch = K if K and use_batch[0] else 0
-    if batch:
+    ys = torch.stack([y.to(dtype) for y in cands])
+    stats = stats_mask(r for r, bn in enumerate(bns) if bn is not None) if use_batch and use_batch[0] else 0
+    if stats:
         n = ys.shape[1] * ys.shape[3] * ys.shape[4]
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{list(folded[0].shape)}")
+                             f"{list(outs[0].shape)}")
         with torch.no_grad():
-            mean, rstd, unbiased = bn_stats(ys, K, eps.pop())
+            mean, rstd, unbiased = bn_stats(ys, stats, eps.pop())
             _update_running_stats(bns, mean, unbiased, counters)
     else:
         if counters:  # inner BNs in training mode, last ones in eval mode
             with torch.no_grad():
                 torch._foreach_add_(counters, 1)
-        if K:
-            mean = torch.stack([bn.running_mean for bn in bns]).float()
-            rstd = torch.rsqrt(torch.stack([bn.running_var for bn in bns]).float() + _eps(bns, mean))
-        if identity_k is not None:
-            mean, rstd = (mod._identity_stats if not K else
-                          (torch.cat([mean, mod._identity_stats[0]]), torch.cat([rstd, mod._identity_stats[1]])))
-    return folded_reduce(ys, weights.float()[mod._fused_index], mean, rstd, batch)
+        mean, rstd = _running_stats(mod, bns, identity)
+    return folded_reduce(ys, weights.float()[mod._fused_index], mean, rstd, stats)
+
+
+def _running_stats(mod: nn.Module, bns: list, identity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval mode: mean/rstd [K, C] fp32 from the running statistics, the identity's row exactly 0 / 1."""
+    zero, one = mod._identity_stats
+    folded_bns = [bn for bn in bns if bn is not None]
+    if not folded_bns:
+        return zero[None], one[None]
+    mean = torch.stack([bn.running_mean if bn is not None else zero for bn in bns]).float()
+    rstd = torch.rsqrt(torch.stack([bn.running_var for bn in folded_bns]).float() + _eps(folded_bns, mean))
+    if identity is not None:
+        rstd = torch.cat([rstd[:identity], one[None], rstd[identity:]])
+    return mean, rstd
 
 
 def _order(mod: nn.Module) -> tuple[list[int], int | None]:
-    """Candidate indices in the order fused_forward stacks them: BN-folded ones, then the identity."""
-    folded, identity = [], None
-    for k, (name, op) in enumerate(zip(mod.primitives, mod._ops)):
-        if name == "skip_connect" and isinstance(op, Identity):
-            identity = k
-        elif name != "none":
-            folded.append(k)
-    return folded, identity
+    """The candidates fused_forward stacks, in the module's (PRIMITIVES) order with `none` left out, and the
+    stacked row of the identity (the stride-1 skip; None without one)."""
+    ks = [k for k, name in enumerate(mod.primitives) if name != "none"]
+    identity = [r for r, k in enumerate(ks) if isinstance(mod._ops[k], Identity)]
+    return ks, identity[0] if identity else None
 
 
-def weight_index(mod: nn.Module, device: torch.device) -> torch.Tensor:
-    """The mixing weights' gather index for `_order`; built once per placement (MixedOp._resolve), so no
-    host-to-device copy happens per call."""
-    folded, identity = _order(mod)
-    return torch.tensor(folded + ([identity] if identity is not None else []), device=device)
+def weight_index(mod: nn.Module, device: torch.device) -> slice | torch.Tensor:
+    """How fused_forward takes the stacked rows' mixing weights: a slice (a view, no kernel) where `_order`'s
+    candidates are consecutive, as for the DARTS list (`none` first), else a gather index built once per
+    placement (MixedOp._resolve), so no host-to-device copy happens per call."""
+    ks, _ = _order(mod)
+    if ks == list(range(ks[0], ks[-1] + 1)):
+        return slice(ks[0], ks[-1] + 1)
+    return torch.tensor(ks, device=device)
 
 
 def identity_stats(C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The identity candidate's constant mean 0 and rstd 1 ([1, C] fp32), built once per placement."""
-    return torch.zeros(1, C, device=device), torch.ones(1, C, device=device)
+    """The identity candidate's constant mean 0 and rstd 1 ([C] fp32), built once per placement."""
+    return torch.zeros(C, device=device), torch.ones(C, device=device)
 
 
 def _reference(mod, x, weights, why: str):

@@ -40,7 +40,7 @@ class MixedOp(nn.Module):
         t = next(itertools.chain(self.parameters(), self.buffers()), None)
         device = t.device if t is not None else torch.device("cpu")
         decision = select.decide(self.impl, device)
-        self._fused_index = None  # mixing-weight order of the fused path, on `device`
+        self._fused_index = None  # the fused path's mixing weights: a slice (a view) or an index on `device`
         if decision.impl == "fused":
             from ..ops import fused_mixed_op
 

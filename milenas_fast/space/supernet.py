@@ -38,12 +38,15 @@ class Cell(nn.Module):
     def forward(self, s0, s1, weights, indices=None):
         """`indices`: host indices of the sampled candidates (HardSampledMixedOp), or None."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        # One unbind for all edges: its backward is one stack per cell, where indexing weights[k] per edge
+        # costs a select_backward and a gradient-accumulation add per edge.
+        rows = weights.unbind(0)
         offset = 0
         for _ in range(self._steps):
             s = None
             for j, h in enumerate(states):
                 k = offset + j
-                y = self._ops[k](h, weights[k]) if indices is None else self._ops[k](h, weights[k], indices[k])
+                y = self._ops[k](h, rows[k]) if indices is None else self._ops[k](h, rows[k], indices[k])
                 s = y if s is None else s + y
             offset += len(states)
             states.append(s)

@@ -1,0 +1,29 @@
+"""Cell.forward takes its edges' mixing weights by ONE unbind per cell (backward: one stack per cell), not
+by indexing per edge (a select_backward and a gradient-accumulation add per edge)."""
+import torch
+
+from milenas_fast import Network
+from milenas_fast.space.mixed_op import ReferenceMixedOp
+
+
+def _nodes(root):
+    seen, todo = set(), [root]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo += [nxt for nxt, _ in fn.next_functions]
+    return seen
+
+
+def test_one_unbind_of_the_mixing_weights_per_cell():
+    torch.manual_seed(0)
+    net = Network(C=4, num_classes=3, layers=3, steps=2, multiplier=2, mixed_op=ReferenceMixedOp)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    nodes = _nodes(net._loss(x, y).grad_fn)
+    names = [type(fn).__name__ for fn in nodes]
+    assert "SelectBackward0" not in names
+    per_cell = [fn for fn in nodes if type(fn).__name__ == "UnbindBackward0"
+                and type(fn.next_functions[0][0]).__name__ == "SoftmaxBackward0"]
+    assert len(per_cell) == len(net.cells)

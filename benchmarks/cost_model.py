@@ -9,7 +9,10 @@ no compute. A TorchDispatchMode records every dispatched op and counts, per iter
                a foreach op launches as many as CUDA's multi_tensor_apply needs (≤ 110/64/48/36/30
                tensors for 1-5 lists, ≤ 320 blocks of 65536 elements per launch), a Triton custom op
                (torch.library.triton_op) is decomposed into its Triton launches (one each) and the ATen
-               ops it runs, and the C++ edge_reduce ops count the launches of csrc/cuda/edge_reduce.cu.
+               ops it runs where torch can name its kernels (get_triton_kernels_for_op; ours launch through
+               ops/triton_launch.py, which it cannot see: each counts as ONE launch of its inputs and
+               outputs, so e.g. stencil_bwd_weight's partial sum is not counted), and the C++ edge_reduce
+               ops count the launches of csrc/cuda/edge_reduce.cu.
                cuDNN and ATen's BatchNorm may launch several kernels per op: eager counts are low estimates.
   gflop        torch.utils.flop_counter's formulas (convolutions and matmuls) plus ours for the custom ops
                and for grouped convolutions' backward (flop_counter counts their weight gradient

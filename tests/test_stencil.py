@@ -289,6 +289,32 @@ def test_relu_depthwise_launches_one_branch_and_only_the_needed_half(need_x, nee
             torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.gpu_path
+def test_compiled_skipped_branches_and_unused_outputs(device):
+    """torch.compile(fullgraph) over relu_depthwise and a stencil with absent filters and unused outputs
+    (their gradients None, not zero fills): the gradients equal the eager twins' (aot_eager: the same
+    graphs and AOT autograd as inductor, no code generation; ~5 s)."""
+    import torch._dynamo
+
+    def loss(rd, st, x, w, w3, wd5):
+        ys = st(x, w3, None, None, wd5, 1, pools=True)  # wd5's and avg's outputs unused
+        return (rd(x, w) * 2).sum() + ys[0].sum() + (ys[4] ** 2).sum()
+
+    gen = torch.Generator().manual_seed(2)
+    ts = [torch.randn(*shape, generator=gen).to(device) for shape in ((2, 3, 7, 5), (3, 1, 5, 5), (3, 1, 3, 3),
+                                                                    (3, 1, 5, 5))]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: loss(relu_depthwise, stencil, *a), backend="aot_eager", fullgraph=True)
+    got = [t.clone().requires_grad_() for t in ts]
+    want = [t.clone().requires_grad_() for t in ts]
+    gs = torch.autograd.grad(compiled(*got), got, allow_unused=True)
+    gr = torch.autograd.grad(loss(relu_depthwise_reference, stencil_reference, *want), want, allow_unused=True)
+    torch._dynamo.reset()
+    assert gs[3] is None and gr[3] is None
+    for a, b in zip(gs[:3], gr[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
 def test_relu_depthwise_refuses_other_filter_sizes():
     with pytest.raises(ValueError, match="filter size 7"):
         relu_depthwise(torch.zeros(1, 2, 4, 4), torch.zeros(2, 1, 7, 7))

@@ -119,7 +119,8 @@ def _or(ts, default):
 @_register("milenas_fast::stencil_fwd")
 def stencil_fwd(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
                 wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int,
-                pools: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                pools: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     ws = (w3, w5, wd3, wd5)
     _check(x, ws)
     N, C, H, W = x.shape
@@ -196,7 +197,8 @@ def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg):
     if ctx.needs_input_grad[0]:
         dx = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, g3, g5, gd3, gd5, gmax, gavg, ctx.stride)
     # only the filters that want a gradient and whose output has one (frozen filters: no kernel at all)
-    gw = [g if w is not None and need else None for g, w, need in zip((g3, g5, gd3, gd5), ws, ctx.needs_input_grad[1:5])]
+    gw = [g if w is not None and need else None
+          for g, w, need in zip((g3, g5, gd3, gd5), ws, ctx.needs_input_grad[1:5])]
     if any(g is not None for g in gw):
         dw = torch.ops.milenas_fast.stencil_bwd_weight(x, *gw, ctx.stride)
         dws = [d if d is None else d.to(w.dtype, memory_format=torch.contiguous_format)

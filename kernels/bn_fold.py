@@ -2,6 +2,9 @@
 statistics are their batch statistics: bit k set for row k. The other rows' mean/rstd are constants (running
 statistics, or the identity's 0 and 1), wherever they sit, so candidates stay stacked in PRIMITIVES order.
 
+bn_stats: train mode's statistics of the STATS rows. running_rstd: eval mode's rstd of the STATS rows from their
+running variances.
+
 bn_fold_grad: the candidates' gradient of edge_reduce; for batch-statistics rows it also flows through mean
 and rstd.
 
@@ -92,3 +95,17 @@ def bn_stats_kernel(
         tl.store(mean_ptr + k * C + ch, tl.zeros((BLOCK_C,), tl.float32), mask=cm)
         tl.store(rstd_ptr + k * C + ch, tl.full((BLOCK_C,), 1.0, tl.float32), mask=cm)
         tl.store(uvar_ptr + k * C + ch, tl.zeros((BLOCK_C,), tl.float32), mask=cm)
+
+
+@triton.jit
+def running_rstd_kernel(
+    var_ptr, rstd_ptr, C, eps,
+    STATS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Eval mode: rstd [K, C] = 1/sqrt(running var + eps) for the rows k in STATS, exactly 1 in the others (the
+    identity: whatever its var row holds). Program (k, channel block)."""
+    k = tl.program_id(0)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = ch < C
+    v = tl.load(var_ptr + k * C + ch, mask=cm, other=0.0).to(tl.float32)
+    tl.store(rstd_ptr + k * C + ch, tl.where(((STATS >> k) & 1) != 0, 1.0 / tl.sqrt(v + eps), 1.0), mask=cm)

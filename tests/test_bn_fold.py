@@ -5,7 +5,7 @@ import torch
 
 from milenas_fast.ops import bn_fold, edge_reduce_triton, select
 from milenas_fast.ops.bn_fold import (bn_fold_grad, bn_fold_grad_reference, bn_stats, bn_stats_reference, folded_reduce,
-                                      stats_mask)
+                                      running_rstd, running_rstd_reference, stats_mask)
 from milenas_fast.ops.edge_reduce import edge_reduce_reference
 
 
@@ -103,9 +103,32 @@ def test_bn_stats_matches_twin(rows, K, shape, tile, dtype, dev, monkeypatch):
     assert (got[1][list(rows)] != 1).all()  # not mistaken for an identity row
 
 
+@pytest.mark.gpu_path
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")  # the interpreter on the -1 rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,tile", [((0, 1, 3), None), ((0, 1, 3), 2), ((), 2)])
+def test_running_rstd_matches_twin(rows, tile, dtype, dev, monkeypatch):
+    """Eval mode's rstd from running variances (fp32 whatever their dtype); the identity's row (2, in the
+    middle) exactly 1 whatever it holds (here -1: NaN if it were used); tile 2 splits 5 channels over 3
+    programs per row."""
+    if tile:
+        monkeypatch.setattr(bn_fold, "MAX_TILE", tile)
+    g = torch.Generator().manual_seed(8)
+    var = (torch.rand(4, 5, generator=g) * 2 + 0.01).to(dev, dtype)
+    var[[k for k in range(4) if k not in rows]] = -1
+    got = running_rstd(var, stats_mask(rows), 1e-3)
+    want = running_rstd_reference(var.double(), stats_mask(rows), 1e-3)
+    assert got.dtype == torch.float32 and got.shape == (4, 5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    const = [k for k in range(4) if k not in rows]
+    assert torch.equal(got[const], torch.ones(len(const), 5, device=dev))
+    assert not (got[list(rows)] == 1).any()
+
+
 def test_stats_rows_beyond_the_candidates_raise():
     ys = torch.zeros(3, 2, 2, 2, 2)
-    for fn in (lambda m: bn_stats(ys, m, 1e-5), lambda m: bn_stats_reference(ys, m, 1e-5)):
+    for fn in (lambda m: bn_stats(ys, m, 1e-5), lambda m: bn_stats_reference(ys, m, 1e-5),
+               lambda m: running_rstd(ys[:, 0, :, 0, 0], m, 1e-5)):
         with pytest.raises(ValueError, match="beyond the 3 candidates"):
             fn(0b1001)
 
@@ -121,12 +144,13 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("_bn", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
+DATA_PTRS = ("g_ptr", "y_ptr", "gy_ptr", "var_ptr")  # the pointers in the data's dtype; the rest fp32
 res = {}
 for dt in ("fp32", "bf16"):
     for name, consts in json.loads(sys.argv[2]):
         fn = getattr(mod, name)
         sig = {p.name: "constexpr" if p.is_constexpr or p.name in consts else
-               ("*" + dt if p.name in ("g_ptr", "y_ptr", "gy_ptr") else "*fp32") if p.name.endswith("_ptr") else
+               ("*" + dt if p.name in DATA_PTRS else "*fp32") if p.name.endswith("_ptr") else
                ("fp32" if p.name in ("eps", "inv_n") else "i32") for p in fn.params}
         log = io.StringIO()
         try:
@@ -144,7 +168,7 @@ print(json.dumps(res))
 
 @pytest.mark.gpu_path
 def test_bn_fold_kernels_build_for_sm90():
-    """Both kernels lower for Hopper at the launchers' tiles (whole 32×32 planes; packed 8×8 planes), in fp32
+    """The kernels lower for Hopper at the launchers' tiles (whole 32×32 planes; packed 8×8 planes), in fp32
     and bf16, without spills; N = 1 or HW = 1 arrive as constexprs on the GPU (Triton specialises 1s)."""
     import json
     import subprocess
@@ -159,7 +183,8 @@ def test_bn_fold_kernels_build_for_sm90():
             ("bn_stats_kernel", {"STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1}),
             ("bn_fold_grad_kernel", {"STATS": s1, "BLOCK_P": 1, "BLOCK_HW": 1024}),
             ("bn_fold_grad_kernel", {"STATS": s2, "BLOCK_P": 16, "BLOCK_HW": 64}),
-            ("bn_fold_grad_kernel", {"STATS": 0, "BLOCK_P": 16, "BLOCK_HW": 64})]
+            ("bn_fold_grad_kernel", {"STATS": 0, "BLOCK_P": 16, "BLOCK_HW": 64}),
+            ("running_rstd_kernel", {"STATS": s1, "BLOCK_C": 64})]
     p = subprocess.run([sys.executable, "-c", _SM90, str(src), json.dumps(todo)], capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

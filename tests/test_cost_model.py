@@ -223,9 +223,10 @@ def test_eager_fp32_flops_of_the_default_supernet():
 
 @pytest.mark.gpu_path
 def test_hand_count_bn_fold_ops():
-    """bn_stats and bn_fold_grad (triton_ops) are ONE launch each: bn_stats reads y and writes mean, rstd and
-    the unbiased var [K, C]; bn_fold_grad reads g, y and six [K]/[K, C] vectors and writes gy."""
-    from milenas_fast.ops.bn_fold import bn_fold_grad, bn_stats
+    """bn_stats, bn_fold_grad and running_rstd (triton_ops) are ONE launch each: bn_stats reads y and writes
+    mean, rstd and the unbiased var [K, C]; bn_fold_grad reads g, y and six [K]/[K, C] vectors and writes gy;
+    running_rstd reads var [K, C] and writes rstd [K, C]."""
+    from milenas_fast.ops.bn_fold import bn_fold_grad, bn_stats, running_rstd
 
     K, stats = 3, 0b101  # the identity in the middle row
     cm._register_triton_launches()
@@ -240,7 +241,12 @@ def test_hand_count_bn_fold_ops():
         with rec:
             bn_fold_grad(g, y, w, *vecs, stats)
         fg = cm._summary(rec.by_class)
-    assert (st.kernels, fg.kernels) == (1, 1)
+        rec.by_class.clear()
+        with rec:
+            running_rstd(vecs[0], stats, 1e-5)
+        rr = cm._summary(rec.by_class)
+    assert (st.kernels, fg.kernels, rr.kernels) == (1, 1, 1)
+    assert rr.bytes == 4 * 2 * K * C
     assert st.bytes == 4 * (K * E + 3 * K * C)
     assert fg.bytes == 4 * (E + 2 * K * E + K + 4 * K * C)
     assert fg.flops == 5 * K * E

@@ -310,10 +310,13 @@ def test_eval_statistics_are_the_running_ones(stride, fused_ok):
     identity's row (stride 1: in the middle) exactly 0 and 1."""
     _, fused = pair(5 if stride == 1 else 6, stride, fused_ok, seed=6)  # FactorizedReduce needs an even C
     fused.eval()
-    ks, identity = fmo._order(fused)
-    assert identity == (PRIMITIVES.index("skip_connect") - 1 if stride == 1 else None)
+    ks = fmo._order(fused)
+    assert ks == list(range(1, len(PRIMITIVES)))
     bns = [fmo._last_bn(fused.primitives[k], fused._ops[k]) for k in ks]
-    mean, rstd = fmo._running_stats(fused, bns, identity)
+    identity = [PRIMITIVES.index("skip_connect") - 1] if stride == 1 else []
+    assert [r for r, bn in enumerate(bns) if bn is None] == identity
+    rows = sum(1 << r for r, bn in enumerate(bns) if bn is not None)
+    mean, rstd = fmo._running_stats(fused, bns, rows, 1e-5)
     assert mean.shape == rstd.shape == (len(ks), fused.C) and mean.dtype == rstd.dtype == torch.float32
     for r, bn in enumerate(bns):
         if bn is None:

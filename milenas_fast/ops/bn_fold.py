@@ -65,6 +65,26 @@ def bn_stats_reference(ys: torch.Tensor, stats: int, eps: float):
     return mean.where(on, zero), torch.rsqrt(var + eps).where(on, zero + 1), (var * (n / (n - 1))).where(on, zero)
 
 
+@register("milenas_fast::bn_running_rstd")
+def running_rstd(var: torch.Tensor, stats: int, eps: float) -> torch.Tensor:
+    """Eval mode, ONE kernel: rstd [K, C] fp32 = 1/sqrt(var + eps) from running variances var [K, C] for the
+    rows named by `stats`, exactly 1 in the others (the identity), so nothing is concatenated per call."""
+    k, c = var.shape
+    _check(stats, k)
+    var = var.contiguous()
+    rstd = var.new_empty(k, c, dtype=torch.float32)
+    if var.numel():
+        bc = min(_pow2(c), MAX_TILE)
+        launch(K.running_rstd_kernel, (k, -(-c // bc)), var, rstd, c, eps, STATS=stats, BLOCK_C=bc, num_warps=1)
+    return rstd
+
+
+def running_rstd_reference(var: torch.Tensor, stats: int, eps: float) -> torch.Tensor:
+    """Plain-PyTorch twin of `running_rstd` (in at least fp32: fp64 stays fp64)."""
+    var = var.to(torch.promote_types(var.dtype, torch.float32))
+    return torch.rsqrt(var + eps).where(_rows(stats, var.shape[0], var.device), 1.0)
+
+
 @register("milenas_fast::bn_fold_grad")
 def bn_fold_grad(g: torch.Tensor, y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                  gmean: torch.Tensor, grstd: torch.Tensor, stats: int) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """The fused forward of MixedOp: the same maths as the module forwards, in fewer, larger steps.
 
 1. `stencil` reads the edge input once and emits the first stage of sep3/sep5/dil3/dil5 (ReLU → depthwise,
-   stride s) and both 3×3 pools.
-2. PyTorch finishes the conv candidates with the module's own submodules (pointwise 1×1; for sep convs the
-   inner BatchNorm, ReLU, second depthwise and pointwise), so parameters, inner running statistics and
-   state_dict are the reference's.
+   stride s) and both 3×3 pools (branches of absent candidates are not computed).
+2. The conv candidates are finished with the module's own parameters and buffers (pointwise 1×1 by cuDNN;
+   for sep convs the inner BatchNorm, then ReLU → second depthwise in one Triton pass, `relu_depthwise`,
+   then the pointwise), so parameters, inner running statistics and state_dict are the reference's.
 3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train: ONE `bn_stats`
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
    Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, stacked in the module's (PRIMITIVES) order with
@@ -22,14 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..space.primitives import PRIMITIVES, FactorizedReduce, Identity
+from ..space.primitives import PRIMITIVES, FactorizedReduce
 from . import select
-from .bn_fold import bn_stats, folded_reduce, stats_mask
-from .stencil import stencil
+from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
+from .stencil import relu_depthwise, stencil
 
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
                  "max_pool_3x3": 4, "avg_pool_3x3": 5}
-_FILTER_SIZE = (3, 5, 3, 5)
 
 
 def unsupported(mod: nn.Module) -> str:
@@ -91,13 +90,6 @@ def _inner_bn(bn: nn.Module, y: torch.Tensor, counters: list[torch.Tensor]) -> t
     return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
 
 
-def _eps(bns: list[nn.BatchNorm2d], like: torch.Tensor):
-    eps = [bn.eps for bn in bns]
-    if all(e == eps[0] for e in eps):
-        return eps[0]
-    return torch.tensor(eps, dtype=like.dtype, device=like.device)[:, None]
-
-
 class _CastAll(torch.autograd.Function):
     """Tensors cast to `dtype` by ONE foreach copy (and their gradients back by one): autocast would launch
     a cast per convolution weight per call, in both directions. The values are autocast's (round to nearest)."""
@@ -117,12 +109,13 @@ class _CastAll(torch.autograd.Function):
 
 
 def _conv_weights(names, ops, device_type: str) -> dict:
-    """Under autocast: the conv candidates' 1×1 and second-stage depthwise weights cast all at once (see
-    _CastAll), by module id; {} otherwise (the modules then run as they are)."""
+    """Under autocast: the conv candidates' 1×1 weights cast all at once (see _CastAll), by module id; {}
+    otherwise (the modules then run as they are). The depthwise filters go to the Triton kernels as they
+    are (fp32 products and sums)."""
     convs = []
     for name, op in zip(names, ops):
         if name.startswith("sep_conv"):
-            convs += [op.op[2], op.op[5], op.op[6]]
+            convs += [op.op[2], op.op[6]]
         elif name.startswith("dil_conv"):
             convs.append(op.op[2])
     if not convs or not torch.is_autocast_enabled(device_type):
@@ -142,25 +135,27 @@ def _conv(m: nn.Conv2d, x: torch.Tensor, weights: dict) -> torch.Tensor:
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     names, ops = tuple(mod.primitives), mod._ops
     stride, C = mod.stride, x.shape[1]
-    ks, identity = _order(mod)
+    ks = _order(mod)
     bns = [_last_bn(names[k], ops[k]) for k in ks]  # per stacked row; None for the identity
     folded_bns = [bn for bn in bns if bn is not None]
+    rows = stats_mask(r for r, bn in enumerate(bns) if bn is not None)  # the rows with a folded BatchNorm
     # Checked before anything runs: a call handed to the reference must not have updated running statistics.
     use_batch = [bn.training or bn.running_mean is None for bn in folded_bns]
     if any(use_batch) and not all(use_batch):  # some in train, some in eval mode: only a user does that
         return _reference(mod, x, weights, "its BatchNorms are partly in training and partly in eval mode")
     eps = {bn.eps for bn in folded_bns}
-    if any(use_batch) and len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
+    if len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
         return _reference(mod, x, weights, f"its BatchNorms have different eps ({sorted(eps)})")
+    eps = eps.pop() if eps else 0.0
 
-    # 1. the six first stages from one read of x (absent conv candidates get unused zero filters)
+    # 1. the first stages from one read of x (absent candidates' branches are not computed)
     filters: list = [None] * 4
     for name, op in zip(names, ops):
         if name.startswith(("sep_conv", "dil_conv")):
             filters[_STENCIL_SLOT[name]] = op.op[1].weight
-    if any(n in _STENCIL_SLOT for n in names):
-        filters = [f if f is not None else x.new_zeros(C, 1, k, k) for f, k in zip(filters, _FILTER_SIZE)]
-        stage1 = stencil(x, *filters, stride)
+    pools = any(n in ("max_pool_3x3", "avg_pool_3x3") for n in names)
+    if pools or any(f is not None for f in filters):
+        stage1 = stencil(x, *filters, stride, pools=pools)
 
     # 2. pre-BN candidate outputs, in the module's order (the identity: x itself)
     cw = _conv_weights(names, ops, x.device.type)
@@ -174,7 +169,8 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         elif name.startswith("sep_conv"):
             seq = op.op
             y = _conv(seq[2], stage1[_STENCIL_SLOT[name]], cw)
-            y = _conv(seq[6], _conv(seq[5], seq[4](_inner_bn(seq[3], y, counters)), cw), cw)
+            # ReLU → depthwise in one Triton pass (fp32 filter, like the first stage's)
+            y = _conv(seq[6], relu_depthwise(_inner_bn(seq[3], y, counters), seq[5].weight), cw)
         elif name.startswith("dil_conv"):
             y = _conv(op.op[2], stage1[_STENCIL_SLOT[name]], cw)
         else:  # stride-2 skip
@@ -187,49 +183,45 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
     for y in outs[1:]:
         dtype = torch.promote_types(dtype, y.dtype)
     ys = torch.stack([y.to(dtype) for y in cands])
-    stats = stats_mask(r for r, bn in enumerate(bns) if bn is not None) if use_batch and use_batch[0] else 0
+    stats = rows if use_batch and use_batch[0] else 0
     if stats:
         n = ys.shape[1] * ys.shape[3] * ys.shape[4]
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{list(outs[0].shape)}")
         with torch.no_grad():
-            mean, rstd, unbiased = bn_stats(ys, stats, eps.pop())
+            mean, rstd, unbiased = bn_stats(ys, stats, eps)
             _update_running_stats(bns, mean, unbiased, counters)
     else:
         if counters:  # inner BNs in training mode, last ones in eval mode
             with torch.no_grad():
                 torch._foreach_add_(counters, 1)
-        mean, rstd = _running_stats(mod, bns, identity)
+        mean, rstd = _running_stats(mod, bns, rows, eps)
     return folded_reduce(ys, weights.float()[mod._fused_index], mean, rstd, stats)
 
 
-def _running_stats(mod: nn.Module, bns: list, identity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval mode: mean/rstd [K, C] fp32 from the running statistics, the identity's row exactly 0 / 1."""
+def _running_stats(mod: nn.Module, bns: list, rows: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval mode: mean/rstd [K, C] fp32 from the running statistics, the identity's row exactly 0 / 1, in two
+    kernels: ONE stack of every row's running mean and var (the identity's: zeros), mean a view of it, and
+    ONE `running_rstd`."""
     zero, one = mod._identity_stats
-    folded_bns = [bn for bn in bns if bn is not None]
-    if not folded_bns:
+    if not rows:
         return zero[None], one[None]
-    mean = torch.stack([bn.running_mean if bn is not None else zero for bn in bns]).float()
-    rstd = torch.rsqrt(torch.stack([bn.running_var for bn in folded_bns]).float() + _eps(folded_bns, mean))
-    if identity is not None:
-        rstd = torch.cat([rstd[:identity], one[None], rstd[identity:]])
-    return mean, rstd
+    st = torch.stack([bn.running_mean if bn is not None else zero for bn in bns]
+                     + [bn.running_var if bn is not None else zero for bn in bns]).float()
+    return st[:len(bns)], running_rstd(st[len(bns):], rows, eps)
 
 
-def _order(mod: nn.Module) -> tuple[list[int], int | None]:
-    """The candidates fused_forward stacks, in the module's (PRIMITIVES) order with `none` left out, and the
-    stacked row of the identity (the stride-1 skip; None without one)."""
-    ks = [k for k, name in enumerate(mod.primitives) if name != "none"]
-    identity = [r for r, k in enumerate(ks) if isinstance(mod._ops[k], Identity)]
-    return ks, identity[0] if identity else None
+def _order(mod: nn.Module) -> list[int]:
+    """The candidates fused_forward stacks: the module's (PRIMITIVES) order with `none` left out."""
+    return [k for k, name in enumerate(mod.primitives) if name != "none"]
 
 
 def weight_index(mod: nn.Module, device: torch.device) -> slice | torch.Tensor:
     """How fused_forward takes the stacked rows' mixing weights: a slice (a view, no kernel) where `_order`'s
     candidates are consecutive, as for the DARTS list (`none` first), else a gather index built once per
     placement (MixedOp._resolve), so no host-to-device copy happens per call."""
-    ks, _ = _order(mod)
+    ks = _order(mod)
     if ks == list(range(ks[0], ks[-1] + 1)):
         return slice(ks[0], ks[-1] + 1)
     return torch.tensor(ks, device=device)

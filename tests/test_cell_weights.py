@@ -1,5 +1,6 @@
 """Cell.forward takes its edges' mixing weights by ONE unbind per cell (backward: one stack per cell), not
 by indexing per edge (a select_backward and a gradient-accumulation add per edge)."""
+import pytest
 import torch
 
 from milenas_fast import Network
@@ -17,6 +18,7 @@ def _nodes(root):
     return seen
 
 
+@pytest.mark.gpu_path  # Cell.forward is the same code on the GPU path
 def test_one_unbind_of_the_mixing_weights_per_cell():
     torch.manual_seed(0)
     net = Network(C=4, num_classes=3, layers=3, steps=2, multiplier=2, mixed_op=ReferenceMixedOp)

@@ -7,11 +7,9 @@ no compute. A TorchDispatchMode records every dispatched op and counts, per iter
   kernels      ops that launch device work. Views, allocations and metadata ops launch nothing. One
                launch per ATen op, except: convolution_backward launches one per requested gradient,
                a foreach op launches as many as CUDA's multi_tensor_apply needs (≤ 110/64/48/36/30
-               tensors for 1-5 lists, ≤ 320 blocks of 65536 elements per launch), a Triton custom op
-               (torch.library.triton_op) is decomposed into its Triton launches (one each) and the ATen
-               ops it runs where torch can name its kernels (get_triton_kernels_for_op; ours launch through
-               ops/triton_launch.py, which it cannot see: each counts as ONE launch of its inputs and
-               outputs, so e.g. stencil_bwd_weight's partial sum is not counted), and the C++ edge_reduce
+               tensors for 1-5 lists, ≤ 320 blocks of 65536 elements per launch), one of our Triton
+               ops is decomposed into its Triton launches (one each, seen through ops/triton_launch.py's
+               fake_launch_hook) and the ATen ops its body runs (partial sums, casts), and the C++ edge_reduce
                ops count the launches of csrc/cuda/edge_reduce.cu.
                cuDNN and ATen's BatchNorm may launch several kernels per op: eager counts are low estimates.
   gflop        torch.utils.flop_counter's formulas (convolutions and matmuls) plus ours for the custom ops
@@ -333,18 +331,17 @@ class Recorder(TorchDispatchMode):
 
     def _custom_op(self, name, func, args, kwargs):
         from torch._library.custom_ops import OPDEFS
-        from torch._library.triton import get_triton_kernels_for_op
 
         flops = _custom_flops(name, args)
         self._custom.append(name)
         try:
-            if name in OPDEFS and get_triton_kernels_for_op(name):
-                # a triton_op: run its Python body (its fake kernel) under this mode, so that its ATen ops
-                # and its Triton launches (triton_kernel_wrapper_mutation, below) are counted one by one;
-                # the op's FLOPs go with its first launch
+            if name in OPDEFS:
+                # one of our Triton ops: run its Python body under this mode, so that its ATen ops and its
+                # launches (ops/triton_launch.py's fake_launch_hook) are counted one by one; the op's FLOPs
+                # go with its first launch
                 self._pending_flops = flops
-                with self:
-                    return OPDEFS[name]._abstract_fn(*args, **kwargs)
+                with self, _launch_hook(self.record_triton_launch):
+                    return OPDEFS[name]._init_fn(*args, **kwargs)
             out = func(*args, **kwargs)  # a C++ op: its registered fake kernel gives the output shapes
             self._record(func, args, _edge_reduce_launches(name, args), flops, [*_tensors(args), *_tensors(out)])
             return out
@@ -352,17 +349,15 @@ class Recorder(TorchDispatchMode):
             self._custom.pop()
 
 
-def _register_triton_launches() -> None:
-    """Let the Recorder see each Triton launch made inside a triton_op (a higher-order op)."""
-    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
+@contextlib.contextmanager
+def _launch_hook(hook):
+    from milenas_fast.ops import triton_launch
 
-    if Recorder in triton_kernel_wrapper_mutation.python_key_table:
-        return
-
-    @triton_kernel_wrapper_mutation.py_impl(Recorder)
-    def _launch(mode, **hop_kwargs):
-        mode.record_triton_launch(hop_kwargs["kwargs"])
-        return triton_kernel_wrapper_mutation(**hop_kwargs)  # below this mode: FakeTensorMode, a no-op
+    saved, triton_launch.fake_launch_hook = triton_launch.fake_launch_hook, hook
+    try:
+        yield
+    finally:
+        triton_launch.fake_launch_hook = saved
 
 
 class SavedBytes:
@@ -446,7 +441,6 @@ def _summary(by_class: dict) -> Tally:
 def run(C=16, layers=8, batch=64, size=32, modes=tuple(MODES), steps=4) -> dict:
     """Records one iteration (and one validation forward) per mode; returns the model's numbers.
     `steps` (nodes per cell, 4 in DARTS) only shrinks the network for tests."""
-    _register_triton_launches()
     t0 = time.perf_counter()
     result = {"note": "a model, not a measurement",
               "config": {"C": C, "layers": layers, "batch": batch, "size": size, "steps": steps},

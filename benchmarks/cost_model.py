@@ -6,6 +6,7 @@ no compute. A TorchDispatchMode records every dispatched op and counts, per iter
 
   kernels      ops that launch device work. Views, allocations and metadata ops launch nothing. One
                launch per ATen op, except: convolution_backward launches one per requested gradient,
+               slice_backward, select_backward and constant_pad_nd two (a fill and a copy),
                a foreach op launches as many as CUDA's multi_tensor_apply needs (≤ 110/64/48/36/30
                tensors for 1-5 lists, ≤ 320 blocks of 65536 elements per launch), one of our Triton
                ops is decomposed into its Triton launches (one each, seen through ops/triton_launch.py's
@@ -115,6 +116,8 @@ NO_KERNEL = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.empty
              _aten.new_empty.default, _aten.new_empty_strided.default, _aten.lift_fresh.default,
              _aten._local_scalar_dense.default,  # .item() of a CPU scalar (Adam's step count lives on the CPU)
              _aten.set_.source_Storage_storage_offset, _aten.resize_.default, _aten._unsafe_view.default}
+# ATen ops that launch a fill and a copy on CUDA (zeros, then the gradient or input copied into a slice)
+TWO_LAUNCHES = {"aten::slice_backward": 2, "aten::select_backward": 2, "aten::constant_pad_nd": 2}
 POOLING = {"max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d", "avg_pool2d_backward",
            "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward"}
 REDUCTIONS = {"sum", "mean", "var_mean", "var", "std", "norm", "linalg_vector_norm", "amax", "amin", "max",
@@ -324,7 +327,7 @@ class Recorder(TorchDispatchMode):
         elif name.startswith("aten::_foreach_"):
             kernels = _foreach_launches(args, out)
         else:
-            kernels = 1
+            kernels = TWO_LAUNCHES.get(name, 1)
         flops = _aten_flops(func, args, kwargs, out)
         self._record(func, args, kernels, flops, [*_tensors(args), *_tensors(kwargs), *outs])
         return out

@@ -50,7 +50,22 @@ class Cell(nn.Module):
                 s = y if s is None else s + y
             offset += len(states)
             states.append(s)
+        # The last node feeds only the cat, whose backward hands it a channel slice: made contiguous once
+        # here, not once per incoming edge (every op's backward would copy it).
+        states[-1] = _ContiguousGrad.apply(states[-1])
         return torch.cat(states[-self._multiplier:], dim=1)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose incoming gradient is made contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class Network(nn.Module):

@@ -173,11 +173,11 @@ def _custom_flops(name: str, args) -> int:
     if name == "milenas_fast::stencil_bwd_weight":
         return _stencil_flops(args[0], args[5], [g is not None for g in args[1:5]])
     if name == "milenas_fast::bn_fold_grad":
-        return 5 * args[1].numel()  # gy = a·g + b·y + d per candidate element
+        return 5 * sum(y.numel() for y in args[1])  # gy = a·g + b·y + d per candidate element
     if name.startswith("milenas_fast::edge_reduce"):
-        y = args[1] if "backward" in name else args[0]
+        ys = args[1] if "backward" in name else args[0]  # the candidates (a list)
         # forward: subtract, scale, accumulate per candidate; backward: grad_y plus the dot products
-        return (6 if "backward" in name else 3) * y.numel()
+        return (6 if "backward" in name else 3) * sum(y.numel() for y in ys)
     return 0
 
 

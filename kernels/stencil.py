@@ -20,7 +20,9 @@ be any tensor. ReLU → one depthwise conv alone (the sep convs' second stage) i
 
 Filter gradients are deterministic: each program writes fp32 per-(pixel tile, plane, tap) partial
 sums, and the launcher reduces them over tiles and the batch with a plain (ordered) torch sum. The
-partials hold the selected convolutions' taps only, in the order w3 (9), w5 (25), wd3 (9), wd5 (25).
+partials hold the selected convolutions' taps only, one row per (pixel tile, image), filter-major: the
+filters w3 (9 taps), w5 (25), wd3 (9), wd5 (25) in this order, each a [C, k²] block, so the summed row
+parts into contiguous filter gradients with no copy.
 """
 import triton
 import triton.language as tl
@@ -199,12 +201,12 @@ def stencil_bwd_input_kernel(
 @triton.jit
 def stencil_bwd_weight_kernel(
     x_ptr, g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, part_ptr,
-    P, H, W, HO, WO,
+    P, C, H, W, HO, WO,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """part[tile, plane, tap] = Σ_{o in tile} g[plane, o] · relu(x[plane, o·s + tap offset]) in fp32, for
-    the selected branches' taps only (see the module docstring for their order)."""
+    """part[tile, n, filter, c, tap] = Σ_{o in tile} g[plane, o] · relu(x[plane, o·s + tap offset]) in fp32
+    (plane = n·C + c), for the selected branches' filters only (see the module docstring for the layout)."""
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     om = pm[:, None] & sm[None, :]
     out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]
@@ -217,11 +219,16 @@ def stencil_bwd_weight_kernel(
         gd3 = tl.load(gd3_ptr + out, mask=om, other=0.0).to(tl.float32)
     if HASD5:
         gd5 = tl.load(gd5_ptr + out, mask=om, other=0.0).to(tl.float32)
-    off5 = 9 * HAS3  # each selected branch's first tap in the partials
+    off5 = 9 * HAS3  # each selected branch's first tap per channel; its block starts at C times that
     offd3 = off5 + 25 * HAS5
     offd5 = offd3 + 9 * HASD3
     taps = offd5 + 25 * HASD5
-    p_base = part_ptr + (tl.program_id(1) * P + planes).to(tl.int64) * taps
+    ch = planes % C
+    row = part_ptr + (tl.program_id(1) * P + planes - ch).to(tl.int64) * taps  # (tile, image): C·taps long
+    p3 = row + ch * 9  # this channel's taps in each filter's [C, k²] block
+    p5 = row + C * off5 + ch * 25
+    pd3 = row + C * offd3 + ch * 9
+    pd5 = row + C * offd5 + ch * 25
     ch_ = oh * STRIDE
     cw_ = ow * STRIDE
     for a in tl.static_range(9):
@@ -238,10 +245,10 @@ def stencil_bwd_weight_kernel(
                 m = om & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
                 r = tl.maximum(tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
                 if in3 and HAS3:
-                    tl.store(p_base + (dy + 1) * 3 + (dx + 1), tl.sum(r * g3, axis=1), mask=pm)
+                    tl.store(p3 + (dy + 1) * 3 + (dx + 1), tl.sum(r * g3, axis=1), mask=pm)
                 if in5 and HAS5:
-                    tl.store(p_base + off5 + (dy + 2) * 5 + (dx + 2), tl.sum(r * g5, axis=1), mask=pm)
+                    tl.store(p5 + (dy + 2) * 5 + (dx + 2), tl.sum(r * g5, axis=1), mask=pm)
                 if ind3 and HASD3:
-                    tl.store(p_base + offd3 + (dy // 2 + 1) * 3 + (dx // 2 + 1), tl.sum(r * gd3, axis=1), mask=pm)
+                    tl.store(pd3 + (dy // 2 + 1) * 3 + (dx // 2 + 1), tl.sum(r * gd3, axis=1), mask=pm)
                 if even and HASD5:
-                    tl.store(p_base + offd5 + (dy // 2 + 2) * 5 + (dx // 2 + 2), tl.sum(r * gd5, axis=1), mask=pm)
+                    tl.store(pd5 + (dy // 2 + 2) * 5 + (dx // 2 + 2), tl.sum(r * gd5, axis=1), mask=pm)

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 pytest.importorskip("triton")
 from milenas_fast.ops import stencil as stencil_mod  # noqa: E402
@@ -358,3 +359,49 @@ def test_cuda_opcheck():
                           (x.requires_grad_(), *[w.requires_grad_() for w in ws], 2))
     # relu_depthwise's form: one filter, the other branches and the pools skipped
     torch.library.opcheck(torch.ops.milenas_fast.stencil_fwd.default, (x, None, ws[1], None, None, 1, False))
+
+
+# --- filter gradients: contiguous views of one ordered sum, no copy ---------------------------------
+
+class _Ops(TorchDispatchMode):
+    """Names of the ATen/custom ops run below it (a custom op's body counts as the op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+COPY_OPS = {"copy_", "_to_copy", "clone", "cat", "stack"}  # kernels that move a gradient
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("N,C,tile,split", [(2, 3, 8, "pixels"), (3, 5, 128, "planes")])
+def test_filter_grads_land_contiguous_without_copies(N, C, tile, split, device):
+    """loss.backward() with all four filters requiring grad: each .grad is contiguous and is the weight
+    kernel's summed partials itself (one storage, autograd kept the views: no copy, cast or clone op runs),
+    and equals the twin's. Programs along both grid dimensions (4 pixel tiles, 2 images), or packed planes
+    whose programs straddle images (5 channels, 2 planes per program): the (tile, image) rows and the
+    per-filter [C, k²] blocks of the partials are all exercised."""
+    H = 5
+    gen = torch.Generator().manual_seed(N * C + tile)
+    x, ws = make(N, C, H, torch.float32, gen, device=device)  # x frozen: only the weight half runs
+    g = grads_like(N, C, H, 1, gen, device)[:4]
+    bp, _, grid, _ = launch_config("bwd_weight", x.shape, 1, tile)
+    assert (bp == 1 and grid[1] > 1) if split == "pixels" else (bp > 1 and C % bp), (bp, grid)
+    got, want = [[w.detach().clone().requires_grad_() for w in ws] for _ in range(2)]
+    for op, leaves in ((stencil, got), (stencil_reference, want)):
+        ys = op(x, *leaves, 1, pools=False)
+        loss = sum((y * gi).sum() for y, gi in zip(ys, g))
+        with max_tile(tile), _Ops() as seen:
+            loss.backward()
+        if op is stencil:
+            assert seen.names.count("stencil_bwd_weight") == 1 and not COPY_OPS & set(seen.names), seen.names
+    assert all(w.grad.is_contiguous() for w in got)
+    assert len({w.grad.untyped_storage().data_ptr() for w in got}) == 1
+    for name, a, b in zip(GRADS[1:], got, want):
+        assert a.grad.dtype == b.grad.dtype
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=2e-5, msg=f"grad {name}")

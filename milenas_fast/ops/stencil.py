@@ -15,8 +15,8 @@ Registered ops (torch.library.triton_op, visible to torch.compile); an absent br
 and a 0-element tensor on output:
     milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools) -> 6 tensors
     milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride) -> dx
-    milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride) -> dw [C, taps] (fp32: the given
-        gradients' branches' taps side by side, w3 | w5 | wd3 | wd5)
+    milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride) -> dw [Σ C·k²] (fp32: the given
+        gradients' branches' filter gradients one after another, w3 | w5 | wd3 | wd5, each [C, k²])
 The two backward halves are separate ops so that α-only passes (no filter gradients wanted) and
 frozen inputs skip the work they do not need. `stencil_reference` and `relu_depthwise_reference` are
 the plain-PyTorch twins.
@@ -158,27 +158,27 @@ def stencil_bwd_input(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[
 @_register("milenas_fast::stencil_bwd_weight")
 def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional[torch.Tensor],
                        gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor], stride: int) -> torch.Tensor:
-    """fp32 filter gradients of the branches whose output gradient is given, [C, Σ k²] in the order
-    w3 | w5 | wd3 | wd5 (`split_taps` parts them; the caller casts to the filters' dtype)."""
+    """fp32 filter gradients of the branches whose output gradient is given, flat: one contiguous [C, k²]
+    block per branch in the order w3 | w5 | wd3 | wd5 (`split_taps` parts them without a copy; the caller
+    casts to the filters' dtype)."""
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
     gs = [g.contiguous() if g is not None else None for g in (g3, g5, gd3, gd5)]
     taps = sum(k * k for g, k in zip(gs, KSIZE) if g is not None)
     bp, bhw, grid, warps = launch_config("bwd_weight", x.shape, stride)
-    part = x.new_empty(grid[1], N, C, taps, dtype=torch.float32)  # every program stores all its taps
+    part = x.new_empty(grid[1] * N, C * taps, dtype=torch.float32)  # every program stores all its taps
     _launch(
-        K.stencil_bwd_weight_kernel, grid, x, *_or(gs, x), part, N * C, H, W, HO, WO, *_present(gs),
+        K.stencil_bwd_weight_kernel, grid, x, *_or(gs, x), part, N * C, C, H, W, HO, WO, *_present(gs),
         STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     # Deterministic second stage: an ordered sum over pixel tiles and the batch, in fp32.
-    return part.sum(dim=(0, 1))
+    return part.sum(dim=0)
 
 
-def split_taps(dw: torch.Tensor, present) -> list:
-    """stencil_bwd_weight's [C, taps] as one [C, 1, k, k] tensor per present branch, None elsewhere
-    (a view when one branch is present, else contiguous copies)."""
-    sizes = [k * k for k, p in zip(KSIZE, present) if p]
-    parts = iter(torch.split(dw, sizes, dim=1))
-    return [next(parts).reshape(dw.shape[0], 1, k, k) if p else None for k, p in zip(KSIZE, present)]
+def split_taps(dw: torch.Tensor, C: int, present) -> list:
+    """stencil_bwd_weight's flat result as one contiguous [C, 1, k, k] view per present branch, None
+    elsewhere (autograd's AccumulateGrad then keeps it as the .grad, no copy)."""
+    parts = iter(torch.split(dw, [C * k * k for k, p in zip(KSIZE, present) if p]))
+    return [next(parts).view(C, 1, k, k) if p else None for k, p in zip(KSIZE, present)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -201,8 +201,8 @@ def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg):
           for g, w, need in zip((g3, g5, gd3, gd5), ws, ctx.needs_input_grad[1:5])]
     if any(g is not None for g in gw):
         dw = torch.ops.milenas_fast.stencil_bwd_weight(x, *gw, ctx.stride)
-        dws = [d if d is None else d.to(w.dtype, memory_format=torch.contiguous_format)
-               for d, w in zip(split_taps(dw, _present(gw)), ws)]
+        dws = [d if d is None else d.to(w.dtype)  # a cast only where the filter is not fp32
+               for d, w in zip(split_taps(dw, x.shape[1], _present(gw)), ws)]
     return (dx, *dws, None, None)
 
 

@@ -86,3 +86,24 @@ def test_alphas_follow_device_moves_and_stay_leaves():
     assert model.alphas_normal.dtype == torch.float32  # dtype casts leave α in fp32
     moved = copy.deepcopy(model).to("cpu")
     assert moved.alphas_normal.is_leaf and moved.alphas_normal.requires_grad
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("size", [(8, 6), (7, 9), (8, 5)])
+def test_factorized_reduce_is_darts_formula(size):
+    """Even sizes sample the odd pixels directly (no pad); the result and every gradient are DARTS's
+    pad-the-shifted-input formula's."""
+    from milenas_fast.space.primitives import FactorizedReduce
+
+    torch.manual_seed(0)
+    fr = FactorizedReduce(5, 6, affine=False)
+    x = torch.randn(3, 5, *size, requires_grad=True)
+    out = fr.pre_bn(x)
+    r = torch.relu(x)
+    darts = torch.cat([fr.conv_1(r), fr.conv_2(torch.nn.functional.pad(r[:, :, 1:, 1:], (0, 1, 0, 1)))], dim=1)
+    torch.testing.assert_close(out, darts, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, fr.conv_1.weight, fr.conv_2.weight), g)
+    want = torch.autograd.grad(darts, (x, fr.conv_1.weight, fr.conv_2.weight), g)
+    for a, b, name in zip(got, want, ("x", "conv_1", "conv_2")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")

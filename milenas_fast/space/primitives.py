@@ -145,11 +145,18 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
-    def pre_bn(self, x):
+    def pre_bn(self, x, w1=None, w2=None):
+        """ReLU, both convolutions, concatenated (before the BN). w1/w2 stand in for the convs' weights (the
+        fused MixedOp passes them cast once per call under autocast)."""
         x = self.relu(x)
-        # The shifted branch pads on the bottom/right so odd sizes give the same output shape.
-        shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1)
+        w1 = self.conv_1.weight if w1 is None else w1
+        w2 = self.conv_2.weight if w2 is None else w2
+        if x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0:
+            # The stride-2 conv of the shifted input reads the odd pixels: a quarter of x, copied once (no pad).
+            shifted, stride = x[:, :, 1::2, 1::2].contiguous(), 1
+        else:  # odd sizes: shifted, padded on the bottom/right to the same output shape
+            shifted, stride = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1)), 2
+        return torch.cat([F.conv2d(x, w1, stride=2), F.conv2d(shifted, w2, stride=stride)], dim=1)
 
     def forward(self, x):
         return self.bn(self.pre_bn(x))

@@ -158,8 +158,7 @@ def edge_reduce_cases(N, C, H, s, dtype, dev):
     w = torch.softmax(torch.randn(K_EDGE, device=dev, generator=g), 0)
     cases = {}
     for name, fn in (("eager NCHW", edge_reduce_reference), ("fused", edge_reduce)):
-        leaves = [t.clone().requires_grad_() for t in (y, w, mean, rstd)]
-        cases[name] = (lambda fn=fn, leaves=leaves: fn(*leaves), leaves)
+        cases[name] = _edge_reduce_case(fn, y, w, mean, rstd)
     cases.update(edge_reduce_twin_case(y, w, mean, rstd))
     el = torch.finfo(dtype).bits // 8
     o = N * C * HO * HO
@@ -174,8 +173,15 @@ def edge_reduce_twin_case(y, w, mean, rstd) -> dict:
     except Exception as e:  # noqa: BLE001 - a missing/broken Triton just drops the row
         print(f"edge_reduce Triton twin skipped: {type(e).__name__}: {e}", file=sys.stderr)
         return {}
-    leaves = [t.clone().requires_grad_() for t in (y, w, mean, rstd)]
-    return {"Triton twin": (lambda: edge_reduce_triton(*leaves), leaves)}
+    return {"Triton twin": _edge_reduce_case(edge_reduce_triton, y, w, mean, rstd)}
+
+
+def _edge_reduce_case(fn, y, w, mean, rstd):
+    """(call, leaves): fn over the rows of y as K separate candidates (the ops take a list, as the fused
+    MixedOp hands them over)."""
+    leaves = [*(t.clone().requires_grad_() for t in y), *(t.clone().requires_grad_() for t in (w, mean, rstd))]
+    k = y.shape[0]
+    return (lambda: fn(leaves[:k], *leaves[k:])), leaves
 
 
 def mixed_op_cases(N, C, H, s, dtype, dev, alpha_only=False):

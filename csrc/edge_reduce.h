@@ -4,14 +4,25 @@
 
 namespace milenas_fast {
 
-inline void check_edge_reduce_inputs(const at::Tensor& y, const at::Tensor& w, const at::Tensor& mean,
+// The most candidates one call takes: the CUDA kernels get one pointer per candidate in a fixed-size struct.
+constexpr int64_t kMaxCandidates = 8;
+
+// ys: the K candidates, each [N, C, H, W], one dtype and device (read where they are: no stack).
+inline void check_edge_reduce_inputs(at::TensorList ys, const at::Tensor& w, const at::Tensor& mean,
                                      const at::Tensor& rstd) {
-  TORCH_CHECK(y.dim() == 5, "edge_reduce: y must be [K, N, C, H, W], got ", y.sizes());
+  const int64_t K = static_cast<int64_t>(ys.size());
+  TORCH_CHECK(K >= 1 && K <= kMaxCandidates, "edge_reduce: need 1 to ", kMaxCandidates, " candidates, got ", K);
+  const at::Tensor& y = ys[0];
+  TORCH_CHECK(y.dim() == 4, "edge_reduce: each candidate must be [N, C, H, W], got ", y.sizes());
   const auto st = y.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-              "edge_reduce: y must be float32, bfloat16 or float16, got ", st);
-  const int64_t K = y.size(0), C = y.size(2);
-  TORCH_CHECK(K >= 1, "edge_reduce: need at least one candidate (K >= 1)");
+              "edge_reduce: candidates must be float32, bfloat16 or float16, got ", st);
+  for (int64_t k = 1; k < K; ++k) {
+    TORCH_CHECK(ys[k].sizes() == y.sizes() && ys[k].scalar_type() == st && ys[k].device() == y.device(),
+                "edge_reduce: ys[", k, "] must match ys[0] (", y.sizes(), ", ", st, ", ", y.device(), "), got ",
+                ys[k].sizes(), ", ", ys[k].scalar_type(), ", ", ys[k].device());
+  }
+  const int64_t C = y.size(1);
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 1 && w.size(0) == K,
               "edge_reduce: w must be float32 [K=", K, "], got ", w.scalar_type(), " ", w.sizes());
   for (const at::Tensor* t : {&mean, &rstd}) {
@@ -25,11 +36,20 @@ inline void check_edge_reduce_inputs(const at::Tensor& y, const at::Tensor& w, c
   }
 }
 
-inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& y) {
-  TORCH_CHECK(grad_out.sizes() == y.sizes().slice(1) && grad_out.scalar_type() == y.scalar_type() &&
+inline void check_grad_out(const at::Tensor& grad_out, at::TensorList ys) {
+  const at::Tensor& y = ys[0];
+  TORCH_CHECK(grad_out.sizes() == y.sizes() && grad_out.scalar_type() == y.scalar_type() &&
                   grad_out.device() == y.device(),
-              "edge_reduce_backward: grad_out must match y[0] (", y.sizes().slice(1), ", ", y.scalar_type(),
-              "), got ", grad_out.sizes(), ", ", grad_out.scalar_type());
+              "edge_reduce_backward: grad_out must match ys[0] (", y.sizes(), ", ", y.scalar_type(), "), got ",
+              grad_out.sizes(), ", ", grad_out.scalar_type());
+}
+
+// The candidates, each made contiguous (a copy only where one is not).
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ys) {
+  std::vector<at::Tensor> out;
+  out.reserve(ys.size());
+  for (const auto& y : ys) out.push_back(y.contiguous());
+  return out;
 }
 
 }  // namespace milenas_fast

@@ -12,11 +12,12 @@ PyMODINIT_FUNC PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(milenas_fast, m) {
-  // out[n,c,h,w] = sum_k w[k] * (y[k,n,c,h,w] - mean[k,c]) * rstd[k,c]: the mixed-op / node sum with the
-  // candidates' non-affine BatchNorm folded in.
-  m.def("edge_reduce(Tensor y, Tensor w, Tensor mean, Tensor rstd) -> Tensor");
+  // out[n,c,h,w] = sum_k w[k] * (ys[k][n,c,h,w] - mean[k,c]) * rstd[k,c]: the mixed-op / node sum with the
+  // candidates' non-affine BatchNorm folded in. ys: 1 to 8 candidates [N, C, H, W], read where they are.
+  m.def("edge_reduce(Tensor[] ys, Tensor w, Tensor mean, Tensor rstd) -> Tensor");
   // output_mask selects (grad_y, grad_w, grad_mean, grad_rstd); unselected outputs are undefined (None).
+  // grad_y is ONE [K, N, C, H, W] buffer (autograd hands out its rows).
   m.def(
-      "edge_reduce_backward(Tensor grad_out, Tensor y, Tensor w, Tensor mean, Tensor rstd, "
+      "edge_reduce_backward(Tensor grad_out, Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, "
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

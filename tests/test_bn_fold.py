@@ -1,5 +1,6 @@
 """bn_fold: the batch-statistics BatchNorm folded into edge_reduce with a written-out backward, against
-autograd through torch.var_mean and the plain-PyTorch edge_reduce (float64 oracle where it matters)."""
+autograd through torch.var_mean and the plain-PyTorch edge_reduce (float64 oracle where it matters).
+The ops take the candidates as a list (`_inputs` builds them as one tensor's rows: `list(ys)`)."""
 import pytest
 import torch
 
@@ -36,19 +37,23 @@ def _reference(ys, w, rows, eps=1e-5):
         else:
             mean.append(ys.new_zeros(C))
             rstd.append(ys.new_ones(C))
-    return edge_reduce_reference(ys, w, torch.stack(mean), torch.stack(rstd))
+    return edge_reduce_reference(list(ys), w, torch.stack(mean), torch.stack(rstd))
 
 
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("K,rows,shape", [(3, (0, 2), (3, 5, 7, 9)), (4, (0, 1, 2, 3), (2, 3, 5, 5)),
-                                          (2, (), (3, 4, 3, 3)), (5, (0, 1, 3, 4), (2, 3, 4, 5))])
+                                          (2, (), (3, 4, 3, 3)), (5, (0, 1, 3, 4), (2, 3, 4, 5)),
+                                          (7, (0, 1, 3, 4, 5, 6), (2, 3, 3, 5)), (1, (0,), (3, 2, 3, 5))])
 def test_folded_reduce_gradients_match_batchnorm_autograd(K, rows, shape, dev):
-    """The identity (constant 0/1 statistics) in a middle row too, as in PRIMITIVES order at stride 1."""
+    """The identity (constant 0/1 statistics) in a middle row too, as in PRIMITIVES order at stride 1; the
+    candidates in separate storages (as the fused MixedOp's), each getting its own gradient."""
     ys, w, grad = _inputs(K, *shape, dev, seed=K + len(rows))
-    got_in = [ys.clone().requires_grad_(), w.clone().requires_grad_()]
-    mean, rstd, _ = bn_stats(ys, stats_mask(rows), 1e-5)
-    out = folded_reduce(got_in[0], got_in[1], mean, rstd, stats_mask(rows))
-    gy, gw = torch.autograd.grad(out, got_in, grad)
+    cands = [y.clone().requires_grad_() for y in ys]
+    got_in = [*cands, w.clone().requires_grad_()]
+    mean, rstd, _ = bn_stats(cands, stats_mask(rows), 1e-5)
+    out = folded_reduce(cands, got_in[-1], mean, rstd, stats_mask(rows))
+    *gys, gw = torch.autograd.grad(out, got_in, grad)
+    gy = torch.stack(gys)
     ref_in = [ys.double().requires_grad_(), w.double().requires_grad_()]
     ref = _reference(*ref_in, rows)
     ry, rw = torch.autograd.grad(ref, ref_in, grad.double())
@@ -69,8 +74,9 @@ def test_bn_fold_grad_matches_twin(rows, tile, dtype, dev, monkeypatch):
     ys, w, grad = _inputs(K, 2, 3, 5, 7, dev, seed=9, dtype=dtype)
     g = torch.Generator().manual_seed(3)
     mean, rstd, gm, gr = (torch.randn(K, 3, generator=g).to(dev) for _ in range(4))
-    got = bn_fold_grad(grad, ys, w, mean, rstd, gm, gr, stats_mask(rows))
-    want = bn_fold_grad_reference(grad, ys, w, mean, rstd, gm, gr, stats_mask(rows))
+    got = bn_fold_grad(grad, list(ys), w, mean, rstd, gm, gr, stats_mask(rows))
+    want = bn_fold_grad_reference(grad, list(ys), w, mean, rstd, gm, gr, stats_mask(rows))
+    assert got.shape == ys.shape
     assert got.dtype == ys.dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
@@ -84,7 +90,8 @@ def test_bn_fold_grad_matches_twin(rows, tile, dtype, dev, monkeypatch):
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,K,shape,tile", [((0, 1, 2), 4, (3, 5, 7, 9), None), ((0, 2), 3, (2, 3, 5, 5), None),
-                                               ((0, 1, 3, 4), 5, (2, 3, 5, 7), 16)])
+                                               ((0, 1, 3, 4), 5, (2, 3, 5, 7), 16), ((0,), 1, (2, 3, 3, 5), None),
+                                               ((0, 1, 3, 4, 5, 6), 7, (2, 3, 5, 3), 16)])
 def test_bn_stats_matches_twin(rows, K, shape, tile, dtype, dev, monkeypatch):
     """Statistics in fp32 from 16-bit data too (no rounding of the statistics), the identity's row (last or in
     the middle) exactly 0 / 1 / 0; an offset mean (0.7 vs std 1.5) checks the centred second pass; tile 16
@@ -92,15 +99,16 @@ def test_bn_stats_matches_twin(rows, K, shape, tile, dtype, dev, monkeypatch):
     if tile:
         monkeypatch.setattr(bn_fold, "MAX_TILE", tile)
     ys, _, _ = _inputs(K, *shape, dev, seed=5, dtype=dtype)
-    got = bn_stats(ys, stats_mask(rows), 1e-5)
-    want = bn_stats_reference(ys.double(), stats_mask(rows), 1e-5)
+    got = bn_stats(list(ys), stats_mask(rows), 1e-5)
+    want = bn_stats_reference(list(ys.double()), stats_mask(rows), 1e-5)
     assert [t.dtype for t in got] == [torch.float32] * 3 and [t.shape for t in got] == [(K, shape[1])] * 3
     for g, w, name in zip(got, want, ("mean", "rstd", "unbiased var")):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-6, msg=name)
     const = [k for k in range(K) if k not in rows]
     for t, v in zip(got, (0.0, 1.0, 0.0)):
         assert torch.equal(t[const], torch.full((len(const), shape[1]), v, device=dev))
-    assert (got[1][list(rows)] != 1).all()  # not mistaken for an identity row
+    if const:
+        assert (got[1][list(rows)] != 1).all()  # not mistaken for an identity row
 
 
 @pytest.mark.gpu_path
@@ -125,9 +133,23 @@ def test_running_rstd_matches_twin(rows, tile, dtype, dev, monkeypatch):
     assert not (got[list(rows)] == 1).any()
 
 
+@pytest.mark.gpu_path
+def test_bad_candidate_lists_raise():
+    """bn_stats and bn_fold_grad hold the candidates to edge_reduce's contract, with its messages."""
+    ys, w, grad = _inputs(3, 2, 3, 3, 5, "cpu", seed=1)
+    vec = torch.zeros(3, 3)
+    for cands, match in (([ys[0], ys[1][:, :2], ys[2]], r"ys\[1\] must match ys\[0\]"),
+                         ([ys[0], ys[1], ys[2].bfloat16()], r"ys\[2\] must match ys\[0\]"),
+                         ([ys[0]] * 9, "need 1 to 8 candidates, got 9"), ([], "got 0")):
+        with pytest.raises(RuntimeError, match=match):
+            bn_stats(cands, 1, 1e-5)
+        with pytest.raises(RuntimeError, match=match):
+            bn_fold_grad(grad, cands, w, vec, vec, vec, vec, 1)
+
+
 def test_stats_rows_beyond_the_candidates_raise():
     ys = torch.zeros(3, 2, 2, 2, 2)
-    for fn in (lambda m: bn_stats(ys, m, 1e-5), lambda m: bn_stats_reference(ys, m, 1e-5),
+    for fn in (lambda m: bn_stats(list(ys), m, 1e-5), lambda m: bn_stats_reference(list(ys), m, 1e-5),
                lambda m: running_rstd(ys[:, 0, :, 0, 0], m, 1e-5)):
         with pytest.raises(ValueError, match="beyond the 3 candidates"):
             fn(0b1001)
@@ -144,7 +166,7 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("_bn", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-DATA_PTRS = ("g_ptr", "y_ptr", "gy_ptr", "var_ptr")  # the pointers in the data's dtype; the rest fp32
+DATA_PTRS = ("g_ptr", "gy_ptr", "var_ptr", *(f"y{k}_ptr" for k in range(8)))  # in the data's dtype; the rest fp32
 res = {}
 for dt in ("fp32", "bf16"):
     for name, consts in json.loads(sys.argv[2]):
@@ -178,12 +200,13 @@ def test_bn_fold_kernels_build_for_sm90():
     pytest.importorskip("triton")
     src = Path(__file__).resolve().parents[1] / "kernels" / "bn_fold.py"
     s1, s2 = 0b1111011, 0b1111111  # the DARTS candidates at stride 1 (identity in row 2) and 2
-    todo = [("bn_stats_kernel", {"STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024}),
-            ("bn_stats_kernel", {"STATS": s2, "BLOCK_C": 4, "BLOCK_HW": 64}),
-            ("bn_stats_kernel", {"STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1}),
-            ("bn_fold_grad_kernel", {"STATS": s1, "BLOCK_P": 1, "BLOCK_HW": 1024}),
-            ("bn_fold_grad_kernel", {"STATS": s2, "BLOCK_P": 16, "BLOCK_HW": 64}),
-            ("bn_fold_grad_kernel", {"STATS": 0, "BLOCK_P": 16, "BLOCK_HW": 64}),
+    todo = [("bn_stats_kernel", {"K": 7, "STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024}),
+            ("bn_stats_kernel", {"K": 7, "STATS": s2, "BLOCK_C": 4, "BLOCK_HW": 64}),
+            ("bn_stats_kernel", {"K": 7, "STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1}),
+            ("bn_fold_grad_kernel", {"K": 7, "STATS": s1, "BLOCK_P": 1, "BLOCK_HW": 1024}),
+            ("bn_fold_grad_kernel", {"K": 7, "STATS": s2, "BLOCK_P": 16, "BLOCK_HW": 64}),
+            ("bn_fold_grad_kernel", {"K": 7, "STATS": 0, "BLOCK_P": 16, "BLOCK_HW": 64}),
+            ("bn_fold_grad_kernel", {"K": 8, "STATS": 0xFF, "BLOCK_P": 1, "BLOCK_HW": 1024}),
             ("running_rstd_kernel", {"STATS": s1, "BLOCK_C": 64})]
     p = subprocess.run([sys.executable, "-c", _SM90, str(src), json.dumps(todo)], capture_output=True, text=True,
                        timeout=600)

@@ -94,7 +94,8 @@ def test_hand_count_fused_custom_ops():
     with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
         x = torch.randn(N, C, H, W)
         ws = [torch.randn(C, 1, k, k) for k in (3, 5, 3, 5)]
-        y, w, mean, rstd = torch.randn(K, N, C, H, W), torch.rand(K), torch.randn(K, C), torch.rand(K, C)
+        ys = [torch.randn(N, C, H, W) for _ in range(K)]  # the candidates where they are: no stack
+        w, mean, rstd = torch.rand(K), torch.randn(K, C), torch.rand(K, C)
         with rec:
             stencil(x, *ws, 1)
         st = cm._summary(rec.by_class)
@@ -104,7 +105,7 @@ def test_hand_count_fused_custom_ops():
         skipped = cm._summary(rec.by_class)
         rec.by_class.clear()
         with rec:
-            edge_reduce(y, w, mean, rstd)
+            edge_reduce(ys, w, mean, rstd)
         er = cm._summary(rec.by_class)
     assert st.kernels == 1
     assert st.bytes == 4 * (E + C * (9 + 25 + 9 + 25) + 6 * E)
@@ -113,6 +114,8 @@ def test_hand_count_fused_custom_ops():
     assert skipped.bytes == 4 * (E + C * (9 + 9 + 25) + 3 * E)
     assert skipped.flops == 2 * E * (9 + 9 + 25)
     assert er.kernels == 1
+    assert er.bytes == 4 * ((K + 1) * E + K + 2 * K * C)  # the K candidates where they are, no stack
+    assert er.flops == 3 * K * E
     assert er.bytes == 4 * (K * E + K + 2 * K * C + E)
     assert er.flops == 3 * K * E
 
@@ -221,22 +224,23 @@ def test_eager_fp32_flops_of_the_default_supernet():
 
 @pytest.mark.gpu_path
 def test_hand_count_bn_fold_ops():
-    """bn_stats, bn_fold_grad and running_rstd (triton_ops) are ONE launch each: bn_stats reads y and writes
-    mean, rstd and the unbiased var [K, C]; bn_fold_grad reads g, y and six [K]/[K, C] vectors and writes gy;
+    """bn_stats, bn_fold_grad and running_rstd (triton_ops) are ONE launch each: bn_stats reads the K candidates
+    (a list: the unused pointer slots alias them, counted once) and writes mean, rstd and the unbiased var
+    [K, C]; bn_fold_grad reads g, the candidates and six [K]/[K, C] vectors and writes gy [K, N, C, H, W];
     running_rstd reads var [K, C] and writes rstd [K, C]."""
     from milenas_fast.ops.bn_fold import bn_fold_grad, bn_stats, running_rstd
 
     K, stats = 3, 0b101  # the identity in the middle row
     rec = cm.Recorder()
     with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
-        y, g, w = torch.randn(K, N, C, H, W), torch.randn(N, C, H, W), torch.rand(K)
+        ys, g, w = [torch.randn(N, C, H, W) for _ in range(K)], torch.randn(N, C, H, W), torch.rand(K)
         vecs = [torch.randn(K, C) for _ in range(4)]
         with rec:
-            bn_stats(y, stats, 1e-5)
+            bn_stats(ys, stats, 1e-5)
         st = cm._summary(rec.by_class)
         rec.by_class.clear()
         with rec:
-            bn_fold_grad(g, y, w, *vecs, stats)
+            bn_fold_grad(g, ys, w, *vecs, stats)
         fg = cm._summary(rec.by_class)
         rec.by_class.clear()
         with rec:

@@ -36,9 +36,18 @@ inline void plane_sums(const T* g, const T* y, float m, int64_t n, float& sgy, f
   }
 }
 
+// The candidates' data pointers, in order.
 template <typename T>
-void forward_impl(const T* y, const float* w, const float* mean, const float* rstd, T* out, int64_t K,
+std::vector<const T*> pointers(const std::vector<at::Tensor>& ys) {
+  std::vector<const T*> out;
+  for (const auto& y : ys) out.push_back(y.const_data_ptr<T>());
+  return out;
+}
+
+template <typename T>
+void forward_impl(const std::vector<const T*>& ys, const float* w, const float* mean, const float* rstd, T* out,
                   int64_t NC, int64_t C, int64_t HW) {
+  const int64_t K = static_cast<int64_t>(ys.size());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * HW));
   at::parallel_for(0, NC, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(HW);
@@ -47,7 +56,7 @@ void forward_impl(const T* y, const float* w, const float* mean, const float* rs
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t k = 0; k < K; ++k) {
         const float a = w[k] * rstd[k * C + c], m = mean[k * C + c];
-        const T* yp = y + (k * NC + p) * HW;
+        const T* yp = ys[k] + p * HW;
         for (int64_t i = 0; i < HW; ++i) acc[i] += (static_cast<float>(yp[i]) - m) * a;
       }
       T* op = out + p * HW;
@@ -56,35 +65,42 @@ void forward_impl(const T* y, const float* w, const float* mean, const float* rs
   });
 }
 
-at::Tensor edge_reduce_cpu(const at::Tensor& y_, const at::Tensor& w_, const at::Tensor& mean_,
+at::Tensor edge_reduce_cpu(at::TensorList ys_, const at::Tensor& w_, const at::Tensor& mean_,
                            const at::Tensor& rstd_) {
-  check_edge_reduce_inputs(y_, w_, mean_, rstd_);
-  const auto y = y_.contiguous(), w = w_.contiguous(), mean = mean_.contiguous(), rstd = rstd_.contiguous();
-  const int64_t K = y.size(0), N = y.size(1), C = y.size(2), HW = y.size(3) * y.size(4);
-  auto out = at::empty(y.sizes().slice(1), y.options());
+  check_edge_reduce_inputs(ys_, w_, mean_, rstd_);
+  const auto ys = contiguous_all(ys_);
+  const auto w = w_.contiguous(), mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const auto& y = ys[0];
+  const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  auto out = at::empty(y.sizes(), y.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "edge_reduce_cpu", [&] {
-    forward_impl<scalar_t>(y.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-                           mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
-                           out.mutable_data_ptr<scalar_t>(), K, N * C, C, HW);
+    forward_impl<scalar_t>(pointers<scalar_t>(ys), w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+                           rstd.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), N * C, C, HW);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_reduce_backward_cpu(
-    const at::Tensor& grad_out_, const at::Tensor& y_, const at::Tensor& w_, const at::Tensor& mean_,
+    const at::Tensor& grad_out_, at::TensorList ys_, const at::Tensor& w_, const at::Tensor& mean_,
     const at::Tensor& rstd_, std::array<bool, 4> mask) {
-  check_edge_reduce_inputs(y_, w_, mean_, rstd_);
-  check_grad_out(grad_out_, y_);
-  const auto g = grad_out_.contiguous(), y = y_.contiguous(), w = w_.contiguous(),
-             mean = mean_.contiguous(), rstd = rstd_.contiguous();
-  const int64_t K = y.size(0), N = y.size(1), C = y.size(2), HW = y.size(3) * y.size(4), NC = N * C;
+  check_edge_reduce_inputs(ys_, w_, mean_, rstd_);
+  check_grad_out(grad_out_, ys_);
+  const auto ys = contiguous_all(ys_);
+  const auto g = grad_out_.contiguous(), w = w_.contiguous(), mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const auto& y = ys[0];
+  const int64_t K = static_cast<int64_t>(ys.size()), N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3),
+                NC = N * C;
   const float* wp = w.const_data_ptr<float>();
   const float* mp = mean.const_data_ptr<float>();
   const float* rp = rstd.const_data_ptr<float>();
   const auto fopts = w.options();
   at::Tensor grad_y, grad_w, grad_mean, grad_rstd;
-  if (mask[0]) grad_y = at::empty(y.sizes(), y.options());
+  if (mask[0]) {
+    std::vector<int64_t> sizes{K};
+    sizes.insert(sizes.end(), y.sizes().begin(), y.sizes().end());
+    grad_y = at::empty(sizes, y.options());
+  }
   if (mask[1]) grad_w = at::empty({K}, fopts);
   if (mask[2]) grad_mean = at::empty({K, C}, fopts);
   if (mask[3]) grad_rstd = at::empty({K, C}, fopts);
@@ -94,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_reduce_backward_
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "edge_reduce_backward_cpu", [&] {
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const auto yp = pointers<scalar_t>(ys);
     if (mask[0]) {
       scalar_t* gyp = grad_y.mutable_data_ptr<scalar_t>();
       const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, HW));
@@ -115,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_reduce_backward_
           float a = 0.f, b = 0.f;
           for (int64_t n = 0; n < N; ++n) {
             float pa = 0.f, pb = 0.f;  // per-plane partials keep the fp32 sums short
-            plane_sums(gp + (n * C + c) * HW, yp + ((k * N + n) * C + c) * HW, mp[kc], HW, pa, pb);
+            plane_sums(gp + (n * C + c) * HW, yp[k] + (n * C + c) * HW, mp[kc], HW, pa, pb);
             a += pa;
             b += pb;
           }

@@ -1,8 +1,9 @@
 """edge_reduce with some candidates' non-affine BatchNorm in training mode: batch statistics.
 
-    out = folded_reduce(ys, w, mean, rstd, stats)   ys [K, N, C, H, W], w [K], mean/rstd [K, C] fp32
+    out = folded_reduce(ys, w, mean, rstd, stats)   ys: K ≤ 8 candidates [N, C, H, W], w [K], mean/rstd [K, C] fp32
 
-`stats` is a bitmask over the rows of ys: bit k set says mean[k] / rstd[k] are ys[k]'s batch statistics
+The candidates are a list, read where they are (no stack), as by edge_reduce.
+`stats` is a bitmask over the candidates: bit k set says mean[k] / rstd[k] are ys[k]'s batch statistics
 (`bn_stats`), and the gradient then flows through them, as through nn.BatchNorm2d; the other rows' mean/rstd
 are constants (running statistics, the identity's 0 and 1), in whatever row they sit. Autograd through
 torch.var_mean would cost a copy of ys to fp32 (bf16), the statistics' backward (five full-size elementwise
@@ -18,7 +19,7 @@ import torch
 from milenas_fast.kernels import bn_fold as K
 
 from .edge_reduce import edge_reduce, edge_reduce_backward
-from .edge_reduce_triton import MAX_TILE, _pow2, launch_config
+from .edge_reduce_triton import MAX_TILE, _pow2, check_candidates, launch_config, pointers
 from .triton_launch import INTERPRET, launch, register
 
 
@@ -38,25 +39,31 @@ def _rows(stats: int, k: int, device) -> torch.Tensor:
     return ((stats >> torch.arange(k, device=device)) & 1).bool()[:, None]
 
 
+def _check_list(ys: list[torch.Tensor], stats: int) -> None:
+    """edge_reduce's contract on the candidates (count, shapes, dtypes, devices), and the bitmask's rows."""
+    check_candidates(ys)
+    _check(stats, len(ys))
+
+
 @register("milenas_fast::bn_stats")
-def bn_stats(ys: torch.Tensor, stats: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ONE kernel (kernels/bn_fold.py) for the statistics of ys [K, N, C, H, W], fp32 whatever ys's dtype:
-    (mean, rstd, unbiased var), each [K, C]; rows named by `stats` are ys[k]'s batch statistics, the others
-    (the identity) mean 0, rstd 1 and var 0, so nothing is concatenated per call."""
-    kt, n, c, h, wd = ys.shape
-    _check(stats, kt)
-    ys = ys.contiguous()
-    mean = ys.new_empty(kt, c, dtype=torch.float32)
+def bn_stats(ys: list[torch.Tensor], stats: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONE kernel (kernels/bn_fold.py) for the statistics of the candidates ys (each [N, C, H, W]), fp32 whatever
+    their dtype: (mean, rstd, unbiased var), each [K, C]; rows named by `stats` are ys[k]'s batch statistics, the
+    others (the identity) mean 0, rstd 1 and var 0, so nothing is concatenated per call."""
+    _check_list(ys, stats)
+    kt, (n, c, h, wd) = len(ys), ys[0].shape
+    mean = ys[0].new_empty(kt, c, dtype=torch.float32)
     rstd, uvar = torch.empty_like(mean), torch.empty_like(mean)
     bhw = min(_pow2(h * wd), MAX_TILE)
     bc = _pow2(c) if INTERPRET else max(1, min(_pow2(c), MAX_TILE // bhw // 4))  # the interpreter pays per program
-    launch(K.bn_stats_kernel, (kt, -(-c // bc)), ys, mean, rstd, uvar, n, c, h * wd, eps,
-           STATS=stats, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
+    launch(K.bn_stats_kernel, (kt, -(-c // bc)), *pointers(ys), mean, rstd, uvar, n, c, h * wd, eps,
+           K=kt, STATS=stats, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
     return mean, rstd, uvar
 
 
-def bn_stats_reference(ys: torch.Tensor, stats: int, eps: float):
+def bn_stats_reference(ys: list[torch.Tensor], stats: int, eps: float):
     """Plain-PyTorch twin of `bn_stats`."""
+    ys = torch.stack(list(ys))
     c = ys.shape[2]
     on = _rows(stats, ys.shape[0], ys.device)
     var, mean = torch.var_mean(ys.float(), dim=(1, 3, 4), correction=0)
@@ -86,21 +93,23 @@ def running_rstd_reference(var: torch.Tensor, stats: int, eps: float) -> torch.T
 
 
 @register("milenas_fast::bn_fold_grad")
-def bn_fold_grad(g: torch.Tensor, y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+def bn_fold_grad(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                  gmean: torch.Tensor, grstd: torch.Tensor, stats: int) -> torch.Tensor:
-    k, n, c, h, wd = y.shape
-    _check(stats, k)
-    g, y = g.contiguous(), y.contiguous()
-    gy = torch.empty_like(y)
-    if y.numel():
+    """Every candidate's input gradient, in ONE [K, N, C, H, W] buffer (autograd hands out its rows)."""
+    _check_list(ys, stats)
+    k, (n, c, h, wd) = len(ys), ys[0].shape
+    g = g.contiguous()
+    gy = ys[0].new_empty(k, n, c, h, wd)
+    if gy.numel():
         bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        launch(K.bn_fold_grad_kernel, grid, g, y, w, mean, rstd, gmean, grstd, gy, k, 1.0 / (n * h * wd),
-               n * c, c, h * wd, STATS=stats, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys), w, mean, rstd, gmean, grstd, gy, 1.0 / (n * h * wd),
+               n * c, c, h * wd, K=k, STATS=stats, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return gy
 
 
-def bn_fold_grad_reference(g, y, w, mean, rstd, gmean, grstd, stats: int) -> torch.Tensor:
-    """Plain-PyTorch twin of `bn_fold_grad` (fp32 arithmetic, gy in y's dtype)."""
+def bn_fold_grad_reference(g, ys: list[torch.Tensor], w, mean, rstd, gmean, grstd, stats: int) -> torch.Tensor:
+    """Plain-PyTorch twin of `bn_fold_grad` (fp32 arithmetic, gy [K, N, C, H, W] in the candidates' dtype)."""
+    y = torch.stack(list(ys))
     k, n, c, h, wd = y.shape
     on = _rows(stats, k, y.device).float()
     b = -on * grstd * rstd ** 3 / (n * h * wd)
@@ -110,27 +119,32 @@ def bn_fold_grad_reference(g, y, w, mean, rstd, gmean, grstd, stats: int) -> tor
 
 
 class _FoldedReduce(torch.autograd.Function):
+    """Candidates as trailing arguments: autograd tracks tensors given directly, not inside a list."""
+
     @staticmethod
-    def forward(ctx, ys, w, mean, rstd, stats):
-        ctx.save_for_backward(ys, w, mean, rstd)
+    def forward(ctx, w, mean, rstd, stats, *ys):
+        ctx.save_for_backward(w, mean, rstd, *ys)
         ctx.stats = stats
-        return edge_reduce(ys, w, mean, rstd)  # no graph: autograd is off in here
+        return edge_reduce(list(ys), w, mean, rstd)  # no graph: autograd is off in here
 
     @staticmethod
     def backward(ctx, grad):
-        ys, w, mean, rstd = ctx.saved_tensors
-        need_y, need_w = ctx.needs_input_grad[:2]
+        w, mean, rstd, *ys = ctx.saved_tensors
+        need_w, need_ys = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        need_y = any(need_ys)
         grad = grad.contiguous()
         through = need_y and ctx.stats != 0  # the gradient flows through some batch statistics
         _, gw, gmean, grstd = edge_reduce_backward(grad, ys, w, mean, rstd, [False, need_w, through, through])
-        gy = None
+        gys = [None] * len(ys)
         if need_y:
             gm, gr = (gmean, grstd) if through else (mean, rstd)  # unread when no row has batch statistics
             gy = torch.ops.milenas_fast.bn_fold_grad(grad, ys, w, mean, rstd, gm, gr, ctx.stats)
-        return gy, gw, None, None, None
+            gys = [t if n else None for t, n in zip(gy.unbind(0), need_ys)]
+        return gw, None, None, None, *gys
 
 
-def folded_reduce(ys: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, stats: int):
-    """Σ_k w_k (ys_k − mean_k) rstd_k, differentiable in ys and w; the rows named by the bitmask `stats` have
-    their batch statistics as mean/rstd (constants otherwise: running statistics, the identity's 0 and 1)."""
-    return _FoldedReduce.apply(ys, w, mean.detach(), rstd.detach(), stats)
+def folded_reduce(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, stats: int):
+    """Σ_k w_k (ys_k − mean_k) rstd_k over the candidates ys (a list, read where they are), differentiable in ys
+    and w; the rows named by the bitmask `stats` have their batch statistics as mean/rstd (constants otherwise:
+    running statistics, the identity's 0 and 1)."""
+    return _FoldedReduce.apply(w, mean.detach(), rstd.detach(), stats, *ys)

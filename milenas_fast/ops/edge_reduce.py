@@ -1,6 +1,8 @@
 """Edge-wise reduction with non-affine BatchNorm folded in (PERF.md "What to fuse" §5).
 
-out[n,c,h,w] = Σ_k w[k] · (y[k,n,c,h,w] − mean[k,c]) · rstd[k,c]
+out[n,c,h,w] = Σ_k w[k] · (ys[k][n,c,h,w] − mean[k,c]) · rstd[k,c]
+
+ys is a list of K ≤ 8 candidates [N, C, H, W] (one dtype and device), read where they are: no stack.
 
 `edge_reduce` runs the C++/CUDA op (differentiable in all four inputs, traceable by torch.compile), or its
 Triton twin (edge_reduce_triton.py) where the extension has no kernels for the device — the choice is
@@ -18,10 +20,13 @@ from . import extension
 _lock = threading.Lock()
 _registered = False
 IMPL: dict[str, tuple[str, str]] = {}  # device type -> ("cpp" | "triton" | "", why), filled by select
+MAX_CANDIDATES = 8  # csrc/edge_reduce.h's kMaxCandidates: the kernels take one pointer per candidate
 
 
-def edge_reduce_reference(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """Same maths in PyTorch: computed in at least fp32 (fp64 stays fp64), returned in y's dtype."""
+def edge_reduce_reference(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,
+                          rstd: torch.Tensor) -> torch.Tensor:
+    """Same maths in PyTorch: computed in at least fp32 (fp64 stays fp64), returned in the candidates' dtype."""
+    y = torch.stack(list(ys))
     k, _, c = y.shape[:3]
     dt = torch.promote_types(y.dtype, torch.float32)
     scale = (rstd.to(dt) * w.to(dt)[:, None]).view(k, 1, c, 1, 1)
@@ -29,23 +34,36 @@ def edge_reduce_reference(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, 
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ys, w, mean, rstd = inputs
+    ctx.k = len(ys)
+    ctx.save_for_backward(*ys, w, mean, rstd)
 
 
-def _backward(ctx, grad):
-    y, w, mean, rstd = ctx.saved_tensors
-    # Only what autograd asks for: α-only passes skip nothing here, but frozen BN statistics or a fixed w do.
-    return torch.ops.milenas_fast.edge_reduce_backward(grad, y, w, mean, rstd, list(ctx.needs_input_grad))
+def _backward_with(op):
+    """The autograd backward of an edge_reduce forward whose backward op is `op`: ONE grad_y buffer
+    [K, N, C, H, W], handed out as per-candidate views."""
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        ys, (w, mean, rstd) = list(saved[:ctx.k]), saved[ctx.k:]
+        need_ys, *need = ctx.needs_input_grad  # need_ys: one flag per candidate
+        # Only what autograd asks for: α-only passes skip nothing here, but frozen BN statistics or a fixed w do.
+        gy, *rest = op(grad, ys, w, mean, rstd, [any(need_ys), *need])
+        gys = [None] * ctx.k if gy is None else [g if n else None for g, n in zip(gy.unbind(0), need_ys)]
+        return (gys, *rest)
+    return backward
 
 
-def _fake_forward(y, w, mean, rstd):
-    return y.new_empty(y.shape[1:])
+_backward = _backward_with(lambda *a: torch.ops.milenas_fast.edge_reduce_backward(*a))
 
 
-def _fake_backward(grad_out, y, w, mean, rstd, output_mask):
-    k, c = y.shape[0], y.shape[2]
+def _fake_forward(ys, w, mean, rstd):
+    return ys[0].new_empty(ys[0].shape)
+
+
+def _fake_backward(grad_out, ys, w, mean, rstd, output_mask):
+    k, c = len(ys), ys[0].shape[1]
     return (
-        y.new_empty(y.shape) if output_mask[0] else None,
+        ys[0].new_empty((k, *ys[0].shape)) if output_mask[0] else None,
         w.new_empty((k,)) if output_mask[1] else None,
         w.new_empty((k, c)) if output_mask[2] else None,
         w.new_empty((k, c)) if output_mask[3] else None,
@@ -65,29 +83,30 @@ def register() -> None:
         _registered = True
 
 
-def edge_reduce(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """The fast op. y: [K,N,C,H,W] (fp32/bf16/fp16), w: [K] fp32, mean/rstd: [K,C] fp32 -> [N,C,H,W].
-    Raises RuntimeError when neither the extension nor the Triton twin can run (choose the reference)."""
-    if _impl(y.device.type) == "triton":
+def edge_reduce(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The fast op. ys: K ≤ 8 candidates [N,C,H,W] (fp32/bf16/fp16, one dtype), w: [K] fp32, mean/rstd: [K,C]
+    fp32 -> [N,C,H,W]. Raises RuntimeError when neither the extension nor the Triton twin can run (choose the
+    reference)."""
+    if _impl(ys[0].device.type) == "triton":
         from .edge_reduce_triton import edge_reduce_triton  # registers the op (needs Triton: imported late)
 
-        return edge_reduce_triton(y, w, mean, rstd)
-    return _cpp(y, w, mean, rstd)
+        return edge_reduce_triton(ys, w, mean, rstd)
+    return _cpp(ys, w, mean, rstd)
 
 
-def _cpp(y, w, mean, rstd):
-    return torch.ops.milenas_fast.edge_reduce(y, w, mean, rstd)
+def _cpp(ys, w, mean, rstd):
+    return torch.ops.milenas_fast.edge_reduce(ys, w, mean, rstd)
 
 
-def edge_reduce_backward(grad: torch.Tensor, y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
+def edge_reduce_backward(grad: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,
                          rstd: torch.Tensor, output_mask: list[bool]):
-    """The backward op of whichever implementation `edge_reduce` runs: (grad_y, grad_w, grad_mean, grad_rstd),
-    None where output_mask is False."""
-    if _impl(y.device.type) == "triton":
+    """The backward op of whichever implementation `edge_reduce` runs: (grad_y [K,N,C,H,W], grad_w, grad_mean,
+    grad_rstd), None where output_mask is False."""
+    if _impl(ys[0].device.type) == "triton":
         from . import edge_reduce_triton  # noqa: F401  (registers the op)
 
-        return torch.ops.milenas_fast.edge_reduce_triton_backward(grad, y, w, mean, rstd, output_mask)
-    return torch.ops.milenas_fast.edge_reduce_backward(grad, y, w, mean, rstd, output_mask)
+        return torch.ops.milenas_fast.edge_reduce_triton_backward(grad, ys, w, mean, rstd, output_mask)
+    return torch.ops.milenas_fast.edge_reduce_backward(grad, ys, w, mean, rstd, output_mask)
 
 
 def _impl(device_type: str) -> str:

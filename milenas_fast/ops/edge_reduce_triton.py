@@ -1,8 +1,8 @@
 """Triton twin of the C++/CUDA edge_reduce: the same two ops, the same semantics (output mask included).
 
-    milenas_fast::edge_reduce_triton(y, w, mean, rstd) -> out
-    milenas_fast::edge_reduce_triton_backward(grad_out, y, w, mean, rstd, bool[] output_mask (4 entries))
-        -> (grad_y, grad_w, grad_mean, grad_rstd)     unselected outputs are None
+    milenas_fast::edge_reduce_triton(ys, w, mean, rstd) -> out
+    milenas_fast::edge_reduce_triton_backward(grad_out, ys, w, mean, rstd, bool[] output_mask (4 entries))
+        -> (grad_y [K, N, C, H, W], grad_w, grad_mean, grad_rstd)     unselected outputs are None
 
 It runs where the extension has no CUDA kernels (torch wheels ship no nvcc, so the JIT build is then
 CPU-only); milenas_fast.ops.select decides. Both are registered by triton_launch (triton_ops on the GPU,
@@ -14,7 +14,7 @@ import torch
 
 from milenas_fast.kernels import edge_reduce as K
 
-from .edge_reduce import _fake_backward, _fake_forward
+from .edge_reduce import MAX_CANDIDATES, _backward_with, _fake_backward, _fake_forward, _setup_context
 from .triton_launch import INTERPRET, launch, register
 
 # Largest tile (elements) of one program: 1024 = a 32×32 plane on 4 warps on the GPU; the interpreter
@@ -34,15 +34,26 @@ def launch_config(planes: int, pixels: int, max_tile: int | None = None) -> tupl
     return bp, bhw, (-(-planes // bp), -(-pixels // bhw)), max(1, min(8, bp * bhw // 256))
 
 
-def _check(y, w, mean, rstd):
-    """The C++ op's input contract (csrc/edge_reduce.h), with its messages."""
-    if y.dim() != 5:
-        raise RuntimeError(f"edge_reduce: y must be [K, N, C, H, W], got {list(y.shape)}")
+def check_candidates(ys) -> None:
+    """The C++ op's contract on the candidates (csrc/edge_reduce.h), with its messages."""
+    k = len(ys)
+    if not 1 <= k <= MAX_CANDIDATES:
+        raise RuntimeError(f"edge_reduce: need 1 to {MAX_CANDIDATES} candidates, got {k}")
+    y = ys[0]
+    if y.dim() != 4:
+        raise RuntimeError(f"edge_reduce: each candidate must be [N, C, H, W], got {list(y.shape)}")
     if y.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise RuntimeError(f"edge_reduce: y must be float32, bfloat16 or float16, got {y.dtype}")
-    k, c = y.shape[0], y.shape[2]
-    if k < 1:
-        raise RuntimeError("edge_reduce: need at least one candidate (K >= 1)")
+        raise RuntimeError(f"edge_reduce: candidates must be float32, bfloat16 or float16, got {y.dtype}")
+    for i, t in enumerate(ys[1:], 1):
+        if t.shape != y.shape or t.dtype != y.dtype or t.device != y.device:
+            raise RuntimeError(f"edge_reduce: ys[{i}] must match ys[0] ({list(y.shape)}, {y.dtype}, {y.device}), "
+                               f"got {list(t.shape)}, {t.dtype}, {t.device}")
+
+
+def _check(ys, w, mean, rstd):
+    """The C++ op's input contract (csrc/edge_reduce.h), with its messages."""
+    check_candidates(ys)
+    k, c, y = len(ys), ys[0].shape[1], ys[0]
     if w.dtype != torch.float32 or w.shape != (k,):
         raise RuntimeError(f"edge_reduce: w must be float32 [K={k}], got {w.dtype} {list(w.shape)}")
     for t in (mean, rstd):
@@ -54,42 +65,50 @@ def _check(y, w, mean, rstd):
             raise RuntimeError(f"edge_reduce: all inputs must be on {y.device}, got {t.device}")
 
 
+def pointers(ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The kernels' eight candidate pointer arguments: ys (contiguous), the unused slots aliased to ys[0]."""
+    ys = [y.contiguous() for y in ys]
+    return ys + [ys[0]] * (MAX_CANDIDATES - len(ys))
+
+
 @register("milenas_fast::edge_reduce_triton")
-def edge_reduce_triton(y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    _check(y, w, mean, rstd)
-    y, w, mean, rstd = (t.contiguous() for t in (y, w, mean, rstd))
-    k, n, c, h, wd = y.shape
-    out = y.new_empty(y.shape[1:])
+def edge_reduce_triton(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                       ) -> torch.Tensor:
+    _check(ys, w, mean, rstd)
+    w, mean, rstd = (t.contiguous() for t in (w, mean, rstd))
+    n, c, h, wd = ys[0].shape
+    out = ys[0].new_empty(ys[0].shape)
     if out.numel() >= 2**31:
         raise RuntimeError(f"edge_reduce: {out.numel()} output elements exceed the kernels' int32 indexing")
     if out.numel():
         bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        launch(K.edge_reduce_fwd_kernel, grid, y, w, mean, rstd, out, k, n * c, c, h * wd,
-               BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        launch(K.edge_reduce_fwd_kernel, grid, *pointers(ys), w, mean, rstd, out, n * c, c, h * wd,
+               K=len(ys), BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return out
 
 
 @register("milenas_fast::edge_reduce_triton_backward")
-def edge_reduce_triton_backward(grad_out: torch.Tensor, y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
+def edge_reduce_triton_backward(grad_out: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,
                                 rstd: torch.Tensor, output_mask: list[bool]
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unselected outputs are None (the schema cannot say Tensor?: undefined tensors, as the C++ op's)."""
-    _check(y, w, mean, rstd)
-    if grad_out.shape != y.shape[1:] or grad_out.dtype != y.dtype or grad_out.device != y.device:
-        raise RuntimeError(f"edge_reduce_backward: grad_out must match y[0] ({list(y.shape[1:])}, {y.dtype}), "
+    _check(ys, w, mean, rstd)
+    y = ys[0]
+    if grad_out.shape != y.shape or grad_out.dtype != y.dtype or grad_out.device != y.device:
+        raise RuntimeError(f"edge_reduce_backward: grad_out must match ys[0] ({list(y.shape)}, {y.dtype}), "
                            f"got {list(grad_out.shape)}, {grad_out.dtype}")
-    g, y, w, mean, rstd = (t.contiguous() for t in (grad_out, y, w, mean, rstd))
-    k, n, c, h, wd = y.shape
+    g, w, mean, rstd = (t.contiguous() for t in (grad_out, w, mean, rstd))
+    k, (n, c, h, wd) = len(ys), y.shape
     want_y, sums = bool(output_mask[0]), any(output_mask[1:])
-    grad_y = torch.empty_like(y) if want_y else None
+    grad_y = y.new_empty(k, n, c, h, wd) if want_y else None
     sgy = w.new_zeros(k, c)  # empty sums (N = 0) are zero
     sg = w.new_zeros(c)
     if y.numel() and (want_y or sums):
         bp, bhw, grid, warps = launch_config(n * c, h * wd)
         part_gy = w.new_empty(grid[1], k, n * c) if sums else w
         part_g = w.new_empty(grid[1], n * c) if sums else w
-        launch(K.edge_reduce_bwd_kernel, grid, g, y, w, mean, rstd, grad_y if want_y else g, part_gy, part_g,
-               k, n * c, c, h * wd, GY=want_y, SUMS=sums, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        launch(K.edge_reduce_bwd_kernel, grid, g, *pointers(ys), w, mean, rstd, grad_y if want_y else g, part_gy,
+               part_g, n * c, c, h * wd, K=k, GY=want_y, SUMS=sums, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
         if sums:  # second stage: ordered sums over pixel tiles, then the batch
             sgy = part_gy.sum(0).view(k, n, c).sum(1)
             sg = part_g.sum(0).view(n, c).sum(0)
@@ -99,16 +118,9 @@ def edge_reduce_triton_backward(grad_out: torch.Tensor, y: torch.Tensor, w: torc
             w[:, None] * sgy if output_mask[3] else None)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad):
-    y, w, mean, rstd = ctx.saved_tensors
-    return torch.ops.milenas_fast.edge_reduce_triton_backward(grad, y, w, mean, rstd, list(ctx.needs_input_grad))
-
-
-torch.library.register_autograd("milenas_fast::edge_reduce_triton", _backward, setup_context=_setup_context)
+torch.library.register_autograd("milenas_fast::edge_reduce_triton",
+                                _backward_with(lambda *a: torch.ops.milenas_fast.edge_reduce_triton_backward(*a)),
+                                setup_context=_setup_context)
 # The C++ op's fakes: cheaper than the bodies (no checks, no partial-sum buffers) and the same for both ops.
 edge_reduce_triton.register_fake(_fake_forward)
 edge_reduce_triton_backward.register_fake(_fake_backward)

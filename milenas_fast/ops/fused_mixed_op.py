@@ -7,8 +7,8 @@
    then the pointwise), so parameters, inner running statistics and state_dict are the reference's.
 3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train: ONE `bn_stats`
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
-   Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, stacked in the module's (PRIMITIVES) order with
-   `none` left out, so the mixing weights are a view (`weights[1:]` for the DARTS list). Identity (stride 1
+   Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, a list (no stack) in the module's (PRIMITIVES) order
+   with `none` left out, so the mixing weights are a view (`weights[1:]` for the DARTS list). Identity (stride 1
    skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as nn.BatchNorm2d does
    (momentum or cumulative average, unbiased variance, num_batches_tracked). The gradient flows through the
    batch statistics (bn_fold's written-out backward), so every gradient is the reference's.
@@ -182,10 +182,10 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
     dtype = outs[0].dtype if outs else x.dtype
     for y in outs[1:]:
         dtype = torch.promote_types(dtype, y.dtype)
-    ys = torch.stack([y.to(dtype) for y in cands])
+    ys = [y if y.dtype == dtype else y.to(dtype) for y in cands]  # read where they are: no stack
     stats = rows if use_batch and use_batch[0] else 0
     if stats:
-        n = ys.shape[1] * ys.shape[3] * ys.shape[4]
+        n = ys[0].shape[0] * ys[0].shape[2] * ys[0].shape[3]
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{list(outs[0].shape)}")

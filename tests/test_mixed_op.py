@@ -353,6 +353,15 @@ def test_fused_that_cannot_run_raises(monkeypatch):
     MixedOp(4, 1)(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))  # auto falls back quietly
 
 
+def test_a_primitive_listed_twice_is_not_fused():
+    """The stencil has one branch per conv primitive: a list naming one twice takes the reference twin."""
+    from milenas_fast.ops import fused_mixed_op
+
+    m = ReferenceMixedOp(4, 1, primitives=("sep_conv_3x3", "skip_connect", "sep_conv_3x3"))
+    assert fused_mixed_op.unsupported(m) == "primitives listed twice (sep_conv_3x3)"
+    assert fused_mixed_op.unsupported(ReferenceMixedOp(4, 1)) == ""
+
+
 def test_bad_values_raise(monkeypatch):
     monkeypatch.setenv(select.ENV, "fast")
     with pytest.raises(ValueError, match="MILENAS_FAST_IMPL"):
@@ -452,7 +461,7 @@ def test_autocast_weights_cast_at_once_same_as_per_convolution(stride, fused_ok,
             return train_step(fused, x, a)
 
     got = run()
-    assert len(copies) == 2  # forward and backward, for all 8 weights
+    assert len(copies) == 2  # forward and backward, for all the 1×1 weights (FactorizedReduce's at stride 2)
     monkeypatch.setattr(fmo, "_conv_weights", lambda *args: {})
     want = run()
     assert got[0].dtype == torch.bfloat16

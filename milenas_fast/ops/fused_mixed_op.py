@@ -39,6 +39,9 @@ def unsupported(mod: nn.Module) -> str:
         return f"primitives {unknown} have no fused kernel"
     if all(p == "none" for p in names):
         return "only `none` candidates"
+    twice = sorted({p for p in names if names.count(p) > 1})
+    if twice:  # the stencil has one branch per conv primitive, edge_reduce at most 8 candidates
+        return f"primitives listed twice ({', '.join(twice)})"
     for m in mod._ops.modules():
         if isinstance(m, nn.BatchNorm2d) and m.affine:
             return "affine BatchNorm (the fused path folds non-affine search BatchNorms only)"
@@ -109,15 +112,17 @@ class _CastAll(torch.autograd.Function):
 
 
 def _conv_weights(names, ops, device_type: str) -> dict:
-    """Under autocast: the conv candidates' 1×1 weights cast all at once (see _CastAll), by module id; {}
-    otherwise (the modules then run as they are). The depthwise filters go to the Triton kernels as they
-    are (fp32 products and sums)."""
+    """Under autocast: the 1×1 weights of the conv candidates and of the stride-2 skip (FactorizedReduce)
+    cast all at once (see _CastAll), by module id; {} otherwise (the modules then run as they are). The
+    depthwise filters go to the Triton kernels as they are (fp32 products and sums)."""
     convs = []
     for name, op in zip(names, ops):
         if name.startswith("sep_conv"):
             convs += [op.op[2], op.op[6]]
         elif name.startswith("dil_conv"):
             convs.append(op.op[2])
+        elif isinstance(op, FactorizedReduce):
+            convs += [op.conv_1, op.conv_2]
     if not convs or not torch.is_autocast_enabled(device_type):
         return {}
     dtype = torch.get_autocast_dtype(device_type)
@@ -174,7 +179,7 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         elif name.startswith("dil_conv"):
             y = _conv(op.op[2], stage1[_STENCIL_SLOT[name]], cw)
         else:  # stride-2 skip
-            y = op.pre_bn(x)
+            y = op.pre_bn(x, cw.get(id(op.conv_1)), cw.get(id(op.conv_2)))
         cands.append(y)
 
     # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce

@@ -107,3 +107,47 @@ def test_factorized_reduce_is_darts_formula(size):
     want = torch.autograd.grad(darts, (x, fr.conv_1.weight, fr.conv_2.weight), g)
     for a, b, name in zip(got, want, ("x", "conv_1", "conv_2")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu_path
+def test_each_state_relu_once_same_result():
+    """Network.forward computes each cell state's ReLU once for the two cells that preprocess it; output,
+    every gradient and the BN running statistics equal calling each cell on the raw states."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from milenas_fast.space.mixed_op import ReferenceMixedOp
+
+    class CountRelu(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountRelu.n += func is torch.ops.aten.relu.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = Network(C=4, num_classes=3, layers=5, steps=2, multiplier=2, mixed_op=ReferenceMixedOp)
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 3, 8, 8)
+
+    def cell_by_cell(m):
+        w_normal, w_reduce = m.mixing_weights()
+        s0 = s1 = m.stem(x)
+        for cell in m.cells:
+            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+        return m.classifier(m.global_pooling(s1).flatten(1))
+
+    with CountRelu():
+        out = net(x)
+    per_mixed_op = sum(PRIMITIVES.count(p) for p in ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
+                                                      "dil_conv_5x5", "sep_conv_3x3", "sep_conv_5x5"))
+    edges = sum(len(c._ops) for c in net.cells)
+    stride2_skips = sum(1 for c in net.cells for op in c._ops if op.stride == 2)
+    assert CountRelu.n == len(net.cells) + edges * per_mixed_op + stride2_skips  # one per state read
+    want = cell_by_cell(twin)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, list(net.parameters()), g),
+                    torch.autograd.grad(want, list(twin.parameters()), g)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for (name, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

@@ -80,6 +80,10 @@ class ReLUConvBN(nn.Module):
     def forward(self, x):
         return self.op(x)
 
+    def from_relu(self, r):
+        """forward(x) given r = ReLU(x) (the search supernet computes each cell state's ReLU once)."""
+        return self.op[2](self.op[1](r))
+
 
 class DilConv(nn.Module):
     """ReLU → depthwise k×k (dilated, strided) → pointwise 1×1 → BN."""
@@ -148,7 +152,13 @@ class FactorizedReduce(nn.Module):
     def pre_bn(self, x, w1=None, w2=None):
         """ReLU, both convolutions, concatenated (before the BN). w1/w2 stand in for the convs' weights (the
         fused MixedOp passes them cast once per call under autocast)."""
-        x = self.relu(x)
+        return self._convs(self.relu(x), w1, w2)
+
+    def from_relu(self, r):
+        """forward(x) given r = ReLU(x) (the search supernet computes each cell state's ReLU once)."""
+        return self.bn(self._convs(r))
+
+    def _convs(self, x, w1=None, w2=None):
         w1 = self.conv_1.weight if w1 is None else w1
         w2 = self.conv_2.weight if w2 is None else w2
         if x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0:

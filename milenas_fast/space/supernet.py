@@ -35,9 +35,13 @@ class Cell(nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self._ops.append(mixed_op(C, stride))
 
-    def forward(self, s0, s1, weights, indices=None):
-        """`indices`: host indices of the sampled candidates (HardSampledMixedOp), or None."""
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+    def forward(self, s0, s1, weights, indices=None, relus=None):
+        """`indices`: host indices of the sampled candidates (HardSampledMixedOp), or None. `relus`: (ReLU(s0),
+        ReLU(s1)) when the caller has them: both preprocessing ops start with that ReLU."""
+        if relus is None:
+            states = [self.preprocess0(s0), self.preprocess1(s1)]
+        else:
+            states = [self.preprocess0.from_relu(relus[0]), self.preprocess1.from_relu(relus[1])]
         # One unbind for all edges: its backward is one stack per cell, where indexing weights[k] per edge
         # costs a select_backward and a gradient-accumulation add per edge.
         rows = weights.unbind(0)
@@ -136,8 +140,13 @@ class Network(nn.Module):
             w_normal, w_reduce = self.mixing_weights()
             weights, indices = [w_reduce if c.reduction else w_normal for c in self.cells], [None] * len(self.cells)
         s0 = s1 = self.stem(x)
-        for cell, w, i in zip(self.cells, weights, indices):
-            s0, s1 = s1, cell(s0, s1, w, i)
+        # Every state feeds two cells' preprocessing, which both start with its ReLU: computed once per state
+        # (forward and backward), not once per reader.
+        relus = [F.relu(s0)] * 2
+        for n, (cell, w, i) in enumerate(zip(self.cells, weights, indices)):
+            s0, s1 = s1, cell(s0, s1, w, i, relus)
+            if n + 1 < len(self.cells):
+                relus = [relus[1], F.relu(s1)]
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

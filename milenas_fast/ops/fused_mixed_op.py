@@ -202,7 +202,24 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
             with torch.no_grad():
                 torch._foreach_add_(counters, 1)
         mean, rstd = _running_stats(mod, bns, rows, eps)
-    return folded_reduce(ys, weights.float()[mod._fused_index], mean, rstd, stats)
+    idx = mod._fused_index
+    w = weights.float()
+    w = _Slice.apply(w, idx.start, idx.stop, mod._weight_zeros) if isinstance(idx, slice) else w[idx]
+    return folded_reduce(ys, w, mean, rstd, stats)
+
+
+class _Slice(torch.autograd.Function):
+    """w[start:stop], whose gradient is ONE cat with resident zeros (slicing's own backward launches a fill and
+    a copy per edge and pass)."""
+
+    @staticmethod
+    def forward(ctx, w, start, stop, zeros):
+        ctx.pads = zeros[:start], zeros[:w.shape[0] - stop]
+        return w[start:stop]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.cat([ctx.pads[0], grad, ctx.pads[1]]), None, None, None
 
 
 def _running_stats(mod: nn.Module, bns: list, rows: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

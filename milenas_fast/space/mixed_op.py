@@ -50,6 +50,7 @@ class MixedOp(nn.Module):
             else:
                 self._fused_index = fused_mixed_op.weight_index(self, device)
                 self._identity_stats = fused_mixed_op.identity_stats(self.C, device)
+                self._weight_zeros = torch.zeros(len(self.primitives), device=device)
         self.decision = decision
 
     def _apply(self, fn, recurse=True):

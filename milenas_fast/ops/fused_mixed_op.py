@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..space.primitives import PRIMITIVES, FactorizedReduce
 from . import select
 from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
+from .running_stats import update as _update_running_stats
 from .stencil import relu_depthwise, stencil
 
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -58,33 +59,9 @@ def _last_bn(name: str, op: nn.Module) -> nn.BatchNorm2d | None:
     return None  # identity
 
 
-def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, unbiased: torch.Tensor,
-                          counters: list[torch.Tensor]) -> None:
-    """nn.BatchNorm2d's running-statistics update for each BN k from batch mean[k]/unbiased var[k]: one foreach
-    launch for every counter (these BNs' and the `counters` of _inner_bn), one lerp per momentum for running
-    mean and var together (r + f·(s − r) = (1 − f)·r + f·s)."""
-    with torch.no_grad():
-        tracked = [k for k, bn in enumerate(bns)
-                   if bn is not None and bn.track_running_stats and bn.running_mean is not None]
-        counters = counters + [bns[k].num_batches_tracked for k in tracked if bns[k].num_batches_tracked is not None]
-        if counters:
-            torch._foreach_add_(counters, 1)
-        groups: dict[float, list[int]] = {}
-        for k in tracked:
-            bn = bns[k]
-            factor = bn.momentum
-            if factor is None:  # cumulative average (a host read of the counter, as nn.BatchNorm2d does)
-                factor = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0
-            groups.setdefault(float(factor), []).append(k)
-        for factor, ks in groups.items():
-            stats = [bns[k].running_mean for k in ks] + [bns[k].running_var for k in ks]
-            dt = stats[0].dtype
-            torch._foreach_lerp_(stats, [mean[k].to(dt) for k in ks] + [unbiased[k].to(dt) for k in ks], factor)
-
-
 def _inner_bn(bn: nn.Module, y: torch.Tensor, counters: list[torch.Tensor]) -> torch.Tensor:
     """bn(y) for a sep conv's inner BatchNorm, without nn.BatchNorm2d's own `num_batches_tracked += 1` launch:
-    a training-mode counter is appended to `counters` instead (one foreach add per MixedOp). With momentum
+    a training-mode counter is appended to `counters` instead (it joins the running-statistics update). With momentum
     None the counter sets the average's factor, so such a BN runs as itself."""
     if not (type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.momentum is not None
             and bn.num_batches_tracked is not None):

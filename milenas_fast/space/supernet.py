@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.running_stats import batched_running_stats
 from . import genotype as gt
 from .mixed_op import MixedOp
 from .primitives import PRIMITIVES, FactorizedReduce, ReLUConvBN
@@ -143,10 +144,11 @@ class Network(nn.Module):
         # Every state feeds two cells' preprocessing, which both start with its ReLU: computed once per state
         # (forward and backward), not once per reader.
         relus = [F.relu(s0)] * 2
-        for n, (cell, w, i) in enumerate(zip(self.cells, weights, indices)):
-            s0, s1 = s1, cell(s0, s1, w, i, relus)
-            if n + 1 < len(self.cells):
-                relus = [relus[1], F.relu(s1)]
+        with batched_running_stats():  # the fused MixedOps' BN updates: a few foreach launches per forward
+            for n, (cell, w, i) in enumerate(zip(self.cells, weights, indices)):
+                s0, s1 = s1, cell(s0, s1, w, i, relus)
+                if n + 1 < len(self.cells):
+                    relus = [relus[1], F.relu(s1)]
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

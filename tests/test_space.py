@@ -99,6 +99,8 @@ def test_factorized_reduce_is_darts_formula(size):
     fr = FactorizedReduce(5, 6, affine=False)
     x = torch.randn(3, 5, *size, requires_grad=True)
     out = fr.pre_bn(x)
+    # the stand-in weights' path (the fused MixedOp's cast weights): the same result
+    torch.testing.assert_close(fr.pre_bn(x, fr.conv_1.weight * 1, fr.conv_2.weight * 1), out, rtol=1e-6, atol=1e-6)
     r = torch.relu(x)
     darts = torch.cat([fr.conv_1(r), fr.conv_2(torch.nn.functional.pad(r[:, :, 1:, 1:], (0, 1, 0, 1)))], dim=1)
     torch.testing.assert_close(out, darts, rtol=1e-6, atol=1e-6)

@@ -96,20 +96,22 @@ def bn_stats_kernel(
     """Per (candidate k, channel) of the y_k [N, C, HW]: mean, rstd = 1/sqrt(biased var + eps) and the unbiased
     var (for the running statistics), two passes in fp32 (the centred second pass keeps the variance exact
     when the mean is large), for the rows k in STATS; the others (the identity) get mean 0, rstd 1 and var 0.
-    Program (k, channel block): one run-time branch per program picks its candidate, none per element."""
+    Program (k, channel block): run-time branches pick its candidate's pointer once, none per element; ONE
+    copy of the statistics code (a copy per candidate made ptxas spill with Triton 3.6)."""
     k = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
-    for j in tl.static_range(K):
+    yk = y0_ptr
+    for j in tl.static_range(1, K):
         if k == j:
-            if (STATS >> j) & 1:
-                yj = _cand(j, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr)
-                _row_stats(yj, mean_ptr + j * C, rstd_ptr + j * C, uvar_ptr + j * C, ch, cm, N, C, HW, eps,
-                           BLOCK_C, BLOCK_HW)
-            else:
-                tl.store(mean_ptr + j * C + ch, tl.zeros((BLOCK_C,), tl.float32), mask=cm)
-                tl.store(rstd_ptr + j * C + ch, tl.full((BLOCK_C,), 1.0, tl.float32), mask=cm)
-                tl.store(uvar_ptr + j * C + ch, tl.zeros((BLOCK_C,), tl.float32), mask=cm)
+            yk = _cand(j, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr)
+    if ((STATS >> k) & 1) != 0:
+        _row_stats(yk, mean_ptr + k * C, rstd_ptr + k * C, uvar_ptr + k * C, ch, cm, N, C, HW, eps,
+                   BLOCK_C, BLOCK_HW)
+    else:
+        tl.store(mean_ptr + k * C + ch, tl.zeros((BLOCK_C,), tl.float32), mask=cm)
+        tl.store(rstd_ptr + k * C + ch, tl.full((BLOCK_C,), 1.0, tl.float32), mask=cm)
+        tl.store(uvar_ptr + k * C + ch, tl.zeros((BLOCK_C,), tl.float32), mask=cm)
 
 
 @triton.jit

@@ -8,9 +8,10 @@
 3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train: ONE `bn_stats`
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
    Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, a list (no stack) in the module's (PRIMITIVES) order
-   with `none` left out, so the mixing weights are a view (`weights[1:]` for the DARTS list). Identity (stride 1
-   skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as nn.BatchNorm2d does
-   (momentum or cumulative average, unbiased variance, num_batches_tracked). The gradient flows through the
+   with `none` left out, so the mixing weights are a slice (`weights[1:]` for the DARTS list; its gradient one
+   cat). Identity (stride 1 skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as
+   nn.BatchNorm2d does (momentum or cumulative average, unbiased variance, num_batches_tracked), for a whole
+   Network forward at once (ops/running_stats.py). The gradient flows through the
    batch statistics (bn_fold's written-out backward), so every gradient is the reference's.
 
 Only non-affine search MixedOps over (a subset of) the DARTS primitives are fused; `unsupported(mod)`

@@ -92,6 +92,11 @@ def stencil_fwd_kernel(
                     wv = tl.load(wd5_ptr + ch * 25 + (dy // 2 + 2) * 5 + (dx // 2 + 2), mask=pm, other=0.0)
                     accd5 += r * wv.to(tl.float32)[:, None]
 
+    if HASAVG:  # before the stores (as the kernel had it: ptxas keeps fewer values live, no spills)
+        # count_include_pad=False: divide by the in-bounds part of each 3×3 window.
+        cnt = ((tl.minimum(ch_ + 2, H) - tl.maximum(ch_ - 1, 0)) * (tl.minimum(cw_ + 2, W) - tl.maximum(cw_ - 1, 0)))
+        yavg = vsum / tl.maximum(cnt, 1).to(tl.float32)[None, :]  # max: lanes past the end have cnt <= 0
+
     out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]
     om = pm[:, None] & sm[None, :]
     dt = x_ptr.dtype.element_ty  # every output has x's dtype
@@ -106,9 +111,6 @@ def stencil_fwd_kernel(
     if HASMAX:
         tl.store(ymax_ptr + out, vmax.to(dt), mask=om)
     if HASAVG:
-        # count_include_pad=False: divide by the in-bounds part of each 3×3 window.
-        cnt = ((tl.minimum(ch_ + 2, H) - tl.maximum(ch_ - 1, 0)) * (tl.minimum(cw_ + 2, W) - tl.maximum(cw_ - 1, 0)))
-        yavg = vsum / tl.maximum(cnt, 1).to(tl.float32)[None, :]  # max: lanes past the end have cnt <= 0
         tl.store(yavg_ptr + out, yavg.to(dt), mask=om)
 
 

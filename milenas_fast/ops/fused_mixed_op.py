@@ -119,7 +119,7 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
     names, ops = tuple(mod.primitives), mod._ops
     stride, C = mod.stride, x.shape[1]
     ks = _order(mod)
-    bns = [_last_bn(names[k], ops[k]) for k in ks]  # per stacked row; None for the identity
+    bns = [_last_bn(names[k], ops[k]) for k in ks]  # per candidate row; None for the identity
     folded_bns = [bn for bn in bns if bn is not None]
     rows = stats_mask(r for r, bn in enumerate(bns) if bn is not None)  # the rows with a folded BatchNorm
     # Checked before anything runs: a call handed to the reference must not have updated running statistics.
@@ -218,7 +218,7 @@ def _order(mod: nn.Module) -> list[int]:
 
 
 def weight_index(mod: nn.Module, device: torch.device) -> slice | torch.Tensor:
-    """How fused_forward takes the stacked rows' mixing weights: a slice (a view, no kernel) where `_order`'s
+    """How fused_forward takes its candidates' mixing weights: a slice (one cat in backward) where `_order`'s
     candidates are consecutive, as for the DARTS list (`none` first), else a gather index built once per
     placement (MixedOp._resolve), so no host-to-device copy happens per call."""
     ks = _order(mod)

@@ -176,9 +176,8 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
             mean, rstd, unbiased = bn_stats(ys, stats, eps)
             _update_running_stats(bns, mean, unbiased, counters)
     else:
-        if counters:  # inner BNs in training mode, last ones in eval mode
-            with torch.no_grad():
-                torch._foreach_add_(counters, 1)
+        if counters:  # inner BNs in training mode, last ones in eval mode: only their counters
+            _update_running_stats([], None, None, counters)
         mean, rstd = _running_stats(mod, bns, rows, eps)
     idx = mod._fused_index
     w = weights.float()

@@ -159,17 +159,17 @@ class FactorizedReduce(nn.Module):
         return self.bn(self._convs(r))
 
     def _convs(self, x, w1=None, w2=None):
-        even = x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
-        if w1 is None and w2 is None:  # the modules themselves (their hooks fire: FLOP counters use them)
-            # The stride-2 conv of the shifted input never reads the padding when sizes are even: no pad then.
-            shifted = x[:, :, 1:, 1:].contiguous() if even else F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+        modules = w1 is None and w2 is None  # the modules themselves: their hooks fire (FLOP counters use them)
+        if x.shape[-2] % 2 or x.shape[-1] % 2:  # odd: shifted, padded on the bottom/right to the same shape
+            shifted, stride = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1)), 2
+        elif modules:  # even: the stride-2 conv of the shifted input never reads the padding
+            shifted, stride = x[:, :, 1:, 1:].contiguous(), 2
+        else:  # even, stand-in weights: only the pixels that conv reads, a quarter of x, copied once
+            shifted, stride = x[:, :, 1::2, 1::2].contiguous(), 1
+        if modules:
             return torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1)
         w1 = self.conv_1.weight if w1 is None else w1
         w2 = self.conv_2.weight if w2 is None else w2
-        if even:  # the pixels the shifted stride-2 conv reads: a quarter of x, copied once
-            shifted, stride = x[:, :, 1::2, 1::2].contiguous(), 1
-        else:
-            shifted, stride = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1)), 2
         return torch.cat([F.conv2d(x, w1, stride=2), F.conv2d(shifted, w2, stride=stride)], dim=1)
 
     def forward(self, x):

@@ -6,6 +6,9 @@ For each shape of the default supernet (N=64; C=16 at 32², 32 at 16², 64 at 8�
 - stencil         fused `stencil` vs `stencil_reference` (NCHW and channels_last)
 - relu_depthwise  `relu_depthwise` (the stencil kernels, one 3×3 branch: the sep convs' second stage) vs
                   F.relu + F.conv2d (`relu_depthwise_reference`, NCHW and channels_last)
+- relu_depthwise_pair  both sep convs' second stages in one launch each way vs two reference calls
+- pointwise       the four first 1×1 convolutions of the conv candidates in one grouped launch each way vs
+                  four F.conv2d (NCHW and channels_last)
 - edge_reduce     the C++/CUDA op ("fused") and its Triton twin vs `edge_reduce_reference` (K=7 candidates,
                   the stride's output size)
 - mixed_op        FusedMixedOp vs ReferenceMixedOp (NCHW and channels_last), train mode, full backward
@@ -147,6 +150,50 @@ def relu_depthwise_cases(N, C, H, s, dtype, dev):
     return cases, {"fwd": (i + o) * el, "bwd": (2 * i + o) * el}  # bwd: x and the grad read, dx written
 
 
+def relu_depthwise_pair_cases(N, C, H, s, dtype, dev):
+    """Both sep convs' second stages (3×3 of one input, 5×5 of another, stride 1 at the edge's output size): one
+    launch each way."""
+    from milenas_fast.ops.stencil import relu_depthwise_pair, relu_depthwise_reference
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    o = out_size(H, s)  # the second stages run at the edge's output size
+    xs = [torch.randn(N, C, o, o, device=dev, generator=g).to(dtype) for _ in range(2)]
+    ws = [0.2 * torch.randn(C, 1, k, k, device=dev, generator=g) for k in (3, 5)]
+
+    def twice(x3, w3, x5, w5):
+        return relu_depthwise_reference(x3, w3), relu_depthwise_reference(x5, w5)
+
+    cases = {}
+    for name, fn, fmt in (("eager NCHW", twice, torch.contiguous_format),
+                          ("eager channels_last", twice, torch.channels_last),
+                          ("fused", relu_depthwise_pair, torch.contiguous_format)):
+        x3, x5 = (x.contiguous(memory_format=fmt).requires_grad_() for x in xs)
+        w3, w5 = (w.clone().requires_grad_() for w in ws)
+        cases[name] = (lambda fn=fn, lv=(x3, w3, x5, w5): fn(*lv), [x3, w3, x5, w5])
+    e = N * C * o * o * (torch.finfo(dtype).bits // 8)
+    return cases, {"fwd": 4 * e, "bwd": 6 * e}  # fwd: 2 in, 2 out; bwd: 2 x and 2 grads read, 2 dx written
+
+
+def pointwise_cases(N, C, H, s, dtype, dev):
+    """The conv candidates' four first 1×1 convolutions (C → C, the stride's output size): one grouped launch
+    each way vs four convolutions."""
+    from milenas_fast.ops.pointwise import pointwise, pointwise_reference
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    o = out_size(H, s)
+    xs = [torch.randn(N, C, o, o, device=dev, generator=g).to(dtype) for _ in range(4)]
+    ws = [0.2 * torch.randn(C, C, 1, 1, device=dev, generator=g) for _ in range(4)]
+    cases = {}
+    for name, fn, fmt in (("eager NCHW", pointwise_reference, torch.contiguous_format),
+                          ("eager channels_last", pointwise_reference, torch.channels_last),
+                          ("fused", pointwise, torch.contiguous_format)):
+        xl = [x.contiguous(memory_format=fmt).requires_grad_() for x in xs]
+        wl = [w.clone().requires_grad_() for w in ws]
+        cases[name] = (lambda fn=fn, xl=xl, wl=wl: fn(xl, wl), xl + wl)
+    e = N * C * o * o * (torch.finfo(dtype).bits // 8)
+    return cases, {"fwd": 8 * e, "bwd": 12 * e}  # fwd: 4 in, 4 out; bwd: 4 grads + 4 x read, 4 dx written
+
+
 def edge_reduce_cases(N, C, H, s, dtype, dev):
     from milenas_fast.ops import edge_reduce, edge_reduce_reference
 
@@ -214,8 +261,9 @@ def mixed_op_cases(N, C, H, s, dtype, dev, alpha_only=False):
 
 # The benchmark table: one entry per op, name → case builder (N, C, H, stride, dtype, device) → (cases, bytes).
 # Each (op, shape, stride) runs on its own: a failure is recorded as an error row and the others go on.
-OPS = {"stencil": stencil_cases, "relu_depthwise": relu_depthwise_cases, "edge_reduce": edge_reduce_cases,
-       "mixed_op": mixed_op_cases,
+OPS = {"stencil": stencil_cases, "relu_depthwise": relu_depthwise_cases,
+       "relu_depthwise_pair": relu_depthwise_pair_cases, "pointwise": pointwise_cases,
+       "edge_reduce": edge_reduce_cases, "mixed_op": mixed_op_cases,
        "mixed_op(α-only bwd)": lambda *a: mixed_op_cases(*a, alpha_only=True)}
 
 

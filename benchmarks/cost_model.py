@@ -172,6 +172,9 @@ def _custom_flops(name: str, args) -> int:
                                                   for w, g in zip(args[1:5], args[6:10])])
     if name == "milenas_fast::stencil_bwd_weight":
         return _stencil_flops(args[0], args[5], [g is not None for g in args[1:5]])
+    if name.startswith("milenas_fast::pointwise"):  # 2·N·HW·CO·C per convolution, each way
+        dim = 0 if name == "milenas_fast::pointwise" else 1  # forward: (x, w [CO, C]); else (g or x, w or g)
+        return sum(2 * a.numel() * b.shape[dim] for a, b in zip(args[0], args[1]))
     if name == "milenas_fast::bn_fold_grad":
         return 5 * sum(y.numel() for y in args[1])  # gy = a·g + b·y + d per candidate element
     if name.startswith("milenas_fast::edge_reduce"):
@@ -265,7 +268,11 @@ class Recorder(TorchDispatchMode):
         if any(s.startswith("Optimizer.") or s == "optimiser" for s in self._scopes):
             return "optimiser", "fp32"
         if self._custom:
-            return ("depthwise" if "stencil" in self._custom[-1] else "batchnorm"), "fp32"
+            op = self._custom[-1]
+            if "pointwise" in op:  # tl.dot: tensor cores for bf16/fp16, TF32 for fp32 (as cuDNN)
+                low = any(t.dtype in (torch.bfloat16, torch.float16) for t in _tensors(args))
+                return "pointwise", "tensor" if low else "tf32"
+            return ("depthwise" if "stencil" in op else "batchnorm"), "fp32"
         name = func._schema.name.split("::")[-1]
         if name in ("convolution", "convolution_backward"):
             ref = args[0] if name == "convolution" else args[1]
@@ -300,7 +307,7 @@ class Recorder(TorchDispatchMode):
                 seen.add(_storage_key(t))
                 tensors.append(t)
         flops, self._pending_flops = self._pending_flops, 0
-        self._record(None, (), 1, flops, tensors)
+        self._record(None, tensors, 1, flops, tensors)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _prim_device:  # asked ~2× per op by the dispatcher: answer without a fake dispatch

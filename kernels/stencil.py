@@ -17,6 +17,8 @@ Branch selection: constexpr flags HAS3, HAS5, HASD3, HASD5 (the four convolution
 (the pools) choose which branches a launch computes. An unselected branch is not compiled in: no
 loads (of x at offsets only it uses, of its filter or gradient), no FLOPs, no stores; its pointers may
 be any tensor. ReLU → one depthwise conv alone (the sep convs' second stage) is the 3×3 or 5×5 branch.
+With X5 (constexpr) the 5×5 branch reads a second input x5 of x's shape (its gradient goes to dx5): the two sep
+convs' second stages, ReLU → 3×3 of one tensor and ReLU → 5×5 of another, in one launch.
 
 Filter gradients are deterministic: each program writes fp32 per-(pixel tile, plane, tap) partial
 sums, and the launcher reduces them over tiles and the batch with a plain (ordered) torch sum. The
@@ -37,16 +39,17 @@ def _tile(P, HWO, WO, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
 
 @triton.jit
 def stencil_fwd_kernel(
-    x_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr,
+    x_ptr, x5_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr,
     y3_ptr, y5_ptr, yd3_ptr, yd5_ptr, ymax_ptr, yavg_ptr,
     P, C, H, W, HO, WO,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
-    HASMAX: tl.constexpr, HASAVG: tl.constexpr,
+    HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     ch = planes % C
     x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
+    x5_base = x5_ptr + planes[:, None].to(tl.int64) * (H * W)
     ch_ = oh * STRIDE  # centre of every footprint
     cw_ = ow * STRIDE
 
@@ -73,8 +76,9 @@ def stencil_fwd_kernel(
                 ih = ch_ + dy
                 iw = cw_ + dx
                 m = pm[:, None] & (sm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
-                v = tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
-                r = tl.maximum(v, 0.0)
+                if use3 or use_pool or used3 or used5 or (use5 and not X5):
+                    v = tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
+                    r = tl.maximum(v, 0.0)
                 if use3:
                     wv = tl.load(w3_ptr + ch * 9 + (dy + 1) * 3 + (dx + 1), mask=pm, other=0.0)
                     acc3 += r * wv.to(tl.float32)[:, None]
@@ -83,8 +87,12 @@ def stencil_fwd_kernel(
                 if use_pool and HASAVG:
                     vsum += v
                 if use5:
+                    if X5:
+                        r5 = tl.maximum(tl.load(x5_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
+                    else:
+                        r5 = r
                     wv = tl.load(w5_ptr + ch * 25 + (dy + 2) * 5 + (dx + 2), mask=pm, other=0.0)
-                    acc5 += r * wv.to(tl.float32)[:, None]
+                    acc5 += r5 * wv.to(tl.float32)[:, None]
                 if used3:
                     wv = tl.load(wd3_ptr + ch * 9 + (dy // 2 + 1) * 3 + (dx // 2 + 1), mask=pm, other=0.0)
                     accd3 += r * wv.to(tl.float32)[:, None]
@@ -139,14 +147,15 @@ def _gather_conv(acc, g_ptr, w_ptr, planes, ch, pm, ih, iw, HO, WO,
 
 @triton.jit
 def stencil_bwd_input_kernel(
-    x_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr, ymax_ptr,
-    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, gmax_ptr, gavg_ptr, dx_ptr,
+    x_ptr, x5_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr, ymax_ptr,
+    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, gmax_ptr, gavg_ptr, dx_ptr, dx5_ptr,
     P, C, H, W, HO, WO,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
-    HASMAX: tl.constexpr, HASAVG: tl.constexpr,
+    HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Gather form (one program per input tile, no atomics): dx = relu'(x)·Σ conv grads + pool grads."""
+    """Gather form (one program per input tile, no atomics): dx = relu'(x)·Σ conv grads + pool grads
+    (with X5, the 5×5 branch's part goes to dx5 = relu'(x5)·its conv grad)."""
     planes, pix, pm, sm, ih, iw = _tile(P, H * W, W, BLOCK_P, BLOCK_HW)
     ch = planes % C
     ih = ih[None, :]
@@ -158,7 +167,13 @@ def stencil_bwd_input_kernel(
     acc = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
     if HAS3:
         acc = _gather_conv(acc, g3_ptr, w3_ptr, planes, ch, pm, ih, iw, HO, WO, 3, 1, 1, STRIDE)
-    if HAS5:
+    if HAS5 and X5:
+        acc5 = _gather_conv(tl.zeros((BLOCK_P, BLOCK_HW), tl.float32), g5_ptr, w5_ptr, planes, ch, pm, ih, iw,
+                            HO, WO, 5, 1, 2, STRIDE)
+        x5v = tl.load(x5_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw, mask=xm, other=0.0)
+        tl.store(dx5_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw,
+                 tl.where(x5v.to(tl.float32) > 0.0, acc5, 0.0).to(dx5_ptr.dtype.element_ty), mask=xm)
+    if HAS5 and not X5:
         acc = _gather_conv(acc, g5_ptr, w5_ptr, planes, ch, pm, ih, iw, HO, WO, 5, 1, 2, STRIDE)
     if HASD3:
         acc = _gather_conv(acc, gd3_ptr, wd3_ptr, planes, ch, pm, ih, iw, HO, WO, 3, 2, 2, STRIDE)
@@ -202,17 +217,19 @@ def stencil_bwd_input_kernel(
 
 @triton.jit
 def stencil_bwd_weight_kernel(
-    x_ptr, g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, part_ptr,
+    x_ptr, x5_ptr, g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, part_ptr,
     P, C, H, W, HO, WO,
-    HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
+    HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr, X5: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """part[tile, n, filter, c, tap] = Σ_{o in tile} g[plane, o] · relu(x[plane, o·s + tap offset]) in fp32
-    (plane = n·C + c), for the selected branches' filters only (see the module docstring for the layout)."""
+    (plane = n·C + c; x5 for the 5×5 filter with X5), for the selected branches' filters only (see the module
+    docstring for the layout)."""
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     om = pm[:, None] & sm[None, :]
     out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]
     x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
+    x5_base = x5_ptr + planes[:, None].to(tl.int64) * (H * W)
     if HAS3:
         g3 = tl.load(g3_ptr + out, mask=om, other=0.0).to(tl.float32)
     if HAS5:
@@ -245,11 +262,17 @@ def stencil_bwd_weight_kernel(
                 ih = ch_ + dy
                 iw = cw_ + dx
                 m = om & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
-                r = tl.maximum(tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
+                if (in3 and HAS3) or (in5 and HAS5 and not X5) or (ind3 and HASD3) or (even and HASD5):
+                    r = tl.maximum(tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
                 if in3 and HAS3:
                     tl.store(p3 + (dy + 1) * 3 + (dx + 1), tl.sum(r * g3, axis=1), mask=pm)
                 if in5 and HAS5:
-                    tl.store(p5 + (dy + 2) * 5 + (dx + 2), tl.sum(r * g5, axis=1), mask=pm)
+                    if X5:
+                        r5 = tl.maximum(tl.load(x5_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32),
+                                        0.0)
+                    else:
+                        r5 = r
+                    tl.store(p5 + (dy + 2) * 5 + (dx + 2), tl.sum(r5 * g5, axis=1), mask=pm)
                 if ind3 and HASD3:
                     tl.store(pd3 + (dy // 2 + 1) * 3 + (dx // 2 + 1), tl.sum(r * gd3, axis=1), mask=pm)
                 if even and HASD5:

@@ -154,6 +154,41 @@ def test_hand_count_relu_depthwise(k):
     assert fwd.flops == dx.flops == dw.flops == 2 * E * k * k
 
 
+@pytest.mark.gpu_path
+def test_hand_count_pointwise():
+    """Two 1×1 convolutions (C → C) in the grouped pointwise op, fp32: the forward is ONE launch reading both inputs
+    and weights and writing both outputs; the inputs' gradients (weights frozen) ONE; the weights' gradients
+    (inputs frozen) TWO: fp32 partials [2, N·tiles, C, C], then their ordered sum [2, C, C]. FLOPs 2·E·C per
+    convolution each way, all in the pointwise class."""
+    from milenas_fast.ops.pointwise import _blocks, pointwise
+
+    counts = {}
+    rec = cm.Recorder()
+    with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
+        xs = [torch.randn(N, C, H, W) for _ in range(2)]
+        ws = [torch.randn(C, C, 1, 1) for _ in range(2)]
+        gs = [torch.randn(N, C, H, W) for _ in range(2)]
+        for what in ("fwd", "dx", "dw"):
+            xi = [x.detach().requires_grad_(what == "dx") for x in xs]
+            wi = [w.detach().requires_grad_(what == "dw") for w in ws]
+            ys = pointwise(xi, wi)
+            rec.by_class.clear()
+            with rec:
+                if what == "fwd":
+                    pointwise(xi, wi)
+                else:
+                    torch.autograd.grad(ys, xi if what == "dx" else wi, gs)
+            assert set(rec.by_class) == {"pointwise"}
+            counts[what] = cm._summary(rec.by_class)
+    fwd, dx, dw = counts["fwd"], counts["dx"], counts["dw"]
+    assert (fwd.kernels, dx.kernels, dw.kernels) == (1, 1, 2)
+    assert fwd.bytes == dx.bytes == 4 * (4 * E + 2 * C * C)
+    tiles = -(-(H * W) // _blocks(C, C, H * W)[2])
+    partials = 2 * N * tiles * C * C
+    assert dw.bytes == 4 * (4 * E + partials + partials + 2 * C * C)
+    assert fwd.flops == dx.flops == dw.flops == 2 * 2 * E * C
+
+
 def test_foreach_launches_follow_multi_tensor_apply():
     small = [torch.empty(3, device="meta")] * 200  # 200 tensors, 1 list: 110 per launch → 2 launches
     assert cm._foreach_launches((small, 1.0), None) == 2

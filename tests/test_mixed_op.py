@@ -4,6 +4,7 @@ DARTS state_dict contract, and the implementation switch (MILENAS_FAST_IMPL / --
 Without a GPU the fused path runs the Triton kernels through the interpreter and the C++ CPU ops."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -12,8 +13,9 @@ import torch.nn as nn
 
 from milenas_fast import MixedOp, Network
 from milenas_fast.config import ConfigError
-from milenas_fast.ops import select
+from milenas_fast.ops import select, weight_cast
 from milenas_fast.runtime import resolve_impl
+from milenas_fast.space import supernet
 from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp, set_impl
 from milenas_fast.space.primitives import PRIMITIVES
 
@@ -265,6 +267,38 @@ def test_network_loss_and_alpha_grad(fused_ok, monkeypatch):
 
 
 @pytest.mark.gpu_path
+def test_network_casts_every_fused_weight_at_once_under_autocast(fused_ok, monkeypatch):
+    """Under bf16 autocast a supernet forward casts the stride-2 skips' 1×1 weights of all its fused MixedOps by
+    one foreach copy (their gradients back by one): loss and every gradient equal per-MixedOp casting bit for
+    bit."""
+    torch.manual_seed(3)
+    net = Network(C=4, num_classes=10, layers=1, steps=2, multiplier=2, mixed_op=FusedMixedOp).to(fused_ok)
+    assert len(net._fused_convs()) == 4 * 2  # 4 stride-2 skips, 2 convolutions each
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(2, 3, 8, 8, generator=g).to(fused_ok), torch.randint(0, 10, (2,), generator=g).to(fused_ok)
+    copies = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda *a, **k: copies.append(len(a[0])) or real(*a, **k))
+
+    def run():
+        copies.clear()
+        with torch.autocast(torch.device(fused_ok).type, dtype=torch.bfloat16):
+            loss = net._loss(x, y)
+        # one reduction cell: α_normal takes no part
+        grads = torch.autograd.grad(loss, [net.alphas_reduce] + list(net.parameters()))
+        return loss.detach(), grads, list(copies)
+
+    loss, grads, n = run()
+    assert n == [8, 8]  # forward, backward
+    monkeypatch.setattr(supernet, "cast_once", lambda *args: contextlib.nullcontext())
+    want_loss, want_grads, n = run()
+    assert n == [2] * 8  # per MixedOp, one each way
+    assert torch.equal(loss, want_loss)
+    for k, (a, b) in enumerate(zip(grads, want_grads)):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.gpu_path
 def test_darts_list_mixes_a_view_of_the_weights(fused_ok, monkeypatch):
     """Candidates stacked in PRIMITIVES order (`none` left out, the identity in its own row): the mixing
     weights edge_reduce gets are weights[1:] itself, a view, so no gather kernel runs per call."""
@@ -453,8 +487,9 @@ def test_cuda_network_auto_uses_fused(monkeypatch):
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("stride", [1, 2])
 def test_autocast_weights_cast_at_once_same_as_per_convolution(stride, fused_ok, monkeypatch):
-    """Under bf16 autocast the conv candidates' weights are cast by one foreach copy (and their gradients
-    back by one): the output and every gradient equal what autocast's per-convolution casts give."""
+    """Under bf16 autocast the stride-2 skip's 1×1 weights are cast by one foreach copy (and their gradients back
+    by one; the conv candidates' go to the pointwise kernels uncast): the output and every gradient equal what
+    autocast's per-convolution casts give."""
     _, fused = pair(6, stride, fused_ok, seed=8)
     x, a = inputs(3, 6, 9, fused_ok, seed=9)
     x = x.to(torch.bfloat16)  # as in the supernet under autocast: cell states are bf16
@@ -467,8 +502,8 @@ def test_autocast_weights_cast_at_once_same_as_per_convolution(stride, fused_ok,
             return train_step(fused, x, a)
 
     got = run()
-    assert len(copies) == 2  # forward and backward, for all the 1×1 weights (FactorizedReduce's at stride 2)
-    monkeypatch.setattr(fmo, "_conv_weights", lambda *args: {})
+    assert len(copies) == (2 if stride == 2 else 0)  # forward and backward, FactorizedReduce's two weights
+    monkeypatch.setattr(weight_cast, "cast_weights", lambda *args: {})
     want = run()
     assert got[0].dtype == torch.bfloat16
     for g, w, name in zip(got[:3], want[:3], ("output", "grad x", "grad mixing weights")):

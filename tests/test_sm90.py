@@ -1,5 +1,5 @@
-"""Every stencil kernel lowers for Hopper (sm_90) at the exact configurations the launcher picks for the
-search's shapes, in fp32 and bf16, without register spills. No GPU needed: triton.compile with a CUDA
+"""Every stencil and pointwise kernel lowers for Hopper (sm_90) at the exact configurations the launchers pick
+for the search's shapes, in fp32 and bf16, without register spills. No GPU needed: triton.compile with a CUDA
 target runs ptxas; its `-v` report (printed when TRITON_DUMP_PTXAS_LOG=1) holds registers and spills."""
 import json
 import subprocess
@@ -27,6 +27,30 @@ def configs() -> list[tuple[str, int, int, int, int]]:
     return sorted(out)
 
 
+def jobs() -> list[dict]:
+    """What to compile: every stencil configuration with all six branches (the most work); the sep convs'
+    second stages (relu_depthwise_pair: the 3×3 and 5×5 branches on two inputs, stride 1); the pointwise
+    kernels at the search's channel counts (fp32 weights, as the fused path passes them)."""
+    src = Path(__file__).resolve().parents[1] / "kernels"
+    out = []
+    for kernel, stride, bp, bhw, warps in configs():
+        base = {"file": str(src / "stencil.py"), "name": KERNELS[kernel], "warps": warps, "fp32_ptrs": ["part_ptr"]}
+        consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False)
+        out.append({**base, "key": f"{kernel} s{stride} P{bp} HW{bhw} w{warps}", "consts": consts, "has": "all"})
+        if stride == 1:
+            out.append({**base, "key": f"{kernel} pair P{bp} HW{bhw} w{warps}", "consts": {**consts, "X5": True},
+                        "has": ["HAS3", "HAS5"]})
+    from milenas_fast.ops.pointwise import GPU_TILE, _blocks
+    for N, C, H in SEARCH_SHAPES:
+        ba, bb, bp = _blocks(C, C, H * H, GPU_TILE)
+        for name in ("pointwise_kernel", "pointwise_wgrad_kernel"):
+            out.append({"file": str(src / "pointwise.py"), "name": name, "warps": 4, "has": "all",
+                        "fp32_ptrs": ["w0_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "part_ptr"],
+                        "key": f"{name} C{C} HW{H * H}",
+                        "consts": dict(K=4, BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, UPCAST=False, PRECISION="auto")})
+    return out
+
+
 _COMPILE = r"""
 import contextlib, importlib.util, io, json, os, re, sys, tempfile
 os.environ["TRITON_INTERPRET"] = "0"  # the interpreter's patched triton.language cannot compile
@@ -35,42 +59,44 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # a cache hit would skip pt
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-spec = importlib.util.spec_from_file_location("_stencil", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-dt, res = sys.argv[2], {}
-for name, stride, bp, bhw, warps in json.loads(sys.argv[3]):
-    fn = getattr(mod, name)
+mods = {}
+dt, res = sys.argv[1], {}
+for job in json.loads(sys.argv[2]):
+    if job["file"] not in mods:
+        spec = importlib.util.spec_from_file_location("_k%d" % len(mods), job["file"])
+        mods[job["file"]] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[job["file"]])
+    fn = getattr(mods[job["file"]], job["name"])
     sig = {p.name: "constexpr" if p.is_constexpr else
-           ("*fp32" if p.name == "part_ptr" else "*" + dt) if p.name.endswith("_ptr") else "i32"
+           ("*fp32" if p.name in job["fp32_ptrs"] else "*" + dt) if p.name.endswith("_ptr") else "i32"
            for p in fn.params}
-    consts = {p.name: True for p in fn.params if p.name.startswith("HAS")}  # every branch: the most work
-    consts.update(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw)
-    key = f"{name} s{stride} P{bp} HW{bhw} w{warps}"
+    consts = {p.name: job["has"] == "all" or p.name in job["has"] for p in fn.params if p.name.startswith("HAS")}
+    consts.update(job["consts"])
+    if consts.get("PRECISION") == "auto":  # as the launcher: TF32 for fp32 (cuDNN's default), bf16 exact
+        consts["PRECISION"] = "tf32" if dt == "fp32" else "ieee"
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
             k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": warps})
+                               options={"num_warps": job["warps"]})
     except Exception as e:
-        res[key] = {"error": repr(e)[-2000:]}
+        res[job["key"]] = {"error": repr(e)[-2000:]}
         continue
     text = log.getvalue()
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     regs = re.findall(r"Used (\d+) registers", text)
-    res[key] = {"cubin": bool(k.asm.get("cubin")), "regs": max(map(int, regs), default=-1),
-                "spill_bytes": sum(int(a) + int(b) for a, b in spills), "reports": len(spills),
-                "log": text[-1500:]}
+    res[job["key"]] = {"cubin": bool(k.asm.get("cubin")), "regs": max(map(int, regs), default=-1),
+                       "spill_bytes": sum(int(a) + int(b) for a, b in spills), "reports": len(spills),
+                       "log": text[-1500:]}
 print(json.dumps(res))
 """
 
 
 @pytest.fixture(scope="module")
 def sm90_builds():
-    """Compile every configuration for sm_90 in fp32 and bf16: two fresh processes (one per core)."""
-    src = Path(__file__).resolve().parents[1] / "kernels" / "stencil.py"
-    todo = json.dumps([(KERNELS[k], *rest) for k, *rest in configs()])
-    procs = {dt: subprocess.Popen([sys.executable, "-c", _COMPILE, str(src), dt, todo],
+    """Compile every job for sm_90 in fp32 and bf16: two fresh processes (one per core)."""
+    todo = json.dumps(jobs())
+    procs = {dt: subprocess.Popen([sys.executable, "-c", _COMPILE, dt, todo],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for dt in ("fp32", "bf16")}
     out = {}
@@ -94,7 +120,7 @@ def test_configs_are_the_launchers():
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_sm90_no_spills(sm90_builds, dtype):
     built = sm90_builds[dtype]
-    assert len(built) == len(configs())
+    assert len(built) == len(jobs())
     bad = []
     for key, r in built.items():
         if "error" in r:

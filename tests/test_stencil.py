@@ -3,6 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter, which must be switched on before triton or the
 kernel module is imported (hence the environment line above the imports).
 """
+import contextlib
 import os
 
 import torch
@@ -15,8 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 pytest.importorskip("triton")
 from milenas_fast.ops import stencil as stencil_mod  # noqa: E402
-from milenas_fast.ops.stencil import (launch_config, max_tile, relu_depthwise, relu_depthwise_reference,  # noqa: E402
-                                      stencil, stencil_reference)
+from milenas_fast.ops.stencil import (launch_config, max_tile, relu_depthwise, relu_depthwise_pair,  # noqa: E402
+                                      relu_depthwise_reference, stencil, stencil_reference)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the real-shape CUDA tests only
 NAMES = ("dw3", "dw5", "dil3", "dil5", "max", "avg")
@@ -288,6 +289,83 @@ def test_relu_depthwise_launches_one_branch_and_only_the_needed_half(need_x, nee
         assert (a is None) == (b is None)
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+def pair_reference(x3, w3, x5, w5):
+    return relu_depthwise_reference(x3, w3), relu_depthwise_reference(x5, w5)
+
+
+def pair_inputs(N, C, H, W, dtype, gen, device):
+    x3, w3 = rd_inputs(N, C, H, W, 3, dtype, gen, device)
+    x5, w5 = rd_inputs(N, C, H, W, 5, dtype, gen, device)
+    g = [torch.randn(N, C, H, W, generator=gen).to(device, dtype) for _ in range(2)]
+    return [x3, w3, x5, w5], g
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("N,C,H,W,tile", [(3, 5, 7, 9, None), (1, 2, 5, 7, 16), (1, 5, 5, 3, 64)])
+def test_relu_depthwise_pair_matches_two_calls(N, C, H, W, tile, device, launches):
+    """Both sep convs' second stages (3×3 of x3, 5×5 of x5) in one launch each way: outputs and the gradients of
+    x3, x5, w3 and w5 are the reference's; odd shapes, programs along both grid dimensions (tile 16) and several
+    planes per program with a partial last block (tile 64)."""
+    gen = torch.Generator().manual_seed(N * 100 + H + (tile or 0))
+    inputs, g = pair_inputs(N, C, H, W, torch.float32, gen, device)
+    for t in inputs:
+        t.requires_grad_()
+    with max_tile(tile) if tile else contextlib.nullcontext():
+        ys, gs = grads_of(relu_depthwise_pair, inputs, g)
+    yr, gr = grads_of(pair_reference, inputs, g)
+    assert [name for name, _ in launches] == ["fwd", "bwd_input", "bwd_weight"]
+    for name, a, b in zip(("y3", "y5", "dx3", "dw3", "dx5", "dw5"), ys + gs, yr + gr):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 * max(1.0, b.abs().max().item()), msg=name)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("used,need", [((True, False), (True, True, True, True)),  # y5 unused: no dx5, no dw5
+                                       ((True, True), (True, False, False, False)),  # only x3 wants a gradient
+                                       ((True, True), (False, False, True, False)),  # only x5
+                                       ((True, True), (True, False, True, False))])  # α-only pass: filters frozen
+def test_relu_depthwise_pair_partial_gradients(used, need, device, launches):
+    """Unused outputs and inputs that want no gradient: the other gradients are still the reference's, the absent
+    ones None, and frozen filters launch no weight-gradient kernel."""
+    gen = torch.Generator().manual_seed(sum(need) * 7 + sum(used))
+    inputs, g = pair_inputs(2, 3, 6, 5, torch.float32, gen, device)
+    g = [gi if u else None for gi, u in zip(g, used)]
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_(n) for t, n in zip(inputs, need)]
+        pairs = [(y, gi) for y, gi in zip(fn(*leaves), g) if gi is not None and y.requires_grad]
+        wrt = [t for t in leaves if t.requires_grad]
+        ys, gos = zip(*pairs)
+        out = iter(torch.autograd.grad(ys, wrt, gos, allow_unused=True))
+        return [next(out) if t.requires_grad else None for t in leaves]
+
+    gs, gr = grads(relu_depthwise_pair), grads(pair_reference)
+    for name, a, b in zip(("dx3", "dw3", "dx5", "dw5"), gs, gr):
+        if b is None:  # no gradient wanted, or its output unused
+            assert a is None or not a.abs().max(), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 * max(1.0, b.abs().max().item()), msg=name)
+    assert ("bwd_weight" in [n for n, _ in launches]) == ((need[1] and used[0]) or (need[3] and used[1]))
+
+
+@pytest.mark.gpu_path
+def test_relu_depthwise_pair_bf16(device):
+    """bf16 inputs (fp32 filters, as under autocast): STYLE.md's rule against an fp64 oracle, 2× plain PyTorch's
+    bf16 error + eps, for both outputs and all four gradients."""
+    gen = torch.Generator().manual_seed(21)
+    inputs, g = pair_inputs(3, 5, 11, 6, torch.bfloat16, gen, device)
+    for t in inputs:
+        t.requires_grad_()
+    ys, gs = grads_of(relu_depthwise_pair, inputs, g)
+    yl, gl = grads_of(pair_reference, inputs, g)
+    y64, g64 = grads_of(pair_reference, [t.double() for t in inputs], [t.double() for t in g])
+    eps = torch.finfo(torch.bfloat16).eps
+    assert [t.dtype for t in ys + gs] == [torch.bfloat16] * 3 + [torch.float32, torch.bfloat16, torch.float32]
+    for name, a, lo, ref in zip(("y3", "y5", "dx3", "dw3", "dx5", "dw5"), ys + gs, yl + gl, y64 + g64):
+        bound = 2 * err(lo, ref) + eps * ref.abs().max().item()
+        assert err(a, ref) <= bound, f"{name}: {err(a, ref):.3g} > {bound:.3g} (torch {err(lo, ref):.3g})"
 
 
 @pytest.mark.gpu_path

@@ -2,9 +2,10 @@
 
 1. `stencil` reads the edge input once and emits the first stage of sep3/sep5/dil3/dil5 (ReLU → depthwise,
    stride s) and both 3×3 pools (branches of absent candidates are not computed).
-2. The conv candidates are finished with the module's own parameters and buffers (pointwise 1×1 by cuDNN;
-   for sep convs the inner BatchNorm, then ReLU → second depthwise in one Triton pass, `relu_depthwise`,
-   then the pointwise), so parameters, inner running statistics and state_dict are the reference's.
+2. The conv candidates are finished with the module's own parameters and buffers: their first 1×1 convolutions
+   in ONE `pointwise` launch; for sep convs the inner BatchNorm, then ReLU → second depthwise of BOTH sep convs
+   in one Triton pass (`relu_depthwise_pair`), then both second 1×1 convolutions in one `pointwise`; so
+   parameters, inner running statistics and state_dict are the reference's.
 3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train: ONE `bn_stats`
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
    Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, a list (no stack) in the module's (PRIMITIVES) order
@@ -24,11 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce
-from . import select
+from . import select, weight_cast
 from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
+from .pointwise import pointwise
 from .running_stats import update as _update_running_stats
-from .stencil import relu_depthwise, stencil
+from .stencil import relu_depthwise_pair, stencil
 
+_SEP = ("sep_conv_3x3", "sep_conv_5x5")  # relu_depthwise_pair's order
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
                  "max_pool_3x3": 4, "avg_pool_3x3": 5}
 
@@ -71,48 +74,14 @@ def _inner_bn(bn: nn.Module, y: torch.Tensor, counters: list[torch.Tensor]) -> t
     return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
 
 
-class _CastAll(torch.autograd.Function):
-    """Tensors cast to `dtype` by ONE foreach copy (and their gradients back by one): autocast would launch
-    a cast per convolution weight per call, in both directions. The values are autocast's (round to nearest)."""
-
-    @staticmethod
-    def forward(ctx, dtype, *ts):
-        ctx.dtypes = [t.dtype for t in ts]
-        out = [torch.empty_like(t, dtype=dtype) for t in ts]
-        torch._foreach_copy_(out, list(ts))
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        out = [torch.empty_like(g, dtype=d) for g, d in zip(grads, ctx.dtypes)]
-        torch._foreach_copy_(out, list(grads))
-        return (None, *out)
-
-
-def _conv_weights(names, ops, device_type: str) -> dict:
-    """Under autocast: the 1×1 weights of the conv candidates and of the stride-2 skip (FactorizedReduce)
-    cast all at once (see _CastAll), by module id; {} otherwise (the modules then run as they are). The
-    depthwise filters go to the Triton kernels as they are (fp32 products and sums)."""
-    convs = []
-    for name, op in zip(names, ops):
-        if name.startswith("sep_conv"):
-            convs += [op.op[2], op.op[6]]
-        elif name.startswith("dil_conv"):
-            convs.append(op.op[2])
-        elif isinstance(op, FactorizedReduce):
-            convs += [op.conv_1, op.conv_2]
-    if not convs or not torch.is_autocast_enabled(device_type):
+def _pointwise(todo: dict) -> dict:
+    """{name: conv(x)} for {name: (x, 1×1 conv module)}, all in one `pointwise` launch. The weights go as they are
+    (under autocast the kernels round fp32 weights to the inputs' dtype, as autocast would, and return fp32
+    weight gradients: no casts either way)."""
+    if not todo:
         return {}
-    dtype = torch.get_autocast_dtype(device_type)
-    if all(c.weight.dtype == dtype for c in convs):
-        return {}
-    return {id(c): w for c, w in zip(convs, _CastAll.apply(dtype, *[c.weight for c in convs]))}
-
-
-def _conv(m: nn.Conv2d, x: torch.Tensor, weights: dict) -> torch.Tensor:
-    """m(x), with m's weight from `weights` where _conv_weights cast it."""
-    w = weights.get(id(m))
-    return m(x) if w is None else F.conv2d(x, w, None, m.stride, m.padding, m.dilation, m.groups)
+    xs, mods = zip(*todo.values())
+    return dict(zip(todo, pointwise(list(xs), [m.weight for m in mods])))
 
 
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -141,8 +110,20 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         stage1 = stencil(x, *filters, stride, pools=pools)
 
     # 2. pre-BN candidate outputs, in the module's order (the identity: x itself)
-    cw = _conv_weights(names, ops, x.device.type)
-    cands, counters = [], []
+    cw = weight_cast.cast_weights(weight_cast.conv_modules(names, ops), x.device.type)
+    counters = []
+    convs = [(name, op) for name, op in zip(names, ops) if name.startswith(("sep_conv", "dil_conv"))]
+    # the conv candidates' first 1×1 convolutions side by side: one launch
+    first = _pointwise({name: (stage1[_STENCIL_SLOT[name]], op.op[2]) for name, op in convs})
+    # the sep convs' second stages: ReLU → depthwise of both in one Triton launch (fp32 filters, as the first's),
+    # then both 1×1 convolutions in one
+    seps = {name: op for name, op in convs if name.startswith("sep_conv")}
+    mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
+    m3, m5 = (mid.get(n) for n in _SEP)
+    f3, f5 = (seps[n].op[5].weight if n in seps else None for n in _SEP)
+    y3, y5 = relu_depthwise_pair(m3, f3, m5, f5)
+    second = _pointwise({name: (y, seps[name].op[6]) for name, y in zip(_SEP, (y3, y5)) if y is not None})
+    cands = []
     for k, bn in zip(ks, bns):
         name, op = names[k], ops[k]
         if bn is None:
@@ -150,12 +131,9 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         elif name in ("max_pool_3x3", "avg_pool_3x3"):
             y = stage1[_STENCIL_SLOT[name]]
         elif name.startswith("sep_conv"):
-            seq = op.op
-            y = _conv(seq[2], stage1[_STENCIL_SLOT[name]], cw)
-            # ReLU → depthwise in one Triton pass (fp32 filter, like the first stage's)
-            y = _conv(seq[6], relu_depthwise(_inner_bn(seq[3], y, counters), seq[5].weight), cw)
+            y = second[name]
         elif name.startswith("dil_conv"):
-            y = _conv(op.op[2], stage1[_STENCIL_SLOT[name]], cw)
+            y = first[name]
         else:  # stride-2 skip
             y = op.pre_bn(x, cw.get(id(op.conv_1)), cw.get(id(op.conv_2)))
         cands.append(y)

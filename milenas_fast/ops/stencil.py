@@ -1,7 +1,8 @@
 """The multi-stencil op: six mixed-op candidates' first stages from one read of the edge input.
 
-    y3, y5, yd3, yd5, ymax, yavg = stencil(x, w3, w5, wd3, wd5, stride, pools=True)
+    y3, y5, yd3, yd5, ymax, yavg = stencil(x, w3, w5, wd3, wd5, stride, pools=True, x5=None)
     y = relu_depthwise(x, w, stride=1)
+    y3, y5 = relu_depthwise_pair(x3, w3, x5, w5)
 
 y3/y5/yd3/yd5: ReLU → depthwise (3×3 pad 1, 5×5 pad 2, 3×3 dil 2 pad 2, 5×5 dil 2 pad 4; stride s);
 ymax/yavg: 3×3 max / avg pool (stride s, pad 1, count_include_pad=False) of the raw input.
@@ -9,13 +10,15 @@ Filters are [C, 1, k, k]. Outputs have x's dtype (fp32 accumulation); filter gra
 A filter given as None (a MixedOp without that candidate) skips its branch: no loads, FLOPs or stores
 in any kernel, no zero filter, and its output is None; `pools=False` skips both pools likewise.
 `relu_depthwise` is ReLU → depthwise k×k (k 3 or 5, pad k//2, dilation 1): the sep convs' second stage,
-the same kernels with the one branch selected.
+the same kernels with the one branch selected. With `x5` the 5×5 branch reads x5 instead of x (its gradient goes
+to x5): `relu_depthwise_pair` computes both sep convs' second stages in one launch each way.
 
 Registered ops (torch.library.triton_op, visible to torch.compile); an absent branch is None on input
 and a 0-element tensor on output:
-    milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools) -> 6 tensors
-    milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride) -> dx
-    milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride) -> dw [Σ C·k²] (fp32: the given
+    milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools, x5?) -> 6 tensors
+    milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride, x5?)
+        -> dx, dx5 (0-element without x5)
+    milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride, x5?) -> dw [Σ C·k²] (fp32: the given
         gradients' branches' filter gradients one after another, w3 | w5 | wd3 | wd5, each [C, k²])
 The two backward halves are separate ops so that α-only passes (no filter gradients wanted) and
 frozen inputs skip the work they do not need. `stencil_reference` and `relu_depthwise_reference` are
@@ -98,8 +101,10 @@ def triton_cdiv(a: int, b: int) -> int:
 KSIZE = (3, 5, 3, 5)  # filter size of each convolution branch: w3, w5, wd3, wd5
 
 
-def _check(x, ws):
+def _check(x, ws, x5=None):
     assert x.dim() == 4 and x.is_contiguous(), "x must be NCHW contiguous"
+    assert x5 is None or (x5.shape == x.shape and x5.dtype == x.dtype and x5.is_contiguous() and ws[1] is not None), \
+        "x5 must be contiguous, of x's shape and dtype, and come with w5"
     C = x.shape[1]
     for w, k in zip(ws, KSIZE):
         assert w is None or (w.shape == (C, 1, k, k) and w.is_contiguous()), \
@@ -119,18 +124,18 @@ def _or(ts, default):
 @_register("milenas_fast::stencil_fwd")
 def stencil_fwd(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
                 wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int,
-                pools: bool = True
+                pools: bool = True, x5: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     ws = (w3, w5, wd3, wd5)
-    _check(x, ws)
+    _check(x, ws, x5)
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
     has = _present(ws) + [pools, pools]
     ys = [x.new_empty((N, C, HO, WO) if h else (0,)) for h in has]
     bp, bhw, grid, warps = launch_config("fwd", x.shape, stride)
     _launch(
-        K.stencil_fwd_kernel, grid, x, *_or(ws, x), *ys, N * C, C, H, W, HO, WO, *has,
-        STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        K.stencil_fwd_kernel, grid, x, x if x5 is None else x5, *_or(ws, x), *ys, N * C, C, H, W, HO, WO, *has,
+        X5=x5 is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return tuple(ys)
 
 
@@ -139,28 +144,31 @@ def stencil_bwd_input(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[
                       wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], ymax: Optional[torch.Tensor],
                       g3: Optional[torch.Tensor], g5: Optional[torch.Tensor], gd3: Optional[torch.Tensor],
                       gd5: Optional[torch.Tensor], gmax: Optional[torch.Tensor], gavg: Optional[torch.Tensor],
-                      stride: int) -> torch.Tensor:
-    """dx from the given output gradients (a branch without its gradient, or without its filter or ymax,
-    costs nothing)."""
+                      stride: int, x5: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dx5) from the given output gradients (a branch without its gradient, or without its filter or ymax,
+    costs nothing); dx5 (x5's, the 5×5 branch's input when given) is 0-element without x5 or g5."""
     N, C, H, W = x.shape
     gs = [g.contiguous() if g is not None and need is not None else None
           for g, need in zip((g3, g5, gd3, gd5, gmax, gavg), (w3, w5, wd3, wd5, ymax, ymax))]  # ymax: pools ran
+    split = x5 is not None and gs[1] is not None
     dx = torch.empty_like(x)
+    dx5 = torch.empty_like(x) if split else x.new_empty((0,))
     bp, bhw, grid, warps = launch_config("bwd_input", x.shape, stride)
     _launch(
-        K.stencil_bwd_input_kernel, grid, x, *_or((w3, w5, wd3, wd5), x),
-        ymax.contiguous() if gs[4] is not None else x, *_or(gs, x), dx,
+        K.stencil_bwd_input_kernel, grid, x, x5 if split else x, *_or((w3, w5, wd3, wd5), x),
+        ymax.contiguous() if gs[4] is not None else x, *_or(gs, x), dx, dx5 if split else x,
         N * C, C, H, W, out_size(H, stride), out_size(W, stride), *_present(gs),
-        STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
-    return dx
+        X5=split, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+    return dx, dx5
 
 
 @_register("milenas_fast::stencil_bwd_weight")
 def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional[torch.Tensor],
-                       gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor], stride: int) -> torch.Tensor:
+                       gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor], stride: int,
+                       x5: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 filter gradients of the branches whose output gradient is given, flat: one contiguous [C, k²]
     block per branch in the order w3 | w5 | wd3 | wd5 (`split_taps` parts them without a copy; the caller
-    casts to the filters' dtype)."""
+    casts to the filters' dtype). The 5×5 branch reads x5 where given."""
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
     gs = [g.contiguous() if g is not None else None for g in (g3, g5, gd3, gd5)]
@@ -168,8 +176,8 @@ def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional
     bp, bhw, grid, warps = launch_config("bwd_weight", x.shape, stride)
     part = x.new_empty(grid[1] * N, C * taps, dtype=torch.float32)  # every program stores all its taps
     _launch(
-        K.stencil_bwd_weight_kernel, grid, x, *_or(gs, x), part, N * C, C, H, W, HO, WO, *_present(gs),
-        STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        K.stencil_bwd_weight_kernel, grid, x, x if x5 is None else x5, *_or(gs, x), part, N * C, C, H, W, HO, WO,
+        *_present(gs), X5=x5 is not None and gs[1] is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     # Deterministic second stage: an ordered sum over pixel tiles and the batch, in fp32.
     return part.sum(dim=0)
 
@@ -182,8 +190,9 @@ def split_taps(dw: torch.Tensor, C: int, present) -> list:
 
 
 def _setup_context(ctx, inputs, output):
-    x, w3, w5, wd3, wd5, stride, pools = inputs
-    ctx.save_for_backward(x, w3, w5, wd3, wd5, output[4] if pools else None)  # ymax: the argmax in backward
+    x, w3, w5, wd3, wd5, stride, pools, *rest = inputs
+    x5 = rest[0] if rest else None
+    ctx.save_for_backward(x, w3, w5, wd3, wd5, output[4] if pools else None, x5)  # ymax: the argmax in backward
     ctx.stride = stride
     # Unused outputs (skipped branches' 0-element ones included) get None, not zero tensors to launch
     # fills for: their branches then cost nothing in backward.
@@ -191,19 +200,26 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg):
-    x, w3, w5, wd3, wd5, ymax = ctx.saved_tensors
+    x, w3, w5, wd3, wd5, ymax, x5 = ctx.saved_tensors
     ws = (w3, w5, wd3, wd5)
-    dx, dws = None, [None] * 4
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, g3, g5, gd3, gd5, gmax, gavg, ctx.stride)
+    dx, dws, dx5 = None, [None] * 4, None
+    want_x, want_x5 = ctx.needs_input_grad[0], x5 is not None and ctx.needs_input_grad[7] and g5 is not None
+    if want_x or want_x5:
+        # without x5, the 5×5 branch's gradient belongs to x; with it, to x5 (its branch is left out when x5
+        # wants none)
+        gs = (g3, g5 if x5 is None or want_x5 else None, gd3, gd5, gmax, gavg)
+        if not want_x:
+            gs = (None, g5, None, None, None, None)
+        dx, dx5 = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, *gs, ctx.stride, x5)
+        dx, dx5 = (dx if want_x else None), (dx5 if want_x5 else None)
     # only the filters that want a gradient and whose output has one (frozen filters: no kernel at all)
     gw = [g if w is not None and need else None
           for g, w, need in zip((g3, g5, gd3, gd5), ws, ctx.needs_input_grad[1:5])]
     if any(g is not None for g in gw):
-        dw = torch.ops.milenas_fast.stencil_bwd_weight(x, *gw, ctx.stride)
+        dw = torch.ops.milenas_fast.stencil_bwd_weight(x, *gw, ctx.stride, x5)
         dws = [d if d is None else d.to(w.dtype)  # a cast only where the filter is not fp32
                for d, w in zip(split_taps(dw, x.shape[1], _present(gw)), ws)]
-    return (dx, *dws, None, None)
+    return (dx, *dws, None, None, dx5)
 
 
 torch.library.register_autograd("milenas_fast::stencil_fwd", _backward, setup_context=_setup_context)
@@ -214,10 +230,11 @@ def _contiguous(t):
 
 
 def stencil(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor], wd3: Optional[torch.Tensor],
-            wd5: Optional[torch.Tensor], stride: int, pools: bool = True):
-    """The differentiable Triton op (gradients flow to x and the filters). A None filter (or pools=False)
-    skips that branch: its output is None."""
-    ys = torch.ops.milenas_fast.stencil_fwd(x.contiguous(), *map(_contiguous, (w3, w5, wd3, wd5)), stride, pools)
+            wd5: Optional[torch.Tensor], stride: int, pools: bool = True, x5: Optional[torch.Tensor] = None):
+    """The differentiable Triton op (gradients flow to x, x5 and the filters). A None filter (or pools=False)
+    skips that branch: its output is None. `x5` (x's shape and dtype): the 5×5 branch's input instead of x."""
+    ys = torch.ops.milenas_fast.stencil_fwd(x.contiguous(), *map(_contiguous, (w3, w5, wd3, wd5)), stride, pools,
+                                            _contiguous(x5))
     return tuple(y if has else None for y, has in zip(ys, _present((w3, w5, wd3, wd5)) + [pools, pools]))
 
 
@@ -230,6 +247,16 @@ def relu_depthwise(x: torch.Tensor, w: torch.Tensor, stride: int = 1) -> torch.T
     return stencil(x, *ws, None, None, stride, pools=False)[0 if k == 3 else 1]
 
 
+def relu_depthwise_pair(x3: Optional[torch.Tensor], w3: Optional[torch.Tensor], x5: Optional[torch.Tensor],
+                        w5: Optional[torch.Tensor]) -> tuple:
+    """(relu_depthwise(x3, w3), relu_depthwise(x5, w5)) in one launch each way (the stencil's 3×3 branch on x3,
+    its 5×5 branch on x5); a None input (with its filter) gives None."""
+    if x3 is None or x5 is None:
+        return (None if x3 is None else relu_depthwise(x3, w3)), (None if x5 is None else relu_depthwise(x5, w5))
+    y3, y5 = stencil(x3, w3, w5, None, None, 1, pools=False, x5=x5)[:2]
+    return y3, y5
+
+
 def relu_depthwise_reference(x: torch.Tensor, w: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """Plain-PyTorch twin of `relu_depthwise`."""
     k = w.shape[-1]
@@ -237,14 +264,15 @@ def relu_depthwise_reference(x: torch.Tensor, w: torch.Tensor, stride: int = 1) 
 
 
 def stencil_reference(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
-                      wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int, pools: bool = True):
+                      wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int, pools: bool = True,
+                      x5: Optional[torch.Tensor] = None):
     """Plain-PyTorch twin of `stencil` (same six outputs, None for skipped branches, same autograd)."""
     C = x.shape[1]
     r = F.relu(x)
 
-    def dw(w, pad, dil):
+    def dw(w, pad, dil, r=r):
         return None if w is None else F.conv2d(r, w.to(x.dtype), stride=stride, padding=pad, dilation=dil, groups=C)
 
     pooled = (F.max_pool2d(x, 3, stride, 1), F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)) if pools \
         else (None, None)
-    return (dw(w3, 1, 1), dw(w5, 2, 1), dw(wd3, 2, 2), dw(wd5, 4, 2), *pooled)
+    return (dw(w3, 1, 1), dw(w5, 2, 1, r if x5 is None else F.relu(x5)), dw(wd3, 2, 2), dw(wd5, 4, 2), *pooled)

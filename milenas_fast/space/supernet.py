@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.running_stats import batched_running_stats
+from ..ops.weight_cast import cast_once, conv_modules
 from . import genotype as gt
 from .mixed_op import MixedOp
 from .primitives import PRIMITIVES, FactorizedReduce, ReLUConvBN
@@ -144,13 +145,20 @@ class Network(nn.Module):
         # Every state feeds two cells' preprocessing, which both start with its ReLU: computed once per state
         # (forward and backward), not once per reader.
         relus = [F.relu(s0)] * 2
-        with batched_running_stats():  # the fused MixedOps' BN updates: a few foreach launches per forward
+        # The fused MixedOps' BN updates in a few foreach launches per forward, their 1×1 weights cast by one.
+        dev = x.device.type
+        with batched_running_stats(), cast_once(self._fused_convs() if torch.is_autocast_enabled(dev) else [], dev):
             for n, (cell, w, i) in enumerate(zip(self.cells, weights, indices)):
                 s0, s1 = s1, cell(s0, s1, w, i, relus)
                 if n + 1 < len(self.cells):
                     relus = [relus[1], F.relu(s1)]
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
+
+    def _fused_convs(self) -> list[nn.Conv2d]:
+        """The 1×1 convolutions of the MixedOps that take the fused path (ops/weight_cast.py)."""
+        return [c for cell in self.cells for op in cell._ops if getattr(op, "_fused_index", None) is not None
+                for c in conv_modules(op.primitives, op._ops)]
 
     def _loss(self, x, target):
         return self._criterion(self(x).float(), target)

@@ -1,0 +1,83 @@
+"""Grouped 1×1 convolution kernels: K ≤ 4 independent pointwise convolutions (each its own input and weight) in
+one launch, for a mixed op's conv candidates, whose 1×1 stages run side by side.
+
+Each input is NCHW contiguous, viewed as [N, B, HW]; a weight is a matrix [A, B] at (a·SA + b·SB), so the same
+kernel computes the forward (W [CO, C]: SA = C, SB = 1) and the input gradient (Wᵀ: SA = 1, SB = C):
+    out_k[n, a, p] = Σ_b W_k[a, b] · in_k[n, b, p]          (tl.dot, fp32 accumulation)
+Program (k, n, pixel tile): run-time branches pick candidate k's pointers once. The inputs are read where they
+are (one pointer argument each, unused slots aliased; K a constexpr), so nothing is stacked.
+
+The weight gradient is deterministic: program (k, n, pixel tile) stores its fp32 partial
+    part[k, n·T + t, a, b] = Σ_{p in tile} g_k[n, a, p] · x_k[n, b, p]
+and the launcher sums the partials over (n, t) with an ordered torch sum.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pick(k, p0, p1, p2, p3, K: tl.constexpr):
+    """Pointer k of four, by a run-time branch per program (k = program_id(0))."""
+    p = p0
+    if K > 1:
+        if k == 1:
+            p = p1
+    if K > 2:
+        if k == 2:
+            p = p2
+    if K > 3:
+        if k == 3:
+            p = p3
+    return p
+
+
+@triton.jit
+def pointwise_kernel(
+    in0_ptr, in1_ptr, in2_ptr, in3_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr,
+    A, B, HW, SA, SB,
+    K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    k = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    pix = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    a = tl.arange(0, BLOCK_A)
+    b = tl.arange(0, BLOCK_B)
+    inp = _pick(k, in0_ptr, in1_ptr, in2_ptr, in3_ptr, K)
+    w_ptr = _pick(k, w0_ptr, w1_ptr, w2_ptr, w3_ptr, K)
+    out = _pick(k, out0_ptr, out1_ptr, out2_ptr, out3_ptr, K)
+    pm = pix < HW
+    x = tl.load(inp + n * B * HW + b[:, None] * HW + pix[None, :], mask=(b < B)[:, None] & pm[None, :], other=0.0)
+    w = tl.load(w_ptr + a[:, None] * SA + b[None, :] * SB, mask=(a < A)[:, None] & (b < B)[None, :], other=0.0)
+    if UPCAST:  # the interpreter's dot has no bf16/fp16: fp32 operands, the same exact products and fp32 sums
+        x = x.to(tl.float32)
+    y = tl.dot(w.to(x.dtype), x, input_precision=PRECISION, out_dtype=tl.float32)
+    tl.store(out + n * A * HW + a[:, None] * HW + pix[None, :], y.to(out0_ptr.dtype.element_ty),
+             mask=(a < A)[:, None] & pm[None, :])
+
+
+@triton.jit
+def pointwise_wgrad_kernel(
+    x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, part_ptr,
+    A, B, HW, TILES,
+    K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """part[k, n·TILES + t] ([A, B] fp32) = g_k[n, :, tile t] · x_k[n, :, tile t]ᵀ (g: [N, A, HW], x: [N, B, HW])."""
+    k = tl.program_id(0)
+    n = tl.program_id(1)
+    t = tl.program_id(2)
+    pix = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    a = tl.arange(0, BLOCK_A)
+    b = tl.arange(0, BLOCK_B)
+    xk = _pick(k, x0_ptr, x1_ptr, x2_ptr, x3_ptr, K)
+    gk = _pick(k, g0_ptr, g1_ptr, g2_ptr, g3_ptr, K)
+    pm = pix < HW
+    n64 = n.to(tl.int64)
+    x = tl.load(xk + n64 * B * HW + b[None, :] * HW + pix[:, None], mask=pm[:, None] & (b < B)[None, :], other=0.0)
+    g = tl.load(gk + n64 * A * HW + a[:, None] * HW + pix[None, :], mask=(a < A)[:, None] & pm[None, :], other=0.0)
+    if UPCAST:
+        g = g.to(tl.float32)
+    part = tl.dot(g, x.to(g.dtype), input_precision=PRECISION, out_dtype=tl.float32)  # [A, B]
+    row = part_ptr + ((k * tl.num_programs(1) + n) * TILES + t).to(tl.int64) * (A * B)
+    tl.store(row + a[:, None] * B + b[None, :], part, mask=(a < A)[:, None] & (b < B)[None, :])

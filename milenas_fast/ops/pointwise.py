@@ -1,0 +1,142 @@
+"""Grouped pointwise op: K ≤ 4 independent 1×1 convolutions (no bias, stride 1) in one launch each way.
+
+    ys = pointwise(xs, ws)     xs: K inputs [N, C, H, W] (one shape and dtype), ws: K weights [CO, C, 1, 1]
+
+ys[k] = conv2d(xs[k], ws[k]) in xs' dtype (fp32 accumulation; fp32 inputs use TF32 where cuDNN would:
+torch.backends.cudnn.allow_tf32). A mixed op's conv candidates run their 1×1 stages side by side: one launch
+instead of K in the forward, one for all input gradients and two (partials, their ordered sum) for all weight
+gradients. `pointwise_reference` is the plain-PyTorch twin.
+
+Registered ops (torch.library.triton_op, visible to torch.compile):
+    milenas_fast::pointwise(xs, ws) -> ys                     (also the input gradient: ws transposed)
+    milenas_fast::pointwise_wgrad(xs, gs) -> dw [K, CO, C] fp32
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from milenas_fast.kernels import pointwise as K
+
+from .edge_reduce_triton import _pow2
+from .triton_launch import INTERPRET, launch, register
+
+MAX_K = 4
+GPU_TILE = 4096  # elements of the larger operand per program
+_TILE = 1 << 16 if INTERPRET else GPU_TILE  # the interpreter pays per program: there few large ones
+
+
+def _blocks(a: int, b: int, hw: int, tile: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_A, BLOCK_B, BLOCK_P): channel blocks cover all channels (≥ 16, tl.dot's minimum), pixel tiles fill
+    the rest of a program's tile."""
+    ba, bb = max(16, _pow2(a)), max(16, _pow2(b))
+    return ba, bb, max(16, min(_pow2(hw), (_TILE if tile is None else tile) // max(ba, bb)))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
+
+
+def _four(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return ts + [ts[0]] * (MAX_K - len(ts))
+
+
+def _check(xs, ws) -> None:
+    if not 1 <= len(xs) <= MAX_K or len(ws) != len(xs):
+        raise ValueError(f"pointwise: 1 to {MAX_K} inputs with one weight each, got {len(xs)} and {len(ws)}")
+    x = xs[0]
+    for t in xs:
+        if t.shape != x.shape or t.dtype != x.dtype or t.dim() != 4:
+            raise ValueError("pointwise: inputs must be [N, C, H, W] of one shape and dtype")
+    for w in ws:
+        if w.shape != ws[0].shape or w.dim() != 4 or w.shape[1] != x.shape[1] or w.shape[2:] != (1, 1):
+            raise ValueError(f"pointwise: weights must be [CO, {x.shape[1]}, 1, 1] of one shape")
+
+
+def _apply(xs, ws, transposed: bool) -> list[torch.Tensor]:
+    n, b, h, wd = xs[0].shape
+    co, ci = ws[0].shape[:2]
+    a = ci if transposed else co
+    xs = [x.contiguous() for x in xs]
+    ws = [w.contiguous() for w in ws]
+    ys = [xs[0].new_empty(n, a, h, wd) for _ in xs]
+    ba, bb, bp = _blocks(a, b, h * wd)
+    sa, sb = (1, ci) if transposed else (ci, 1)
+    launch(K.pointwise_kernel, (len(xs), n, -(-(h * wd) // bp)), *_four(xs), *_four(ws), *_four(ys), a, b, h * wd,
+           sa, sb, K=len(xs), BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, PRECISION=_precision(xs[0].dtype), UPCAST=INTERPRET,
+           num_warps=4)
+    return ys
+
+
+@register("milenas_fast::pointwise")
+def pointwise_op(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    _check(xs, ws)
+    return _apply(xs, ws, transposed=False)
+
+
+@register("milenas_fast::pointwise_input_grad")
+def pointwise_input_grad(gs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inputs' gradients: each g_k [N, CO, H, W] through W_kᵀ."""
+    return _apply(gs, ws, transposed=True)
+
+
+@register("milenas_fast::pointwise_wgrad")
+def pointwise_wgrad(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Tensor:
+    """fp32 weight gradients [K, CO, C] (g_k [N, CO, H, W], x_k [N, C, H, W])."""
+    n, b, h, wd = xs[0].shape
+    a = gs[0].shape[1]
+    xs = [x.contiguous() for x in xs]
+    gs = [g.contiguous() for g in gs]
+    ba, bb, bp = _blocks(a, b, h * wd)
+    tiles = -(-(h * wd) // bp)
+    part = xs[0].new_empty(len(xs), n * tiles, a, b, dtype=torch.float32)
+    launch(K.pointwise_wgrad_kernel, (len(xs), n, tiles), *_four(xs), *_four(gs), part, a, b, h * wd, tiles,
+           K=len(xs), BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, PRECISION=_precision(xs[0].dtype), UPCAST=INTERPRET,
+           num_warps=4)
+    return part.sum(dim=1)  # deterministic: an ordered sum over (image, tile)
+
+
+class _Pointwise(torch.autograd.Function):
+    """Inputs and weights as trailing arguments (autograd tracks tensors given directly, not inside a list)."""
+
+    @staticmethod
+    def forward(ctx, k, *args):
+        xs, ws = list(args[:k]), list(args[k:])
+        ctx.k = k
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*xs, *ws)
+        return tuple(torch.ops.milenas_fast.pointwise(xs, ws))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        xs, ws = saved[:ctx.k], saved[ctx.k:]
+        need_x, need_w = ctx.needs_input_grad[1:1 + ctx.k], ctx.needs_input_grad[1 + ctx.k:]
+        given = [i for i, g in enumerate(grads) if g is not None]
+        dxs, dws = [None] * ctx.k, [None] * ctx.k
+        xi = [i for i in given if need_x[i]]
+        if xi:  # one launch for every input that wants its gradient
+            for i, d in zip(xi, torch.ops.milenas_fast.pointwise_input_grad([grads[i] for i in xi],
+                                                                            [ws[i] for i in xi])):
+                dxs[i] = d
+        wi = [i for i in given if need_w[i]]
+        if wi:  # α-only passes (weights frozen): none of this
+            dw = torch.ops.milenas_fast.pointwise_wgrad([xs[i] for i in wi], [grads[i] for i in wi])
+            dw = dw.to(ws[wi[0]].dtype).view(len(wi), *ws[wi[0]].shape)  # one cast where the weights are not fp32
+            for i, d in zip(wi, dw.unbind(0)):
+                dws[i] = d
+        return (None, *dxs, *dws)
+
+
+def pointwise(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[conv2d(x, w) for x, w in zip(xs, ws)], 1×1 without bias, in one launch each way (differentiable in every
+    input and weight)."""
+    _check(xs, ws)
+    if any(w.dtype != ws[0].dtype for w in ws):
+        raise ValueError("pointwise: weights of one dtype")
+    return list(_Pointwise.apply(len(xs), *xs, *ws))
+
+
+def pointwise_reference(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Plain-PyTorch twin of `pointwise`."""
+    return [F.conv2d(x, w.to(x.dtype)) for x, w in zip(xs, ws)]

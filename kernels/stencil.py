@@ -76,9 +76,10 @@ def stencil_fwd_kernel(
                 ih = ch_ + dy
                 iw = cw_ + dx
                 m = pm[:, None] & (sm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
-                if use3 or use_pool or used3 or used5 or (use5 and not X5):
-                    v = tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
-                    r = tl.maximum(v, 0.0)
+                # x at every used offset (with X5 also where only the 5×5 branch reads, from x5: a cached re-read;
+                # a load guarded by its own condition would not compile, the value defined in an `if` being local)
+                v = tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
+                r = tl.maximum(v, 0.0)
                 if use3:
                     wv = tl.load(w3_ptr + ch * 9 + (dy + 1) * 3 + (dx + 1), mask=pm, other=0.0)
                     acc3 += r * wv.to(tl.float32)[:, None]
@@ -87,12 +88,12 @@ def stencil_fwd_kernel(
                 if use_pool and HASAVG:
                     vsum += v
                 if use5:
+                    wv = tl.load(w5_ptr + ch * 25 + (dy + 2) * 5 + (dx + 2), mask=pm, other=0.0).to(tl.float32)
                     if X5:
                         r5 = tl.maximum(tl.load(x5_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
+                        acc5 += r5 * wv[:, None]
                     else:
-                        r5 = r
-                    wv = tl.load(w5_ptr + ch * 25 + (dy + 2) * 5 + (dx + 2), mask=pm, other=0.0)
-                    acc5 += r5 * wv.to(tl.float32)[:, None]
+                        acc5 += r * wv[:, None]
                 if used3:
                     wv = tl.load(wd3_ptr + ch * 9 + (dy // 2 + 1) * 3 + (dx // 2 + 1), mask=pm, other=0.0)
                     accd3 += r * wv.to(tl.float32)[:, None]
@@ -173,7 +174,7 @@ def stencil_bwd_input_kernel(
         x5v = tl.load(x5_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw, mask=xm, other=0.0)
         tl.store(dx5_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw,
                  tl.where(x5v.to(tl.float32) > 0.0, acc5, 0.0).to(dx5_ptr.dtype.element_ty), mask=xm)
-    if HAS5 and not X5:
+    if HAS5 and X5 == 0:
         acc = _gather_conv(acc, g5_ptr, w5_ptr, planes, ch, pm, ih, iw, HO, WO, 5, 1, 2, STRIDE)
     if HASD3:
         acc = _gather_conv(acc, gd3_ptr, wd3_ptr, planes, ch, pm, ih, iw, HO, WO, 3, 2, 2, STRIDE)
@@ -262,17 +263,16 @@ def stencil_bwd_weight_kernel(
                 ih = ch_ + dy
                 iw = cw_ + dx
                 m = om & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
-                if (in3 and HAS3) or (in5 and HAS5 and not X5) or (ind3 and HASD3) or (even and HASD5):
-                    r = tl.maximum(tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
+                r = tl.maximum(tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
                 if in3 and HAS3:
                     tl.store(p3 + (dy + 1) * 3 + (dx + 1), tl.sum(r * g3, axis=1), mask=pm)
                 if in5 and HAS5:
-                    if X5:
+                    if X5:  # the 5×5 branch's own input
                         r5 = tl.maximum(tl.load(x5_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32),
                                         0.0)
+                        tl.store(p5 + (dy + 2) * 5 + (dx + 2), tl.sum(r5 * g5, axis=1), mask=pm)
                     else:
-                        r5 = r
-                    tl.store(p5 + (dy + 2) * 5 + (dx + 2), tl.sum(r5 * g5, axis=1), mask=pm)
+                        tl.store(p5 + (dy + 2) * 5 + (dx + 2), tl.sum(r * g5, axis=1), mask=pm)
                 if ind3 and HASD3:
                     tl.store(pd3 + (dy // 2 + 1) * 3 + (dx // 2 + 1), tl.sum(r * gd3, axis=1), mask=pm)
                 if even and HASD5:

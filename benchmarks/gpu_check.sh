@@ -102,7 +102,7 @@ fi
   grep -E '^(device:|no CUDA)' "$OUT/bench_search.log" 2>/dev/null
   sed -n '/^mode /,$p' "$OUT/bench_search.log" 2>/dev/null | grep -vE '^(CSV rows|Traceback|  )' | head -n 8
   echo "-- bench_kernels (fused rows, fwd+bwd; errors) --"
-  grep -E '^# |fwd\+bwd fused| ERROR ' "$OUT/bench_kernels.log" 2>/dev/null | head -n 16
+  grep -E '^# |fwd\+bwd fused| ERROR ' "$OUT/bench_kernels.log" 2>/dev/null | head -n 30
   echo "-- pytest -m 'cuda or gpu_path' --"
   grep -E '^(FAILED|ERROR)' "$OUT/pytest.log" 2>/dev/null | head -n 12
   tail -n 1 "$OUT/pytest.log" 2>/dev/null

@@ -149,14 +149,15 @@ def _gather_conv(acc, g_ptr, w_ptr, planes, ch, pm, ih, iw, HO, WO,
 @triton.jit
 def stencil_bwd_input_kernel(
     x_ptr, x5_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr, ymax_ptr,
-    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, gmax_ptr, gavg_ptr, dx_ptr, dx5_ptr,
+    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, gmax_ptr, gavg_ptr, gacc_ptr, dx_ptr, dx5_ptr,
     P, C, H, W, HO, WO,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
-    HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr,
+    HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr, HASACC: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Gather form (one program per input tile, no atomics): dx = relu'(x)·Σ conv grads + pool grads
-    (with X5, the 5×5 branch's part goes to dx5 = relu'(x5)·its conv grad)."""
+    (+ gacc with HASACC: x's gradient from elsewhere, the identity candidate's; with X5, the 5×5 branch's part
+    goes to dx5 = relu'(x5)·its conv grad)."""
     planes, pix, pm, sm, ih, iw = _tile(P, H * W, W, BLOCK_P, BLOCK_HW)
     ch = planes % C
     ih = ih[None, :]
@@ -213,6 +214,8 @@ def stencil_bwd_input_kernel(
                 g = tl.load(gavg_ptr + o_base + oh * WO + ow, mask=m, other=0.0).to(tl.float32)
                 acc += g / tl.maximum(cnt, 1).to(tl.float32)
 
+    if HASACC:
+        acc += tl.load(gacc_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw, mask=xm, other=0.0).to(tl.float32)
     tl.store(dx_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw, acc.to(dx_ptr.dtype.element_ty), mask=xm)
 
 

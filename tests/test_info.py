@@ -37,7 +37,11 @@ def test_info_shows_twin_warning_and_failed_selftest(capsys, monkeypatch):
     monkeypatch.setattr(selftest, "_warned", set())
     why = "Triton twin, because the C++ extension has no kernels (injected)"
     monkeypatch.setitem(er.IMPL, dev.type, ("triton", why))
-    monkeypatch.setattr(fmo, "stencil", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected launch failure")))
+    def broken(*a, **k):
+        raise RuntimeError("injected launch failure")
+
+    monkeypatch.setattr(fmo, "stencil", broken)
+    monkeypatch.setattr(fmo, "stencil_with_identity", broken)  # the stride-1 launch (its identity candidate)
     monkeypatch.delenv(select.ENV, raising=False)
     assert main(["info"]) == 0
     out = capsys.readouterr().out

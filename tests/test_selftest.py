@@ -77,6 +77,7 @@ def test_auto_falls_back_with_one_warning_when_a_kernel_raises(monkeypatch, auto
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
 
     monkeypatch.setattr(fmo, "stencil", broken)
+    monkeypatch.setattr(fmo, "stencil_with_identity", broken)  # the stride-1 launch (its identity candidate)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(2):

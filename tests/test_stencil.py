@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 pytest.importorskip("triton")
 from milenas_fast.ops import stencil as stencil_mod  # noqa: E402
 from milenas_fast.ops.stencil import (launch_config, max_tile, relu_depthwise, relu_depthwise_pair,  # noqa: E402
-                                      relu_depthwise_reference, stencil, stencil_reference)
+                                      relu_depthwise_reference, stencil, stencil_reference, stencil_with_identity)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the real-shape CUDA tests only
 NAMES = ("dw3", "dw5", "dil3", "dil5", "max", "avg")
@@ -289,6 +289,53 @@ def test_relu_depthwise_launches_one_branch_and_only_the_needed_half(need_x, nee
         assert (a is None) == (b is None)
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("stride,pools,tile", [(1, True, None), (2, False, 16), (1, True, 64)])
+def test_identity_gradient_joins_dx_in_the_input_gradient_kernel(stride, pools, tile, device, launches):
+    """stencil_with_identity: x as a first output; its gradient (a mixed op's identity candidate's) is added to dx
+    by the input-gradient kernel itself (no separate add): dx and every filter gradient equal the reference's
+    (x itself plus the twin), with several programs per grid dimension (tiles 16, 64)."""
+    gen = torch.Generator().manual_seed(stride * 10 + pools)
+    x, ws = make(2, 3, 7, torch.float32, gen, device=device)
+    g = [torch.randn(x.shape, generator=gen).to(device)] + grads_like(2, 3, 7, stride, gen, device)
+    inputs = [x.requires_grad_(), *[w.requires_grad_() for w in ws]]
+
+    def ours(x, *ws):
+        return stencil_with_identity(x, *ws, stride, pools=pools)
+
+    def twin(x, *ws):
+        return (x, *stencil_reference(x, *ws, stride, pools=pools))
+
+    with max_tile(tile) if tile else contextlib.nullcontext():
+        ys, gs = grads_of(ours, inputs, g)
+    yr, gr = grads_of(twin, inputs, g)
+    assert [name for name, _ in launches] == ["fwd", "bwd_input", "bwd_weight"]  # no add: not a launch of ours
+    torch.testing.assert_close(ys[0], x.detach(), rtol=0, atol=0)
+    for name, a, b in zip(("y",) + NAMES + GRADS, ys + gs, yr + gr):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 * max(1.0, b.abs().max().item()), msg=name)
+
+
+@pytest.mark.gpu_path
+def test_identity_gradient_alone_and_x_frozen(device, launches):
+    """Only the identity output used: dx is its gradient (through the same kernel); x frozen: no input-gradient
+    kernel, the filters' gradients as the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    x, ws = make(2, 3, 6, torch.float32, gen, device=device)
+    gid = torch.randn(x.shape, generator=gen).to(device)
+    (dx,) = torch.autograd.grad(stencil_with_identity(x.requires_grad_(), *ws, 1)[0], x, gid)
+    torch.testing.assert_close(dx, gid, rtol=0, atol=0)
+    g = [None] + grads_like(2, 3, 6, 1, gen, device)[:4] + [None, None]  # x frozen: identity, pools unused
+    inputs = [x.detach(), *[w.requires_grad_() for w in ws]]
+    _, gs = grads_of(lambda x, *ws: stencil_with_identity(x, *ws, 1), inputs, g)
+    _, gr = grads_of(lambda x, *ws: (x, *stencil_reference(x, *ws, 1)), inputs, g)
+    assert "bwd_input" not in [name for name, _ in launches[2:]]
+    assert gs[0] is None and gr[0] is None
+    for a, b in zip(gs[1:], gr[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 * max(1.0, b.abs().max().item()))
 
 
 def pair_reference(x3, w3, x5, w5):

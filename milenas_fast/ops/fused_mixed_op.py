@@ -29,7 +29,7 @@ from . import select, weight_cast
 from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
 from .pointwise import pointwise
 from .running_stats import update as _update_running_stats
-from .stencil import relu_depthwise_pair, stencil
+from .stencil import relu_depthwise_pair, stencil, stencil_with_identity
 
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")  # relu_depthwise_pair's order
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -106,8 +106,14 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         if name.startswith(("sep_conv", "dil_conv")):
             filters[_STENCIL_SLOT[name]] = op.op[1].weight
     pools = any(n in ("max_pool_3x3", "avg_pool_3x3") for n in names)
+    # The identity candidate (stride-1 skip) is x; taken as the stencil's first output, its gradient joins dx in
+    # the stencil's input-gradient kernel (no add per edge and backward pass).
+    identity = x
     if pools or any(f is not None for f in filters):
-        stage1 = stencil(x, *filters, stride, pools=pools)
+        if any(bn is None for bn in bns):
+            identity, *stage1 = stencil_with_identity(x, *filters, stride, pools=pools)
+        else:
+            stage1 = stencil(x, *filters, stride, pools=pools)
 
     # 2. pre-BN candidate outputs, in the module's order (the identity: x itself)
     cw = weight_cast.cast_weights(weight_cast.conv_modules(names, ops), x.device.type)
@@ -127,7 +133,7 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
     for k, bn in zip(ks, bns):
         name, op = names[k], ops[k]
         if bn is None:
-            y = x
+            y = identity
         elif name in ("max_pool_3x3", "avg_pool_3x3"):
             y = stage1[_STENCIL_SLOT[name]]
         elif name.startswith("sep_conv"):

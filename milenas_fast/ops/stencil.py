@@ -3,6 +3,7 @@
     y3, y5, yd3, yd5, ymax, yavg = stencil(x, w3, w5, wd3, wd5, stride, pools=True, x5=None)
     y = relu_depthwise(x, w, stride=1)
     y3, y5 = relu_depthwise_pair(x3, w3, x5, w5)
+    xid, y3, y5, yd3, yd5, ymax, yavg = stencil_with_identity(x, w3, w5, wd3, wd5, stride, pools=True)
 
 y3/y5/yd3/yd5: ReLU → depthwise (3×3 pad 1, 5×5 pad 2, 3×3 dil 2 pad 2, 5×5 dil 2 pad 4; stride s);
 ymax/yavg: 3×3 max / avg pool (stride s, pad 1, count_include_pad=False) of the raw input.
@@ -16,8 +17,8 @@ to x5): `relu_depthwise_pair` computes both sep convs' second stages in one laun
 Registered ops (torch.library.triton_op, visible to torch.compile); an absent branch is None on input
 and a 0-element tensor on output:
     milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools, x5?) -> 6 tensors
-    milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride, x5?)
-        -> dx, dx5 (0-element without x5)
+    milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride, x5?,
+        gacc?) -> dx (+ gacc), dx5 (0-element without x5)
     milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride, x5?) -> dw [Σ C·k²] (fp32: the given
         gradients' branches' filter gradients one after another, w3 | w5 | wd3 | wd5, each [C, k²])
 The two backward halves are separate ops so that α-only passes (no filter gradients wanted) and
@@ -144,9 +145,11 @@ def stencil_bwd_input(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[
                       wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], ymax: Optional[torch.Tensor],
                       g3: Optional[torch.Tensor], g5: Optional[torch.Tensor], gd3: Optional[torch.Tensor],
                       gd5: Optional[torch.Tensor], gmax: Optional[torch.Tensor], gavg: Optional[torch.Tensor],
-                      stride: int, x5: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      stride: int, x5: Optional[torch.Tensor] = None, gacc: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dx5) from the given output gradients (a branch without its gradient, or without its filter or ymax,
-    costs nothing); dx5 (x5's, the 5×5 branch's input when given) is 0-element without x5 or g5."""
+    costs nothing); dx5 (x5's, the 5×5 branch's input when given) is 0-element without x5 or g5. `gacc` (x's
+    shape): a gradient of x from elsewhere, added into dx in the same pass."""
     N, C, H, W = x.shape
     gs = [g.contiguous() if g is not None and need is not None else None
           for g, need in zip((g3, g5, gd3, gd5, gmax, gavg), (w3, w5, wd3, wd5, ymax, ymax))]  # ymax: pools ran
@@ -156,9 +159,9 @@ def stencil_bwd_input(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[
     bp, bhw, grid, warps = launch_config("bwd_input", x.shape, stride)
     _launch(
         K.stencil_bwd_input_kernel, grid, x, x5 if split else x, *_or((w3, w5, wd3, wd5), x),
-        ymax.contiguous() if gs[4] is not None else x, *_or(gs, x), dx, dx5 if split else x,
-        N * C, C, H, W, out_size(H, stride), out_size(W, stride), *_present(gs),
-        X5=split, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        ymax.contiguous() if gs[4] is not None else x, *_or(gs, x), x if gacc is None else gacc.contiguous(), dx,
+        dx5 if split else x, N * C, C, H, W, out_size(H, stride), out_size(W, stride), *_present(gs),
+        X5=split, HASACC=gacc is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return dx, dx5
 
 
@@ -199,7 +202,8 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg):
+def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg, gacc=None):
+    """The op's gradients (x, 4 filters, stride, pools, x5); `gacc`: x's gradient from elsewhere, added in."""
     x, w3, w5, wd3, wd5, ymax, x5 = ctx.saved_tensors
     ws = (w3, w5, wd3, wd5)
     dx, dws, dx5 = None, [None] * 4, None
@@ -210,7 +214,8 @@ def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg):
         gs = (g3, g5 if x5 is None or want_x5 else None, gd3, gd5, gmax, gavg)
         if not want_x:
             gs = (None, g5, None, None, None, None)
-        dx, dx5 = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, *gs, ctx.stride, x5)
+        dx, dx5 = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, *gs, ctx.stride, x5,
+                                                           gacc if want_x else None)
         dx, dx5 = (dx if want_x else None), (dx5 if want_x5 else None)
     # only the filters that want a gradient and whose output has one (frozen filters: no kernel at all)
     gw = [g if w is not None and need else None
@@ -225,8 +230,34 @@ def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg):
 torch.library.register_autograd("milenas_fast::stencil_fwd", _backward, setup_context=_setup_context)
 
 
+class _WithIdentity(torch.autograd.Function):
+    """The stencil op, plus x itself as a first output whose gradient (the identity candidate's) the input-gradient
+    kernel adds into dx: no separate add of the two per edge and backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, w3, w5, wd3, wd5, stride, pools):
+        ys = torch.ops.milenas_fast.stencil_fwd(x, w3, w5, wd3, wd5, stride, pools, None)
+        _setup_context(ctx, (x, w3, w5, wd3, wd5, stride, pools, None), ys)
+        return (x.view_as(x), *ys)
+
+    @staticmethod
+    def backward(ctx, gid, *gs):
+        return _backward(ctx, *gs, gacc=gid)[:7]
+
+
 def _contiguous(t):
     return None if t is None else t.contiguous()
+
+
+def stencil_with_identity(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
+                          wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int, pools: bool = True):
+    """(x, *stencil(...)): x as an output of the op, so that its gradient joins dx inside the input-gradient
+    kernel (a mixed op's identity candidate). Compiled code (torch.compile) gets x itself and the plain op (the
+    compiler fuses the add)."""
+    if torch.compiler.is_compiling():
+        return (x, *stencil(x, w3, w5, wd3, wd5, stride, pools))
+    ys = _WithIdentity.apply(x.contiguous(), *map(_contiguous, (w3, w5, wd3, wd5)), stride, pools)
+    return (ys[0], *(y if has else None for y, has in zip(ys[1:], _present((w3, w5, wd3, wd5)) + [pools, pools])))
 
 
 def stencil(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor], wd3: Optional[torch.Tensor],

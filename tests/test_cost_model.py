@@ -120,6 +120,32 @@ def test_hand_count_fused_custom_ops():
     assert er.flops == 3 * K * E
 
 
+def _frozen(t, need: bool):
+    return [u.detach().requires_grad_(need) for u in t] if isinstance(t, list) else t.detach().requires_grad_(need)
+
+
+def _phases(fn, make, classes=None) -> dict:
+    """The recorder's totals for fn(x, w) alone ("fwd"), its input gradient with w frozen (α-only style, "dx") and its
+    weight gradient with x frozen ("dw"); make() builds (x, w, the output gradient) on fake tensors (each a tensor
+    or a list). `classes`: the op classes every phase must fall in."""
+    counts = {}
+    rec = cm.Recorder()
+    with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
+        x, w, g = make()
+        for what in ("fwd", "dx", "dw"):
+            xi, wi = _frozen(x, what == "dx"), _frozen(w, what == "dw")
+            y = fn(xi, wi)
+            rec.by_class.clear()
+            with rec:
+                if what == "fwd":
+                    fn(xi, wi)
+                else:
+                    torch.autograd.grad(y, xi if what == "dx" else wi, g)
+            assert classes is None or set(rec.by_class) == classes, (what, set(rec.by_class))
+            counts[what] = cm._summary(rec.by_class)
+    return counts
+
+
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("k", [3, 5])
 def test_hand_count_relu_depthwise(k):
@@ -130,20 +156,8 @@ def test_hand_count_relu_depthwise(k):
     (with the first launch). Unused outputs get no zero-filled gradients (no fill kernels)."""
     from milenas_fast.ops.stencil import launch_config, relu_depthwise
 
-    counts = {}
-    rec = cm.Recorder()
-    with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
-        x, w, g = torch.randn(N, C, H, W), torch.randn(C, 1, k, k), torch.randn(N, C, H, W)
-        for what in ("fwd", "dx", "dw"):  # dx: the filter frozen (α-only style), dw: the input frozen
-            xi, wi = x.detach().requires_grad_(what == "dx"), w.detach().requires_grad_(what == "dw")
-            y = relu_depthwise(xi, wi)
-            rec.by_class.clear()
-            with rec:
-                if what == "fwd":
-                    relu_depthwise(xi, wi)
-                else:
-                    torch.autograd.grad(y, xi if what == "dx" else wi, g)
-            counts[what] = cm._summary(rec.by_class)
+    counts = _phases(relu_depthwise, lambda: (torch.randn(N, C, H, W), torch.randn(C, 1, k, k),
+                                              torch.randn(N, C, H, W)))
     fwd, dx, dw = counts["fwd"], counts["dx"], counts["dw"]
     assert (fwd.kernels, dx.kernels, dw.kernels) == (1, 1, 2)
     assert fwd.bytes == 4 * (E + C * k * k + E)
@@ -162,24 +176,9 @@ def test_hand_count_pointwise():
     convolution each way, all in the pointwise class."""
     from milenas_fast.ops.pointwise import _blocks, pointwise
 
-    counts = {}
-    rec = cm.Recorder()
-    with FakeTensorMode(allow_non_fake_inputs=True), cm._as_on_cuda(rec):
-        xs = [torch.randn(N, C, H, W) for _ in range(2)]
-        ws = [torch.randn(C, C, 1, 1) for _ in range(2)]
-        gs = [torch.randn(N, C, H, W) for _ in range(2)]
-        for what in ("fwd", "dx", "dw"):
-            xi = [x.detach().requires_grad_(what == "dx") for x in xs]
-            wi = [w.detach().requires_grad_(what == "dw") for w in ws]
-            ys = pointwise(xi, wi)
-            rec.by_class.clear()
-            with rec:
-                if what == "fwd":
-                    pointwise(xi, wi)
-                else:
-                    torch.autograd.grad(ys, xi if what == "dx" else wi, gs)
-            assert set(rec.by_class) == {"pointwise"}
-            counts[what] = cm._summary(rec.by_class)
+    counts = _phases(pointwise, lambda: ([torch.randn(N, C, H, W) for _ in range(2)],
+                                         [torch.randn(C, C, 1, 1) for _ in range(2)],
+                                         [torch.randn(N, C, H, W) for _ in range(2)]), classes={"pointwise"})
     fwd, dx, dw = counts["fwd"], counts["dx"], counts["dw"]
     assert (fwd.kernels, dx.kernels, dw.kernels) == (1, 1, 2)
     assert fwd.bytes == dx.bytes == 4 * (4 * E + 2 * C * C)

@@ -214,9 +214,10 @@ def stencil_bwd_input_kernel(
                 g = tl.load(gavg_ptr + o_base + oh * WO + ow, mask=m, other=0.0).to(tl.float32)
                 acc += g / tl.maximum(cnt, 1).to(tl.float32)
 
+    offs = planes[:, None].to(tl.int64) * (H * W) + ih * W + iw
     if HASACC:
-        acc += tl.load(gacc_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw, mask=xm, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw, acc.to(dx_ptr.dtype.element_ty), mask=xm)
+        acc += tl.load(gacc_ptr + offs, mask=xm, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=xm)
 
 
 @triton.jit

@@ -28,14 +28,16 @@ def configs() -> list[tuple[str, int, int, int, int]]:
 
 
 def jobs() -> list[dict]:
-    """What to compile: every stencil configuration with all six branches (the most work); the sep convs'
+    """What to compile: every stencil configuration with all six branches (the most work, the identity's gradient
+    added at stride 1); the sep convs'
     second stages (relu_depthwise_pair: the 3×3 and 5×5 branches on two inputs, stride 1); the pointwise
     kernels at the search's channel counts (fp32 weights, as the fused path passes them)."""
     src = Path(__file__).resolve().parents[1] / "kernels"
     out = []
     for kernel, stride, bp, bhw, warps in configs():
         base = {"file": str(src / "stencil.py"), "name": KERNELS[kernel], "warps": warps, "fp32_ptrs": ["part_ptr"]}
-        consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False)
+        # HASACC (x's gradient from the identity candidate) only at stride 1: a stride-2 mixed op has no identity
+        consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, HASACC=stride == 1)
         out.append({**base, "key": f"{kernel} s{stride} P{bp} HW{bhw} w{warps}", "consts": consts, "has": "all"})
         if stride == 1:
             out.append({**base, "key": f"{kernel} pair P{bp} HW{bhw} w{warps}", "consts": {**consts, "X5": True},
@@ -71,7 +73,7 @@ for job in json.loads(sys.argv[2]):
            ("*fp32" if p.name in job["fp32_ptrs"] else "*" + dt) if p.name.endswith("_ptr") else "i32"
            for p in fn.params}
     consts = {p.name: job["has"] == "all" or p.name in job["has"] for p in fn.params if p.name.startswith("HAS")}
-    consts.update(job["consts"])
+    consts.update((k, v) for k, v in job["consts"].items() if k in sig)  # a flag only some kernels have
     if consts.get("PRECISION") == "auto":  # as the launcher: TF32 for fp32 (cuDNN's default), bf16 exact
         consts["PRECISION"] = "tf32" if dt == "fp32" else "ieee"
     log = io.StringIO()

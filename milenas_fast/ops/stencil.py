@@ -252,8 +252,8 @@ def _contiguous(t):
 def stencil_with_identity(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
                           wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int, pools: bool = True):
     """(x, *stencil(...)): x as an output of the op, so that its gradient joins dx inside the input-gradient
-    kernel (a mixed op's identity candidate). Compiled code (torch.compile) gets x itself and the plain op (the
-    compiler fuses the add)."""
+    kernel (a mixed op's identity candidate: stride 1, where tests/test_sm90.py checks that kernel for spills).
+    Compiled code (torch.compile) gets x itself and the plain op (the compiler fuses the add)."""
     if torch.compiler.is_compiling():
         return (x, *stencil(x, w3, w5, wd3, wd5, stride, pools))
     ys = _WithIdentity.apply(x.contiguous(), *map(_contiguous, (w3, w5, wd3, wd5)), stride, pools)

@@ -1,4 +1,5 @@
-"""The fused MixedOps' 1×1 weights cast to the autocast dtype by ONE foreach copy per network forward.
+"""The fused MixedOps' cuDNN 1×1 weights (the stride-2 skips', `conv_modules`) cast to the autocast dtype by ONE
+foreach copy per network forward (the conv candidates' 1×1s run in the `pointwise` kernels, which take fp32).
 
 Autocast casts a convolution's weight at every call, one launch per weight and pass in each direction.
 `cast_weights(convs, device_type)` casts a MixedOp's conv weights at once (forward and backward: one foreach

@@ -145,7 +145,7 @@ class Network(nn.Module):
         # Every state feeds two cells' preprocessing, which both start with its ReLU: computed once per state
         # (forward and backward), not once per reader.
         relus = [F.relu(s0)] * 2
-        # The fused MixedOps' BN updates in a few foreach launches per forward, their 1×1 weights cast by one.
+        # The fused MixedOps' BN updates in a few foreach launches per forward, their cuDNN 1×1 weights cast by one.
         dev = x.device.type
         with batched_running_stats(), cast_once(self._fused_convs() if torch.is_autocast_enabled(dev) else [], dev):
             for n, (cell, w, i) in enumerate(zip(self.cells, weights, indices)):
@@ -156,7 +156,7 @@ class Network(nn.Module):
         return self.classifier(out.flatten(1))
 
     def _fused_convs(self) -> list[nn.Conv2d]:
-        """The 1×1 convolutions of the MixedOps that take the fused path (ops/weight_cast.py)."""
+        """The 1×1 convolutions that the fused MixedOps run through cuDNN (ops/weight_cast.py)."""
         return [c for cell in self.cells for op in cell._ops if getattr(op, "_fused_index", None) is not None
                 for c in conv_modules(op.primitives, op._ops)]
 

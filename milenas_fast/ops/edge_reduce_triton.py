@@ -65,10 +65,11 @@ def _check(ys, w, mean, rstd):
             raise RuntimeError(f"edge_reduce: all inputs must be on {y.device}, got {t.device}")
 
 
-def pointers(ys: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The kernels' eight candidate pointer arguments: ys (contiguous), the unused slots aliased to ys[0]."""
+def pointers(ys: list[torch.Tensor], slots: int = MAX_CANDIDATES) -> list[torch.Tensor]:
+    """A kernel's `slots` (eight for the candidates) pointer arguments: ys (contiguous), the unused slots aliased
+    to ys[0]."""
     ys = [y.contiguous() for y in ys]
-    return ys + [ys[0]] * (MAX_CANDIDATES - len(ys))
+    return ys + [ys[0]] * (slots - len(ys))
 
 
 @register("milenas_fast::edge_reduce_triton")

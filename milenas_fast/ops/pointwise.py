@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from milenas_fast.kernels import pointwise as K
 
-from .edge_reduce_triton import _pow2
+from .edge_reduce_triton import _pow2, pointers
 from .triton_launch import INTERPRET, launch, register
 
 MAX_K = 4
@@ -37,10 +37,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
 
 
-def _four(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    return ts + [ts[0]] * (MAX_K - len(ts))
-
-
 def _check(xs, ws) -> None:
     if not 1 <= len(xs) <= MAX_K or len(ws) != len(xs):
         raise ValueError(f"pointwise: 1 to {MAX_K} inputs with one weight each, got {len(xs)} and {len(ws)}")
@@ -51,18 +47,19 @@ def _check(xs, ws) -> None:
     for w in ws:
         if w.shape != ws[0].shape or w.dim() != 4 or w.shape[1] != x.shape[1] or w.shape[2:] != (1, 1):
             raise ValueError(f"pointwise: weights must be [CO, {x.shape[1]}, 1, 1] of one shape")
+        if w.dtype != ws[0].dtype:
+            raise ValueError("pointwise: weights of one dtype")
 
 
 def _apply(xs, ws, transposed: bool) -> list[torch.Tensor]:
     n, b, h, wd = xs[0].shape
     co, ci = ws[0].shape[:2]
     a = ci if transposed else co
-    xs = [x.contiguous() for x in xs]
-    ws = [w.contiguous() for w in ws]
     ys = [xs[0].new_empty(n, a, h, wd) for _ in xs]
     ba, bb, bp = _blocks(a, b, h * wd)
     sa, sb = (1, ci) if transposed else (ci, 1)
-    launch(K.pointwise_kernel, (len(xs), n, -(-(h * wd) // bp)), *_four(xs), *_four(ws), *_four(ys), a, b, h * wd,
+    launch(K.pointwise_kernel, (len(xs), n, -(-(h * wd) // bp)), *pointers(xs, MAX_K), *pointers(ws, MAX_K),
+           *pointers(ys, MAX_K), a, b, h * wd,
            sa, sb, K=len(xs), BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, PRECISION=_precision(xs[0].dtype), UPCAST=INTERPRET,
            num_warps=4)
     return ys
@@ -85,12 +82,10 @@ def pointwise_wgrad(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Ten
     """fp32 weight gradients [K, CO, C] (g_k [N, CO, H, W], x_k [N, C, H, W])."""
     n, b, h, wd = xs[0].shape
     a = gs[0].shape[1]
-    xs = [x.contiguous() for x in xs]
-    gs = [g.contiguous() for g in gs]
     ba, bb, bp = _blocks(a, b, h * wd)
     tiles = -(-(h * wd) // bp)
     part = xs[0].new_empty(len(xs), n * tiles, a, b, dtype=torch.float32)
-    launch(K.pointwise_wgrad_kernel, (len(xs), n, tiles), *_four(xs), *_four(gs), part, a, b, h * wd, tiles,
+    launch(K.pointwise_wgrad_kernel, (len(xs), n, tiles), *pointers(xs, MAX_K), *pointers(gs, MAX_K), part, a, b, h * wd, tiles,
            K=len(xs), BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, PRECISION=_precision(xs[0].dtype), UPCAST=INTERPRET,
            num_warps=4)
     return part.sum(dim=1)  # deterministic: an ordered sum over (image, tile)
@@ -130,10 +125,7 @@ class _Pointwise(torch.autograd.Function):
 
 def pointwise(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
     """[conv2d(x, w) for x, w in zip(xs, ws)], 1×1 without bias, in one launch each way (differentiable in every
-    input and weight)."""
-    _check(xs, ws)
-    if any(w.dtype != ws[0].dtype for w in ws):
-        raise ValueError("pointwise: weights of one dtype")
+    input and weight); the op checks its arguments."""
     return list(_Pointwise.apply(len(xs), *xs, *ws))
 
 

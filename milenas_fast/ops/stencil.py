@@ -210,10 +210,9 @@ def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg, gacc=None):
     want_x, want_x5 = ctx.needs_input_grad[0], x5 is not None and ctx.needs_input_grad[7] and g5 is not None
     if want_x or want_x5:
         # without x5, the 5×5 branch's gradient belongs to x; with it, to x5 (its branch is left out when x5
-        # wants none)
-        gs = (g3, g5 if x5 is None or want_x5 else None, gd3, gd5, gmax, gavg)
-        if not want_x:
-            gs = (None, g5, None, None, None, None)
+        # wants none, the others when x wants none)
+        g5x = g5 if x5 is None or want_x5 else None
+        gs = (g3, g5x, gd3, gd5, gmax, gavg) if want_x else (None, g5, None, None, None, None)
         dx, dx5 = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, *gs, ctx.stride, x5,
                                                            gacc if want_x else None)
         dx, dx5 = (dx if want_x else None), (dx5 if want_x5 else None)
@@ -249,6 +248,11 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
+def _outputs(ys, ws, pools: bool) -> tuple:
+    """The op's six outputs with the skipped branches' 0-element ones as None."""
+    return tuple(y if has else None for y, has in zip(ys, _present(ws) + [pools, pools]))
+
+
 def stencil_with_identity(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
                           wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int, pools: bool = True):
     """(x, *stencil(...)): x as an output of the op, so that its gradient joins dx inside the input-gradient
@@ -257,7 +261,7 @@ def stencil_with_identity(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optio
     if torch.compiler.is_compiling():
         return (x, *stencil(x, w3, w5, wd3, wd5, stride, pools))
     ys = _WithIdentity.apply(x.contiguous(), *map(_contiguous, (w3, w5, wd3, wd5)), stride, pools)
-    return (ys[0], *(y if has else None for y, has in zip(ys[1:], _present((w3, w5, wd3, wd5)) + [pools, pools])))
+    return (ys[0], *_outputs(ys[1:], (w3, w5, wd3, wd5), pools))
 
 
 def stencil(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor], wd3: Optional[torch.Tensor],
@@ -266,7 +270,7 @@ def stencil(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tens
     skips that branch: its output is None. `x5` (x's shape and dtype): the 5×5 branch's input instead of x."""
     ys = torch.ops.milenas_fast.stencil_fwd(x.contiguous(), *map(_contiguous, (w3, w5, wd3, wd5)), stride, pools,
                                             _contiguous(x5))
-    return tuple(y if has else None for y, has in zip(ys, _present((w3, w5, wd3, wd5)) + [pools, pools]))
+    return _outputs(ys, (w3, w5, wd3, wd5), pools)
 
 
 def relu_depthwise(x: torch.Tensor, w: torch.Tensor, stride: int = 1) -> torch.Tensor:

@@ -116,7 +116,7 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
             stage1 = stencil(x, *filters, stride, pools=pools)
 
     # 2. pre-BN candidate outputs, in the module's order (the identity: x, or x as the stencil's output)
-    cw = weight_cast.cast_weights(weight_cast.conv_modules(names, ops), x.device.type)
+    cw = weight_cast.cast_weights(weight_cast.conv_modules(ops), x.device.type)
     counters = []
     convs = [(name, op) for name, op in zip(names, ops) if name.startswith(("sep_conv", "dil_conv"))]
     # the conv candidates' first 1×1 convolutions side by side: one launch

@@ -39,7 +39,7 @@ class CastAll(torch.autograd.Function):
         return (None, *out)
 
 
-def conv_modules(names, ops) -> list[nn.Conv2d]:
+def conv_modules(ops) -> list[nn.Conv2d]:
     """The 1×1 convolutions of a MixedOp's candidates that the fused path casts: the stride-2 skip's two halves
     (cuDNN convolutions). The conv candidates' 1×1 weights go to the `pointwise` kernels as they are (fp32,
     rounded to the inputs' dtype in registers, as autocast rounds them)."""

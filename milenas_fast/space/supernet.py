@@ -158,7 +158,7 @@ class Network(nn.Module):
     def _fused_convs(self) -> list[nn.Conv2d]:
         """The 1×1 convolutions that the fused MixedOps run through cuDNN (ops/weight_cast.py)."""
         return [c for cell in self.cells for op in cell._ops if getattr(op, "_fused_index", None) is not None
-                for c in conv_modules(op.primitives, op._ops)]
+                for c in conv_modules(op._ops)]
 
     def _loss(self, x, target):
         return self._criterion(self(x).float(), target)

@@ -10,7 +10,7 @@
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
    Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, a list (no stack) in the module's (PRIMITIVES) order
    with `none` left out, so the mixing weights are a slice (`weights[1:]` for the DARTS list; its gradient one
-   cat). Identity (stride 1 skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as
+   cat, or none per edge when the Cell slices all its edges' rows at once: ops/mixing_weights.py). Identity (stride 1 skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as
    nn.BatchNorm2d does (momentum or cumulative average, unbiased variance, num_batches_tracked), for a whole
    Network forward at once (ops/running_stats.py). The gradient flows through the
    batch statistics (bn_fold's written-out backward), so every gradient is the reference's.
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce
-from . import select, weight_cast
+from . import mixing_weights, select, weight_cast
 from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
 from .pointwise import pointwise
 from .running_stats import update as _update_running_stats
@@ -84,10 +84,13 @@ def _pointwise(todo: dict) -> dict:
     return dict(zip(todo, pointwise(list(xs), [m.weight for m in mods])))
 
 
-def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
+                  mixing: torch.Tensor | None = None) -> torch.Tensor:
+    """`mixing`: weights[mod._fused_index] in fp32 when the caller has taken it already (the Cell, for all its
+    edges at once: ops/mixing_weights.py)."""
     names, ops = tuple(mod.primitives), mod._ops
     stride, C = mod.stride, x.shape[1]
-    ks = _order(mod)
+    ks = mixing_weights.order(names)
     bns = [_last_bn(names[k], ops[k]) for k in ks]  # per candidate row; None for the identity
     folded_bns = [bn for bn in bns if bn is not None]
     rows = stats_mask(r for r, bn in enumerate(bns) if bn is not None)  # the rows with a folded BatchNorm
@@ -163,24 +166,9 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> tor
         if counters:  # inner BNs in training mode, last ones in eval mode: only their counters
             _update_running_stats([], None, None, counters)
         mean, rstd = _running_stats(mod, bns, rows, eps)
-    idx = mod._fused_index
-    w = weights.float()
-    w = _Slice.apply(w, idx.start, idx.stop, mod._weight_zeros) if isinstance(idx, slice) else w[idx]
+    w = (mixing_weights.candidate_weights(weights, mod._fused_index, mod._weight_zeros) if mixing is None
+         else mixing)
     return folded_reduce(ys, w, mean, rstd, stats)
-
-
-class _Slice(torch.autograd.Function):
-    """w[start:stop], whose gradient is ONE cat with resident zeros (slicing's own backward launches a fill and
-    a copy per edge and pass)."""
-
-    @staticmethod
-    def forward(ctx, w, start, stop, zeros):
-        ctx.pads = zeros[:start], zeros[:w.shape[0] - stop]
-        return w[start:stop]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.cat([ctx.pads[0], grad, ctx.pads[1]]), None, None, None
 
 
 def _running_stats(mod: nn.Module, bns: list, rows: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,21 +181,6 @@ def _running_stats(mod: nn.Module, bns: list, rows: int, eps: float) -> tuple[to
     st = torch.stack([bn.running_mean if bn is not None else zero for bn in bns]
                      + [bn.running_var if bn is not None else zero for bn in bns]).float()
     return st[:len(bns)], running_rstd(st[len(bns):], rows, eps)
-
-
-def _order(mod: nn.Module) -> list[int]:
-    """The candidates fused_forward stacks: the module's (PRIMITIVES) order with `none` left out."""
-    return [k for k, name in enumerate(mod.primitives) if name != "none"]
-
-
-def weight_index(mod: nn.Module, device: torch.device) -> slice | torch.Tensor:
-    """How fused_forward takes its candidates' mixing weights: a slice (one cat in backward) where `_order`'s
-    candidates are consecutive, as for the DARTS list (`none` first), else a gather index built once per
-    placement (MixedOp._resolve), so no host-to-device copy happens per call."""
-    ks = _order(mod)
-    if ks == list(range(ks[0], ks[-1] + 1)):
-        return slice(ks[0], ks[-1] + 1)
-    return torch.tensor(ks, device=device)
 
 
 def identity_stats(C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,13 +42,13 @@ class MixedOp(nn.Module):
         decision = select.decide(self.impl, device)
         self._fused_index = None  # the fused path's mixing weights: a slice (a view) or an index on `device`
         if decision.impl == "fused":
-            from ..ops import fused_mixed_op
+            from ..ops import fused_mixed_op, mixing_weights
 
             why_not = fused_mixed_op.unsupported(self)
             if why_not:
                 decision = select.Decision(decision.requested, "reference", (f"this MixedOp: {why_not}",))
             else:
-                self._fused_index = fused_mixed_op.weight_index(self, device)
+                self._fused_index = mixing_weights.weight_index(self.primitives, device)
                 self._identity_stats = fused_mixed_op.identity_stats(self.C, device)
                 self._weight_zeros = torch.zeros(len(self.primitives), device=device)
         self.decision = decision
@@ -58,11 +58,13 @@ class MixedOp(nn.Module):
         self._resolve()
         return out
 
-    def forward(self, x, weights):
+    def forward(self, x, weights, *, mixing=None):
+        """`mixing`: optional, weights[self._fused_index] already taken by the caller (the supernet's Cell takes
+        them for all its edges at once); only the fused path reads it."""
         if self._fused_index is not None and x.dtype in select.FUSED_DTYPES:
             from ..ops.fused_mixed_op import fused_forward
 
-            return fused_forward(self, x, weights)
+            return fused_forward(self, x, weights, mixing)
         if self.decision.requested == "fused":  # explicit and impossible: never a silent fallback
             d = self.decision
             if d.ok:

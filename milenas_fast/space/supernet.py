@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.mixing_weights import candidate_rows
 from ..ops.running_stats import batched_running_stats
 from ..ops.weight_cast import cast_once, conv_modules
 from . import genotype as gt
@@ -47,12 +48,19 @@ class Cell(nn.Module):
         # One unbind for all edges: its backward is one stack per cell, where indexing weights[k] per edge
         # costs a select_backward and a gradient-accumulation add per edge.
         rows = weights.unbind(0)
+        # Fused MixedOps: their candidates' weights sliced for all edges at once (one cat per cell in backward).
+        mixing = candidate_rows(weights, self._ops) if indices is None else None
         offset = 0
         for _ in range(self._steps):
             s = None
             for j, h in enumerate(states):
                 k = offset + j
-                y = self._ops[k](h, rows[k]) if indices is None else self._ops[k](h, rows[k], indices[k])
+                if indices is not None:
+                    y = self._ops[k](h, rows[k], indices[k])
+                elif mixing is not None:
+                    y = self._ops[k](h, rows[k], mixing=mixing[k])
+                else:
+                    y = self._ops[k](h, rows[k])
                 s = y if s is None else s + y
             offset += len(states)
             states.append(s)

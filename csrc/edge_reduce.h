@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace milenas_fast {
 
 // The most candidates one call takes: the CUDA kernels get one pointer per candidate in a fixed-size struct.
@@ -34,6 +36,15 @@ inline void check_edge_reduce_inputs(at::TensorList ys, const at::Tensor& w, con
     TORCH_CHECK(t->device() == y.device(), "edge_reduce: all inputs must be on ", y.device(), ", got ",
                 t->device());
   }
+}
+
+// acc, when given: ys[0]'s shape, dtype and device (read in place: made contiguous only if it is not).
+inline void check_acc(const std::optional<at::Tensor>& acc, at::TensorList ys) {
+  if (!acc.has_value()) return;
+  const at::Tensor& y = ys[0];
+  TORCH_CHECK(acc->sizes() == y.sizes() && acc->scalar_type() == y.scalar_type() && acc->device() == y.device(),
+              "edge_reduce: acc must match ys[0] (", y.sizes(), ", ", y.scalar_type(), ", ", y.device(), "), got ",
+              acc->sizes(), ", ", acc->scalar_type(), ", ", acc->device());
 }
 
 inline void check_grad_out(const at::Tensor& grad_out, at::TensorList ys) {

@@ -12,9 +12,10 @@ PyMODINIT_FUNC PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(milenas_fast, m) {
-  // out[n,c,h,w] = sum_k w[k] * (ys[k][n,c,h,w] - mean[k,c]) * rstd[k,c]: the mixed-op / node sum with the
-  // candidates' non-affine BatchNorm folded in. ys: 1 to 8 candidates [N, C, H, W], read where they are.
-  m.def("edge_reduce(Tensor[] ys, Tensor w, Tensor mean, Tensor rstd) -> Tensor");
+  // out[n,c,h,w] = acc[n,c,h,w] + sum_k w[k] * (ys[k][n,c,h,w] - mean[k,c]) * rstd[k,c]: the mixed-op / node sum
+  // with the candidates' non-affine BatchNorm folded in. ys: 1 to 8 candidates [N, C, H, W], read where they are;
+  // acc (optional, ys[0]'s shape and dtype): what the sum is added to (a node's running sum), in fp32, one rounding.
+  m.def("edge_reduce(Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, Tensor? acc=None) -> Tensor");
   // output_mask selects (grad_y, grad_w, grad_mean, grad_rstd); unselected outputs are undefined (None).
   // grad_y is ONE [K, N, C, H, W] buffer (autograd hands out its rows).
   m.def(

@@ -46,13 +46,16 @@ def _tile(P, HW, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
 
 @triton.jit
 def edge_reduce_fwd_kernel(
-    y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr, w_ptr, mean_ptr, rstd_ptr, out_ptr,
+    y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr, w_ptr, mean_ptr, rstd_ptr, acc_ptr, out_ptr,
     P, C, HW,
-    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    K: tl.constexpr, HASACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
+    """out = (acc +) Σ_k (y_k − mean_k)·w_k·rstd_k, in fp32 (with HASACC, acc: a node's running sum)."""
     planes, pm, m, offs = _tile(P, HW, BLOCK_P, BLOCK_HW)
     ch = planes % C
     acc = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
+    if HASACC:
+        acc += tl.load(acc_ptr + offs, mask=m, other=0.0).to(tl.float32)
     for k in tl.static_range(K):
         a = tl.load(w_ptr + k) * tl.load(rstd_ptr + k * C + ch, mask=pm, other=0.0)
         mu = tl.load(mean_ptr + k * C + ch, mask=pm, other=0.0)

@@ -51,11 +51,15 @@ def test_every_edge_gets_a_contiguous_gradient():
 @pytest.mark.gpu_path
 def test_fused_cells_slice_the_mixing_weights_once(device, monkeypatch):
     """Fused MixedOps get their candidates' weights from ONE slice of the cell's rows (backward: one cat per cell,
-    none per edge); the α gradients are those of each edge slicing its own row, bit for bit."""
+    none per edge); the α gradients are those of each edge slicing its own row, bit for bit (nodes summed by
+    separate adds in both runs)."""
     from milenas_fast.ops import mixing_weights, select
     from milenas_fast.space.mixed_op import FusedMixedOp
 
+    import milenas_fast.space.supernet as supernet
+
     monkeypatch.delenv(select.ENV, raising=False)
+    monkeypatch.setattr(supernet, "_hooked", lambda m: True)
     torch.manual_seed(0)
     net = Network(C=4, num_classes=3, layers=3, steps=2, multiplier=2, mixed_op=FusedMixedOp).to(device)
     x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([0, 2], device=device)
@@ -65,7 +69,6 @@ def test_fused_cells_slice_the_mixing_weights_once(device, monkeypatch):
     got = torch.autograd.grad(loss, net.arch_parameters())
 
     monkeypatch.setattr(mixing_weights, "candidate_rows", lambda *a: None)
-    import milenas_fast.space.supernet as supernet
     monkeypatch.setattr(supernet, "candidate_rows", lambda *a: None)
     loss = net._loss(x, y)
     assert sum(type(fn).__name__ == "SliceLastBackward" for fn in _nodes(loss.grad_fn)) == 5 * len(net.cells)
@@ -80,3 +83,43 @@ def test_candidate_rows_needs_every_op_fused_alike():
 
     net = Network(C=4, num_classes=3, layers=3, steps=2, multiplier=2, mixed_op=ReferenceMixedOp)
     assert candidate_rows(torch.rand(5, 8), net.cells[0]._ops) is None
+
+
+@pytest.mark.gpu_path
+def test_fused_edges_add_into_their_node(device, monkeypatch):
+    """A fused MixedOp given `acc` returns acc + its output (the node's running sum, added by edge_reduce: the
+    cells run no separate add), with acc's gradient the output's; a forward hook on an edge keeps that edge's
+    own output (the cell then adds it as before). Outputs and α gradients match the per-edge adds."""
+    from milenas_fast.ops import select
+    from milenas_fast.space import supernet
+    from milenas_fast.space.mixed_op import FusedMixedOp
+
+    monkeypatch.delenv(select.ENV, raising=False)
+    torch.manual_seed(1)
+    net = Network(C=4, num_classes=3, layers=3, steps=3, multiplier=3, mixed_op=FusedMixedOp).to(device)
+    x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([0, 2], device=device)
+
+    def run():
+        loss = net._loss(x, y)
+        adds = sum(type(fn).__name__ == "AddBackward0" for fn in _nodes(loss.grad_fn))
+        return loss, torch.autograd.grad(loss, net.arch_parameters()), adds
+
+    loss, grads, adds = run()
+    seen = []
+    hook = net.cells[1]._ops[3].register_forward_hook(lambda m, i, out: seen.append(out))
+    loss_h, grads_h, adds_h = run()
+    hook.remove()
+    assert adds_h == adds + 1 and len(seen) == 1  # the hooked edge's output added by the cell
+    monkeypatch.setattr(supernet, "_hooked", lambda m: True)  # every edge as the reference path sums
+    loss_r, grads_r, adds_r = run()
+    assert adds_r == adds + len(net.cells) * (1 + 2 + 3)  # nodes with k = 2, 3, 4 inputs: k - 1 adds each
+    for a, b in ((loss, loss_r), (loss_h, loss_r), *zip(grads, grads_r), *zip(grads_h, grads_r)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    op, h = net.cells[0]._ops[0], torch.randn(2, 4, 8, 8, device=device)
+    acc = torch.randn_like(h).requires_grad_()
+    w = torch.softmax(torch.randn(8, device=device), 0)
+    out = op(h, w, acc=acc)
+    torch.testing.assert_close(out, acc + op(h, w), rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, acc, g)[0], g)

@@ -143,7 +143,9 @@ def bad_cases(inputs, grad):
             "need 1 to 8 candidates, got 9"),
            (([], w, mean, rstd), "need 1 to 8 candidates, got 0"),
            ((ys[:2] + [ys[2][..., :-1]] + ys[3:], w, mean, rstd), r"ys\[2\] must match ys\[0\]"),
-           ((ys[:1] + [ys[1].to(torch.bfloat16)] + ys[2:], w, mean, rstd), r"ys\[1\] must match ys\[0\]")]
+           ((ys[:1] + [ys[1].to(torch.bfloat16)] + ys[2:], w, mean, rstd), r"ys\[1\] must match ys\[0\]"),
+           ((ys, w, mean, rstd, ys[0][..., :-1]), r"acc must match ys\[0\]"),
+           ((ys, w, mean, rstd, ys[0].to(torch.bfloat16)), r"acc must match ys\[0\]")]
     bwd = [((grad[:, :-1], ys, w, mean, rstd, [True] * 4), r"grad_out must match ys\[0\]"),
            ((grad, ys[:1] * 9, w.new_ones(9), mean[:1].expand(9, -1), rstd[:1].expand(9, -1), [True] * 4),
             "got 9")]
@@ -197,11 +199,41 @@ def test_separate_candidates(impl, dtype, K, monkeypatch):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), msg=lambda m: f"input {i}: {m}")
 
 
+@pytest.mark.parametrize("impl", ["cpp", pytest.param("twin", marks=pytest.mark.gpu_path)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_acc_is_added(impl, dtype, monkeypatch):
+    """acc (a node's running sum) is added to the output in fp32 before the one rounding; its gradient is the
+    output's; the candidates' and w's gradients are unchanged by it. The twin on a multi-program grid."""
+    er_twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
+    monkeypatch.setattr(er_twin, "MAX_TILE", 16)
+    dev = "cpu" if impl == "cpp" else TWIN_DEV
+    fn = edge_reduce if impl == "cpp" else (lambda *a: torch.ops.milenas_fast.edge_reduce_triton(*a))
+    (y, w, mean, rstd), grad = make_inputs(5, N=2, C=3, H=5, W=7, dtype=dtype, seed=11)
+    acc = (4 * torch.randn(y.shape[1:], generator=torch.Generator().manual_seed(12))).to(dtype)
+    leaves = [t.to(dev).requires_grad_() for t in (y, w, acc)]
+    out = fn(list(leaves[0].unbind(0)), leaves[1], mean.to(dev), rstd.to(dev), leaves[2])
+    got = torch.autograd.grad(out, leaves, grad.to(dev))
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in (y, w, acc)]
+    ref = edge_reduce_reference(list(ref_in[0].unbind(0)), ref_in[1], mean.double(), rstd.double(), ref_in[2])
+    want = torch.autograd.grad(ref, ref_in, grad.double())
+    # one rounding of the fp32 sum: within an ulp of the result (the interpreter's casts truncate) or fp32 noise
+    tol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert out.dtype == dtype and (out.double().cpu() - ref).abs().max() <= tol * ref.abs().max() + 1e-6
+    assert torch.equal(got[2].cpu(), grad)  # acc's gradient: the output's, untouched
+    for name, a, b in zip(("grad y", "grad w"), got[:2], want[:2]):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=2e-2 if dtype != torch.float32 else 1e-5,
+                                   atol=1e-5 * b.abs().max().item(), msg=lambda m: f"{name}: {m}")
+    without = fn(list(leaves[0].detach().unbind(0)), w.to(dev), mean.to(dev), rstd.to(dev))
+    assert not torch.equal(out.detach(), without)  # acc was read
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     inputs, grad = make_inputs(3, H=5, dtype=dtype)
     leaves = split([t.clone().requires_grad_() for t in inputs])
     torch.library.opcheck(torch.ops.milenas_fast.edge_reduce.default, leaves)
+    acc = torch.randn(inputs[0].shape[1:]).to(dtype).requires_grad_()
+    torch.library.opcheck(torch.ops.milenas_fast.edge_reduce.default, [*leaves, acc])
     for mask in ([True, True, True, True], [False, True, False, True]):
         torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_backward.default, [grad, *split(inputs), mask])
 
@@ -460,7 +492,7 @@ def test_twin_registers_as_triton_ops_as_on_the_gpu(twin, monkeypatch):
     fwd = triton_launch.register(f"{ns}::fwd")(twin.edge_reduce_triton._init_fn)
     bwd = triton_launch.register(f"{ns}::bwd")(twin.edge_reduce_triton_backward._init_fn)
     assert str(fwd._opoverload._schema) == (
-        f"{ns}::fwd(Tensor[] ys, Tensor w, Tensor mean, Tensor rstd) -> Tensor")
+        f"{ns}::fwd(Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, Tensor? acc=None) -> Tensor")
     assert str(bwd._opoverload._schema) == (
         f"{ns}::bwd(Tensor grad_out, Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, bool[] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor)")

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from milenas_fast import MixedOp, Network
 from milenas_fast.config import ConfigError
-from milenas_fast.ops import select, weight_cast
+from milenas_fast.ops import mixing_weights, select, weight_cast
 from milenas_fast.runtime import resolve_impl
 from milenas_fast.space import supernet
 from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp, set_impl
@@ -350,7 +350,7 @@ def test_eval_statistics_are_the_running_ones(stride, fused_ok):
     identity's row (stride 1: in the middle) exactly 0 and 1."""
     _, fused = pair(5 if stride == 1 else 6, stride, fused_ok, seed=6)  # FactorizedReduce needs an even C
     fused.eval()
-    ks = fmo._order(fused)
+    ks = mixing_weights.order(fused.primitives)
     assert ks == list(range(1, len(PRIMITIVES)))
     bns = [fmo._last_bn(fused.primitives[k], fused._ops[k]) for k in ks]
     identity = [PRIMITIVES.index("skip_connect") - 1] if stride == 1 else []

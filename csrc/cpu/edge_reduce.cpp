@@ -45,15 +45,19 @@ std::vector<const T*> pointers(const std::vector<at::Tensor>& ys) {
 }
 
 template <typename T>
-void forward_impl(const std::vector<const T*>& ys, const float* w, const float* mean, const float* rstd, T* out,
-                  int64_t NC, int64_t C, int64_t HW) {
+void forward_impl(const std::vector<const T*>& ys, const float* w, const float* mean, const float* rstd,
+                  const T* start, T* out, int64_t NC, int64_t C, int64_t HW) {
   const int64_t K = static_cast<int64_t>(ys.size());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * HW));
   at::parallel_for(0, NC, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(HW);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c = p % C;
-      std::fill(acc.begin(), acc.end(), 0.f);
+      if (start) {
+        for (int64_t i = 0; i < HW; ++i) acc[i] = static_cast<float>(start[p * HW + i]);
+      } else {
+        std::fill(acc.begin(), acc.end(), 0.f);
+      }
       for (int64_t k = 0; k < K; ++k) {
         const float a = w[k] * rstd[k * C + c], m = mean[k * C + c];
         const T* yp = ys[k] + p * HW;
@@ -66,8 +70,10 @@ void forward_impl(const std::vector<const T*>& ys, const float* w, const float* 
 }
 
 at::Tensor edge_reduce_cpu(at::TensorList ys_, const at::Tensor& w_, const at::Tensor& mean_,
-                           const at::Tensor& rstd_) {
+                           const at::Tensor& rstd_, const std::optional<at::Tensor>& acc_) {
   check_edge_reduce_inputs(ys_, w_, mean_, rstd_);
+  check_acc(acc_, ys_);
+  const at::Tensor acc = acc_.has_value() ? acc_->contiguous() : at::Tensor();
   const auto ys = contiguous_all(ys_);
   const auto w = w_.contiguous(), mean = mean_.contiguous(), rstd = rstd_.contiguous();
   const auto& y = ys[0];
@@ -76,7 +82,8 @@ at::Tensor edge_reduce_cpu(at::TensorList ys_, const at::Tensor& w_, const at::T
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "edge_reduce_cpu", [&] {
     forward_impl<scalar_t>(pointers<scalar_t>(ys), w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
-                           rstd.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), N * C, C, HW);
+                           rstd.const_data_ptr<float>(), acc.defined() ? acc.const_data_ptr<scalar_t>() : nullptr,
+                           out.mutable_data_ptr<scalar_t>(), N * C, C, HW);
   });
   return out;
 }

@@ -56,11 +56,12 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
 template <typename T>
 __global__ void forward_kernel(const Cands<T> y, const float* __restrict__ w,
                                const float* __restrict__ mean, const float* __restrict__ rstd,
-                               T* __restrict__ out, int64_t K, int64_t C, int64_t HW, int64_t numel) {
+                               const T* __restrict__ start, T* __restrict__ out, int64_t K, int64_t C, int64_t HW,
+                               int64_t numel) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t c = (i / HW) % C;
-    float acc = 0.f;
+    float acc = start ? static_cast<float>(start[i]) : 0.f;
     // unrolled: constant indices into y.p (see pick)
 #pragma unroll
     for (int k = 0; k < kMaxCandidates; ++k) {
@@ -131,11 +132,13 @@ __global__ void backward_final_kernel(const float* __restrict__ part_gy, const f
 }
 
 at::Tensor edge_reduce_cuda(at::TensorList ys_, const at::Tensor& w_, const at::Tensor& mean_,
-                            const at::Tensor& rstd_) {
+                            const at::Tensor& rstd_, const std::optional<at::Tensor>& acc_) {
   check_edge_reduce_inputs(ys_, w_, mean_, rstd_);
+  check_acc(acc_, ys_);
   const c10::cuda::CUDAGuard guard(ys_[0].device());
   const auto ys = contiguous_all(ys_);
   const auto w = w_.contiguous(), mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const at::Tensor acc = acc_.has_value() ? acc_->contiguous() : at::Tensor();
   const auto& y = ys[0];
   const int64_t K = static_cast<int64_t>(ys.size()), C = y.size(1), HW = y.size(2) * y.size(3);
   auto out = at::empty(y.sizes(), y.options());
@@ -146,7 +149,8 @@ at::Tensor edge_reduce_cuda(at::TensorList ys_, const at::Tensor& w_, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "edge_reduce_cuda", [&] {
     forward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         cands_of<scalar_t>(ys), w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
-        rstd.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), K, C, HW, numel);
+        rstd.const_data_ptr<float>(), acc.defined() ? acc.const_data_ptr<scalar_t>() : nullptr,
+        out.mutable_data_ptr<scalar_t>(), K, C, HW, numel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -122,15 +122,15 @@ class _FoldedReduce(torch.autograd.Function):
     """Candidates as trailing arguments: autograd tracks tensors given directly, not inside a list."""
 
     @staticmethod
-    def forward(ctx, w, mean, rstd, stats, *ys):
+    def forward(ctx, w, mean, rstd, stats, acc, *ys):
         ctx.save_for_backward(w, mean, rstd, *ys)
         ctx.stats = stats
-        return edge_reduce(list(ys), w, mean, rstd)  # no graph: autograd is off in here
+        return edge_reduce(list(ys), w, mean, rstd, acc)  # no graph: autograd is off in here
 
     @staticmethod
     def backward(ctx, grad):
         w, mean, rstd, *ys = ctx.saved_tensors
-        need_w, need_ys = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        need_w, need_acc, need_ys = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5:]
         need_y = any(need_ys)
         grad = grad.contiguous()
         through = need_y and ctx.stats != 0  # the gradient flows through some batch statistics
@@ -140,11 +140,12 @@ class _FoldedReduce(torch.autograd.Function):
             gm, gr = (gmean, grstd) if through else (mean, rstd)  # unread when no row has batch statistics
             gy = torch.ops.milenas_fast.bn_fold_grad(grad, ys, w, mean, rstd, gm, gr, ctx.stats)
             gys = [t if n else None for t, n in zip(gy.unbind(0), need_ys)]
-        return gw, None, None, None, *gys
+        return gw, None, None, None, grad if need_acc else None, *gys
 
 
-def folded_reduce(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, stats: int):
-    """Σ_k w_k (ys_k − mean_k) rstd_k over the candidates ys (a list, read where they are), differentiable in ys
-    and w; the rows named by the bitmask `stats` have their batch statistics as mean/rstd (constants otherwise:
-    running statistics, the identity's 0 and 1)."""
-    return _FoldedReduce.apply(w, mean.detach(), rstd.detach(), stats, *ys)
+def folded_reduce(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, stats: int,
+                  acc: torch.Tensor | None = None):
+    """(acc +) Σ_k w_k (ys_k − mean_k) rstd_k over the candidates ys (a list, read where they are), differentiable
+    in ys, w and acc (a node's running sum, added in the same launch); the rows named by the bitmask `stats` have
+    their batch statistics as mean/rstd (constants otherwise: running statistics, the identity's 0 and 1)."""
+    return _FoldedReduce.apply(w, mean.detach(), rstd.detach(), stats, acc, *ys)

@@ -1,8 +1,9 @@
 """Edge-wise reduction with non-affine BatchNorm folded in (PERF.md "What to fuse" §5).
 
-out[n,c,h,w] = Σ_k w[k] · (ys[k][n,c,h,w] − mean[k,c]) · rstd[k,c]
+out[n,c,h,w] = acc[n,c,h,w] + Σ_k w[k] · (ys[k][n,c,h,w] − mean[k,c]) · rstd[k,c]
 
-ys is a list of K ≤ 8 candidates [N, C, H, W] (one dtype and device), read where they are: no stack.
+ys is a list of K ≤ 8 candidates [N, C, H, W] (one dtype and device), read where they are: no stack. acc is
+optional (ys[0]'s shape and dtype): a node's running sum, added in fp32 (one rounding, no separate add launch).
 
 `edge_reduce` runs the C++/CUDA op (differentiable in all four inputs, traceable by torch.compile), or its
 Triton twin (edge_reduce_triton.py) where the extension has no kernels for the device — the choice is
@@ -24,17 +25,18 @@ MAX_CANDIDATES = 8  # csrc/edge_reduce.h's kMaxCandidates: the kernels take one 
 
 
 def edge_reduce_reference(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,
-                          rstd: torch.Tensor) -> torch.Tensor:
+                          rstd: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
     """Same maths in PyTorch: computed in at least fp32 (fp64 stays fp64), returned in the candidates' dtype."""
     y = torch.stack(list(ys))
     k, _, c = y.shape[:3]
     dt = torch.promote_types(y.dtype, torch.float32)
     scale = (rstd.to(dt) * w.to(dt)[:, None]).view(k, 1, c, 1, 1)
-    return ((y.to(dt) - mean.to(dt).view(k, 1, c, 1, 1)) * scale).sum(0).to(y.dtype)
+    out = ((y.to(dt) - mean.to(dt).view(k, 1, c, 1, 1)) * scale).sum(0)
+    return (out if acc is None else acc.to(dt) + out).to(y.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    ys, w, mean, rstd = inputs
+    ys, w, mean, rstd = inputs[:4]
     ctx.k = len(ys)
     ctx.save_for_backward(*ys, w, mean, rstd)
 
@@ -45,10 +47,13 @@ def _backward_with(op):
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         ys, (w, mean, rstd) = list(saved[:ctx.k]), saved[ctx.k:]
-        need_ys, *need = ctx.needs_input_grad  # need_ys: one flag per candidate
+        flags = ctx.needs_input_grad  # (one flag per candidate, w, mean, rstd[, acc when it was passed])
+        need_ys, need = flags[0], flags[1:4]
         # Only what autograd asks for: α-only passes skip nothing here, but frozen BN statistics or a fixed w do.
         gy, *rest = op(grad, ys, w, mean, rstd, [any(need_ys), *need])
         gys = [None] * ctx.k if gy is None else [g if n else None for g, n in zip(gy.unbind(0), need_ys)]
+        if len(flags) > 4:  # acc's gradient is the output's: no launch
+            return (gys, *rest, grad if flags[4] else None)
         return (gys, *rest)
     return backward
 
@@ -56,7 +61,7 @@ def _backward_with(op):
 _backward = _backward_with(lambda *a: torch.ops.milenas_fast.edge_reduce_backward(*a))
 
 
-def _fake_forward(ys, w, mean, rstd):
+def _fake_forward(ys, w, mean, rstd, acc=None):
     return ys[0].new_empty(ys[0].shape)
 
 
@@ -83,19 +88,20 @@ def register() -> None:
         _registered = True
 
 
-def edge_reduce(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+def edge_reduce(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                acc: torch.Tensor | None = None) -> torch.Tensor:
     """The fast op. ys: K ≤ 8 candidates [N,C,H,W] (fp32/bf16/fp16, one dtype), w: [K] fp32, mean/rstd: [K,C]
-    fp32 -> [N,C,H,W]. Raises RuntimeError when neither the extension nor the Triton twin can run (choose the
-    reference)."""
+    fp32, acc: None or ys[0]'s like (added) -> [N,C,H,W]. Raises RuntimeError when neither the extension nor the
+    Triton twin can run (choose the reference)."""
     if _impl(ys[0].device.type) == "triton":
         from .edge_reduce_triton import edge_reduce_triton  # registers the op (needs Triton: imported late)
 
-        return edge_reduce_triton(ys, w, mean, rstd)
-    return _cpp(ys, w, mean, rstd)
+        return edge_reduce_triton(ys, w, mean, rstd, acc)
+    return _cpp(ys, w, mean, rstd, acc)
 
 
-def _cpp(ys, w, mean, rstd):
-    return torch.ops.milenas_fast.edge_reduce(ys, w, mean, rstd)
+def _cpp(ys, w, mean, rstd, acc=None):
+    return torch.ops.milenas_fast.edge_reduce(ys, w, mean, rstd, acc)
 
 
 def edge_reduce_backward(grad: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,

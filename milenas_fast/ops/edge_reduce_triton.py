@@ -1,6 +1,6 @@
 """Triton twin of the C++/CUDA edge_reduce: the same two ops, the same semantics (output mask included).
 
-    milenas_fast::edge_reduce_triton(ys, w, mean, rstd) -> out
+    milenas_fast::edge_reduce_triton(ys, w, mean, rstd, acc=None) -> out
     milenas_fast::edge_reduce_triton_backward(grad_out, ys, w, mean, rstd, bool[] output_mask (4 entries))
         -> (grad_y [K, N, C, H, W], grad_w, grad_mean, grad_rstd)     unselected outputs are None
 
@@ -73,9 +73,13 @@ def pointers(ys: list[torch.Tensor], slots: int = MAX_CANDIDATES) -> list[torch.
 
 
 @register("milenas_fast::edge_reduce_triton")
-def edge_reduce_triton(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
-                       ) -> torch.Tensor:
+def edge_reduce_triton(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                       acc: torch.Tensor | None = None) -> torch.Tensor:
     _check(ys, w, mean, rstd)
+    y = ys[0]
+    if acc is not None and (acc.shape != y.shape or acc.dtype != y.dtype or acc.device != y.device):
+        raise RuntimeError(f"edge_reduce: acc must match ys[0] ({list(y.shape)}, {y.dtype}, {y.device}), got "
+                           f"{list(acc.shape)}, {acc.dtype}, {acc.device}")
     w, mean, rstd = (t.contiguous() for t in (w, mean, rstd))
     n, c, h, wd = ys[0].shape
     out = ys[0].new_empty(ys[0].shape)
@@ -83,8 +87,9 @@ def edge_reduce_triton(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tens
         raise RuntimeError(f"edge_reduce: {out.numel()} output elements exceed the kernels' int32 indexing")
     if out.numel():
         bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        launch(K.edge_reduce_fwd_kernel, grid, *pointers(ys), w, mean, rstd, out, n * c, c, h * wd,
-               K=len(ys), BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        launch(K.edge_reduce_fwd_kernel, grid, *pointers(ys), w, mean, rstd,
+               out if acc is None else acc.contiguous(), out, n * c, c, h * wd,
+               K=len(ys), HASACC=acc is not None, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return out
 
 

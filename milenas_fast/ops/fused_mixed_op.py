@@ -85,9 +85,9 @@ def _pointwise(todo: dict) -> dict:
 
 
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
-                  mixing: torch.Tensor | None = None) -> torch.Tensor:
+                  mixing: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
     """`mixing`: weights[mod._fused_index] in fp32 when the caller has taken it already (the Cell, for all its
-    edges at once: ops/mixing_weights.py)."""
+    edges at once: ops/mixing_weights.py). `acc`: added to the output by edge_reduce (the Cell's node sum)."""
     names, ops = tuple(mod.primitives), mod._ops
     stride, C = mod.stride, x.shape[1]
     ks = mixing_weights.order(names)
@@ -97,10 +97,10 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
     # Checked before anything runs: a call handed to the reference must not have updated running statistics.
     use_batch = [bn.training or bn.running_mean is None for bn in folded_bns]
     if any(use_batch) and not all(use_batch):  # some in train, some in eval mode: only a user does that
-        return _reference(mod, x, weights, "its BatchNorms are partly in training and partly in eval mode")
+        return _reference(mod, x, weights, acc, "its BatchNorms are partly in training and partly in eval mode")
     eps = {bn.eps for bn in folded_bns}
     if len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
-        return _reference(mod, x, weights, f"its BatchNorms have different eps ({sorted(eps)})")
+        return _reference(mod, x, weights, acc, f"its BatchNorms have different eps ({sorted(eps)})")
     eps = eps.pop() if eps else 0.0
 
     # 1. the first stages from one read of x (absent candidates' branches are not computed)
@@ -168,7 +168,9 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
         mean, rstd = _running_stats(mod, bns, rows, eps)
     w = (mixing_weights.candidate_weights(weights, mod._fused_index, mod._weight_zeros) if mixing is None
          else mixing)
-    return folded_reduce(ys, w, mean, rstd, stats)
+    if acc is not None and (acc.shape != ys[0].shape or acc.dtype != dtype):  # only a user hands those over
+        return acc + folded_reduce(ys, w, mean, rstd, stats)
+    return folded_reduce(ys, w, mean, rstd, stats, acc)
 
 
 def _running_stats(mod: nn.Module, bns: list, rows: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,9 +190,10 @@ def identity_stats(C: int, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return torch.zeros(C, device=device), torch.ones(C, device=device)
 
 
-def _reference(mod, x, weights, why: str):
+def _reference(mod, x, weights, acc, why: str):
     """A call the fused kernels cannot take: the reference twin (same maths), or, under an explicit
     `--impl fused`, the one-line FusedUnavailable error (explicit requests never fall back silently)."""
     if mod.decision.requested == "fused":
         select.require_fused(select.Decision("fused", "reference", (f"this MixedOp: {why}",)))
-    return mod.reference_forward(x, weights)
+    out = mod.reference_forward(x, weights)
+    return out if acc is None else acc + out

@@ -58,20 +58,22 @@ class MixedOp(nn.Module):
         self._resolve()
         return out
 
-    def forward(self, x, weights, *, mixing=None):
-        """`mixing`: optional, weights[self._fused_index] already taken by the caller (the supernet's Cell takes
-        them for all its edges at once); only the fused path reads it."""
+    def forward(self, x, weights, *, mixing=None, acc=None):
+        """Optional, for callers that sum many edges (the supernet's Cell): `mixing`, weights[self._fused_index]
+        already taken (only the fused path reads it); `acc`, a tensor the output is added to (the fused path adds
+        it in its last kernel: no separate add)."""
         if self._fused_index is not None and x.dtype in select.FUSED_DTYPES:
             from ..ops.fused_mixed_op import fused_forward
 
-            return fused_forward(self, x, weights, mixing)
+            return fused_forward(self, x, weights, mixing, acc)
         if self.decision.requested == "fused":  # explicit and impossible: never a silent fallback
             d = self.decision
             if d.ok:
                 d = select.Decision(d.requested, "reference", (f"dtype {x.dtype} (fused supports float32, "
                                                                "bfloat16, float16)",))
             select.require_fused(d)
-        return self.reference_forward(x, weights)
+        out = self.reference_forward(x, weights)
+        return out if acc is None else acc + out
 
     def reference_forward(self, x, weights):
         out = None

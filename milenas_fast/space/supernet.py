@@ -57,10 +57,12 @@ class Cell(nn.Module):
                 k = offset + j
                 if indices is not None:
                     y = self._ops[k](h, rows[k], indices[k])
-                elif mixing is not None:
-                    y = self._ops[k](h, rows[k], mixing=mixing[k])
+                elif mixing is not None and s is not None and not _hooked(self._ops[k]):
+                    # the node's running sum added by the edge's last kernel (a hook would see the sum: not there)
+                    s = self._ops[k](h, rows[k], mixing=mixing[k], acc=s)
+                    continue
                 else:
-                    y = self._ops[k](h, rows[k])
+                    y = self._ops[k](h, rows[k], mixing=mixing[k]) if mixing is not None else self._ops[k](h, rows[k])
                 s = y if s is None else s + y
             offset += len(states)
             states.append(s)
@@ -68,6 +70,12 @@ class Cell(nn.Module):
         # here, not once per incoming edge (every op's backward would copy it).
         states[-1] = _ContiguousGrad.apply(states[-1])
         return torch.cat(states[-self._multiplier:], dim=1)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether forward hooks watch `m`'s output (then it must be the edge's own, not a node's running sum)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -175,6 +175,8 @@ def _custom_flops(name: str, args) -> int:
     if name.startswith("milenas_fast::pointwise"):  # 2·N·HW·CO·C per convolution, each way
         dim = 0 if name == "milenas_fast::pointwise" else 1  # forward: (x, w [CO, C]); else (g or x, w or g)
         return sum(2 * a.numel() * b.shape[dim] for a, b in zip(args[0], args[1]))
+    if name == "milenas_fast::bn_backward":  # sums of g and g·(h − mean), then rstd·(g − a − (h − mean)·b)
+        return 9 * (args[2].numel() + args[3].numel())
     if name == "milenas_fast::bn_fold_grad":
         return 5 * sum(y.numel() for y in args[1])  # gy = a·g + b·y + d per candidate element
     if name.startswith("milenas_fast::edge_reduce"):

@@ -11,6 +11,9 @@ running variances.
 bn_fold_grad: the candidates' gradient of edge_reduce; for batch-statistics rows it also flows through mean
 and rstd.
 
+bn_backward: training-mode non-affine BatchNorm's input gradient for up to two inputs at once (the sep convs'
+inner BNs, whose outputs the stencil never writes): dh = rstd·(g − mean(g) − x̂·mean(g·x̂)), x̂ = (h − mean)·rstd.
+
 Each y_k is viewed as [P, HW] (P = N·C planes), g (the edge output's gradient) too; with c = p mod C,
 a = w_k·rstd_k, and for batch-statistics rows (bit k of STATS) the statistics' share
 b = −gr_k·rstd_k³/n, d = gm_k/n − b·mean_k (gm, gr: the loss's gradient wrt mean and rstd, n = N·H·W):
@@ -126,3 +129,53 @@ def running_rstd_kernel(
     cm = ch < C
     v = tl.load(var_ptr + k * C + ch, mask=cm, other=0.0).to(tl.float32)
     tl.store(rstd_ptr + k * C + ch, tl.where(((STATS >> k) & 1) != 0, 1.0 / tl.sqrt(v + eps), 1.0), mask=cm)
+
+
+@triton.jit
+def bn_backward_kernel(
+    g0_ptr, g1_ptr, h0_ptr, h1_ptr, dh0_ptr, dh1_ptr, mean_ptr, rstd_ptr,
+    N, C, HW,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Program (k, channel block) of input k ∈ {0, 1} ([N, C, HW] each; mean/rstd [2, C] fp32, the batch
+    statistics): the channel sums of g and g·(h − mean) in a first pass (fp32, fixed order: deterministic),
+    dh = rstd·(g − Σg/n − (h − mean)·rstd²·Σg(h − mean)/n) in a second, stored in h's dtype."""
+    k = tl.program_id(0)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = ch < C
+    g_ptr, h_ptr, dh_ptr = g0_ptr, h0_ptr, dh0_ptr
+    if k == 1:
+        g_ptr, h_ptr, dh_ptr = g1_ptr, h1_ptr, dh1_ptr
+    mu = tl.load(mean_ptr + k * C + ch, mask=cm, other=0.0)
+    rs = tl.load(rstd_ptr + k * C + ch, mask=cm, other=0.0)
+    pix = tl.arange(0, BLOCK_HW)
+    cnt = N * HW * 1.0
+    plane = ch[:, None].to(tl.int64) * HW
+    sg = tl.zeros((BLOCK_C,), tl.float32)
+    sgh = tl.zeros((BLOCK_C,), tl.float32)
+    n = tl.program_id(0) * 0  # tensor loop counters, as _row_stats
+    while n < N:
+        i = tl.program_id(0) * 0
+        while i < HW:
+            m = cm[:, None] & (i + pix < HW)[None, :]
+            offs = plane + n * C * HW + i + pix[None, :]
+            g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            sg += tl.sum(g, axis=1)
+            sgh += tl.sum(g * tl.where(m, h - mu[:, None], 0.0), axis=1)
+            i += BLOCK_HW
+        n += 1
+    a = sg / cnt
+    b = sgh * rs * rs / cnt
+    n = tl.program_id(0) * 0
+    while n < N:
+        i = tl.program_id(0) * 0
+        while i < HW:
+            m = cm[:, None] & (i + pix < HW)[None, :]
+            offs = plane + n * C * HW + i + pix[None, :]
+            g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            dh = rs[:, None] * (g - a[:, None] - (h - mu[:, None]) * b[:, None])
+            tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=m)
+            i += BLOCK_HW
+        n += 1

@@ -19,6 +19,10 @@ loads (of x at offsets only it uses, of its filter or gradient), no FLOPs, no st
 be any tensor. ReLU → one depthwise conv alone (the sep convs' second stage) is the 3×3 or 5×5 branch.
 With X5 (constexpr) the 5×5 branch reads a second input x5 of x's shape (its gradient goes to dx5): the two sep
 convs' second stages, ReLU → 3×3 of one tensor and ReLU → 5×5 of another, in one launch.
+With NORM (constexpr; convolution branches only, no pools) the inputs are the sep convs' inner BatchNorm's inputs:
+every load of x (x5) is normalised on the fly, (v − mean)·rstd with mean/rstd [2, C] fp32 (row 0 x's, row 1
+x5's), padding staying 0, so the BN's output is never written; the input-gradient kernel then returns the
+gradient with respect to that normalised value (the BN's backward is the caller's).
 
 Filter gradients are deterministic: each program writes fp32 per-(pixel tile, plane, tap) partial
 sums, and the launcher reduces them over tiles and the batch with a plain (ordered) torch sum. The
@@ -38,16 +42,27 @@ def _tile(P, HWO, WO, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
 
 
 @triton.jit
+def _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM: tl.constexpr):
+    """(mean, rstd) per plane of x and of x5 from mean/rstd [2, C] with NORM, else (0, 1) twice (never applied)."""
+    if NORM:
+        return (tl.load(mean_ptr + ch, mask=pm, other=0.0), tl.load(rstd_ptr + ch, mask=pm, other=1.0),
+                tl.load(mean_ptr + C + ch, mask=pm, other=0.0), tl.load(rstd_ptr + C + ch, mask=pm, other=1.0))
+    zero = tl.zeros(ch.shape, tl.float32)
+    return zero, zero + 1.0, zero, zero + 1.0
+
+
+@triton.jit
 def stencil_fwd_kernel(
     x_ptr, x5_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr,
-    y3_ptr, y5_ptr, yd3_ptr, yd5_ptr, ymax_ptr, yavg_ptr,
+    y3_ptr, y5_ptr, yd3_ptr, yd5_ptr, ymax_ptr, yavg_ptr, mean_ptr, rstd_ptr,
     P, C, H, W, HO, WO,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
-    HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr,
+    HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr, NORM: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     ch = planes % C
+    mu, rs, mu5, rs5 = _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM)
     x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
     x5_base = x5_ptr + planes[:, None].to(tl.int64) * (H * W)
     ch_ = oh * STRIDE  # centre of every footprint
@@ -79,6 +94,8 @@ def stencil_fwd_kernel(
                 # x at every used offset (with X5 also where only the 5×5 branch reads, from x5: a cached re-read;
                 # a load guarded by its own condition would not compile, the value defined in an `if` being local)
                 v = tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
+                if NORM:  # the BN's output, 0 in the padding
+                    v = tl.where(m, (v - mu[:, None]) * rs[:, None], 0.0)
                 r = tl.maximum(v, 0.0)
                 if use3:
                     wv = tl.load(w3_ptr + ch * 9 + (dy + 1) * 3 + (dx + 1), mask=pm, other=0.0)
@@ -90,8 +107,10 @@ def stencil_fwd_kernel(
                 if use5:
                     wv = tl.load(w5_ptr + ch * 25 + (dy + 2) * 5 + (dx + 2), mask=pm, other=0.0).to(tl.float32)
                     if X5:
-                        r5 = tl.maximum(tl.load(x5_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
-                        acc5 += r5 * wv[:, None]
+                        v5 = tl.load(x5_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
+                        if NORM:
+                            v5 = tl.where(m, (v5 - mu5[:, None]) * rs5[:, None], 0.0)
+                        acc5 += tl.maximum(v5, 0.0) * wv[:, None]
                     else:
                         acc5 += r * wv[:, None]
                 if used3:
@@ -149,22 +168,26 @@ def _gather_conv(acc, g_ptr, w_ptr, planes, ch, pm, ih, iw, HO, WO,
 @triton.jit
 def stencil_bwd_input_kernel(
     x_ptr, x5_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr, ymax_ptr,
-    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, gmax_ptr, gavg_ptr, gacc_ptr, dx_ptr, dx5_ptr,
+    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, gmax_ptr, gavg_ptr, gacc_ptr, dx_ptr, dx5_ptr, mean_ptr, rstd_ptr,
     P, C, H, W, HO, WO,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
-    HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr, HASACC: tl.constexpr,
+    HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr, HASACC: tl.constexpr, NORM: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Gather form (one program per input tile, no atomics): dx = relu'(x)·Σ conv grads + pool grads
     (+ gacc with HASACC: x's gradient from elsewhere, the identity candidate's; with X5, the 5×5 branch's part
-    goes to dx5 = relu'(x5)·its conv grad)."""
+    goes to dx5 = relu'(x5)·its conv grad; with NORM, x and x5 normalised: the gradients are the normalised
+    values')."""
     planes, pix, pm, sm, ih, iw = _tile(P, H * W, W, BLOCK_P, BLOCK_HW)
     ch = planes % C
+    mu, rs, mu5, rs5 = _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM)
     ih = ih[None, :]
     iw = iw[None, :]
     x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
     xm = pm[:, None] & sm[None, :]
     xv = tl.load(x_base + ih * W + iw, mask=xm, other=0.0).to(tl.float32)
+    if NORM:
+        xv = (xv - mu[:, None]) * rs[:, None]
 
     acc = tl.zeros((BLOCK_P, BLOCK_HW), tl.float32)
     if HAS3:
@@ -173,8 +196,11 @@ def stencil_bwd_input_kernel(
         acc5 = _gather_conv(tl.zeros((BLOCK_P, BLOCK_HW), tl.float32), g5_ptr, w5_ptr, planes, ch, pm, ih, iw,
                             HO, WO, 5, 1, 2, STRIDE)
         x5v = tl.load(x5_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw, mask=xm, other=0.0)
+        x5v = x5v.to(tl.float32)
+        if NORM:
+            x5v = (x5v - mu5[:, None]) * rs5[:, None]
         tl.store(dx5_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw,
-                 tl.where(x5v.to(tl.float32) > 0.0, acc5, 0.0).to(dx5_ptr.dtype.element_ty), mask=xm)
+                 tl.where(x5v > 0.0, acc5, 0.0).to(dx5_ptr.dtype.element_ty), mask=xm)
     if HAS5 and X5 == 0:
         acc = _gather_conv(acc, g5_ptr, w5_ptr, planes, ch, pm, ih, iw, HO, WO, 5, 1, 2, STRIDE)
     if HASD3:
@@ -222,10 +248,10 @@ def stencil_bwd_input_kernel(
 
 @triton.jit
 def stencil_bwd_weight_kernel(
-    x_ptr, x5_ptr, g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, part_ptr,
+    x_ptr, x5_ptr, g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, part_ptr, mean_ptr, rstd_ptr,
     P, C, H, W, HO, WO,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr, X5: tl.constexpr,
-    STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    NORM: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """part[tile, n, filter, c, tap] = Σ_{o in tile} g[plane, o] · relu(x[plane, o·s + tap offset]) in fp32
     (plane = n·C + c; x5 for the 5×5 filter with X5), for the selected branches' filters only (see the module
@@ -248,6 +274,7 @@ def stencil_bwd_weight_kernel(
     offd5 = offd3 + 9 * HASD3
     taps = offd5 + 25 * HASD5
     ch = planes % C
+    mu, rs, mu5, rs5 = _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM)
     row = part_ptr + (tl.program_id(1) * P + planes - ch).to(tl.int64) * taps  # (tile, image): C·taps long
     p3 = row + ch * 9  # this channel's taps in each filter's [C, k²] block
     p5 = row + C * off5 + ch * 25
@@ -267,13 +294,18 @@ def stencil_bwd_weight_kernel(
                 ih = ch_ + dy
                 iw = cw_ + dx
                 m = om & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
-                r = tl.maximum(tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32), 0.0)
+                v = tl.load(x_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
+                if NORM:
+                    v = tl.where(m, (v - mu[:, None]) * rs[:, None], 0.0)
+                r = tl.maximum(v, 0.0)
                 if in3 and HAS3:
                     tl.store(p3 + (dy + 1) * 3 + (dx + 1), tl.sum(r * g3, axis=1), mask=pm)
                 if in5 and HAS5:
                     if X5:  # the 5×5 branch's own input
-                        r5 = tl.maximum(tl.load(x5_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32),
-                                        0.0)
+                        v5 = tl.load(x5_base + (ih * W + iw)[None, :], mask=m, other=0.0).to(tl.float32)
+                        if NORM:
+                            v5 = tl.where(m, (v5 - mu5[:, None]) * rs5[:, None], 0.0)
+                        r5 = tl.maximum(v5, 0.0)
                         tl.store(p5 + (dy + 2) * 5 + (dx + 2), tl.sum(r5 * g5, axis=1), mask=pm)
                     else:
                         tl.store(p5 + (dy + 2) * 5 + (dx + 2), tl.sum(r * g5, axis=1), mask=pm)

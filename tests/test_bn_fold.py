@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from milenas_fast.ops import bn_fold, edge_reduce_triton, select
-from milenas_fast.ops.bn_fold import (bn_fold_grad, bn_fold_grad_reference, bn_stats, bn_stats_reference, folded_reduce,
-                                      running_rstd, running_rstd_reference, stats_mask)
+from milenas_fast.ops.bn_fold import (bn_backward, bn_backward_reference, bn_fold_grad, bn_fold_grad_reference, bn_stats,
+                                      bn_stats_reference, folded_reduce, running_rstd, running_rstd_reference,
+                                      stats_mask)
 from milenas_fast.ops.edge_reduce import edge_reduce_reference
 
 
@@ -112,6 +113,43 @@ def test_bn_stats_matches_twin(rows, K, shape, tile, dtype, dev, monkeypatch):
 
 
 @pytest.mark.gpu_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,tile", [((3, 5, 7, 9), None), ((2, 3, 5, 7), 16), ((2, 2, 1, 1), None)])
+def test_bn_backward_matches_batchnorm(shape, tile, dtype, dev, monkeypatch):
+    """Two training-mode BNs' input gradients in one kernel (bn_stats' statistics), as autograd through
+    F.batch_norm computes them in float64: fp32 within 1e-5, bf16 within 2× aten's own bf16 error + eps; tile 16
+    runs the pixel loop several times; a 1×1 plane over 2 images (the smallest BN with a defined variance)."""
+    if tile:
+        monkeypatch.setattr(bn_fold, "MAX_TILE", tile)
+    gen = torch.Generator().manual_seed(sum(shape))
+    hs = [(torch.randn(*shape, generator=gen) * (1 + k) + 0.5 - k).to(dev, dtype) for k in range(2)]
+    gs = [torch.randn(*shape, generator=gen).to(dev, dtype) for _ in range(2)]
+    mean, rstd, _ = bn_stats(hs, 0b11, 1e-5)
+    got = bn_backward(*gs, *hs, mean, rstd)
+    low = bn_backward_reference(*gs, *hs, mean, rstd)
+    for k in range(2):
+        h64 = hs[k].double().cpu().requires_grad_()
+        y = torch.nn.functional.batch_norm(h64, None, None, training=True, eps=1e-5)
+        (want,) = torch.autograd.grad(y, h64, gs[k].double().cpu())
+        a, lo = got[k].double().cpu(), low[k].double().cpu()
+        assert got[k].dtype == dtype and got[k].shape == hs[k].shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+        else:
+            bound = 2 * (lo - want).abs().max() + torch.finfo(dtype).eps * want.abs().max()
+            assert (a - want).abs().max() <= bound, k
+
+
+def test_bn_backward_rejects_mismatched_inputs():
+    h = torch.randn(2, 3, 4, 4)
+    mean, rstd = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="must match h0"):
+        bn_backward(h, h[:1], h, h, mean, rstd)
+    with pytest.raises(ValueError, match=r"float32 \[2, 3\]"):
+        bn_backward(h, h, h, h, mean[:1], rstd)
+
+
+@pytest.mark.gpu_path
 @pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")  # the interpreter on the -1 rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,tile", [((0, 1, 3), None), ((0, 1, 3), 2), ((), 2)])
@@ -166,7 +204,8 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("_bn", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-DATA_PTRS = ("g_ptr", "gy_ptr", "var_ptr", *(f"y{k}_ptr" for k in range(8)))  # in the data's dtype; the rest fp32
+DATA_PTRS = ("g_ptr", "gy_ptr", "var_ptr", *(f"y{k}_ptr" for k in range(8)),
+             "g0_ptr", "g1_ptr", "h0_ptr", "h1_ptr", "dh0_ptr", "dh1_ptr")  # in the data's dtype; the rest fp32
 res = {}
 for dt in ("fp32", "bf16"):
     for name, consts in json.loads(sys.argv[2]):
@@ -207,7 +246,10 @@ def test_bn_fold_kernels_build_for_sm90():
             ("bn_fold_grad_kernel", {"K": 7, "STATS": s2, "BLOCK_P": 16, "BLOCK_HW": 64}),
             ("bn_fold_grad_kernel", {"K": 7, "STATS": 0, "BLOCK_P": 16, "BLOCK_HW": 64}),
             ("bn_fold_grad_kernel", {"K": 8, "STATS": 0xFF, "BLOCK_P": 1, "BLOCK_HW": 1024}),
-            ("running_rstd_kernel", {"STATS": s1, "BLOCK_C": 64})]
+            ("running_rstd_kernel", {"STATS": s1, "BLOCK_C": 64}),
+            ("bn_backward_kernel", {"BLOCK_C": 1, "BLOCK_HW": 1024}),
+            ("bn_backward_kernel", {"BLOCK_C": 4, "BLOCK_HW": 64}),
+            ("bn_backward_kernel", {"BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1})]
     p = subprocess.run([sys.executable, "-c", _SM90, str(src), json.dumps(todo)], capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

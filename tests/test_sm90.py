@@ -29,19 +29,21 @@ def configs() -> list[tuple[str, int, int, int, int]]:
 
 def jobs() -> list[dict]:
     """What to compile: every stencil configuration with all six branches (the most work, the identity's gradient
-    added at stride 1); the sep convs'
-    second stages (relu_depthwise_pair: the 3×3 and 5×5 branches on two inputs, stride 1); the pointwise
+    added at stride 1); the sep convs' second stages (relu_depthwise_pair: the 3×3 and 5×5 branches on two inputs,
+    stride 1, with and without the inner BNs' normalisation on load); the pointwise
     kernels at the search's channel counts (fp32 weights, as the fused path passes them)."""
     src = Path(__file__).resolve().parents[1] / "kernels"
     out = []
     for kernel, stride, bp, bhw, warps in configs():
-        base = {"file": str(src / "stencil.py"), "name": KERNELS[kernel], "warps": warps, "fp32_ptrs": ["part_ptr"]}
+        base = {"file": str(src / "stencil.py"), "name": KERNELS[kernel], "warps": warps,
+                "fp32_ptrs": ["part_ptr", "mean_ptr", "rstd_ptr"]}
         # HASACC (x's gradient from the identity candidate) only at stride 1: a stride-2 mixed op has no identity
-        consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, HASACC=stride == 1)
+        consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, HASACC=stride == 1, NORM=False)
         out.append({**base, "key": f"{kernel} s{stride} P{bp} HW{bhw} w{warps}", "consts": consts, "has": "all"})
-        if stride == 1:
-            out.append({**base, "key": f"{kernel} pair P{bp} HW{bhw} w{warps}", "consts": {**consts, "X5": True},
-                        "has": ["HAS3", "HAS5"]})
+        if stride == 1:  # the pair, on the inner BNs' outputs (eval) or inputs normalised as loaded (NORM, train)
+            for norm in (False, True):
+                out.append({**base, "key": f"{kernel} pair{' bn' * norm} P{bp} HW{bhw} w{warps}",
+                            "consts": {**consts, "X5": True, "HASACC": False, "NORM": norm}, "has": ["HAS3", "HAS5"]})
     from milenas_fast.ops.pointwise import GPU_TILE, _blocks
     for N, C, H in SEARCH_SHAPES:
         ba, bb, bp = _blocks(C, C, H * H, GPU_TILE)

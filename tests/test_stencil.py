@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 pytest.importorskip("triton")
 from milenas_fast.ops import stencil as stencil_mod  # noqa: E402
 from milenas_fast.ops.stencil import (launch_config, max_tile, relu_depthwise, relu_depthwise_pair,  # noqa: E402
+                                      relu_depthwise_pair_bn, relu_depthwise_pair_bn_reference,
                                       relu_depthwise_reference, stencil, stencil_reference, stencil_with_identity)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the real-shape CUDA tests only
@@ -411,6 +412,81 @@ def test_relu_depthwise_pair_bf16(device):
     eps = torch.finfo(torch.bfloat16).eps
     assert [t.dtype for t in ys + gs] == [torch.bfloat16] * 3 + [torch.float32, torch.bfloat16, torch.float32]
     for name, a, lo, ref in zip(("y3", "y5", "dx3", "dw3", "dx5", "dw5"), ys + gs, yl + gl, y64 + g64):
+        bound = 2 * err(lo, ref) + eps * ref.abs().max().item()
+        assert err(a, ref) <= bound, f"{name}: {err(a, ref):.3g} > {bound:.3g} (torch {err(lo, ref):.3g})"
+
+
+def pair_bn(h3, w3, h5, w5, eps=1e-5):
+    """relu_depthwise_pair_bn with the statistics the fused MixedOp hands it (bn_stats of both inputs)."""
+    from milenas_fast.ops.bn_fold import bn_stats
+
+    mean, rstd, _ = bn_stats([h3.detach(), h5.detach()], 0b11, eps)
+    return relu_depthwise_pair_bn(h3, w3, h5, w5, mean, rstd, eps)
+
+
+def pair_bn_twin(h3, w3, h5, w5):
+    return relu_depthwise_pair_bn_reference(h3, w3, h5, w5, None, None, 1e-5)
+
+
+def bn_inputs(N, C, H, W, dtype, gen, device):
+    """pair_inputs with per-channel offsets and scales, so that the normalisation matters."""
+    (x3, w3, x5, w5), g = pair_inputs(N, C, H, W, torch.float32, gen, device)
+    shift = lambda x: (x * (0.5 + 2 * torch.rand(1, C, 1, 1, generator=gen).to(device))  # noqa: E731
+                       + torch.randn(1, C, 1, 1, generator=gen).to(device)).to(dtype)
+    return [shift(x3), w3, shift(x5), w5], [t.to(dtype) for t in g]
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("N,C,H,W,tile", [(3, 5, 7, 9, None), (2, 2, 5, 7, 16), (1, 5, 5, 3, 64)])
+def test_relu_depthwise_pair_bn_matches_batch_norm_then_pair(N, C, H, W, tile, device, launches):
+    """The inner BNs folded into the second stages: BN(h) normalised as loaded (0 in the padding), the gradients
+    of h3, h5 (through the batch statistics, by aten's batch-norm backward) and of both filters are those of
+    F.batch_norm followed by the pair; one Triton launch each way; multi-program grids."""
+    gen = torch.Generator().manual_seed(N * 100 + H + (tile or 0) + 1)
+    inputs, g = bn_inputs(N, C, H, W, torch.float32, gen, device)
+    for t in inputs:
+        t.requires_grad_()
+    with max_tile(tile) if tile else contextlib.nullcontext():
+        ys, gs = grads_of(pair_bn, inputs, g)
+    yr, gr = grads_of(pair_bn_twin, inputs, g)
+    assert [name for name, _ in launches] == ["fwd", "bwd_input", "bwd_weight"]
+    for name, a, b in zip(("y3", "y5", "dh3", "dw3", "dh5", "dw5"), ys + gs, yr + gr):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 * max(1.0, b.abs().max().item()), msg=name)
+    # the same values through relu_depthwise_pair of the materialised BN outputs
+    bn = [torch.nn.functional.batch_norm(x.detach(), None, None, training=True, eps=1e-5) for x in inputs[::2]]
+    for a, b in zip(ys, relu_depthwise_pair(bn[0], inputs[1].detach(), bn[1], inputs[3].detach())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("need", [(True, False, True, False), (False, True, False, True), (True, True, True, False)])
+def test_relu_depthwise_pair_bn_partial_gradients(need, device, launches):
+    """α-only passes (filters frozen: no weight-gradient kernel), frozen inputs, one branch alone."""
+    gen = torch.Generator().manual_seed(sum(need) * 5 + need[0])
+    inputs, g = bn_inputs(2, 3, 6, 5, torch.float32, gen, device)
+    inputs = [t.requires_grad_(n) for t, n in zip(inputs, need)]
+    _, gs = grads_of(pair_bn, inputs, g)
+    _, gr = grads_of(pair_bn_twin, inputs, g)
+    for name, a, b in zip(("dh3", "dw3", "dh5", "dw5"), gs, gr):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 * max(1.0, b.abs().max().item()), msg=name)
+    assert ("bwd_weight" in [n for n, _ in launches]) == (need[1] or need[3])
+
+
+@pytest.mark.gpu_path
+def test_relu_depthwise_pair_bn_bf16(device):
+    """bf16 inner-BN inputs (fp32 filters and statistics): 2× plain PyTorch's bf16 error + eps against fp64."""
+    gen = torch.Generator().manual_seed(23)
+    inputs, g = bn_inputs(3, 5, 11, 6, torch.bfloat16, gen, device)
+    for t in inputs:
+        t.requires_grad_()
+    ys, gs = grads_of(pair_bn, inputs, g)
+    yl, gl = grads_of(pair_bn_twin, inputs, g)
+    y64, g64 = grads_of(pair_bn_twin, [t.double() for t in inputs], [t.double() for t in g])
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, a, lo, ref in zip(("y3", "y5", "dh3", "dw3", "dh5", "dw5"), ys + gs, yl + gl, y64 + g64):
         bound = 2 * err(lo, ref) + eps * ref.abs().max().item()
         assert err(a, ref) <= bound, f"{name}: {err(a, ref):.3g} > {bound:.3g} (torch {err(lo, ref):.3g})"
 

@@ -118,6 +118,36 @@ def bn_fold_grad_reference(g, ys: list[torch.Tensor], w, mean, rstd, gmean, grst
     return (g.float() * v(w[:, None] * rstd) + y.float() * v(b) + v(d)).to(y.dtype)
 
 
+@register("milenas_fast::bn_backward")
+def bn_backward(g0: torch.Tensor, g1: torch.Tensor, h0: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor,
+                rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ONE kernel for the input gradients of two training-mode non-affine BatchNorms (inputs h0, h1 [N, C, H, W],
+    one shape and dtype; output gradients g0, g1 of that dtype; mean/rstd [2, C] fp32 their batch statistics):
+    the gradient through the statistics included, as aten's batch-norm backward computes it, in h's dtype."""
+    n, c, h, wd = h0.shape
+    for t in (g0, g1, h1):
+        if t.shape != h0.shape or t.dtype != h0.dtype:
+            raise ValueError(f"bn_backward: g0, g1, h1 must match h0 ({list(h0.shape)}, {h0.dtype}), got "
+                             f"{list(t.shape)}, {t.dtype}")
+    if mean.shape != (2, c) or rstd.shape != (2, c) or mean.dtype != torch.float32 or rstd.dtype != torch.float32:
+        raise ValueError(f"bn_backward: mean and rstd must be float32 [2, {c}]")
+    g0, g1, h0, h1, mean, rstd = (t.contiguous() for t in (g0, g1, h0, h1, mean, rstd))
+    dh0, dh1 = torch.empty_like(h0), torch.empty_like(h1)
+    if h0.numel():
+        bhw = min(_pow2(h * wd), MAX_TILE)
+        bc = _pow2(c) if INTERPRET else max(1, min(_pow2(c), MAX_TILE // bhw // 4))  # as bn_stats
+        launch(K.bn_backward_kernel, (2, -(-c // bc)), g0, g1, h0, h1, dh0, dh1, mean, rstd, n, c, h * wd,
+               BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
+    return dh0, dh1
+
+
+def bn_backward_reference(g0, g1, h0, h1, mean, rstd):
+    """Plain-PyTorch twin of `bn_backward`: aten's batch-norm backward per input (eps unused: rstd is given)."""
+    return tuple(torch.ops.aten.native_batch_norm_backward(g, h, None, None, None, mean[k], rstd[k], True, 0.0,
+                                                           [True, False, False])[0]
+                 for k, (g, h) in enumerate(((g0, h0), (g1, h1))))
+
+
 class _FoldedReduce(torch.autograd.Function):
     """Candidates as trailing arguments: autograd tracks tensors given directly, not inside a list."""
 

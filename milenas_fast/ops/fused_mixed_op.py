@@ -5,7 +5,9 @@
 2. The conv candidates are finished with the module's own parameters and buffers: their first 1×1 convolutions
    in ONE `pointwise` launch; for sep convs the inner BatchNorm, then ReLU → second depthwise of BOTH sep convs
    in one Triton pass (`relu_depthwise_pair`), then both second 1×1 convolutions in one `pointwise`; so
-   parameters, inner running statistics and state_dict are the reference's.
+   parameters, inner running statistics and state_dict are the reference's. In training mode the inner BNs'
+   statistics come from one `bn_stats` and the second stages normalise as they load (`relu_depthwise_pair_bn`:
+   the BN outputs are never written).
 3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train: ONE `bn_stats`
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
    Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, a list (no stack) in the module's (PRIMITIVES) order
@@ -29,7 +31,7 @@ from . import mixing_weights, select, weight_cast
 from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
 from .pointwise import pointwise
 from .running_stats import update as _update_running_stats
-from .stencil import relu_depthwise_pair, stencil, stencil_with_identity
+from .stencil import relu_depthwise_pair, relu_depthwise_pair_bn, stencil, stencil_with_identity
 
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")  # relu_depthwise_pair's order
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -72,6 +74,15 @@ def _inner_bn(bn: nn.Module, y: torch.Tensor, counters: list[torch.Tensor]) -> t
         return bn(y)
     counters.append(bn.num_batches_tracked)
     return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+
+
+def _pair_bn(seps: dict, h: torch.Tensor | None) -> bool:
+    """Whether both sep convs' inner BatchNorms can be folded into their second stage (`relu_depthwise_pair_bn`):
+    plain nn.BatchNorm2d's in training mode with one eps, more than one value per channel, not compiled."""
+    if len(seps) != 2 or torch.compiler.is_compiling() or h.shape[0] * h.shape[2] * h.shape[3] <= 1:
+        return False
+    bns = [seps[n].op[3] for n in _SEP]
+    return all(type(bn) is nn.BatchNorm2d and bn.training for bn in bns) and bns[0].eps == bns[1].eps
 
 
 def _pointwise(todo: dict) -> dict:
@@ -127,10 +138,19 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
     # the sep convs' second stages: ReLU → depthwise of both in one Triton launch (fp32 filters, as the first's),
     # then both 1×1 convolutions in one
     seps = {name: op for name, op in convs if name.startswith("sep_conv")}
-    mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
-    m3, m5 = (mid.get(n) for n in _SEP)
     f3, f5 = (seps[n].op[5].weight if n in seps else None for n in _SEP)
-    y3, y5 = relu_depthwise_pair(m3, f3, m5, f5)
+    if _pair_bn(seps, first[_SEP[0]] if seps else None):
+        # both inner BNs in training mode: their statistics in one `bn_stats`, the normalisation done as the
+        # second stages load (the BN outputs are never written), running statistics with the others'
+        bn3, bn5 = (seps[n].op[3] for n in _SEP)
+        h3, h5 = (first[n] for n in _SEP)
+        with torch.no_grad():
+            mean_i, rstd_i, var_i = bn_stats([h3, h5], 0b11, bn3.eps)
+            _update_running_stats([bn3, bn5], mean_i, var_i, [])
+        y3, y5 = relu_depthwise_pair_bn(h3, f3, h5, f5, mean_i, rstd_i, bn3.eps)
+    else:
+        mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
+        y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5)
     second = _pointwise({name: (y, seps[name].op[6]) for name, y in zip(_SEP, (y3, y5)) if y is not None})
     cands = []
     for k, bn in zip(ks, bns):

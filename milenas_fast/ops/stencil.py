@@ -3,6 +3,7 @@
     y3, y5, yd3, yd5, ymax, yavg = stencil(x, w3, w5, wd3, wd5, stride, pools=True, x5=None)
     y = relu_depthwise(x, w, stride=1)
     y3, y5 = relu_depthwise_pair(x3, w3, x5, w5)
+    y3, y5 = relu_depthwise_pair_bn(h3, w3, h5, w5, mean, rstd, eps)   (of BN(h3), BN(h5): batch statistics)
     xid, y3, y5, yd3, yd5, ymax, yavg = stencil_with_identity(x, w3, w5, wd3, wd5, stride, pools=True)
 
 y3/y5/yd3/yd5: ReLU → depthwise (3×3 pad 1, 5×5 pad 2, 3×3 dil 2 pad 2, 5×5 dil 2 pad 4; stride s);
@@ -12,18 +13,21 @@ A filter given as None (a MixedOp without that candidate) skips its branch: no l
 in any kernel, no zero filter, and its output is None; `pools=False` skips both pools likewise.
 `relu_depthwise` is ReLU → depthwise k×k (k 3 or 5, pad k//2, dilation 1): the sep convs' second stage,
 the same kernels with the one branch selected. With `x5` the 5×5 branch reads x5 instead of x (its gradient goes
-to x5): `relu_depthwise_pair` computes both sep convs' second stages in one launch each way.
+to x5): `relu_depthwise_pair` computes both sep convs' second stages in one launch each way;
+`relu_depthwise_pair_bn` the same from the inner BatchNorms' inputs and batch statistics (normalised as loaded:
+the BN outputs are never written; its backward ends with aten's batch-norm backward).
 
 Registered ops (torch.library.triton_op, visible to torch.compile); an absent branch is None on input
 and a 0-element tensor on output:
-    milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools, x5?) -> 6 tensors
+    milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools, x5?, mean?, rstd?) -> 6 tensors
     milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride, x5?,
-        gacc?) -> dx (+ gacc), dx5 (0-element without x5)
-    milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride, x5?) -> dw [Σ C·k²] (fp32: the given
+        gacc?, mean?, rstd?) -> dx (+ gacc), dx5 (0-element without x5)
+    milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride, x5?, mean?, rstd?) -> dw [Σ C·k²] (fp32: the given
         gradients' branches' filter gradients one after another, w3 | w5 | wd3 | wd5, each [C, k²])
 The two backward halves are separate ops so that α-only passes (no filter gradients wanted) and
-frozen inputs skip the work they do not need. `stencil_reference` and `relu_depthwise_reference` are
-the plain-PyTorch twins.
+frozen inputs skip the work they do not need. mean/rstd ([2, C] fp32, rows for x and x5; no pools): the inputs
+are normalised as loaded, and dx/dx5 are the gradients of the normalised values. `stencil_reference` and
+`relu_depthwise_reference` are the plain-PyTorch twins.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 
 from milenas_fast.kernels import stencil as K
 
+from .bn_fold import bn_backward
 from .triton_launch import launch as _launch, register as _register
 
 # Largest tile (elements) of one program. On the GPU 1024 covers a whole 32×32 plane with 4 warps;
@@ -112,6 +117,13 @@ def _check(x, ws, x5=None):
             f"filter must be [{C}, 1, {k}, {k}] contiguous"
 
 
+def _check_norm(x, pools, mean, rstd):
+    assert (mean is None) == (rstd is None), "mean and rstd come together"
+    assert mean is None or (not pools and mean.shape == rstd.shape == (2, x.shape[1]) and mean.dtype == rstd.dtype
+                            == torch.float32 and mean.is_contiguous() and rstd.is_contiguous()), \
+        "mean/rstd must be [2, C] fp32 contiguous, without pools"
+
+
 def _present(ts):
     """The kernels' HAS flags for optional tensors."""
     return [t is not None for t in ts]
@@ -125,18 +137,21 @@ def _or(ts, default):
 @_register("milenas_fast::stencil_fwd")
 def stencil_fwd(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
                 wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int,
-                pools: bool = True, x5: Optional[torch.Tensor] = None
+                pools: bool = True, x5: Optional[torch.Tensor] = None, mean: Optional[torch.Tensor] = None,
+                rstd: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     ws = (w3, w5, wd3, wd5)
     _check(x, ws, x5)
+    _check_norm(x, pools, mean, rstd)
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
     has = _present(ws) + [pools, pools]
     ys = [x.new_empty((N, C, HO, WO) if h else (0,)) for h in has]
     bp, bhw, grid, warps = launch_config("fwd", x.shape, stride)
     _launch(
-        K.stencil_fwd_kernel, grid, x, x if x5 is None else x5, *_or(ws, x), *ys, N * C, C, H, W, HO, WO, *has,
-        X5=x5 is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        K.stencil_fwd_kernel, grid, x, x if x5 is None else x5, *_or(ws, x), *ys, *_or((mean, rstd), x),
+        N * C, C, H, W, HO, WO, *has,
+        X5=x5 is not None, NORM=mean is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return tuple(ys)
 
 
@@ -145,7 +160,8 @@ def stencil_bwd_input(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[
                       wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], ymax: Optional[torch.Tensor],
                       g3: Optional[torch.Tensor], g5: Optional[torch.Tensor], gd3: Optional[torch.Tensor],
                       gd5: Optional[torch.Tensor], gmax: Optional[torch.Tensor], gavg: Optional[torch.Tensor],
-                      stride: int, x5: Optional[torch.Tensor] = None, gacc: Optional[torch.Tensor] = None
+                      stride: int, x5: Optional[torch.Tensor] = None, gacc: Optional[torch.Tensor] = None,
+                      mean: Optional[torch.Tensor] = None, rstd: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dx5) from the given output gradients (a branch without its gradient, or without its filter or ymax,
     costs nothing); dx5 (x5's, the 5×5 branch's input when given) is 0-element without x5 or g5. `gacc` (x's
@@ -160,15 +176,17 @@ def stencil_bwd_input(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[
     _launch(
         K.stencil_bwd_input_kernel, grid, x, x5 if split else x, *_or((w3, w5, wd3, wd5), x),
         ymax.contiguous() if gs[4] is not None else x, *_or(gs, x), x if gacc is None else gacc.contiguous(), dx,
-        dx5 if split else x, N * C, C, H, W, out_size(H, stride), out_size(W, stride), *_present(gs),
-        X5=split, HASACC=gacc is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        dx5 if split else x, *_or((mean, rstd), x), N * C, C, H, W, out_size(H, stride), out_size(W, stride),
+        *_present(gs), X5=split, HASACC=gacc is not None, NORM=mean is not None, STRIDE=stride, BLOCK_P=bp,
+        BLOCK_HW=bhw, num_warps=warps)
     return dx, dx5
 
 
 @_register("milenas_fast::stencil_bwd_weight")
 def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional[torch.Tensor],
                        gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor], stride: int,
-                       x5: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       x5: Optional[torch.Tensor] = None, mean: Optional[torch.Tensor] = None,
+                       rstd: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 filter gradients of the branches whose output gradient is given, flat: one contiguous [C, k²]
     block per branch in the order w3 | w5 | wd3 | wd5 (`split_taps` parts them without a copy; the caller
     casts to the filters' dtype). The 5×5 branch reads x5 where given."""
@@ -179,8 +197,9 @@ def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional
     bp, bhw, grid, warps = launch_config("bwd_weight", x.shape, stride)
     part = x.new_empty(grid[1] * N, C * taps, dtype=torch.float32)  # every program stores all its taps
     _launch(
-        K.stencil_bwd_weight_kernel, grid, x, x if x5 is None else x5, *_or(gs, x), part, N * C, C, H, W, HO, WO,
-        *_present(gs), X5=x5 is not None and gs[1] is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        K.stencil_bwd_weight_kernel, grid, x, x if x5 is None else x5, *_or(gs, x), part, *_or((mean, rstd), x),
+        N * C, C, H, W, HO, WO, *_present(gs), X5=x5 is not None and gs[1] is not None, NORM=mean is not None,
+        STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     # Deterministic second stage: an ordered sum over pixel tiles and the batch, in fp32.
     return part.sum(dim=0)
 
@@ -194,36 +213,40 @@ def split_taps(dw: torch.Tensor, C: int, present) -> list:
 
 def _setup_context(ctx, inputs, output):
     x, w3, w5, wd3, wd5, stride, pools, *rest = inputs
-    x5 = rest[0] if rest else None
-    ctx.save_for_backward(x, w3, w5, wd3, wd5, output[4] if pools else None, x5)  # ymax: the argmax in backward
+    x5, mean, rstd = (list(rest) + [None] * 3)[:3]
+    # ymax: the argmax in backward
+    ctx.save_for_backward(x, w3, w5, wd3, wd5, output[4] if pools else None, x5, mean, rstd)
     ctx.stride = stride
     # Unused outputs (skipped branches' 0-element ones included) get None, not zero tensors to launch
     # fills for: their branches then cost nothing in backward.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg, gacc=None):
-    """The op's gradients (x, 4 filters, stride, pools, x5); `gacc`: x's gradient from elsewhere, added in."""
-    x, w3, w5, wd3, wd5, ymax, x5 = ctx.saved_tensors
+def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg, gacc=None, needs=None):
+    """The op's gradients (x, 4 filters, stride, pools, x5, mean, rstd: the statistics are constants here);
+    `gacc`: x's gradient from elsewhere, added in; `needs`: the op's needs_input_grad where ctx is another
+    Function's."""
+    x, w3, w5, wd3, wd5, ymax, x5, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad if needs is None else needs
     ws = (w3, w5, wd3, wd5)
     dx, dws, dx5 = None, [None] * 4, None
-    want_x, want_x5 = ctx.needs_input_grad[0], x5 is not None and ctx.needs_input_grad[7] and g5 is not None
+    want_x, want_x5 = needs[0], x5 is not None and needs[7] and g5 is not None
     if want_x or want_x5:
         # without x5, the 5×5 branch's gradient belongs to x; with it, to x5 (its branch is left out when x5
         # wants none, the others when x wants none)
         g5x = g5 if x5 is None or want_x5 else None
         gs = (g3, g5x, gd3, gd5, gmax, gavg) if want_x else (None, g5, None, None, None, None)
         dx, dx5 = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, *gs, ctx.stride, x5,
-                                                           gacc if want_x else None)
+                                                           gacc if want_x else None, mean, rstd)
         dx, dx5 = (dx if want_x else None), (dx5 if want_x5 else None)
     # only the filters that want a gradient and whose output has one (frozen filters: no kernel at all)
     gw = [g if w is not None and need else None
-          for g, w, need in zip((g3, g5, gd3, gd5), ws, ctx.needs_input_grad[1:5])]
+          for g, w, need in zip((g3, g5, gd3, gd5), ws, needs[1:5])]
     if any(g is not None for g in gw):
-        dw = torch.ops.milenas_fast.stencil_bwd_weight(x, *gw, ctx.stride, x5)
+        dw = torch.ops.milenas_fast.stencil_bwd_weight(x, *gw, ctx.stride, x5, mean, rstd)
         dws = [d if d is None else d.to(w.dtype)  # a cast only where the filter is not fp32
                for d, w in zip(split_taps(dw, x.shape[1], _present(gw)), ws)]
-    return (dx, *dws, None, None, dx5)
+    return (dx, *dws, None, None, dx5, None, None)
 
 
 torch.library.register_autograd("milenas_fast::stencil_fwd", _backward, setup_context=_setup_context)
@@ -236,7 +259,7 @@ class _WithIdentity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w3, w5, wd3, wd5, stride, pools):
         ys = torch.ops.milenas_fast.stencil_fwd(x, w3, w5, wd3, wd5, stride, pools, None)
-        _setup_context(ctx, (x, w3, w5, wd3, wd5, stride, pools, None), ys)
+        _setup_context(ctx, (x, w3, w5, wd3, wd5, stride, pools), ys)
         return (x.view_as(x), *ys)
 
     @staticmethod
@@ -290,6 +313,50 @@ def relu_depthwise_pair(x3: Optional[torch.Tensor], w3: Optional[torch.Tensor], 
         return (None if x3 is None else relu_depthwise(x3, w3)), (None if x5 is None else relu_depthwise(x5, w5))
     y3, y5 = stencil(x3, w3, w5, None, None, 1, pools=False, x5=x5)[:2]
     return y3, y5
+
+
+class _PairBN(torch.autograd.Function):
+    """relu_depthwise_pair of the training-mode, non-affine BatchNorms of h3 and h5 with batch statistics mean/rstd
+    ([2, C] fp32, treated as functions of h: the backward's `bn_backward` flows through them, as aten's batch-norm
+    backward does)."""
+
+    @staticmethod
+    def forward(ctx, h3, w3, h5, w5, mean, rstd, eps):
+        ys = torch.ops.milenas_fast.stencil_fwd(h3, w3, w5, None, None, 1, False, h5, mean, rstd)
+        _setup_context(ctx, (h3, w3, w5, None, None, 1, False, h5, mean, rstd), ys)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        return ys[0], ys[1]
+
+    @staticmethod
+    def backward(ctx, g3, g5):
+        h3, _, _, _, _, _, h5, mean, rstd = ctx.saved_tensors
+        n = ctx.needs_input_grad  # (h3, w3, h5, w5, ...) as the stencil op's (x, w3, w5, wd3, wd5, ..., x5, ...)
+        needs = (n[0], n[1], n[3], False, False, False, False, n[2], False, False)
+        gm3, gw3, gw5, _, _, _, _, gm5, _, _ = _backward(ctx, g3, g5, None, None, None, None, needs=needs)
+        if gm3 is not None and gm5 is not None:  # both BNs' backward in one kernel
+            dh3, dh5 = bn_backward(gm3, gm5, h3, h5, mean, rstd)
+        else:
+            dh3, dh5 = (None if g is None else
+                        torch.ops.aten.native_batch_norm_backward(g, h, None, None, None, mean[k], rstd[k], True,
+                                                                  ctx.eps, [True, False, False])[0]
+                        for k, (g, h) in enumerate(((gm3, h3), (gm5, h5))))
+        return dh3, gw3, dh5, gw5, None, None, None
+
+
+def relu_depthwise_pair_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: torch.Tensor,
+                           mean: torch.Tensor, rstd: torch.Tensor, eps: float) -> tuple:
+    """relu_depthwise_pair(BN(h3), w3, BN(h5), w5) for training-mode non-affine BatchNorms whose batch statistics
+    are mean/rstd ([2, C] fp32: h3's row 0, h5's row 1; `bn_stats`), without writing BN(h): the kernels normalise
+    as they load. The gradients flow through the statistics, as nn.BatchNorm2d's do."""
+    return _PairBN.apply(h3.contiguous(), w3.contiguous(), h5.contiguous(), w5.contiguous(), mean.contiguous(),
+                         rstd.contiguous(), eps)
+
+
+def relu_depthwise_pair_bn_reference(h3, w3, h5, w5, mean, rstd, eps):
+    """Plain-PyTorch twin of `relu_depthwise_pair_bn` (F.batch_norm on h with its own batch statistics)."""
+    bn = [F.batch_norm(h, None, None, training=True, eps=eps) for h in (h3, h5)]
+    return relu_depthwise_reference(bn[0], w3), relu_depthwise_reference(bn[1], w5)
 
 
 def relu_depthwise_reference(x: torch.Tensor, w: torch.Tensor, stride: int = 1) -> torch.Tensor:

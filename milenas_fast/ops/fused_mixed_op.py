@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce
-from . import mixing_weights, select, weight_cast
+from . import factorized_reduce, mixing_weights, select, weight_cast
 from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
 from .pointwise import pointwise
 from .running_stats import update as _update_running_stats
@@ -164,7 +164,7 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
         elif name.startswith("dil_conv"):
             y = first[name]
         else:  # stride-2 skip
-            y = op.pre_bn(x, cw.get(id(op.conv_1)), cw.get(id(op.conv_2)))
+            y = factorized_reduce.pre_bn(op, x, cw.get(id(op.conv_1)), cw.get(id(op.conv_2)))
         cands.append(y)
 
     # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce

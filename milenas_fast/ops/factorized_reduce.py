@@ -33,7 +33,7 @@ class _Halves(torch.autograd.Function):
         ds, dw2, _ = _aten.convolution_backward(g[:, half:], shifted, w2, None, [1, 1], [0, 0], [1, 1], False,
                                                 [0, 0], 1, [need_r, need_w2, False])
         if need_r:
-            dr[:, :, 1::2, 1::2] += ds
+            dr[:, :, 1::2, 1::2].add_(ds)  # (`+=` on an index would copy the view back onto itself)
         return dr, dw1, dw2
 
 

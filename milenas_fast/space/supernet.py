@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.fanout import fanout
 from ..ops.mixing_weights import candidate_rows
 from ..ops.running_stats import batched_running_stats
 from ..ops.weight_cast import cast_once, conv_modules
@@ -32,6 +33,9 @@ class Cell(nn.Module):
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         self._steps = steps
         self._multiplier = multiplier
+        # Resident constants of the fused cells' fan-outs (ops/fanout.py), moved with the module, not in state_dict.
+        self.register_buffer("_fan_ones", torch.ones(min(steps, 8), C), persistent=False)
+        self.register_buffer("_fan_zeros", torch.zeros(min(steps, 8), C), persistent=False)
         self._ops = nn.ModuleList()
         for i in range(steps):
             for j in range(2 + i):
@@ -50,11 +54,12 @@ class Cell(nn.Module):
         rows = weights.unbind(0)
         # Fused MixedOps: their candidates' weights sliced for all edges at once (one cat per cell in backward).
         mixing = candidate_rows(weights, self._ops) if indices is None else None
+        feeds = [self._feed(h, j, mixing) for j, h in enumerate(states)]
         offset = 0
         for _ in range(self._steps):
             s = None
-            for j, h in enumerate(states):
-                k = offset + j
+            for j, feed in enumerate(feeds):
+                k, h = offset + j, next(feed)
                 if indices is not None:
                     y = self._ops[k](h, rows[k], indices[k])
                 elif mixing is not None and s is not None and not _hooked(self._ops[k]):
@@ -65,11 +70,18 @@ class Cell(nn.Module):
                     y = self._ops[k](h, rows[k], mixing=mixing[k]) if mixing is not None else self._ops[k](h, rows[k])
                 s = y if s is None else s + y
             offset += len(states)
+            feeds.append(self._feed(s, len(states), mixing))
             states.append(s)
         # The last node feeds only the cat, whose backward hands it a channel slice: made contiguous once
         # here, not once per incoming edge (every op's backward would copy it).
         states[-1] = _ContiguousGrad.apply(states[-1])
         return torch.cat(states[-self._multiplier:], dim=1)
+
+    def _feed(self, h, j: int, mixing):
+        """State j as each MixedOp reading it gets it: fused cells hand out views whose gradients one launch sums
+        (ops/fanout.py) where three or more edges read it; else h itself."""
+        n = self._steps - max(0, j - 1)  # the nodes i >= j - 1 read state j
+        return iter(fanout(h, n, self._fan_ones, self._fan_zeros) if mixing is not None and n >= 3 else (h,) * n)
 
 
 def _hooked(m: nn.Module) -> bool:

@@ -179,6 +179,10 @@ def _custom_flops(name: str, args) -> int:
         return 9 * (args[2].numel() + args[3].numel())
     if name == "milenas_fast::bn_fold_grad":
         return 5 * sum(y.numel() for y in args[1])  # gy = a·g + b·y + d per candidate element
+    if name.endswith("edge_reduce_partials") or name.endswith("edge_reduce_triton_partials"):
+        return 3 * sum(y.numel() for y in args[1]) + args[0].numel()  # g·(y − mean) summed, and g summed
+    if name == "milenas_fast::bn_fold_grad_partials":
+        return 5 * sum(y.numel() for y in args[1])  # as bn_fold_grad (the partials' sums are small)
     if name.startswith("milenas_fast::edge_reduce"):
         ys = args[1] if "backward" in name else args[0]  # the candidates (a list)
         # forward: subtract, scale, accumulate per candidate; backward: grad_y plus the dot products
@@ -198,7 +202,8 @@ def _aten_flops(func, args, kwargs, out) -> int:
 
 
 def _edge_reduce_launches(name: str, args) -> int:
-    """csrc/cuda/edge_reduce.cu: forward one kernel; backward a partial kernel + a final one for the sums."""
+    """csrc/cuda/edge_reduce.cu: forward one kernel; backward a partial kernel + a final one for the sums; the
+    partials alone one."""
     if name.endswith("edge_reduce_backward"):
         mask = args[5]
         return (1 if any(mask) else 0) + (1 if any(mask[1:]) else 0)

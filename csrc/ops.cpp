@@ -21,4 +21,8 @@ TORCH_LIBRARY(milenas_fast, m) {
   m.def(
       "edge_reduce_backward(Tensor grad_out, Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, "
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The backward's reductions left as partial sums, for a consumer that finishes them as it loads (bn_fold_grad):
+  // part_gy [K, C, S] = sums of grad_out * (ys[k] - mean[k]) and part_g [C, S] = sums of grad_out, over S
+  // implementation-chosen slices of (n, h, w) (1 on the CPU).
+  m.def("edge_reduce_partials(Tensor grad_out, Tensor[] ys, Tensor w, Tensor mean, Tensor rstd) -> (Tensor, Tensor)");
 }

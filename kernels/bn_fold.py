@@ -20,7 +20,10 @@ b = −gr_k·rstd_k³/n, d = gm_k/n − b·mean_k (gm, gr: the loss's gradient w
     gy[k, p, i] = a · g[p, i] + b · y_k[p, i] + d          (b = d = 0 for the other rows)
 One pass: g read once per program for all K candidates, each y_k once, gy (ONE [K, P, HW] buffer) written
 once in y's dtype; the coefficients are formed here from [K, C] vectors, so no small kernels are launched
-for them.
+for them. With PARTS, gm and gr are formed here too, from edge_reduce's partial sums (part_gy [K, C, S] of
+g·(y_k − mean_k), part_g [C, S] of g; gm = −w·rstd·Σg, gr = w·Σg(y − mean)), and program (0, 0) also writes
+the mixing weights' gradient gw[k] = Σ_c rstd·Σg(y_k − mean_k): edge_reduce's backward then needs no final
+launch of its own.
 """
 import triton
 import triton.language as tl
@@ -29,11 +32,32 @@ from milenas_fast.kernels.edge_reduce import _cand  # absolute: tests load this 
 
 
 @triton.jit
+def _sum_parts(base, mask, S, BLOCK: tl.constexpr):
+    """Σ_s base[s] for each lane (a row of S partial sums each), in order."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    s = tl.program_id(0) * 0  # a tensor loop counter, as _row_stats
+    while s < S:
+        acc += tl.load(base + s, mask=mask, other=0.0)
+        s += 1
+    return acc
+
+
+@triton.jit
+def _stat_grads(k: tl.constexpr, ch, pm, r, sg, w_ptr, gm_ptr, gr_ptr, part_gy_ptr, C, S,
+                PARTS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The loss's gradient wrt candidate k's mean and rstd on channels ch: given (gm, gr), or from the partials."""
+    if PARTS:
+        wk = tl.load(w_ptr + k)
+        return -wk * r * sg, wk * _sum_parts(part_gy_ptr + (k * C + ch) * S, pm, S, BLOCK_P)
+    return tl.load(gm_ptr + k * C + ch, mask=pm, other=0.0), tl.load(gr_ptr + k * C + ch, mask=pm, other=0.0)
+
+
+@triton.jit
 def bn_fold_grad_kernel(
     g_ptr, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr, w_ptr, mean_ptr, rstd_ptr, gm_ptr,
-    gr_ptr, gy_ptr,
-    inv_n, P, C, HW,
-    K: tl.constexpr, STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    gr_ptr, gy_ptr, part_gy_ptr, part_g_ptr, gw_ptr,
+    inv_n, P, C, HW, S,
+    K: tl.constexpr, STATS: tl.constexpr, PARTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     planes = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pix = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -42,19 +66,33 @@ def bn_fold_grad_kernel(
     offs = planes[:, None].to(tl.int64) * HW + pix[None, :]
     ch = planes % C
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    sg = _sum_parts(part_g_ptr + ch * S, pm & PARTS, S * PARTS, BLOCK_P)  # Σg per channel (PARTS only)
     gyk = gy_ptr + offs  # advanced by one candidate (P·HW elements) per step: no k·P·HW int32 overflow
     for k in tl.static_range(K):
         r = tl.load(rstd_ptr + k * C + ch, mask=pm, other=0.0)
         gy = g * (tl.load(w_ptr + k) * r)[:, None]
         if (STATS >> k) & 1:  # batch statistics: their share too (compile-time: constant rows have none)
             mu = tl.load(mean_ptr + k * C + ch, mask=pm, other=0.0)
-            b = -tl.load(gr_ptr + k * C + ch, mask=pm, other=0.0) * r * r * r * inv_n
-            d = tl.load(gm_ptr + k * C + ch, mask=pm, other=0.0) * inv_n - b * mu
+            gmv, grv = _stat_grads(k, ch, pm, r, sg, w_ptr, gm_ptr, gr_ptr, part_gy_ptr, C, S, PARTS, BLOCK_P)
+            b = -grv * r * r * r * inv_n
+            d = gmv * inv_n - b * mu
             yk = _cand(k, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr)
             v = tl.load(yk + offs, mask=m, other=0.0).to(tl.float32)
             gy += v * b[:, None] + d[:, None]
         tl.store(gyk, gy.to(gy_ptr.dtype.element_ty), mask=m)
         gyk += P * HW
+    if PARTS:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):  # the mixing weights' gradient, in a fixed order
+            lanes = tl.arange(0, 64)
+            for k in tl.static_range(K):
+                acc = tl.zeros((64,), tl.float32)
+                c0 = tl.program_id(0) * 0
+                while c0 < C:
+                    cm = c0 + lanes < C
+                    rr = tl.load(rstd_ptr + k * C + c0 + lanes, mask=cm, other=0.0)
+                    acc += rr * _sum_parts(part_gy_ptr + (k * C + c0 + lanes) * S, cm, S, 64)
+                    c0 += 64
+                tl.store(gw_ptr + k, tl.sum(acc, axis=0))
 
 
 @triton.jit

@@ -7,7 +7,8 @@ compile time. Each y_k is viewed as [P, HW] (P = N·C planes, HW = H·W pixels),
 
 A program owns BLOCK_P planes × BLOCK_HW pixels, accumulating in fp32. The backward writes grad_y (ONE
 [K, P, HW] buffer) = w·rstd·g in y's dtype and, per program, fp32 partial sums over its pixels of
-g·(y_k − mean_k) and g; the launcher finishes them with an ordered torch sum (deterministic, no atomics).
+g·(y_k − mean_k) and g ([K, C, S] and [C, S], as the C++ op's partials); the launcher finishes them with an
+ordered torch sum, or hands them on (`edge_reduce_partials`; deterministic, no atomics).
 """
 import triton
 import triton.language as tl
@@ -72,14 +73,17 @@ def edge_reduce_bwd_kernel(
     P, C, HW,
     K: tl.constexpr, GY: tl.constexpr, SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """grad_y (GY) and the partials part_gy[tile, k, p] = Σ g·(y_k − mean_k), part_g[tile, p] = Σ g (SUMS),
-    summed over this program's pixel tile (tile = program_id(1))."""
+    """grad_y (GY) and the partials part_gy[k, c, s] = Σ g·(y_k − mean_k), part_g[c, s] = Σ g (SUMS), summed
+    over this program's pixel tile of image n, s = tile·N + n (tile = program_id(1); S = tiles·N): the C++ op's
+    [K, C, S] layout."""
     planes, pm, m, offs = _tile(P, HW, BLOCK_P, BLOCK_HW)
     ch = planes % C
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tile = tl.program_id(1)
+    n_img = P // C
+    split = tl.program_id(1) * n_img + planes // C  # s of each plane
+    S = tl.num_programs(1) * n_img
     if SUMS:
-        tl.store(part_g_ptr + tile * P + planes, tl.sum(g, axis=1), mask=pm)
+        tl.store(part_g_ptr + ch * S + split, tl.sum(g, axis=1), mask=pm)
     gyk = gy_ptr + offs  # advanced by one candidate (P·HW elements) per step: no k·P·HW int32 overflow
     for k in tl.static_range(K):
         if GY:
@@ -90,5 +94,5 @@ def edge_reduce_bwd_kernel(
             yk = _cand(k, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr)
             v = tl.load(yk + offs, mask=m, other=0.0).to(tl.float32)
             d = tl.where(m, v - mu[:, None], 0.0)
-            tl.store(part_gy_ptr + (tile * K + k) * P + planes, tl.sum(g * d, axis=1), mask=pm)
+            tl.store(part_gy_ptr + (k * C + ch) * S + split, tl.sum(g * d, axis=1), mask=pm)
         gyk += P * HW

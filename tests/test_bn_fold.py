@@ -114,6 +114,39 @@ def test_bn_stats_matches_twin(rows, K, shape, tile, dtype, dev, monkeypatch):
 
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,K,shape,tile", [((0, 1, 3, 4), 5, (3, 5, 7, 9), None), ((), 3, (2, 3, 5, 5), 16),
+                                               ((0, 1, 2, 3, 4, 5, 6), 7, (2, 3, 5, 7), 16)])
+def test_bn_fold_grad_partials_match_the_two_step_path(rows, K, shape, tile, dtype, dev, monkeypatch):
+    """bn_fold_grad_partials (edge_reduce's partial sums finished as loaded, gw by program (0, 0)) against
+    edge_reduce_backward + bn_fold_grad, from the C++ op's partials (S = 1) and the twin's (S > 1, tile 16: a
+    multi-program grid)."""
+    from milenas_fast.ops.bn_fold import bn_fold_grad_partials, bn_fold_grad_partials_reference
+    from milenas_fast.ops.edge_reduce import edge_reduce_backward
+
+    if tile:
+        monkeypatch.setattr(edge_reduce_triton, "MAX_TILE", tile)
+    ys, w, grad = _inputs(K, *shape, dev, seed=9, dtype=dtype)
+    ys = list(ys)
+    stats = stats_mask(rows)
+    mean, rstd, _ = bn_stats(ys, stats, 1e-5)
+    _, gw0, gm0, gr0 = edge_reduce_backward(grad, ys, w, mean, rstd, [False, True, True, True])
+    gy0 = bn_fold_grad(grad, ys, w, mean, rstd, gm0, gr0, stats)
+    parts = [torch.ops.milenas_fast.edge_reduce_triton_partials(grad, ys, w, mean, rstd)]
+    if dev == "cpu":
+        parts.append(torch.ops.milenas_fast.edge_reduce_partials(grad, ys, w, mean, rstd))
+    for p in parts:
+        gy, gw = bn_fold_grad_partials(grad, ys, w, mean, rstd, *p, stats)
+        gyr, gwr = bn_fold_grad_partials_reference(grad, ys, w, mean, rstd, *p, stats)
+        assert gy.dtype == dtype and gw.dtype == torch.float32 and gw.shape == (K,)
+        tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        for a, b in ((gy, gy0), (gy, gyr)):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item())
+        for b in (gw0, gwr):
+            torch.testing.assert_close(gw, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,tile", [((3, 5, 7, 9), None), ((2, 3, 5, 7), 16), ((2, 2, 1, 1), None)])
 def test_bn_backward_matches_batchnorm(shape, tile, dtype, dev, monkeypatch):
     """Two training-mode BNs' input gradients in one kernel (bn_stats' statistics), as autograd through
@@ -242,10 +275,12 @@ def test_bn_fold_kernels_build_for_sm90():
     todo = [("bn_stats_kernel", {"K": 7, "STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024}),
             ("bn_stats_kernel", {"K": 7, "STATS": s2, "BLOCK_C": 4, "BLOCK_HW": 64}),
             ("bn_stats_kernel", {"K": 7, "STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1}),
-            ("bn_fold_grad_kernel", {"K": 7, "STATS": s1, "BLOCK_P": 1, "BLOCK_HW": 1024}),
-            ("bn_fold_grad_kernel", {"K": 7, "STATS": s2, "BLOCK_P": 16, "BLOCK_HW": 64}),
-            ("bn_fold_grad_kernel", {"K": 7, "STATS": 0, "BLOCK_P": 16, "BLOCK_HW": 64}),
-            ("bn_fold_grad_kernel", {"K": 8, "STATS": 0xFF, "BLOCK_P": 1, "BLOCK_HW": 1024}),
+            ("bn_fold_grad_kernel", {"K": 7, "STATS": s1, "PARTS": False, "BLOCK_P": 1, "BLOCK_HW": 1024}),
+            ("bn_fold_grad_kernel", {"K": 7, "STATS": s2, "PARTS": False, "BLOCK_P": 16, "BLOCK_HW": 64}),
+            ("bn_fold_grad_kernel", {"K": 7, "STATS": 0, "PARTS": False, "BLOCK_P": 16, "BLOCK_HW": 64}),
+            ("bn_fold_grad_kernel", {"K": 8, "STATS": 0xFF, "PARTS": False, "BLOCK_P": 1, "BLOCK_HW": 1024}),
+            ("bn_fold_grad_kernel", {"K": 7, "STATS": s1, "PARTS": True, "BLOCK_P": 1, "BLOCK_HW": 1024}),
+            ("bn_fold_grad_kernel", {"K": 7, "STATS": s2, "PARTS": True, "BLOCK_P": 16, "BLOCK_HW": 64}),
             ("running_rstd_kernel", {"STATS": s1, "BLOCK_C": 64}),
             ("bn_backward_kernel", {"BLOCK_C": 1, "BLOCK_HW": 1024}),
             ("bn_backward_kernel", {"BLOCK_C": 4, "BLOCK_HW": 64}),

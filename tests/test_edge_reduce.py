@@ -227,6 +227,28 @@ def test_acc_is_added(impl, dtype, monkeypatch):
     assert not torch.equal(out.detach(), without)  # acc was read
 
 
+@pytest.mark.parametrize("impl", ["cpp", pytest.param("twin", marks=pytest.mark.gpu_path)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partials_sum_to_the_backward_reductions(impl, dtype, monkeypatch):
+    """edge_reduce_partials: [K, C, S] sums of g·(y_k − mean_k) and [C, S] sums of g whose totals over S are the
+    backward's (fp64 oracle); S = 1 on the CPU, pixel tiles × images for the twin (a multi-program grid)."""
+    er_twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
+    monkeypatch.setattr(er_twin, "MAX_TILE", 16)
+    dev = "cpu" if impl == "cpp" else TWIN_DEV
+    op = (torch.ops.milenas_fast.edge_reduce_partials if impl == "cpp"
+          else torch.ops.milenas_fast.edge_reduce_triton_partials)
+    (y, w, mean, rstd), grad = make_inputs(4, N=3, C=5, H=5, W=7, dtype=dtype, seed=21)
+    ys = [t.to(dev) for t in y.unbind(0)]
+    pgy, pg = op(grad.to(dev), ys, w.to(dev), mean.to(dev), rstd.to(dev))
+    s = 1 if impl == "cpp" else er_twin.launch_config(3 * 5, 5 * 7)[2][1] * 3
+    assert pgy.shape == (4, 5, s) and pg.shape == (5, s) and pgy.dtype == pg.dtype == torch.float32
+    want = er_module.edge_reduce_partials_reference(grad.double(), list(y.double().unbind(0)), w, mean, rstd)
+    for a, b in zip((pgy, pg), want):
+        torch.testing.assert_close(a.sum(-1).double().cpu(), b.sum(-1), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="grad_out must match"):
+        op(grad[:, :-1].to(dev), ys, w.to(dev), mean.to(dev), rstd.to(dev))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     inputs, grad = make_inputs(3, H=5, dtype=dtype)
@@ -236,6 +258,7 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.milenas_fast.edge_reduce.default, [*leaves, acc])
     for mask in ([True, True, True, True], [False, True, False, True]):
         torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_backward.default, [grad, *split(inputs), mask])
+    torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_partials.default, [grad, *split(inputs)])
 
 
 def test_deterministic_across_runs_and_thread_counts():

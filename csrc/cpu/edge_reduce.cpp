@@ -162,11 +162,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_reduce_backward_
   return {grad_y, grad_w, grad_mean, grad_rstd};
 }
 
+std::tuple<at::Tensor, at::Tensor> edge_reduce_partials_cpu(const at::Tensor& grad_out_, at::TensorList ys_,
+                                                            const at::Tensor& w_, const at::Tensor& mean_,
+                                                            const at::Tensor& rstd_) {
+  check_edge_reduce_inputs(ys_, w_, mean_, rstd_);
+  check_grad_out(grad_out_, ys_);
+  const auto ys = contiguous_all(ys_);
+  const auto g = grad_out_.contiguous(), mean = mean_.contiguous();
+  const auto& y = ys[0];
+  const int64_t K = static_cast<int64_t>(ys.size()), N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  auto part_gy = at::zeros({K, C, 1}, w_.options()), part_g = at::zeros({C, 1}, w_.options());
+  if (y.numel() == 0) return {part_gy, part_g};
+  float* pgy = part_gy.mutable_data_ptr<float>();
+  float* pg = part_g.mutable_data_ptr<float>();
+  const float* mp = mean.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "edge_reduce_partials_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const auto yp = pointers<scalar_t>(ys);
+    at::parallel_for(0, K * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t kc = begin; kc < end; ++kc) {  // the order of edge_reduce_backward_cpu's sums
+        const int64_t k = kc / C, c = kc % C;
+        float a = 0.f, b = 0.f;
+        for (int64_t n = 0; n < N; ++n) {
+          float pa = 0.f, pb = 0.f;
+          plane_sums(gp + (n * C + c) * HW, yp[k] + (n * C + c) * HW, mp[kc], HW, pa, pb);
+          a += pa;
+          b += pb;
+        }
+        pgy[kc] = a;
+        if (k == 0) pg[c] = b;
+      }
+    });
+  });
+  return {part_gy, part_g};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(milenas_fast, CPU, m) {
   m.impl("edge_reduce", &edge_reduce_cpu);
   m.impl("edge_reduce_backward", &edge_reduce_backward_cpu);
+  m.impl("edge_reduce_partials", &edge_reduce_partials_cpu);
 }
 
 }  // namespace milenas_fast

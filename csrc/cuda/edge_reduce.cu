@@ -156,6 +156,14 @@ at::Tensor edge_reduce_cuda(at::TensorList ys_, const at::Tensor& w_, const at::
   return out;
 }
 
+// Splits of the batch for the backward's partial sums: ~2048 blocks from the shape alone (not the GPU), so every
+// GPU sums in the same order. Returns (images per split, splits).
+std::pair<int64_t, int64_t> splits(int64_t N, int64_t K, int64_t C) {
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(N, (2048 + K * C - 1) / (K * C)));
+  const int64_t nps = (N + want - 1) / want;
+  return {nps, (N + nps - 1) / nps};
+}
+
 template <typename T, bool GY, bool SUMS>
 void launch_partial(dim3 grid, cudaStream_t stream, const at::Tensor& g, const std::vector<at::Tensor>& ys,
                     const at::Tensor& w, const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& grad_y,
@@ -197,9 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_reduce_backward_
   if (mask[3]) grad_rstd = at::empty({K, C}, fopts);
   if (!mask[0] && !sums) return {grad_y, grad_w, grad_mean, grad_rstd};
 
-  // Aim at ~2048 blocks in total from the shape alone (not the GPU), so every GPU sums in the same order.
-  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(N, (2048 + K * C - 1) / (K * C)));
-  const int64_t nps = (N + want - 1) / want, S = (N + nps - 1) / nps;
+  const auto sp = splits(N, K, C);
+  const int64_t nps = sp.first, S = sp.second;
   TORCH_CHECK(S <= 65535, "edge_reduce_backward: too many splits");
   at::Tensor part_gy, part_g;
   if (sums) {
@@ -227,11 +234,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edge_reduce_backward_
   return {grad_y, grad_w, grad_mean, grad_rstd};
 }
 
+std::tuple<at::Tensor, at::Tensor> edge_reduce_partials_cuda(const at::Tensor& grad_out_, at::TensorList ys_,
+                                                             const at::Tensor& w_, const at::Tensor& mean_,
+                                                             const at::Tensor& rstd_) {
+  check_edge_reduce_inputs(ys_, w_, mean_, rstd_);
+  check_grad_out(grad_out_, ys_);
+  const c10::cuda::CUDAGuard guard(ys_[0].device());
+  const auto ys = contiguous_all(ys_);
+  const auto g = grad_out_.contiguous(), w = w_.contiguous(), mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const auto& y = ys[0];
+  const int64_t K = static_cast<int64_t>(ys.size()), N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  const auto sp = splits(std::max<int64_t>(N, 1), K, C);
+  const int64_t nps = sp.first, S = sp.second;
+  TORCH_CHECK(S <= 65535, "edge_reduce_partials: too many splits");
+  if (y.numel() == 0) return {at::zeros({K, C, S}, w.options()), at::zeros({C, S}, w.options())};
+  auto part_gy = at::empty({K, C, S}, w.options()), part_g = at::empty({C, S}, w.options());
+  at::Tensor none;
+  const dim3 grid(static_cast<unsigned>(K * C), static_cast<unsigned>(S));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "edge_reduce_partials_cuda", [&] {
+    launch_partial<scalar_t, false, true>(grid, stream, g, ys, w, mean, rstd, none, part_gy, part_g, N, C, HW, nps);
+  });
+  return {part_gy, part_g};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(milenas_fast, CUDA, m) {
   m.impl("edge_reduce", &edge_reduce_cuda);
   m.impl("edge_reduce_backward", &edge_reduce_backward_cuda);
+  m.impl("edge_reduce_partials", &edge_reduce_partials_cuda);
 }
 
 }  // namespace milenas_fast

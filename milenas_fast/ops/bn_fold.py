@@ -7,10 +7,11 @@ The candidates are a list, read where they are (no stack), as by edge_reduce.
 (`bn_stats`), and the gradient then flows through them, as through nn.BatchNorm2d; the other rows' mean/rstd
 are constants (running statistics, the identity's 0 and 1), in whatever row they sit. Autograd through
 torch.var_mean would cost a copy of ys to fp32 (bf16), the statistics' backward (five full-size elementwise
-passes) and a saved fp32 copy; instead the backward is written out: edge_reduce_backward gives the loss's
-gradient wrt w, mean and rstd (two reductions), and ONE kernel (`bn_fold_grad`, kernels/bn_fold.py) forms
-every candidate's input gradient from it. `bn_stats_reference` and `bn_fold_grad_reference` are the
-plain-PyTorch twins.
+passes) and a saved fp32 copy; instead the backward is written out in two launches: `edge_reduce_partials`
+leaves the two reductions (of g·(y_k − mean_k) and of g) as partial sums, and ONE kernel
+(`bn_fold_grad_partials`, kernels/bn_fold.py) finishes them as it loads, forms every candidate's input gradient
+and the mixing weights' gradient. `bn_stats_reference`, `bn_fold_grad_reference` and
+`bn_fold_grad_partials_reference` are the plain-PyTorch twins.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from milenas_fast.kernels import bn_fold as K
 
-from .edge_reduce import edge_reduce, edge_reduce_backward
+from .edge_reduce import edge_reduce, edge_reduce_backward, edge_reduce_partials
 from .edge_reduce_triton import MAX_TILE, _pow2, check_candidates, launch_config, pointers
 from .triton_launch import INTERPRET, launch, register
 
@@ -102,9 +103,39 @@ def bn_fold_grad(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean:
     gy = ys[0].new_empty(k, n, c, h, wd)
     if gy.numel():
         bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys), w, mean, rstd, gmean, grstd, gy, 1.0 / (n * h * wd),
-               n * c, c, h * wd, K=k, STATS=stats, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys), w, mean, rstd, gmean, grstd, gy, w, w, w,
+               1.0 / (n * h * wd), n * c, c, h * wd, 1, K=k, STATS=stats, PARTS=False, BLOCK_P=bp, BLOCK_HW=bhw,
+               num_warps=warps)
     return gy
+
+
+@register("milenas_fast::bn_fold_grad_partials")
+def bn_fold_grad_partials(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,
+                          rstd: torch.Tensor, part_gy: torch.Tensor, part_g: torch.Tensor, stats: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bn_fold_grad` that finishes edge_reduce's partial sums itself (`edge_reduce_partials`: part_gy [K, C, S],
+    part_g [C, S]) and also returns the mixing weights' gradient gw [K]: (gy [K, N, C, H, W], gw), ONE launch."""
+    _check_list(ys, stats)
+    k, (n, c, h, wd) = len(ys), ys[0].shape
+    if part_gy.dim() != 3 or part_gy.shape[:2] != (k, c) or part_g.shape != (c, part_gy.shape[2]):
+        raise ValueError(f"bn_fold_grad_partials: partials must be [K={k}, C={c}, S] and [C, S], got "
+                         f"{list(part_gy.shape)} and {list(part_g.shape)}")
+    g, part_gy, part_g = g.contiguous(), part_gy.contiguous(), part_g.contiguous()
+    gy = ys[0].new_empty(k, n, c, h, wd)
+    gw = w.new_zeros(k) if not gy.numel() else w.new_empty(k)
+    if gy.numel():
+        bp, bhw, grid, warps = launch_config(n * c, h * wd)
+        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys), w, mean, rstd, w, w, gy, part_gy, part_g, gw,
+               1.0 / (n * h * wd), n * c, c, h * wd, part_gy.shape[2], K=k, STATS=stats, PARTS=True, BLOCK_P=bp,
+               BLOCK_HW=bhw, num_warps=warps)
+    return gy, gw
+
+
+def bn_fold_grad_partials_reference(g, ys, w, mean, rstd, part_gy, part_g, stats: int):
+    """Plain-PyTorch twin of `bn_fold_grad_partials`."""
+    sgy, sg = part_gy.sum(2), part_g.sum(1)
+    gy = bn_fold_grad_reference(g, ys, w, mean, rstd, -w[:, None] * rstd * sg, w[:, None] * sgy, stats)
+    return gy, (rstd * sgy).sum(1)
 
 
 def bn_fold_grad_reference(g, ys: list[torch.Tensor], w, mean, rstd, gmean, grstd, stats: int) -> torch.Tensor:
@@ -164,11 +195,16 @@ class _FoldedReduce(torch.autograd.Function):
         need_y = any(need_ys)
         grad = grad.contiguous()
         through = need_y and ctx.stats != 0  # the gradient flows through some batch statistics
-        _, gw, gmean, grstd = edge_reduce_backward(grad, ys, w, mean, rstd, [False, need_w, through, through])
         gys = [None] * len(ys)
+        if need_y and (need_w or through):  # the sums finished by bn_fold_grad's launch: two launches in all
+            part_gy, part_g = edge_reduce_partials(grad, ys, w, mean, rstd)
+            gy, gw = torch.ops.milenas_fast.bn_fold_grad_partials(grad, ys, w, mean, rstd, part_gy, part_g,
+                                                                  ctx.stats)
+            gw = gw if need_w else None
+        else:
+            _, gw, _, _ = edge_reduce_backward(grad, ys, w, mean, rstd, [False, need_w, False, False])
+            gy = torch.ops.milenas_fast.bn_fold_grad(grad, ys, w, mean, rstd, mean, rstd, 0) if need_y else None
         if need_y:
-            gm, gr = (gmean, grstd) if through else (mean, rstd)  # unread when no row has batch statistics
-            gy = torch.ops.milenas_fast.bn_fold_grad(grad, ys, w, mean, rstd, gm, gr, ctx.stats)
             gys = [t if n else None for t, n in zip(gy.unbind(0), need_ys)]
         return gw, None, None, None, grad if need_acc else None, *gys
 

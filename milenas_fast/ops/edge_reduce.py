@@ -75,6 +75,19 @@ def _fake_backward(grad_out, ys, w, mean, rstd, output_mask):
     )
 
 
+def cuda_splits(n: int, k: int, c: int) -> int:
+    """S of the CUDA partial sums (csrc/cuda/edge_reduce.cu's `splits`: from the shape alone)."""
+    want = max(1, min(n, -(-2048 // (k * c))))
+    nps = -(-n // want)
+    return -(-n // nps)
+
+
+def _fake_partials(grad_out, ys, w, mean, rstd):
+    k, (n, c) = len(ys), ys[0].shape[:2]
+    s = 1 if ys[0].device.type == "cpu" else cuda_splits(max(n, 1), k, c)
+    return w.new_empty((k, c, s)), w.new_empty((c, s))
+
+
 def register() -> None:
     """Load the extension (RuntimeError if impossible) and attach autograd and fake kernels, once."""
     global _registered
@@ -84,6 +97,7 @@ def register() -> None:
         extension.require()
         torch.library.register_fake("milenas_fast::edge_reduce", _fake_forward)
         torch.library.register_fake("milenas_fast::edge_reduce_backward", _fake_backward)
+        torch.library.register_fake("milenas_fast::edge_reduce_partials", _fake_partials)
         torch.library.register_autograd("milenas_fast::edge_reduce", _backward, setup_context=_setup_context)
         _registered = True
 
@@ -113,6 +127,27 @@ def edge_reduce_backward(grad: torch.Tensor, ys: list[torch.Tensor], w: torch.Te
 
         return torch.ops.milenas_fast.edge_reduce_triton_backward(grad, ys, w, mean, rstd, output_mask)
     return torch.ops.milenas_fast.edge_reduce_backward(grad, ys, w, mean, rstd, output_mask)
+
+
+def edge_reduce_partials(grad: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,
+                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward's two reductions as partial sums, from whichever implementation `edge_reduce` runs:
+    part_gy [K, C, S] of grad·(ys[k] − mean[k]) and part_g [C, S] of grad, over S slices of (n, h, w); finished
+    by their consumer (bn_fold_grad_partials)."""
+    if _impl(ys[0].device.type) == "triton":
+        from . import edge_reduce_triton  # noqa: F401  (registers the op)
+
+        return torch.ops.milenas_fast.edge_reduce_triton_partials(grad, ys, w, mean, rstd)
+    return torch.ops.milenas_fast.edge_reduce_partials(grad, ys, w, mean, rstd)
+
+
+def edge_reduce_partials_reference(grad, ys, w, mean, rstd):
+    """Plain-PyTorch twin of `edge_reduce_partials` (S = 1, in at least fp32)."""
+    y = torch.stack(list(ys))
+    dt = torch.promote_types(y.dtype, torch.float32)
+    g = grad.to(dt)
+    sgy = (g[None] * (y.to(dt) - mean.to(dt)[:, None, :, None, None])).sum(dim=(1, 3, 4))
+    return sgy[..., None], g.sum(dim=(0, 2, 3))[:, None]
 
 
 def _impl(device_type: str) -> str:

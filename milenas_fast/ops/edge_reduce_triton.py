@@ -110,18 +110,42 @@ def edge_reduce_triton_backward(grad_out: torch.Tensor, ys: list[torch.Tensor], 
     sgy = w.new_zeros(k, c)  # empty sums (N = 0) are zero
     sg = w.new_zeros(c)
     if y.numel() and (want_y or sums):
-        bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        part_gy = w.new_empty(grid[1], k, n * c) if sums else w
-        part_g = w.new_empty(grid[1], n * c) if sums else w
-        launch(K.edge_reduce_bwd_kernel, grid, g, *pointers(ys), w, mean, rstd, grad_y if want_y else g, part_gy,
-               part_g, n * c, c, h * wd, K=k, GY=want_y, SUMS=sums, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
-        if sums:  # second stage: ordered sums over pixel tiles, then the batch
-            sgy = part_gy.sum(0).view(k, n, c).sum(1)
-            sg = part_g.sum(0).view(n, c).sum(0)
+        part_gy, part_g = _partials(g, ys, w, mean, rstd, grad_y if want_y else None, sums)
+        if sums:  # second stage: ordered sums over the slices
+            sgy, sg = part_gy.sum(2), part_g.sum(1)
     return (grad_y,
             (rstd * sgy).sum(1) if output_mask[1] else None,
             -w[:, None] * rstd * sg if output_mask[2] else None,
             w[:, None] * sgy if output_mask[3] else None)
+
+
+def _partials(g, ys, w, mean, rstd, grad_y, sums: bool):
+    """The backward kernel: grad_y (when given) and, with `sums`, the partials [K, C, S] and [C, S]."""
+    k, (n, c, h, wd) = len(ys), ys[0].shape
+    bp, bhw, grid, warps = launch_config(n * c, h * wd)
+    part_gy = w.new_empty(k, c, grid[1] * n) if sums else w
+    part_g = w.new_empty(c, grid[1] * n) if sums else w
+    launch(K.edge_reduce_bwd_kernel, grid, g, *pointers(ys), w, mean, rstd, g if grad_y is None else grad_y,
+           part_gy, part_g, n * c, c, h * wd, K=k, GY=grad_y is not None, SUMS=sums, BLOCK_P=bp, BLOCK_HW=bhw,
+           num_warps=warps)
+    return part_gy, part_g
+
+
+@register("milenas_fast::edge_reduce_triton_partials")
+def edge_reduce_triton_partials(grad_out: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,
+                                rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ edge_reduce_partials' twin: part_gy [K, C, S], part_g [C, S] with S = pixel tiles × N."""
+    _check(ys, w, mean, rstd)
+    y = ys[0]
+    if grad_out.shape != y.shape or grad_out.dtype != y.dtype or grad_out.device != y.device:
+        raise RuntimeError(f"edge_reduce_partials: grad_out must match ys[0] ({list(y.shape)}, {y.dtype}), "
+                           f"got {list(grad_out.shape)}, {grad_out.dtype}")
+    k, (n, c, h, wd) = len(ys), y.shape
+    if not y.numel():
+        tiles = launch_config(max(n, 1) * c, h * wd)[2][1]
+        return w.new_zeros(k, c, tiles * n), w.new_zeros(c, tiles * n)
+    g, w, mean, rstd = (t.contiguous() for t in (grad_out, w, mean, rstd))
+    return _partials(g, ys, w, mean, rstd, None, True)
 
 
 torch.library.register_autograd("milenas_fast::edge_reduce_triton",

@@ -172,8 +172,11 @@ def _custom_flops(name: str, args) -> int:
                                                   for w, g in zip(args[1:5], args[6:10])])
     if name == "milenas_fast::stencil_bwd_weight":
         return _stencil_flops(args[0], args[5], [g is not None for g in args[1:5]])
+    if name == "milenas_fast::stencil_fwd_bn":  # the pair (3×3 and 5×5) on the normalised inputs
+        return _stencil_flops(args[0], 1, [True, True, False, False])
     if name.startswith("milenas_fast::pointwise"):  # 2·N·HW·CO·C per convolution, each way
-        dim = 0 if name == "milenas_fast::pointwise" else 1  # forward: (x, w [CO, C]); else (g or x, w or g)
+        forward = name in ("milenas_fast::pointwise", "milenas_fast::pointwise_with_stats")
+        dim = 0 if forward else 1  # forward: (x, w [CO, C]); else (g or x, w or g)
         return sum(2 * a.numel() * b.shape[dim] for a, b in zip(args[0], args[1]))
     if name == "milenas_fast::bn_backward":  # sums of g and g·(h − mean), then rstd·(g − a − (h − mean)·b)
         return 9 * (args[2].numel() + args[3].numel())

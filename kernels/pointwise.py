@@ -7,6 +7,11 @@ kernel computes the forward (W [CO, C]: SA = C, SB = 1) and the input gradient (
 Program (k, n, pixel tile): run-time branches pick candidate k's pointers once. The inputs are read where they
 are (one pointer argument each, unused slots aliased; K a constexpr), so nothing is stacked.
 
+With STATS (a constexpr bitmask over the K convolutions) the forward also leaves per-tile statistics of those
+outputs for a BatchNorm that follows: stats[k, n·T + t, 0, a] = the tile's mean of channel a and
+stats[k, n·T + t, 1, a] = its sum of squared deviations, both of the values as stored (rounded to the output
+dtype), in fp32; the consumer merges them (Chan et al.'s pairwise rule), so no statistics pass is launched.
+
 The weight gradient is deterministic: program (k, n, pixel tile) stores its fp32 partial
     part[k, n·T + t, a, b] = Σ_{p in tile} g_k[n, a, p] · x_k[n, b, p]
 and the launcher sums the partials over (n, t) with an ordered torch sum.
@@ -34,9 +39,9 @@ def _pick(k, p0, p1, p2, p3, K: tl.constexpr):
 @triton.jit
 def pointwise_kernel(
     in0_ptr, in1_ptr, in2_ptr, in3_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr,
-    A, B, HW, SA, SB,
+    stats_ptr, A, B, HW, SA, SB,
     K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, STATS: tl.constexpr,
 ):
     k = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -52,8 +57,17 @@ def pointwise_kernel(
     if UPCAST:  # the interpreter's dot has no bf16/fp16: fp32 operands, the same exact products and fp32 sums
         x = x.to(tl.float32)
     y = tl.dot(w.to(x.dtype), x, input_precision=PRECISION, out_dtype=tl.float32)
-    tl.store(out + n * A * HW + a[:, None] * HW + pix[None, :], y.to(out0_ptr.dtype.element_ty),
-             mask=(a < A)[:, None] & pm[None, :])
+    yq = y.to(out0_ptr.dtype.element_ty)
+    tl.store(out + n * A * HW + a[:, None] * HW + pix[None, :], yq, mask=(a < A)[:, None] & pm[None, :])
+    if STATS != 0:
+        if ((STATS >> k) & 1) != 0:  # this tile's mean and squared deviations per channel, of the stored values
+            v = tl.where(pm[None, :], yq.to(tl.float32), 0.0)
+            cnt = tl.minimum(HW - tl.program_id(2) * BLOCK_P, BLOCK_P).to(tl.float32)
+            mu = tl.sum(v, axis=1) / cnt
+            d = tl.where(pm[None, :], v - mu[:, None], 0.0)
+            row = stats_ptr + ((k * tl.num_programs(1) + n) * tl.num_programs(2) + tl.program_id(2)) * (2 * A)
+            tl.store(row + a, mu, mask=a < A)
+            tl.store(row + A + a, tl.sum(d * d, axis=1), mask=a < A)
 
 
 @triton.jit

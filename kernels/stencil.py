@@ -22,7 +22,11 @@ convs' second stages, ReLU → 3×3 of one tensor and ReLU → 5×5 of another, 
 With NORM (constexpr; convolution branches only, no pools) the inputs are the sep convs' inner BatchNorm's inputs:
 every load of x (x5) is normalised on the fly, (v − mean)·rstd with mean/rstd [2, C] fp32 (row 0 x's, row 1
 x5's), padding staying 0, so the BN's output is never written; the input-gradient kernel then returns the
-gradient with respect to that normalised value (the BN's backward is the caller's).
+gradient with respect to that normalised value (the BN's backward is the caller's). With NORM == 2 (forward
+only) the statistics come from the producer's per-tile statistics (kernels/pointwise.py's STATS: st [K, R, 2, C],
+rows G3 and G5, R = N·T tiles of TB pixels), merged per channel by every program as it starts (Chan et al.'s
+rule, fp32); the programs of image 0 also write mean, rstd and the unbiased variance ([2, C]) for the backward
+and the running statistics: no statistics launch at all.
 
 Filter gradients are deterministic: each program writes fp32 per-(pixel tile, plane, tap) partial
 sums, and the launcher reduces them over tiles and the batch with a plain (ordered) torch sum. The
@@ -52,17 +56,61 @@ def _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM: tl.constexpr):
 
 
 @triton.jit
+def _merge(base, pm, R, T, TB, HW, A, BLOCK_P: tl.constexpr):
+    """(mean, Σ squared deviations) per lane from R tile rows (mean at base + r·2A, squared deviations at + A;
+    tile t = r mod T holds min(TB, HW − t·TB) values), in two ordered passes."""
+    cnt = (R // T) * HW * 1.0
+    s = tl.zeros((BLOCK_P,), tl.float32)
+    r = tl.program_id(0) * 0  # tensor loop counters, as bn_fold's _row_stats
+    while r < R:
+        c = tl.minimum(TB, HW - (r % T) * TB) * 1.0
+        s += c * tl.load(base + r * 2 * A, mask=pm, other=0.0)
+        r += 1
+    mean = s / cnt
+    m2 = tl.zeros((BLOCK_P,), tl.float32)
+    r = tl.program_id(0) * 0
+    while r < R:
+        c = tl.minimum(TB, HW - (r % T) * TB) * 1.0
+        d = tl.load(base + r * 2 * A, mask=pm, other=0.0) - mean
+        m2 += tl.load(base + r * 2 * A + A, mask=pm, other=0.0) + c * d * d
+        r += 1
+    return mean, m2, cnt
+
+
+@triton.jit
+def _norm_fwd(mean_ptr, rstd_ptr, uvar_ptr, st_ptr, planes, ch, pm, C, HW, R, T, TB, G3, G5, eps,
+              NORM: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The forward's (mean, rstd) of x and x5: merged from tile statistics (NORM == 2; image 0's programs store
+    them), else as _norm."""
+    if NORM == 2:
+        mu, m2, cnt = _merge(st_ptr + G3 * R * 2 * C + ch, pm, R, T, TB, HW, C, BLOCK_P)
+        mu5, m25, _ = _merge(st_ptr + G5 * R * 2 * C + ch, pm, R, T, TB, HW, C, BLOCK_P)
+        rs = 1.0 / tl.sqrt(m2 / cnt + eps)
+        rs5 = 1.0 / tl.sqrt(m25 / cnt + eps)
+        first = pm & (planes < C)
+        tl.store(mean_ptr + ch, mu, mask=first)
+        tl.store(mean_ptr + C + ch, mu5, mask=first)
+        tl.store(rstd_ptr + ch, rs, mask=first)
+        tl.store(rstd_ptr + C + ch, rs5, mask=first)
+        tl.store(uvar_ptr + ch, m2 / (cnt - 1.0), mask=first)
+        tl.store(uvar_ptr + C + ch, m25 / (cnt - 1.0), mask=first)
+        return mu, rs, mu5, rs5
+    return _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM)
+
+
+@triton.jit
 def stencil_fwd_kernel(
     x_ptr, x5_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr,
-    y3_ptr, y5_ptr, yd3_ptr, yd5_ptr, ymax_ptr, yavg_ptr, mean_ptr, rstd_ptr,
-    P, C, H, W, HO, WO,
+    y3_ptr, y5_ptr, yd3_ptr, yd5_ptr, ymax_ptr, yavg_ptr, mean_ptr, rstd_ptr, uvar_ptr, st_ptr,
+    P, C, H, W, HO, WO, R, T, TB, G3, G5, eps,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
     HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr, NORM: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     ch = planes % C
-    mu, rs, mu5, rs5 = _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM)
+    mu, rs, mu5, rs5 = _norm_fwd(mean_ptr, rstd_ptr, uvar_ptr, st_ptr, planes, ch, pm, C, H * W, R, T, TB, G3, G5,
+                                 eps, NORM, BLOCK_P)
     x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
     x5_base = x5_ptr + planes[:, None].to(tl.int64) * (H * W)
     ch_ = oh * STRIDE  # centre of every footprint

@@ -75,6 +75,41 @@ def test_fp32_matches_reference(k, N, C, CO, H, W, tile, device, launches, monke
 
 
 @pytest.mark.gpu_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stats,tile", [(0b0101, 256), (0b0010, None)])
+def test_tile_statistics_merge_to_the_outputs_statistics(stats, tile, dtype, device, launches, monkeypatch):
+    """pointwise(..., stats): the outputs unchanged, plus per-tile means and squared deviations of the named
+    outputs as stored; merged over tiles (Chan et al.'s rule, as the pair kernel merges them) they are the
+    outputs' batch mean and variance (float64 oracle); several tiles per image (tile 256), a partial last tile;
+    one launch; the statistics take no gradient."""
+    if tile:
+        monkeypatch.setattr(pw, "_TILE", tile)
+    xs, ws, gs = make(4, 3, 16, 16, 7, 9, dtype, seed=31, device=device)
+    xs = [x * (1 + i) + i for i, x in enumerate(xs)]  # offsets and scales: the merge must centre
+    outs = pointwise(xs, ws, stats)
+    *ys, st = outs
+    assert [name for name, _ in launches] == ["pointwise"] and not st.requires_grad
+    for a, b in zip(ys, pointwise(xs, ws)):
+        assert torch.equal(a, b)
+    n, hw = 3, 7 * 9
+    tb = pw.stats_tile(ys[0])
+    tiles = -(-hw // tb)
+    assert st.shape == (4, n * tiles, 2, 16) and st.dtype == torch.float32
+    if tile:
+        assert tiles > 1 and hw % tb
+    cnt = torch.tensor([min(tb, hw - t * tb) for t in range(tiles)] * n, dtype=torch.float64)
+    for k in range(4):
+        if not stats >> k & 1:
+            continue
+        m, q = st[k, :, 0].double().cpu(), st[k, :, 1].double().cpu()
+        mean = (cnt[:, None] * m).sum(0) / (n * hw)
+        m2 = (q + cnt[:, None] * (m - mean) ** 2).sum(0)
+        var, want = torch.var_mean(ys[k].double().cpu(), dim=(0, 2, 3), correction=0)
+        torch.testing.assert_close(mean, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m2 / (n * hw), var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu_path
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
 def test_bf16_within_twice_torch_error(weight_dtype, device):
     """bf16 inputs (weights cast to bf16 as under autocast, or left fp32): against an fp64 oracle, within 2× plain

@@ -36,22 +36,24 @@ def jobs() -> list[dict]:
     out = []
     for kernel, stride, bp, bhw, warps in configs():
         base = {"file": str(src / "stencil.py"), "name": KERNELS[kernel], "warps": warps,
-                "fp32_ptrs": ["part_ptr", "mean_ptr", "rstd_ptr"]}
+                "fp32_ptrs": ["part_ptr", "mean_ptr", "rstd_ptr", "uvar_ptr", "st_ptr"]}
         # HASACC (x's gradient from the identity candidate) only at stride 1: a stride-2 mixed op has no identity
         consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, HASACC=stride == 1, NORM=False)
         out.append({**base, "key": f"{kernel} s{stride} P{bp} HW{bhw} w{warps}", "consts": consts, "has": "all"})
-        if stride == 1:  # the pair, on the inner BNs' outputs (eval) or inputs normalised as loaded (NORM, train)
-            for norm in (False, True):
-                out.append({**base, "key": f"{kernel} pair{' bn' * norm} P{bp} HW{bhw} w{warps}",
+        if stride == 1:  # the pair, on the inner BNs' outputs (eval) or inputs normalised as loaded (NORM, train:
+            # the forward merging the statistics from tile statistics, NORM 2)
+            for norm in (0, 1, 2) if kernel == "fwd" else (0, 1):
+                out.append({**base, "key": f"{kernel} pair norm{norm} P{bp} HW{bhw} w{warps}",
                             "consts": {**consts, "X5": True, "HASACC": False, "NORM": norm}, "has": ["HAS3", "HAS5"]})
     from milenas_fast.ops.pointwise import GPU_TILE, _blocks
     for N, C, H in SEARCH_SHAPES:
         ba, bb, bp = _blocks(C, C, H * H, GPU_TILE)
-        for name in ("pointwise_kernel", "pointwise_wgrad_kernel"):
+        for name, stats in (("pointwise_kernel", 0), ("pointwise_kernel", 3), ("pointwise_wgrad_kernel", 0)):
             out.append({"file": str(src / "pointwise.py"), "name": name, "warps": 4, "has": "all",
-                        "fp32_ptrs": ["w0_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "part_ptr"],
-                        "key": f"{name} C{C} HW{H * H}",
-                        "consts": dict(K=4, BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, UPCAST=False, PRECISION="auto")})
+                        "fp32_ptrs": ["w0_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "part_ptr", "stats_ptr"],
+                        "key": f"{name} C{C} HW{H * H}" + (" stats" if stats else ""),
+                        "consts": dict(K=4, BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, UPCAST=False, PRECISION="auto",
+                                       STATS=stats)})
     return out
 
 
@@ -72,7 +74,8 @@ for job in json.loads(sys.argv[2]):
         spec.loader.exec_module(mods[job["file"]])
     fn = getattr(mods[job["file"]], job["name"])
     sig = {p.name: "constexpr" if p.is_constexpr else
-           ("*fp32" if p.name in job["fp32_ptrs"] else "*" + dt) if p.name.endswith("_ptr") else "i32"
+           ("*fp32" if p.name in job["fp32_ptrs"] else "*" + dt) if p.name.endswith("_ptr") else
+           ("fp32" if p.name == "eps" else "i32")
            for p in fn.params}
     consts = {p.name: job["has"] == "all" or p.name in job["has"] for p in fn.params if p.name.startswith("HAS")}
     consts.update((k, v) for k, v in job["consts"].items() if k in sig)  # a flag only some kernels have

@@ -476,6 +476,53 @@ def test_relu_depthwise_pair_bn_partial_gradients(need, device, launches):
 
 
 @pytest.mark.gpu_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pw_tile,tile", [(None, None), (256, 16)])
+def test_relu_depthwise_pair_bn_from_tile_statistics(pw_tile, tile, dtype, device, launches, monkeypatch):
+    """The fused path's form: h3, h5 from one `pointwise` with tile statistics, the pair's forward merging them
+    (no statistics launch): outputs, gradients, and the returned mean / unbiased variance as bn_stats' of h3, h5;
+    several pointwise tiles per image and multi-program stencil grids."""
+    from milenas_fast.ops import pointwise as pw
+    from milenas_fast.ops.bn_fold import bn_stats
+    from milenas_fast.ops.pointwise import pointwise, stats_tile
+    from milenas_fast.ops.stencil import relu_depthwise_pair_bn_tiles
+
+    if pw_tile:
+        monkeypatch.setattr(pw, "_TILE", pw_tile)
+    gen = torch.Generator().manual_seed(41 + bool(tile))
+    N, C, H, W = 3, 16, 7, 9
+    zs = [(torch.randn(N, C, H, W, generator=gen) * 2 + 1).to(device, dtype) for _ in range(3)]
+    ws = [(torch.randn(C, C, 1, 1, generator=gen) / 4).to(device) for _ in range(3)]
+    h3, hd, h5, st = pointwise(zs, ws, 0b101)
+    w3, w5 = (torch.randn(C, 1, k, k, generator=gen).to(device) for k in (3, 5))
+    g = [torch.randn(N, C, H, W, generator=gen).to(device, dtype) for _ in range(2)]
+    launches.clear()
+
+    def ours(a3, v3, a5, v5):
+        with max_tile(tile) if tile else contextlib.nullcontext():
+            return relu_depthwise_pair_bn_tiles(a3, v3, a5, v5, st, (0, 2), stats_tile(h3), 1e-5)
+
+    inputs = [h3.requires_grad_(), w3.requires_grad_(), h5.requires_grad_(), w5.requires_grad_()]
+    ys, gs = grads_of(ours, inputs, g + [None, None])
+    assert [name for name, _ in launches][:1] == ["fwd"]
+    mean, var = ys[2:]
+    want = bn_stats([h3.detach(), h5.detach()], 0b11, 1e-5)
+    torch.testing.assert_close(mean, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, want[2], rtol=1e-4, atol=1e-5)
+    if dtype == torch.float32:
+        yr, gr = grads_of(pair_bn_twin, inputs, g)
+        for name, a, b in zip(("y3", "y5", "dh3", "dw3", "dh5", "dw5"), ys[:2] + gs, yr + gr):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 * max(1.0, b.abs().max().item()), msg=name)
+    else:  # bf16: 2× plain PyTorch's error + eps against float64
+        yl, gl = grads_of(pair_bn_twin, inputs, g)
+        y64, g64 = grads_of(pair_bn_twin, [t.double() for t in inputs], [t.double() for t in g])
+        eps = torch.finfo(dtype).eps
+        for name, a, lo, ref in zip(("y3", "y5", "dh3", "dw3", "dh5", "dw5"), ys[:2] + gs, yl + gl, y64 + g64):
+            bound = 2 * err(lo, ref) + eps * ref.abs().max().item()
+            assert err(a, ref) <= bound, f"{name}: {err(a, ref):.3g} > {bound:.3g} (torch {err(lo, ref):.3g})"
+
+
+@pytest.mark.gpu_path
 def test_relu_depthwise_pair_bn_bf16(device):
     """bf16 inner-BN inputs (fp32 filters and statistics): 2× plain PyTorch's bf16 error + eps against fp64."""
     gen = torch.Generator().manual_seed(23)

@@ -6,8 +6,8 @@
    in ONE `pointwise` launch; for sep convs the inner BatchNorm, then ReLU → second depthwise of BOTH sep convs
    in one Triton pass (`relu_depthwise_pair`), then both second 1×1 convolutions in one `pointwise`; so
    parameters, inner running statistics and state_dict are the reference's. In training mode the inner BNs'
-   statistics come from one `bn_stats` and the second stages normalise as they load (`relu_depthwise_pair_bn`:
-   the BN outputs are never written).
+   statistics are merged from the first `pointwise` launch's tile statistics by the second stages' launch, which
+   normalises as it loads (`relu_depthwise_pair_bn_tiles`: no statistics launch, the BN outputs never written).
 3. Every candidate's LAST BatchNorm (non-affine) is folded: its batch statistics (train: ONE `bn_stats`
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
    Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, a list (no stack) in the module's (PRIMITIVES) order
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from ..space.primitives import PRIMITIVES, FactorizedReduce
 from . import factorized_reduce, mixing_weights, select, weight_cast
 from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
-from .pointwise import pointwise
+from .pointwise import pointwise, stats_tile as pointwise_stats_tile
 from .running_stats import update as _update_running_stats
-from .stencil import relu_depthwise_pair, relu_depthwise_pair_bn, stencil, stencil_with_identity
+from .stencil import relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil, stencil_with_identity
 
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")  # relu_depthwise_pair's order
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -85,14 +85,21 @@ def _pair_bn(seps: dict, h: torch.Tensor | None) -> bool:
     return all(type(bn) is nn.BatchNorm2d and bn.training for bn in bns) and bns[0].eps == bns[1].eps
 
 
-def _pointwise(todo: dict) -> dict:
+def _pointwise(todo: dict, stats: tuple = ()) -> dict:
     """{name: conv(x)} for {name: (x, 1×1 conv module)}, all in one `pointwise` launch. The weights go as they are
     (under autocast the kernels round fp32 weights to the inputs' dtype, as autocast would, and return fp32
-    weight gradients: no casts either way)."""
+    weight gradients: no casts either way). `stats`: names whose outputs' tile statistics the launch also leaves,
+    under the key "stats" as (tile statistics, their rows)."""
     if not todo:
         return {}
     xs, mods = zip(*todo.values())
-    return dict(zip(todo, pointwise(list(xs), [m.weight for m in mods])))
+    names = list(todo)
+    rows = [names.index(n) for n in stats]
+    out = pointwise(list(xs), [m.weight for m in mods], sum(1 << r for r in rows))
+    res = dict(zip(names, out))
+    if stats:
+        res["stats"] = (out[-1], rows)
+    return res
 
 
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
@@ -133,21 +140,24 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
     cw = weight_cast.cast_weights(weight_cast.conv_modules(ops), x.device.type)
     counters = []
     convs = [(name, op) for name, op in zip(names, ops) if name.startswith(("sep_conv", "dil_conv"))]
-    # the conv candidates' first 1×1 convolutions side by side: one launch
-    first = _pointwise({name: (stage1[_STENCIL_SLOT[name]], op.op[2]) for name, op in convs})
+    seps = {name: op for name, op in convs if name.startswith("sep_conv")}
+    fold = _pair_bn(seps, stage1[_STENCIL_SLOT[_SEP[0]]] if seps else None)
+    # the conv candidates' first 1×1 convolutions side by side: one launch (which also leaves the tile statistics
+    # of the sep convs' outputs when their inner BNs are folded)
+    first = _pointwise({name: (stage1[_STENCIL_SLOT[name]], op.op[2]) for name, op in convs}, _SEP if fold else ())
     # the sep convs' second stages: ReLU → depthwise of both in one Triton launch (fp32 filters, as the first's),
     # then both 1×1 convolutions in one
-    seps = {name: op for name, op in convs if name.startswith("sep_conv")}
     f3, f5 = (seps[n].op[5].weight if n in seps else None for n in _SEP)
-    if _pair_bn(seps, first[_SEP[0]] if seps else None):
-        # both inner BNs in training mode: their statistics in one `bn_stats`, the normalisation done as the
-        # second stages load (the BN outputs are never written), running statistics with the others'
+    if fold:
+        # both inner BNs in training mode: their statistics merged from the first pointwise's tile statistics by
+        # the second stages' launch, which normalises as it loads (the BN outputs are never written); running
+        # statistics with the others'
         bn3, bn5 = (seps[n].op[3] for n in _SEP)
         h3, h5 = (first[n] for n in _SEP)
-        with torch.no_grad():
-            mean_i, rstd_i, var_i = bn_stats([h3, h5], 0b11, bn3.eps)
-            _update_running_stats([bn3, bn5], mean_i, var_i, [])
-        y3, y5 = relu_depthwise_pair_bn(h3, f3, h5, f5, mean_i, rstd_i, bn3.eps)
+        tile_stats, tile_rows = first["stats"]
+        y3, y5, mean_i, var_i = relu_depthwise_pair_bn_tiles(h3, f3, h5, f5, tile_stats, tile_rows,
+                                                             pointwise_stats_tile(h3), bn3.eps)
+        _update_running_stats([bn3, bn5], mean_i, var_i, [])
     else:
         mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
         y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5)

@@ -9,6 +9,7 @@ gradients. `pointwise_reference` is the plain-PyTorch twin.
 
 Registered ops (torch.library.triton_op, visible to torch.compile):
     milenas_fast::pointwise(xs, ws) -> ys                     (also the input gradient: ws transposed)
+    milenas_fast::pointwise_with_stats(xs, ws, stats) -> ys + [per-tile statistics of the outputs in `stats`]
     milenas_fast::pointwise_wgrad(xs, gs) -> dw [K, CO, C] fp32
 """
 from __future__ import annotations
@@ -33,6 +34,11 @@ def _blocks(a: int, b: int, hw: int, tile: int | None = None) -> tuple[int, int,
     return ba, bb, max(16, min(_pow2(hw), (_TILE if tile is None else tile) // max(ba, bb)))
 
 
+def stats_tile(y: torch.Tensor) -> int:
+    """The pixels per tile of `pointwise_with_stats`' statistics for an output like y (a C→C convolution)."""
+    return _blocks(y.shape[1], y.shape[1], y.shape[2] * y.shape[3])[2]
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
 
@@ -51,24 +57,36 @@ def _check(xs, ws) -> None:
             raise ValueError("pointwise: weights of one dtype")
 
 
-def _apply(xs, ws, transposed: bool) -> list[torch.Tensor]:
+def _apply(xs, ws, transposed: bool, stats: int = 0) -> list[torch.Tensor]:
     n, b, h, wd = xs[0].shape
     co, ci = ws[0].shape[:2]
     a = ci if transposed else co
     ys = [xs[0].new_empty(n, a, h, wd) for _ in xs]
     ba, bb, bp = _blocks(a, b, h * wd)
+    tiles = -(-(h * wd) // bp)
+    st = xs[0].new_empty(len(xs), n * tiles, 2, a, dtype=torch.float32) if stats else None
     sa, sb = (1, ci) if transposed else (ci, 1)
-    launch(K.pointwise_kernel, (len(xs), n, -(-(h * wd) // bp)), *pointers(xs, MAX_K), *pointers(ws, MAX_K),
-           *pointers(ys, MAX_K), a, b, h * wd,
+    launch(K.pointwise_kernel, (len(xs), n, tiles), *pointers(xs, MAX_K), *pointers(ws, MAX_K),
+           *pointers(ys, MAX_K), ys[0] if st is None else st, a, b, h * wd,
            sa, sb, K=len(xs), BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, PRECISION=_precision(xs[0].dtype), UPCAST=INTERPRET,
-           num_warps=4)
-    return ys
+           STATS=stats, num_warps=4)
+    return ys if st is None else ys + [st]
 
 
 @register("milenas_fast::pointwise")
 def pointwise_op(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
     _check(xs, ws)
     return _apply(xs, ws, transposed=False)
+
+
+@register("milenas_fast::pointwise_with_stats")
+def pointwise_with_stats(xs: list[torch.Tensor], ws: list[torch.Tensor], stats: int) -> list[torch.Tensor]:
+    """`pointwise`, plus (last) the per-tile statistics [K, N·T, 2, CO] fp32 of the outputs named by the bitmask
+    `stats` (kernels/pointwise.py: tile means and squared deviations, for a BatchNorm that follows)."""
+    _check(xs, ws)
+    if not 0 < stats < 1 << len(xs):
+        raise ValueError(f"pointwise: stats bitmask {stats:#x} must name some of the {len(xs)} outputs")
+    return _apply(xs, ws, transposed=False, stats=stats)
 
 
 @register("milenas_fast::pointwise_input_grad")
@@ -95,18 +113,23 @@ class _Pointwise(torch.autograd.Function):
     """Inputs and weights as trailing arguments (autograd tracks tensors given directly, not inside a list)."""
 
     @staticmethod
-    def forward(ctx, k, *args):
+    def forward(ctx, k, stats, *args):
         xs, ws = list(args[:k]), list(args[k:])
         ctx.k = k
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*xs, *ws)
-        return tuple(torch.ops.milenas_fast.pointwise(xs, ws))
+        if not stats:
+            return tuple(torch.ops.milenas_fast.pointwise(xs, ws))
+        out = torch.ops.milenas_fast.pointwise_with_stats(xs, ws, stats)
+        ctx.mark_non_differentiable(out[-1])
+        return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads):
+        grads = grads[:ctx.k]  # (the statistics' gradient: none)
         saved = ctx.saved_tensors
         xs, ws = saved[:ctx.k], saved[ctx.k:]
-        need_x, need_w = ctx.needs_input_grad[1:1 + ctx.k], ctx.needs_input_grad[1 + ctx.k:]
+        need_x, need_w = ctx.needs_input_grad[2:2 + ctx.k], ctx.needs_input_grad[2 + ctx.k:]
         given = [i for i, g in enumerate(grads) if g is not None]
         dxs, dws = [None] * ctx.k, [None] * ctx.k
         xi = [i for i in given if need_x[i]]
@@ -120,13 +143,14 @@ class _Pointwise(torch.autograd.Function):
             dw = dw.to(ws[wi[0]].dtype).view(len(wi), *ws[wi[0]].shape)  # one cast where the weights are not fp32
             for i, d in zip(wi, dw.unbind(0)):
                 dws[i] = d
-        return (None, *dxs, *dws)
+        return (None, None, *dxs, *dws)
 
 
-def pointwise(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
+def pointwise(xs: list[torch.Tensor], ws: list[torch.Tensor], stats: int = 0) -> list[torch.Tensor]:
     """[conv2d(x, w) for x, w in zip(xs, ws)], 1×1 without bias, in one launch each way (differentiable in every
-    input and weight); the op checks its arguments."""
-    return list(_Pointwise.apply(len(xs), *xs, *ws))
+    input and weight); the op checks its arguments. With `stats` (a bitmask over the outputs), the per-tile
+    statistics of those outputs come last (`pointwise_with_stats`)."""
+    return list(_Pointwise.apply(len(xs), stats, *xs, *ws))
 
 
 def pointwise_reference(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:

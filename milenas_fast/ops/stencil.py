@@ -149,10 +149,33 @@ def stencil_fwd(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.
     ys = [x.new_empty((N, C, HO, WO) if h else (0,)) for h in has]
     bp, bhw, grid, warps = launch_config("fwd", x.shape, stride)
     _launch(
-        K.stencil_fwd_kernel, grid, x, x if x5 is None else x5, *_or(ws, x), *ys, *_or((mean, rstd), x),
-        N * C, C, H, W, HO, WO, *has,
+        K.stencil_fwd_kernel, grid, x, x if x5 is None else x5, *_or(ws, x), *ys, *_or((mean, rstd), x), x, x,
+        N * C, C, H, W, HO, WO, 1, 1, 1, 0, 0, 0.0, *has,
         X5=x5 is not None, NORM=mean is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
     return tuple(ys)
+
+
+@_register("milenas_fast::stencil_fwd_bn")
+def stencil_fwd_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: torch.Tensor, tile_stats: torch.Tensor,
+                   groups: list[int], tile: int, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pair's forward on BN(h3), BN(h5) with the statistics merged from `tile_stats` ([K, N·T, 2, C]: the
+    producing `pointwise_with_stats`' per-tile statistics, rows `groups` = (h3's, h5's), tiles of `tile` pixels):
+    (y3, y5, mean, rstd, unbiased var), the last three [2, C] fp32, written by the same launch."""
+    _check(h3, (w3, w5, None, None), h5)
+    N, C, H, W = h3.shape
+    k, r = tile_stats.shape[:2]
+    if tile_stats.shape[2:] != (2, C) or tile_stats.dtype != torch.float32 or r % max(N, 1) or len(groups) != 2:
+        raise ValueError(f"stencil_fwd_bn: tile_stats must be float32 [K, N·T, 2, {C}], groups two rows")
+    ys = [h3.new_empty(N, C, H, W) for _ in range(2)]
+    stats = [h3.new_empty(2, C, dtype=torch.float32) for _ in range(3)]
+    if h3.numel():
+        bp, bhw, grid, warps = launch_config("fwd", h3.shape, 1)
+        _launch(K.stencil_fwd_kernel, grid, h3, h5, w3, w5, h3, h3, *ys, h3, h3, h3, h3, *stats,
+                tile_stats.contiguous(), N * C, C, H, W, H, W, r, r // N, tile, groups[0], groups[1], eps,
+                True, True, False, False, False, False, X5=True, NORM=2, STRIDE=1, BLOCK_P=bp, BLOCK_HW=bhw,
+                num_warps=warps)
+    return (*ys, *stats)
 
 
 @_register("milenas_fast::stencil_bwd_input")
@@ -321,15 +344,23 @@ class _PairBN(torch.autograd.Function):
     backward does)."""
 
     @staticmethod
-    def forward(ctx, h3, w3, h5, w5, mean, rstd, eps):
-        ys = torch.ops.milenas_fast.stencil_fwd(h3, w3, w5, None, None, 1, False, h5, mean, rstd)
+    def forward(ctx, h3, w3, h5, w5, stats, eps):
+        """stats: (mean, rstd) [2, C] of h3 and h5, or (tile statistics, groups, tile) to merge them from."""
+        if len(stats) == 2:
+            mean, rstd = stats
+            ys = torch.ops.milenas_fast.stencil_fwd(h3, w3, w5, None, None, 1, False, h5, mean, rstd)
+            var = None
+        else:
+            y3, y5, mean, rstd, var = torch.ops.milenas_fast.stencil_fwd_bn(h3, w3, h5, w5, *stats, eps)
+            ys = (y3, y5, None, None, None, None)
+            ctx.mark_non_differentiable(mean, var)
         _setup_context(ctx, (h3, w3, w5, None, None, 1, False, h5, mean, rstd), ys)
         ctx.eps = eps
         ctx.set_materialize_grads(False)
-        return ys[0], ys[1]
+        return (ys[0], ys[1]) if var is None else (ys[0], ys[1], mean, var)
 
     @staticmethod
-    def backward(ctx, g3, g5):
+    def backward(ctx, g3, g5, *_):
         h3, _, _, _, _, _, h5, mean, rstd = ctx.saved_tensors
         n = ctx.needs_input_grad  # (h3, w3, h5, w5, ...) as the stencil op's (x, w3, w5, wd3, wd5, ..., x5, ...)
         needs = (n[0], n[1], n[3], False, False, False, False, n[2], False, False)
@@ -341,7 +372,7 @@ class _PairBN(torch.autograd.Function):
                         torch.ops.aten.native_batch_norm_backward(g, h, None, None, None, mean[k], rstd[k], True,
                                                                   ctx.eps, [True, False, False])[0]
                         for k, (g, h) in enumerate(((gm3, h3), (gm5, h5))))
-        return dh3, gw3, dh5, gw5, None, None, None
+        return dh3, gw3, dh5, gw5, None, None
 
 
 def relu_depthwise_pair_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: torch.Tensor,
@@ -349,8 +380,17 @@ def relu_depthwise_pair_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor,
     """relu_depthwise_pair(BN(h3), w3, BN(h5), w5) for training-mode non-affine BatchNorms whose batch statistics
     are mean/rstd ([2, C] fp32: h3's row 0, h5's row 1; `bn_stats`), without writing BN(h): the kernels normalise
     as they load. The gradients flow through the statistics, as nn.BatchNorm2d's do."""
-    return _PairBN.apply(h3.contiguous(), w3.contiguous(), h5.contiguous(), w5.contiguous(), mean.contiguous(),
-                         rstd.contiguous(), eps)
+    return _PairBN.apply(h3.contiguous(), w3.contiguous(), h5.contiguous(), w5.contiguous(),
+                         (mean.contiguous(), rstd.contiguous()), eps)
+
+
+def relu_depthwise_pair_bn_tiles(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: torch.Tensor,
+                                 tile_stats: torch.Tensor, groups: tuple[int, int], tile: int, eps: float) -> tuple:
+    """`relu_depthwise_pair_bn` with the statistics merged by the same launch from the producer's tile statistics
+    (`pointwise(..., stats=...)`): (y3, y5, mean, unbiased var), the last two [2, C] fp32 for the running
+    statistics. No statistics launch."""
+    return _PairBN.apply(h3.contiguous(), w3.contiguous(), h5.contiguous(), w5.contiguous(),
+                         (tile_stats, list(groups), tile), eps)
 
 
 def relu_depthwise_pair_bn_reference(h3, w3, h5, w5, mean, rstd, eps):

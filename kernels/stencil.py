@@ -56,35 +56,37 @@ def _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM: tl.constexpr):
 
 
 @triton.jit
-def _merge(base, pm, R, T, TB, HW, A, BLOCK_P: tl.constexpr):
-    """(mean, Σ squared deviations) per lane from R tile rows (mean at base + r·2A, squared deviations at + A;
-    tile t = r mod T holds min(TB, HW − t·TB) values), in two ordered passes."""
-    cnt = (R // T) * HW * 1.0
-    s = tl.zeros((BLOCK_P,), tl.float32)
-    r = tl.program_id(0) * 0  # tensor loop counters, as bn_fold's _row_stats
-    while r < R:
-        c = tl.minimum(TB, HW - (r % T) * TB) * 1.0
-        s += c * tl.load(base + r * 2 * A, mask=pm, other=0.0)
-        r += 1
-    mean = s / cnt
-    m2 = tl.zeros((BLOCK_P,), tl.float32)
-    r = tl.program_id(0) * 0
-    while r < R:
-        c = tl.minimum(TB, HW - (r % T) * TB) * 1.0
-        d = tl.load(base + r * 2 * A, mask=pm, other=0.0) - mean
-        m2 += tl.load(base + r * 2 * A + A, mask=pm, other=0.0) + c * d * d
-        r += 1
-    return mean, m2, cnt
-
-
-@triton.jit
 def _norm_fwd(mean_ptr, rstd_ptr, uvar_ptr, st_ptr, planes, ch, pm, C, HW, R, T, TB, G3, G5, eps,
               NORM: tl.constexpr, BLOCK_P: tl.constexpr):
     """The forward's (mean, rstd) of x and x5: merged from tile statistics (NORM == 2; image 0's programs store
-    them), else as _norm."""
+    them), else as _norm. The merge: (mean, Σ squared deviations) per channel from R tile rows (mean at
+    row·2C, squared deviations at + C; tile t = r mod T holds TB values, the last of each image fewer), two
+    ordered passes over both inputs' rows at once."""
     if NORM == 2:
-        mu, m2, cnt = _merge(st_ptr + G3 * R * 2 * C + ch, pm, R, T, TB, HW, C, BLOCK_P)
-        mu5, m25, _ = _merge(st_ptr + G5 * R * 2 * C + ch, pm, R, T, TB, HW, C, BLOCK_P)
+        cnt = (R // T) * HW * 1.0
+        last = (HW - (T - 1) * TB) * 1.0
+        b3 = st_ptr + G3 * R * 2 * C + ch
+        b5 = st_ptr + G5 * R * 2 * C + ch
+        s3 = tl.zeros((BLOCK_P,), tl.float32)
+        s5 = tl.zeros((BLOCK_P,), tl.float32)
+        r = tl.program_id(0) * 0  # tensor loop counters, as bn_fold's _row_stats
+        while r < R:
+            c = tl.where(r % T == T - 1, last, TB * 1.0)
+            s3 += c * tl.load(b3 + r * 2 * C, mask=pm, other=0.0)
+            s5 += c * tl.load(b5 + r * 2 * C, mask=pm, other=0.0)
+            r += 1
+        mu = s3 / cnt
+        mu5 = s5 / cnt
+        m2 = tl.zeros((BLOCK_P,), tl.float32)
+        m25 = tl.zeros((BLOCK_P,), tl.float32)
+        r = tl.program_id(0) * 0
+        while r < R:
+            c = tl.where(r % T == T - 1, last, TB * 1.0)
+            d3 = tl.load(b3 + r * 2 * C, mask=pm, other=0.0) - mu
+            d5 = tl.load(b5 + r * 2 * C, mask=pm, other=0.0) - mu5
+            m2 += tl.load(b3 + r * 2 * C + C, mask=pm, other=0.0) + c * d3 * d3
+            m25 += tl.load(b5 + r * 2 * C + C, mask=pm, other=0.0) + c * d5 * d5
+            r += 1
         rs = 1.0 / tl.sqrt(m2 / cnt + eps)
         rs5 = 1.0 / tl.sqrt(m25 / cnt + eps)
         first = pm & (planes < C)

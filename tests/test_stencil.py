@@ -417,7 +417,8 @@ def test_relu_depthwise_pair_bf16(device):
 
 
 def pair_bn(h3, w3, h5, w5, eps=1e-5):
-    """relu_depthwise_pair_bn with the statistics the fused MixedOp hands it (bn_stats of both inputs)."""
+    """relu_depthwise_pair_bn with given statistics (bn_stats of both inputs; the fused MixedOp's form, with tile
+    statistics, is tested below)."""
     from milenas_fast.ops.bn_fold import bn_stats
 
     mean, rstd, _ = bn_stats([h3.detach(), h5.detach()], 0b11, eps)

@@ -12,10 +12,11 @@
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
    Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, a list (no stack) in the module's (PRIMITIVES) order
    with `none` left out, so the mixing weights are a slice (`weights[1:]` for the DARTS list; its gradient one
-   cat, or none per edge when the Cell slices all its edges' rows at once: ops/mixing_weights.py). Identity (stride 1 skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as
-   nn.BatchNorm2d does (momentum or cumulative average, unbiased variance, num_batches_tracked), for a whole
-   Network forward at once (ops/running_stats.py). The gradient flows through the
-   batch statistics (bn_fold's written-out backward), so every gradient is the reference's.
+   cat, or none per edge when the Cell slices all its edges' rows at once: ops/mixing_weights.py). Identity
+   (stride 1 skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as nn.BatchNorm2d
+   does (momentum or cumulative average, unbiased variance, num_batches_tracked), for a whole Network forward at
+   once (ops/running_stats.py). The gradient flows through the batch statistics (bn_fold's written-out
+   backward), so every gradient is the reference's.
 
 Only non-affine search MixedOps over (a subset of) the DARTS primitives are fused; `unsupported(mod)`
 says why one is not.
@@ -77,8 +78,9 @@ def _inner_bn(bn: nn.Module, y: torch.Tensor, counters: list[torch.Tensor]) -> t
 
 
 def _pair_bn(seps: dict, h: torch.Tensor | None) -> bool:
-    """Whether both sep convs' inner BatchNorms can be folded into their second stage (`relu_depthwise_pair_bn`):
-    plain nn.BatchNorm2d's in training mode with one eps, more than one value per channel, not compiled."""
+    """Whether both sep convs' inner BatchNorms can be folded into their second stage
+    (`relu_depthwise_pair_bn_tiles`): plain nn.BatchNorm2d's in training mode with one eps, more than one value
+    per channel, not compiled."""
     if len(seps) != 2 or torch.compiler.is_compiling() or h.shape[0] * h.shape[2] * h.shape[3] <= 1:
         return False
     bns = [seps[n].op[3] for n in _SEP]

@@ -4,6 +4,7 @@
     y = relu_depthwise(x, w, stride=1)
     y3, y5 = relu_depthwise_pair(x3, w3, x5, w5)
     y3, y5 = relu_depthwise_pair_bn(h3, w3, h5, w5, mean, rstd, eps)   (of BN(h3), BN(h5): batch statistics)
+    y3, y5, mean, var = relu_depthwise_pair_bn_tiles(h3, w3, h5, w5, tile_stats, rows, tile, eps)
     xid, y3, y5, yd3, yd5, ymax, yavg = stencil_with_identity(x, w3, w5, wd3, wd5, stride, pools=True)
 
 y3/y5/yd3/yd5: ReLU → depthwise (3×3 pad 1, 5×5 pad 2, 3×3 dil 2 pad 2, 5×5 dil 2 pad 4; stride s);
@@ -15,15 +16,16 @@ in any kernel, no zero filter, and its output is None; `pools=False` skips both 
 the same kernels with the one branch selected. With `x5` the 5×5 branch reads x5 instead of x (its gradient goes
 to x5): `relu_depthwise_pair` computes both sep convs' second stages in one launch each way;
 `relu_depthwise_pair_bn` the same from the inner BatchNorms' inputs and batch statistics (normalised as loaded:
-the BN outputs are never written; its backward ends with aten's batch-norm backward).
+the BN outputs are never written; its backward ends with `bn_backward`); `relu_depthwise_pair_bn_tiles` (the fused
+MixedOp's) merges those statistics itself from the producing `pointwise` launch's tile statistics.
 
 Registered ops (torch.library.triton_op, visible to torch.compile); an absent branch is None on input
 and a 0-element tensor on output:
     milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools, x5?, mean?, rstd?) -> 6 tensors
     milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride, x5?,
         gacc?, mean?, rstd?) -> dx (+ gacc), dx5 (0-element without x5)
-    milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride, x5?, mean?, rstd?) -> dw [Σ C·k²] (fp32: the given
-        gradients' branches' filter gradients one after another, w3 | w5 | wd3 | wd5, each [C, k²])
+    milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride, x5?, mean?, rstd?) -> dw [Σ C·k²]
+        (fp32: the given gradients' branches' filter gradients one after another, w3 | w5 | wd3 | wd5, each [C, k²])
 The two backward halves are separate ops so that α-only passes (no filter gradients wanted) and
 frozen inputs skip the work they do not need. mean/rstd ([2, C] fp32, rows for x and x5; no pools): the inputs
 are normalised as loaded, and dx/dx5 are the gradients of the normalised values. `stencil_reference` and

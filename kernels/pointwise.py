@@ -1,11 +1,11 @@
-"""Grouped 1×1 convolution kernels: K ≤ 4 independent pointwise convolutions (each its own input and weight) in
+"""Grouped 1×1 convolution kernels: K independent pointwise convolutions (each its own input and weight) in
 one launch, for a mixed op's conv candidates, whose 1×1 stages run side by side.
 
 Each input is NCHW contiguous, viewed as [N, B, HW]; a weight is a matrix [A, B] at (a·SA + b·SB), so the same
 kernel computes the forward (W [CO, C]: SA = C, SB = 1) and the input gradient (Wᵀ: SA = 1, SB = C):
     out_k[n, a, p] = Σ_b W_k[a, b] · in_k[n, b, p]          (tl.dot, fp32 accumulation)
 Program (k, n, pixel tile): run-time branches pick candidate k's pointers once. The inputs are read where they
-are (one pointer argument each, unused slots aliased; K a constexpr), so nothing is stacked.
+are (tuples of K pointers; K a constexpr), so nothing is stacked.
 
 With STATS (a constexpr bitmask over the K convolutions) the forward also leaves per-tile statistics of those
 outputs for a BatchNorm that follows: stats[k, n·T + t, 0, a] = the tile's mean of channel a and
@@ -21,25 +21,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _pick(k, p0, p1, p2, p3, K: tl.constexpr):
-    """Pointer k of four, by a run-time branch per program (k = program_id(0))."""
-    p = p0
-    if K > 1:
-        if k == 1:
-            p = p1
-    if K > 2:
-        if k == 2:
-            p = p2
-    if K > 3:
-        if k == 3:
-            p = p3
+def _pick(ptrs, k, K: tl.constexpr):
+    """Pointer k of the tuple `ptrs` (K long), by run-time branches per program (k = program_id(0))."""
+    p = ptrs[0]
+    for i in tl.static_range(1, K):
+        if k == i:
+            p = ptrs[i]
     return p
 
 
 @triton.jit
 def pointwise_kernel(
-    in0_ptr, in1_ptr, in2_ptr, in3_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr,
-    stats_ptr, A, B, HW, SA, SB,
+    ins, ws, outs, stats_ptr, A, B, HW, SA, SB,
     K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, STATS: tl.constexpr,
 ):
@@ -48,16 +41,16 @@ def pointwise_kernel(
     pix = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     a = tl.arange(0, BLOCK_A)
     b = tl.arange(0, BLOCK_B)
-    inp = _pick(k, in0_ptr, in1_ptr, in2_ptr, in3_ptr, K)
-    w_ptr = _pick(k, w0_ptr, w1_ptr, w2_ptr, w3_ptr, K)
-    out = _pick(k, out0_ptr, out1_ptr, out2_ptr, out3_ptr, K)
+    inp = _pick(ins, k, K)
+    w_ptr = _pick(ws, k, K)
+    out = _pick(outs, k, K)
     pm = pix < HW
     x = tl.load(inp + n * B * HW + b[:, None] * HW + pix[None, :], mask=(b < B)[:, None] & pm[None, :], other=0.0)
     w = tl.load(w_ptr + a[:, None] * SA + b[None, :] * SB, mask=(a < A)[:, None] & (b < B)[None, :], other=0.0)
     if UPCAST:  # the interpreter's dot has no bf16/fp16: fp32 operands, the same exact products and fp32 sums
         x = x.to(tl.float32)
     y = tl.dot(w.to(x.dtype), x, input_precision=PRECISION, out_dtype=tl.float32)
-    yq = y.to(out0_ptr.dtype.element_ty)
+    yq = y.to(outs[0].dtype.element_ty)
     tl.store(out + n * A * HW + a[:, None] * HW + pix[None, :], yq, mask=(a < A)[:, None] & pm[None, :])
     if STATS != 0:
         if ((STATS >> k) & 1) != 0:  # this tile's mean and squared deviations per channel, of the stored values
@@ -72,7 +65,7 @@ def pointwise_kernel(
 
 @triton.jit
 def pointwise_wgrad_kernel(
-    x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, part_ptr,
+    xs, gs, part_ptr,
     A, B, HW, TILES,
     K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -84,8 +77,8 @@ def pointwise_wgrad_kernel(
     pix = t * BLOCK_P + tl.arange(0, BLOCK_P)
     a = tl.arange(0, BLOCK_A)
     b = tl.arange(0, BLOCK_B)
-    xk = _pick(k, x0_ptr, x1_ptr, x2_ptr, x3_ptr, K)
-    gk = _pick(k, g0_ptr, g1_ptr, g2_ptr, g3_ptr, K)
+    xk = _pick(xs, k, K)
+    gk = _pick(gs, k, K)
     pm = pix < HW
     n64 = n.to(tl.int64)
     x = tl.load(xk + n64 * B * HW + b[None, :] * HW + pix[:, None], mask=pm[:, None] & (b < B)[None, :], other=0.0)

@@ -58,7 +58,7 @@ def assert_close(a, b, name, tol=1e-5):
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("k,N,C,CO,H,W,tile", [(1, 2, 3, 5, 4, 7, None), (3, 2, 5, 5, 7, 9, None),
                                                (4, 3, 16, 16, 5, 6, None), (2, 2, 20, 6, 9, 7, 256),
-                                               (4, 1, 4, 4, 11, 5, 256)])
+                                               (4, 1, 4, 4, 11, 5, 256), (32, 2, 3, 3, 3, 5, None)])
 def test_fp32_matches_reference(k, N, C, CO, H, W, tile, device, launches, monkeypatch):
     """Odd shapes, channels below and above tl.dot's 16, and (tile 256) several pixel tiles per image: outputs and
     every input and weight gradient are the reference's; one launch each way (weights: partials + a sum)."""
@@ -76,16 +76,16 @@ def test_fp32_matches_reference(k, N, C, CO, H, W, tile, device, launches, monke
 
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("stats,tile", [(0b0101, 256), (0b0010, None)])
-def test_tile_statistics_merge_to_the_outputs_statistics(stats, tile, dtype, device, launches, monkeypatch):
+@pytest.mark.parametrize("k,stats,tile", [(4, 0b0101, 256), (4, 0b0010, None), (20, 1 | 1 << 17 | 1 << 19, None)])
+def test_tile_statistics_merge_to_the_outputs_statistics(k, stats, tile, dtype, device, launches, monkeypatch):
     """pointwise(..., stats): the outputs unchanged, plus per-tile means and squared deviations of the named
     outputs as stored; merged over tiles (Chan et al.'s rule, as the pair kernel merges them) they are the
     outputs' batch mean and variance (float64 oracle); several tiles per image (tile 256), a partial last tile;
     one launch; the statistics take no gradient."""
     if tile:
         monkeypatch.setattr(pw, "_TILE", tile)
-    xs, ws, gs = make(4, 3, 16, 16, 7, 9, dtype, seed=31, device=device)
-    xs = [x * (1 + i) + i for i, x in enumerate(xs)]  # offsets and scales: the merge must centre
+    xs, ws, gs = make(k, 3, 16, 16, 7, 9, dtype, seed=31, device=device)
+    xs = [x * (1 + i % 5) + i for i, x in enumerate(xs)]  # offsets and scales: the merge must centre
     outs = pointwise(xs, ws, stats)
     *ys, st = outs
     assert [name for name, _ in launches] == ["pointwise"] and not st.requires_grad
@@ -94,17 +94,17 @@ def test_tile_statistics_merge_to_the_outputs_statistics(stats, tile, dtype, dev
     n, hw = 3, 7 * 9
     tb = pw.stats_tile(ys[0])
     tiles = -(-hw // tb)
-    assert st.shape == (4, n * tiles, 2, 16) and st.dtype == torch.float32
+    assert st.shape == (k, n * tiles, 2, 16) and st.dtype == torch.float32
     if tile:
         assert tiles > 1 and hw % tb
     cnt = torch.tensor([min(tb, hw - t * tb) for t in range(tiles)] * n, dtype=torch.float64)
-    for k in range(4):
-        if not stats >> k & 1:
+    for r in range(k):
+        if not stats >> r & 1:
             continue
-        m, q = st[k, :, 0].double().cpu(), st[k, :, 1].double().cpu()
+        m, q = st[r, :, 0].double().cpu(), st[r, :, 1].double().cpu()
         mean = (cnt[:, None] * m).sum(0) / (n * hw)
         m2 = (q + cnt[:, None] * (m - mean) ** 2).sum(0)
-        var, want = torch.var_mean(ys[k].double().cpu(), dim=(0, 2, 3), correction=0)
+        var, want = torch.var_mean(ys[r].double().cpu(), dim=(0, 2, 3), correction=0)
         torch.testing.assert_close(mean, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m2 / (n * hw), var, rtol=1e-5, atol=1e-5)
 
@@ -147,8 +147,8 @@ def test_partial_gradients(need_x, need_w, used, kernels, device, launches):
 
 def test_bad_arguments_are_refused():
     x, w = torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 1, 1)
-    with pytest.raises(ValueError, match="1 to 4 inputs"):
-        pointwise([x] * 5, [w] * 5)
+    with pytest.raises(ValueError, match="1 to 32 inputs"):
+        pointwise([x] * 33, [w] * 33)
     with pytest.raises(ValueError, match="one shape and dtype"):
         pointwise([x, x[:1]], [w, w])
     with pytest.raises(ValueError, match=r"weights must be \[CO, 3, 1, 1\]"):

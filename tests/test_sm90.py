@@ -45,14 +45,19 @@ def jobs() -> list[dict]:
             for norm in (0, 1, 2) if kernel == "fwd" else (0, 1):
                 out.append({**base, "key": f"{kernel} pair norm{norm} P{bp} HW{bhw} w{warps}",
                             "consts": {**consts, "X5": True, "HASACC": False, "NORM": norm}, "has": ["HAS3", "HAS5"]})
-    from milenas_fast.ops.pointwise import GPU_TILE, _blocks
+    from milenas_fast.ops.pointwise import GPU_TILE, _blocks, stats_warps
     for N, C, H in SEARCH_SHAPES:
         ba, bb, bp = _blocks(C, C, H * H, GPU_TILE)
-        for name, stats in (("pointwise_kernel", 0), ("pointwise_kernel", 3), ("pointwise_wgrad_kernel", 0)):
-            out.append({"file": str(src / "pointwise.py"), "name": name, "warps": 4, "has": "all",
-                        "fp32_ptrs": ["w0_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "part_ptr", "stats_ptr"],
-                        "key": f"{name} C{C} HW{H * H}" + (" stats" if stats else ""),
-                        "consts": dict(K=4, BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, UPCAST=False, PRECISION="auto",
+        # K: one edge's four conv candidates, and the fused Cell's largest group (8 edges' first stages, the sep
+        # convs' 16 outputs with tile statistics)
+        for name, k, stats in (("pointwise_kernel", 4, 0), ("pointwise_kernel", 4, 3),
+                               ("pointwise_kernel", 32, 0xFFFF), ("pointwise_wgrad_kernel", 4, 0),
+                               ("pointwise_wgrad_kernel", 32, 0)):
+            tuples = {"ins": "dt", "ws": "fp32", "outs": "dt"} if name == "pointwise_kernel" else {"xs": "dt", "gs": "dt"}
+            out.append({"file": str(src / "pointwise.py"), "name": name, "warps": stats_warps(stats), "has": "all",
+                        "fp32_ptrs": ["part_ptr", "stats_ptr"], "tuples": {t: [v, k] for t, v in tuples.items()},
+                        "key": f"{name} K{k} C{C} HW{H * H}" + (" stats" if stats else ""),
+                        "consts": dict(K=k, BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, UPCAST=False, PRECISION="auto",
                                        STATS=stats)})
     return out
 
@@ -77,6 +82,8 @@ for job in json.loads(sys.argv[2]):
            ("*fp32" if p.name in job["fp32_ptrs"] else "*" + dt) if p.name.endswith("_ptr") else
            ("fp32" if p.name == "eps" else "i32")
            for p in fn.params}
+    for name, (kind, k) in job.get("tuples", {}).items():  # a tuple of k pointers
+        sig[name] = tuple(["*" + (dt if kind == "dt" else kind)] * k)
     consts = {p.name: job["has"] == "all" or p.name in job["has"] for p in fn.params if p.name.startswith("HAS")}
     consts.update((k, v) for k, v in job["consts"].items() if k in sig)  # a flag only some kernels have
     if consts.get("PRECISION") == "auto":  # as the launcher: TF32 for fp32 (cuDNN's default), bf16 exact

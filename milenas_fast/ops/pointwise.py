@@ -1,13 +1,13 @@
-"""Grouped pointwise op: K ≤ 4 independent 1×1 convolutions (no bias, stride 1) in one launch each way.
+"""Grouped pointwise op: K ≤ 32 independent 1×1 convolutions (no bias, stride 1) in one launch each way.
 
     ys = pointwise(xs, ws)     xs: K inputs [N, C, H, W] (one shape and dtype), ws: K weights [CO, C, 1, 1]
 
 ys[k] = conv2d(xs[k], ws[k]) in xs' dtype (fp32 accumulation; fp32 inputs use TF32 where cuDNN would:
-torch.backends.cudnn.allow_tf32). A mixed op's conv candidates run their 1×1 stages side by side: one launch
-instead of K in the forward, one for all input gradients and two (partials, their ordered sum) for all weight
-gradients. `pointwise_reference` is the plain-PyTorch twin.
+torch.backends.cudnn.allow_tf32). A mixed op's conv candidates (in a fused Cell, those of all the edges leaving
+the same states: ops/fused_cell.py) run their 1×1 stages side by side: one launch instead of K in the forward,
+one for all input gradients and two (partials, their ordered sum) for all weight gradients. `pointwise_reference` is the plain-PyTorch twin.
 
-Registered ops (torch.library.triton_op, visible to torch.compile):
+Registered ops (opaque custom ops: torch.compile calls them; its Triton tracing takes no tuple arguments):
     milenas_fast::pointwise(xs, ws) -> ys                     (also the input gradient: ws transposed)
     milenas_fast::pointwise_with_stats(xs, ws, stats) -> ys + [per-tile statistics of the outputs in `stats`]
     milenas_fast::pointwise_wgrad(xs, gs) -> dw [K, CO, C] fp32
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 from milenas_fast.kernels import pointwise as K
 
-from .edge_reduce_triton import _pow2, pointers
+from .edge_reduce_triton import _pow2
 from .triton_launch import INTERPRET, launch, register
 
-MAX_K = 4
+MAX_K = 32  # a DARTS cell's first stages leaving s0 and s1: 8 edges × 4 conv candidates
 GPU_TILE = 4096  # elements of the larger operand per program
 _TILE = 1 << 16 if INTERPRET else GPU_TILE  # the interpreter pays per program: there few large ones
 
@@ -37,6 +37,16 @@ def _blocks(a: int, b: int, hw: int, tile: int | None = None) -> tuple[int, int,
 def stats_tile(y: torch.Tensor) -> int:
     """The pixels per tile of `pointwise_with_stats`' statistics for an output like y (a C→C convolution)."""
     return _blocks(y.shape[1], y.shape[1], y.shape[2] * y.shape[3])[2]
+
+
+def stats_warps(stats: int) -> int:
+    """Warps of a forward launch: 8 with statistics (Triton 3.6's ptxas spilled at 4 once K > 4), else 4."""
+    return 8 if stats else 4
+
+
+def _tuple(ts) -> tuple[torch.Tensor, ...]:
+    """The kernels' pointer tuple (one entry per convolution)."""
+    return tuple(t.contiguous() for t in ts)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -66,20 +76,19 @@ def _apply(xs, ws, transposed: bool, stats: int = 0) -> list[torch.Tensor]:
     tiles = -(-(h * wd) // bp)
     st = xs[0].new_empty(len(xs), n * tiles, 2, a, dtype=torch.float32) if stats else None
     sa, sb = (1, ci) if transposed else (ci, 1)
-    launch(K.pointwise_kernel, (len(xs), n, tiles), *pointers(xs, MAX_K), *pointers(ws, MAX_K),
-           *pointers(ys, MAX_K), ys[0] if st is None else st, a, b, h * wd,
-           sa, sb, K=len(xs), BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, PRECISION=_precision(xs[0].dtype), UPCAST=INTERPRET,
-           STATS=stats, num_warps=4)
+    launch(K.pointwise_kernel, (len(xs), n, tiles), _tuple(xs), _tuple(ws), tuple(ys), ys[0] if st is None else st,
+           a, b, h * wd, sa, sb, K=len(xs), BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, PRECISION=_precision(xs[0].dtype),
+           UPCAST=INTERPRET, STATS=stats, num_warps=stats_warps(stats))
     return ys if st is None else ys + [st]
 
 
-@register("milenas_fast::pointwise")
+@register("milenas_fast::pointwise", traceable=False)
 def pointwise_op(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
     _check(xs, ws)
     return _apply(xs, ws, transposed=False)
 
 
-@register("milenas_fast::pointwise_with_stats")
+@register("milenas_fast::pointwise_with_stats", traceable=False)
 def pointwise_with_stats(xs: list[torch.Tensor], ws: list[torch.Tensor], stats: int) -> list[torch.Tensor]:
     """`pointwise`, plus (last) the per-tile statistics [K, N·T, 2, CO] fp32 of the outputs named by the bitmask
     `stats` (kernels/pointwise.py: tile means and squared deviations, for a BatchNorm that follows)."""
@@ -89,13 +98,13 @@ def pointwise_with_stats(xs: list[torch.Tensor], ws: list[torch.Tensor], stats: 
     return _apply(xs, ws, transposed=False, stats=stats)
 
 
-@register("milenas_fast::pointwise_input_grad")
+@register("milenas_fast::pointwise_input_grad", traceable=False)
 def pointwise_input_grad(gs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
     """The inputs' gradients: each g_k [N, CO, H, W] through W_kᵀ."""
     return _apply(gs, ws, transposed=True)
 
 
-@register("milenas_fast::pointwise_wgrad")
+@register("milenas_fast::pointwise_wgrad", traceable=False)
 def pointwise_wgrad(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Tensor:
     """fp32 weight gradients [K, CO, C] (g_k [N, CO, H, W], x_k [N, C, H, W])."""
     n, b, h, wd = xs[0].shape
@@ -103,7 +112,7 @@ def pointwise_wgrad(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Ten
     ba, bb, bp = _blocks(a, b, h * wd)
     tiles = -(-(h * wd) // bp)
     part = xs[0].new_empty(len(xs), n * tiles, a, b, dtype=torch.float32)
-    launch(K.pointwise_wgrad_kernel, (len(xs), n, tiles), *pointers(xs, MAX_K), *pointers(gs, MAX_K), part, a, b, h * wd, tiles,
+    launch(K.pointwise_wgrad_kernel, (len(xs), n, tiles), _tuple(xs), _tuple(gs), part, a, b, h * wd, tiles,
            K=len(xs), BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, PRECISION=_precision(xs[0].dtype), UPCAST=INTERPRET,
            num_warps=4)
     return part.sum(dim=1)  # deterministic: an ordered sum over (image, tile)

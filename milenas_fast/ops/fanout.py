@@ -25,7 +25,8 @@ class _Fanout(torch.autograd.Function):
         if any(g.dtype != gs[0].dtype or not g.is_contiguous() for g in gs):  # would cost copies: autograd's adds
             return sum(gs[1:], gs[0]), None, None, None
         k = len(gs)
-        return edge_reduce(gs, ctx.ones[0, :k], ctx.zeros[:k], ctx.ones[:k]), None, None, None
+        # w: k ones from the flat buffer (its first row has only C: too few where a cell has more nodes than channels)
+        return edge_reduce(gs, ctx.ones.view(-1)[:k], ctx.zeros[:k], ctx.ones[:k]), None, None, None
 
 
 def fanout(x: torch.Tensor, n: int, ones: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:

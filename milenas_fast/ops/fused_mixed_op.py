@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..space.primitives import PRIMITIVES, FactorizedReduce
 from . import factorized_reduce, mixing_weights, select, weight_cast
 from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
-from .pointwise import pointwise, stats_tile as pointwise_stats_tile
+from .pointwise import MAX_K, pointwise, stats_tile as pointwise_stats_tile
 from .running_stats import update as _update_running_stats
 from .stencil import relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil, stencil_with_identity
 
@@ -87,122 +87,174 @@ def _pair_bn(seps: dict, h: torch.Tensor | None) -> bool:
     return all(type(bn) is nn.BatchNorm2d and bn.training for bn in bns) and bns[0].eps == bns[1].eps
 
 
-def _pointwise(todo: dict, stats: tuple = ()) -> dict:
-    """{name: conv(x)} for {name: (x, 1×1 conv module)}, all in one `pointwise` launch. The weights go as they are
-    (under autocast the kernels round fp32 weights to the inputs' dtype, as autocast would, and return fp32
-    weight gradients: no casts either way). `stats`: names whose outputs' tile statistics the launch also leaves,
-    under the key "stats" as (tile statistics, their rows)."""
-    if not todo:
-        return {}
-    xs, mods = zip(*todo.values())
-    names = list(todo)
-    rows = [names.index(n) for n in stats]
-    out = pointwise(list(xs), [m.weight for m in mods], sum(1 << r for r in rows))
-    res = dict(zip(names, out))
-    if stats:
-        res["stats"] = (out[-1], rows)
-    return res
+def _pointwise(todo: dict, stats=()) -> tuple[dict, dict]:
+    """({key: conv(x)} for {key: (x, 1×1 conv module)}; {key: (tile statistics, row)} for the keys in `stats`):
+    one `pointwise` launch for all convolutions of one input shape and dtype (up to its MAX_K), apart for inputs that
+    want no gradient (an α-only pass's edges from a frozen stem: their outputs would then want one, and their
+    backward would run). The weights go as they are (under autocast the kernels round fp32 weights to the inputs'
+    dtype, as autocast would, and return fp32 weight gradients: no casts either way). The outputs named by `stats`
+    (first in their launch: the low bits of its bitmask) also leave their tile statistics."""
+    want = set(stats)
+    parts: dict = {}
+    for key in [k for k in stats if k in todo] + [k for k in todo if k not in want]:
+        x, m = todo[key]
+        parts.setdefault((x.shape, x.dtype, x.requires_grad, m.weight.shape, m.weight.dtype), []).append(key)
+    out, tiles = {}, {}
+    for keys in parts.values():
+        for c in range(0, len(keys), MAX_K):
+            chunk = keys[c:c + MAX_K]
+            mask = stats_mask(r for r, k in enumerate(chunk) if k in want)
+            res = pointwise([todo[k][0] for k in chunk], [todo[k][1].weight for k in chunk], mask)
+            out.update(zip(chunk, res))
+            tiles.update((k, (res[-1], r)) for r, k in enumerate(chunk) if k in want)
+    return out, tiles
+
+
+class Edge:
+    """One fused MixedOp's forward, in the stages `run` takes for many edges at once (a fused Cell groups the edges
+    that leave the same states: one launch per stage for all of them, where each edge would take its own).
+    After `run`, `finish(acc)` gives the edge's output (plus acc)."""
+
+    def __init__(self, mod: nn.Module, x: torch.Tensor, weights: torch.Tensor, mixing: torch.Tensor | None = None):
+        self.mod, self.x, self.weights, self.mixing = mod, x, weights, mixing
+        names = tuple(mod.primitives)
+        self.ks = mixing_weights.order(names)
+        self.bns = [_last_bn(names[k], mod._ops[k]) for k in self.ks]  # per candidate row; None for the identity
+        folded = [bn for bn in self.bns if bn is not None]
+        # Checked before anything runs: a call handed to the reference must not have updated running statistics.
+        self.use_batch = [bn.training or bn.running_mean is None for bn in folded]
+        eps = {bn.eps for bn in folded}
+        self.why = ""  # why the reference twin must take it
+        if any(self.use_batch) and not all(self.use_batch):  # some in train, some in eval mode: only a user does that
+            self.why = "its BatchNorms are partly in training and partly in eval mode"
+        elif len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
+            self.why = f"its BatchNorms have different eps ({sorted(eps)})"
+        self.eps = eps.pop() if len(eps) == 1 else 0.0
+
+    def stage1(self) -> dict:
+        """The first stages from one read of x (absent candidates' branches are not computed); returns the conv
+        candidates' first 1×1 convolutions to run: {name: (input, module)}."""
+        mod, x = self.mod, self.x
+        names, ops = tuple(mod.primitives), mod._ops
+        filters: list = [None] * 4
+        for name, op in zip(names, ops):
+            if name.startswith(("sep_conv", "dil_conv")):
+                filters[_STENCIL_SLOT[name]] = op.op[1].weight
+        pools = any(n in ("max_pool_3x3", "avg_pool_3x3") for n in names)
+        # The identity candidate (stride 1 skip) is x; taken as the stencil's first output, its gradient joins dx
+        # in the stencil's input-gradient kernel (no add per edge and backward pass).
+        self.identity, self.stage = x, None
+        if pools or any(f is not None for f in filters):
+            if any(bn is None for bn in self.bns):
+                self.identity, *self.stage = stencil_with_identity(x, *filters, mod.stride, pools=pools)
+            else:
+                self.stage = stencil(x, *filters, mod.stride, pools=pools)
+        self.convs = [(name, op) for name, op in zip(names, ops) if name.startswith(("sep_conv", "dil_conv"))]
+        self.seps = {name: op for name, op in self.convs if name.startswith("sep_conv")}
+        self.fold = _pair_bn(self.seps, self.stage[_STENCIL_SLOT[_SEP[0]]] if self.seps else None)
+        return {name: (self.stage[_STENCIL_SLOT[name]], op.op[2]) for name, op in self.convs}
+
+    def folded_seps(self) -> tuple:
+        """The first stage outputs whose tile statistics the pair needs (the inner BNs folded)."""
+        return _SEP if self.fold else ()
+
+    def pair(self, first: dict, tiles: dict, counters: list) -> dict:
+        """The sep convs' second stages: ReLU → depthwise of both in one Triton launch (fp32 filters, as the
+        first's); returns their 1×1 convolutions to run. `tiles`: {name: (tile statistics, row)} of the folded
+        sep convs' first stage outputs (`_pointwise`)."""
+        self.first, seps = first, self.seps
+        f3, f5 = (seps[n].op[5].weight if n in seps else None for n in _SEP)
+        if self.fold:
+            # both inner BNs in training mode: their statistics merged from the first pointwise's tile statistics
+            # by the second stages' launch, which normalises as it loads (the BN outputs are never written);
+            # running statistics with the others'
+            bn3, bn5 = (seps[n].op[3] for n in _SEP)
+            h3, h5 = (first[n] for n in _SEP)
+            (st, r3), (st5, r5) = (tiles[n] for n in _SEP)
+            assert st is st5, "one launch's tile statistics for both sep convs (one shape and dtype)"
+            y3, y5, mean_i, var_i = relu_depthwise_pair_bn_tiles(h3, f3, h5, f5, st, (r3, r5), pointwise_stats_tile(h3),
+                                                                 bn3.eps)
+            _update_running_stats([bn3, bn5], mean_i, var_i, [])
+        else:
+            mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
+            y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5)
+        return {name: (y, seps[name].op[6]) for name, y in zip(_SEP, (y3, y5)) if y is not None}
+
+    def finish(self, second: dict, counters: list, acc: torch.Tensor | None = None) -> torch.Tensor:
+        """The folded BatchNorms' statistics (fp32), running-statistics updates and ONE edge_reduce (+ acc)."""
+        mod, x, bns = self.mod, self.x, self.bns
+        names, ops = tuple(mod.primitives), mod._ops
+        cw = weight_cast.cast_weights(weight_cast.conv_modules(ops), x.device.type)
+        cands = []  # pre-BN candidate outputs, in the module's order (the identity: x, or x as the stencil's output)
+        for k, bn in zip(self.ks, bns):
+            name, op = names[k], ops[k]
+            if bn is None:
+                y = self.identity
+            elif name in ("max_pool_3x3", "avg_pool_3x3"):
+                y = self.stage[_STENCIL_SLOT[name]]
+            elif name.startswith("sep_conv"):
+                y = second[name]
+            elif name.startswith("dil_conv"):
+                y = self.first[name]
+            else:  # stride-2 skip
+                y = factorized_reduce.pre_bn(op, x, cw.get(id(op.conv_1)), cw.get(id(op.conv_2)))
+            cands.append(y)
+        outs = [y for y, bn in zip(cands, bns) if bn is not None]
+        dtype = outs[0].dtype if outs else x.dtype
+        for y in outs[1:]:
+            dtype = torch.promote_types(dtype, y.dtype)
+        ys = [y if y.dtype == dtype else y.to(dtype) for y in cands]  # read where they are: no stack
+        rows = stats_mask(r for r, bn in enumerate(bns) if bn is not None)  # the rows with a folded BatchNorm
+        stats = rows if self.use_batch and self.use_batch[0] else 0
+        if stats:
+            n = ys[0].shape[0] * ys[0].shape[2] * ys[0].shape[3]
+            if n <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                                 f"{list(outs[0].shape)}")
+            with torch.no_grad():
+                mean, rstd, unbiased = bn_stats(ys, stats, self.eps)
+                _update_running_stats(bns, mean, unbiased, counters)
+        else:
+            if counters:  # inner BNs in training mode, last ones in eval mode: only their counters
+                _update_running_stats([], None, None, counters)
+            mean, rstd = _running_stats(mod, bns, rows, self.eps)
+        w = (mixing_weights.candidate_weights(self.weights, mod._fused_index, mod._weight_zeros)
+             if self.mixing is None else self.mixing)
+        if acc is not None and (acc.shape != ys[0].shape or acc.dtype != dtype):  # only a user hands those over
+            return acc + folded_reduce(ys, w, mean, rstd, stats)
+        return folded_reduce(ys, w, mean, rstd, stats, acc)
+
+
+def run(edges: list[Edge]) -> list[list]:
+    """Every stage of `edges` up to their edge_reduce, each stage in ONE launch for all of them (the pointwise
+    stages: inputs of one shape and dtype); returns each edge's arguments for `Edge.finish` (but acc)."""
+    firsts = [e.stage1() for e in edges]
+    todo = {(i, n): v for i, f in enumerate(firsts) for n, v in f.items()}
+    first, tiles = _pointwise(todo, [(i, n) for i, e in enumerate(edges) for n in e.folded_seps()])
+    counters = [[] for _ in edges]
+    seconds = [e.pair({n: first[(i, n)] for n in f}, {n: tiles[(i, n)] for n in e.folded_seps()}, c)
+               for i, (e, f, c) in enumerate(zip(edges, firsts, counters))]
+    second = _pointwise({(i, n): v for i, s in enumerate(seconds) for n, v in s.items()})[0]
+    return [[{n: second[(i, n)] for n in s}, c] for i, (s, c) in enumerate(zip(seconds, counters))]
+
+
+def grouped(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor, mixing: torch.Tensor) -> Edge | None:
+    """The edge for a fused Cell's group (`run`), or None where the MixedOp's own forward must take it (the reference
+    twin: not fused, a dtype the kernels lack, BatchNorms the kernels cannot fold)."""
+    if mod._fused_index is None or x.dtype not in select.FUSED_DTYPES:
+        return None
+    edge = Edge(mod, x, weights, mixing)
+    return None if edge.why else edge
 
 
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                   mixing: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
     """`mixing`: weights[mod._fused_index] in fp32 when the caller has taken it already (the Cell, for all its
     edges at once: ops/mixing_weights.py). `acc`: added to the output by edge_reduce (the Cell's node sum)."""
-    names, ops = tuple(mod.primitives), mod._ops
-    stride, C = mod.stride, x.shape[1]
-    ks = mixing_weights.order(names)
-    bns = [_last_bn(names[k], ops[k]) for k in ks]  # per candidate row; None for the identity
-    folded_bns = [bn for bn in bns if bn is not None]
-    rows = stats_mask(r for r, bn in enumerate(bns) if bn is not None)  # the rows with a folded BatchNorm
-    # Checked before anything runs: a call handed to the reference must not have updated running statistics.
-    use_batch = [bn.training or bn.running_mean is None for bn in folded_bns]
-    if any(use_batch) and not all(use_batch):  # some in train, some in eval mode: only a user does that
-        return _reference(mod, x, weights, acc, "its BatchNorms are partly in training and partly in eval mode")
-    eps = {bn.eps for bn in folded_bns}
-    if len(eps) > 1:  # one eps per kernel launch; DARTS's BNs all have 1e-5
-        return _reference(mod, x, weights, acc, f"its BatchNorms have different eps ({sorted(eps)})")
-    eps = eps.pop() if eps else 0.0
-
-    # 1. the first stages from one read of x (absent candidates' branches are not computed)
-    filters: list = [None] * 4
-    for name, op in zip(names, ops):
-        if name.startswith(("sep_conv", "dil_conv")):
-            filters[_STENCIL_SLOT[name]] = op.op[1].weight
-    pools = any(n in ("max_pool_3x3", "avg_pool_3x3") for n in names)
-    # The identity candidate (stride-1 skip) is x; taken as the stencil's first output, its gradient joins dx in
-    # the stencil's input-gradient kernel (no add per edge and backward pass).
-    identity = x
-    if pools or any(f is not None for f in filters):
-        if any(bn is None for bn in bns):
-            identity, *stage1 = stencil_with_identity(x, *filters, stride, pools=pools)
-        else:
-            stage1 = stencil(x, *filters, stride, pools=pools)
-
-    # 2. pre-BN candidate outputs, in the module's order (the identity: x, or x as the stencil's output)
-    cw = weight_cast.cast_weights(weight_cast.conv_modules(ops), x.device.type)
-    counters = []
-    convs = [(name, op) for name, op in zip(names, ops) if name.startswith(("sep_conv", "dil_conv"))]
-    seps = {name: op for name, op in convs if name.startswith("sep_conv")}
-    fold = _pair_bn(seps, stage1[_STENCIL_SLOT[_SEP[0]]] if seps else None)
-    # the conv candidates' first 1×1 convolutions side by side: one launch (which also leaves the tile statistics
-    # of the sep convs' outputs when their inner BNs are folded)
-    first = _pointwise({name: (stage1[_STENCIL_SLOT[name]], op.op[2]) for name, op in convs}, _SEP if fold else ())
-    # the sep convs' second stages: ReLU → depthwise of both in one Triton launch (fp32 filters, as the first's),
-    # then both 1×1 convolutions in one
-    f3, f5 = (seps[n].op[5].weight if n in seps else None for n in _SEP)
-    if fold:
-        # both inner BNs in training mode: their statistics merged from the first pointwise's tile statistics by
-        # the second stages' launch, which normalises as it loads (the BN outputs are never written); running
-        # statistics with the others'
-        bn3, bn5 = (seps[n].op[3] for n in _SEP)
-        h3, h5 = (first[n] for n in _SEP)
-        tile_stats, tile_rows = first["stats"]
-        y3, y5, mean_i, var_i = relu_depthwise_pair_bn_tiles(h3, f3, h5, f5, tile_stats, tile_rows,
-                                                             pointwise_stats_tile(h3), bn3.eps)
-        _update_running_stats([bn3, bn5], mean_i, var_i, [])
-    else:
-        mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
-        y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5)
-    second = _pointwise({name: (y, seps[name].op[6]) for name, y in zip(_SEP, (y3, y5)) if y is not None})
-    cands = []
-    for k, bn in zip(ks, bns):
-        name, op = names[k], ops[k]
-        if bn is None:
-            y = identity
-        elif name in ("max_pool_3x3", "avg_pool_3x3"):
-            y = stage1[_STENCIL_SLOT[name]]
-        elif name.startswith("sep_conv"):
-            y = second[name]
-        elif name.startswith("dil_conv"):
-            y = first[name]
-        else:  # stride-2 skip
-            y = factorized_reduce.pre_bn(op, x, cw.get(id(op.conv_1)), cw.get(id(op.conv_2)))
-        cands.append(y)
-
-    # 3. statistics of the folded BatchNorms (fp32), running-stat updates, one edge_reduce
-    outs = [y for y, bn in zip(cands, bns) if bn is not None]
-    dtype = outs[0].dtype if outs else x.dtype
-    for y in outs[1:]:
-        dtype = torch.promote_types(dtype, y.dtype)
-    ys = [y if y.dtype == dtype else y.to(dtype) for y in cands]  # read where they are: no stack
-    stats = rows if use_batch and use_batch[0] else 0
-    if stats:
-        n = ys[0].shape[0] * ys[0].shape[2] * ys[0].shape[3]
-        if n <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{list(outs[0].shape)}")
-        with torch.no_grad():
-            mean, rstd, unbiased = bn_stats(ys, stats, eps)
-            _update_running_stats(bns, mean, unbiased, counters)
-    else:
-        if counters:  # inner BNs in training mode, last ones in eval mode: only their counters
-            _update_running_stats([], None, None, counters)
-        mean, rstd = _running_stats(mod, bns, rows, eps)
-    w = (mixing_weights.candidate_weights(weights, mod._fused_index, mod._weight_zeros) if mixing is None
-         else mixing)
-    if acc is not None and (acc.shape != ys[0].shape or acc.dtype != dtype):  # only a user hands those over
-        return acc + folded_reduce(ys, w, mean, rstd, stats)
-    return folded_reduce(ys, w, mean, rstd, stats, acc)
+    edge = Edge(mod, x, weights, mixing)
+    if edge.why:
+        return _reference(mod, x, weights, acc, edge.why)
+    return edge.finish(*run([edge])[0], acc)
 
 
 def _running_stats(mod: nn.Module, bns: list, rows: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

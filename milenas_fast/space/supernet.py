@@ -5,6 +5,8 @@ weights only (what SGD updates and what `param size` counts), `model.arch_parame
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,11 +57,20 @@ class Cell(nn.Module):
         # Fused MixedOps: their candidates' weights sliced for all edges at once (one cat per cell in backward).
         mixing = candidate_rows(weights, self._ops) if indices is None else None
         feeds = [self._feed(h, j, mixing) for j, h in enumerate(states)]
+        # Fused cells take the edges leaving the states that are ready (s0 and s1, then each new node) as one group:
+        # one launch per stage for all of them (ops/fused_mixed_op.py's `run`), each edge's last kernel later.
+        group = mixing is not None and not torch.compiler.is_compiling()
+        views, ready = {}, {}  # edge -> its input (a fan-out view); edge -> its last stage (grouped fused edges)
+        self._leave((0, 1), feeds, views, ready, rows, mixing, group)
         offset = 0
-        for _ in range(self._steps):
+        for i in range(self._steps):
             s = None
-            for j, feed in enumerate(feeds):
-                k, h = offset + j, next(feed)
+            for j in range(len(states)):
+                k = offset + j
+                if k in ready:  # the node's running sum added by the edge's last kernel
+                    s = ready.pop(k)(s)
+                    continue
+                h = views.pop(k)
                 if indices is not None:
                     y = self._ops[k](h, rows[k], indices[k])
                 elif mixing is not None and s is not None and not _hooked(self._ops[k]):
@@ -72,6 +83,7 @@ class Cell(nn.Module):
             offset += len(states)
             feeds.append(self._feed(s, len(states), mixing))
             states.append(s)
+            self._leave((len(states) - 1,), feeds, views, ready, rows, mixing, group)
         # The last node feeds only the cat, whose backward hands it a channel slice: made contiguous once
         # here, not once per incoming edge (every op's backward would copy it).
         states[-1] = _ContiguousGrad.apply(states[-1])
@@ -83,6 +95,28 @@ class Cell(nn.Module):
         n = self._steps - max(0, j - 1)  # the nodes i >= j - 1 read state j
         return iter(fanout(h, n, self._fan_ones, self._fan_zeros) if mixing is not None and n >= 3 else (h,) * n)
 
+
+    def _leave(self, js, feeds, views, ready, rows, mixing, group: bool) -> None:
+        """Hands the states `js` to the edges that read them (`views`); with `group`, the fused ones among those
+        edges run all their stages but the last together, and `ready` gets each one's last stage (acc -> output)."""
+        edges, keys = [], []
+        for j in js:
+            for i in range(max(0, j - 1), self._steps):  # nodes i >= j - 1 read state j, in node order
+                k = sum(2 + n for n in range(i)) + j
+                views[k] = next(feeds[j])
+                op = self._ops[k]
+                if group and type(op).forward is MixedOp.forward and not _hooked(op):
+                    from ..ops import fused_mixed_op  # fused cells only: it imports the Triton kernels
+                    edge = fused_mixed_op.grouped(op, views[k], rows[k], mixing[k])
+                    if edge is not None:
+                        edges.append(edge)
+                        keys.append(k)
+        if edges:
+            from ..ops.fused_mixed_op import run
+
+            for k, edge, args in zip(keys, edges, run(edges)):
+                ready[k] = functools.partial(edge.finish, *args)
+                del views[k]
 
 def _hooked(m: nn.Module) -> bool:
     """Whether forward hooks watch `m`'s output (then it must be the edge's own, not a node's running sum)."""

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from milenas_fast.kernels.edge_reduce import _cand  # absolute: tests load this file on its own
+from milenas_fast.kernels.pointwise import _pick
 
 
 @triton.jit
@@ -130,23 +131,21 @@ def _row_stats(y_ptr, mean_ptr, rstd_ptr, uvar_ptr, ch, cm, N, C, HW, eps, BLOCK
 
 @triton.jit
 def bn_stats_kernel(
-    y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr, mean_ptr, rstd_ptr, uvar_ptr,
+    ys, mean_ptr, rstd_ptr, uvar_ptr,
     N, C, HW, eps,
     K: tl.constexpr, STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Per (candidate k, channel) of the y_k [N, C, HW]: mean, rstd = 1/sqrt(biased var + eps) and the unbiased
     var (for the running statistics), two passes in fp32 (the centred second pass keeps the variance exact
     when the mean is large), for the rows k in STATS; the others (the identity) get mean 0, rstd 1 and var 0.
-    Program (k, channel block): run-time branches pick its candidate's pointer once, none per element; ONE
-    copy of the statistics code (a copy per candidate made ptxas spill with Triton 3.6)."""
+    Program (k, channel block): run-time branches pick its candidate's pointer once (ys: a tuple of K, a fused
+    cell's group of edges), none per element; ONE copy of the statistics code (a copy per candidate made ptxas
+    spill with Triton 3.6)."""
     k = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
-    yk = y0_ptr
-    for j in tl.static_range(1, K):
-        if k == j:
-            yk = _cand(j, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr)
-    if ((STATS >> k) & 1) != 0:
+    yk = _pick(ys, k, K)
+    if ((STATS >> k.to(tl.int64)) & 1) != 0:  # int64: a group's bitmask has rows past 31
         _row_stats(yk, mean_ptr + k * C, rstd_ptr + k * C, uvar_ptr + k * C, ch, cm, N, C, HW, eps,
                    BLOCK_C, BLOCK_HW)
     else:

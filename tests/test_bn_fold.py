@@ -92,11 +92,12 @@ def test_bn_fold_grad_matches_twin(rows, tile, dtype, dev, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,K,shape,tile", [((0, 1, 2), 4, (3, 5, 7, 9), None), ((0, 2), 3, (2, 3, 5, 5), None),
                                                ((0, 1, 3, 4), 5, (2, 3, 5, 7), 16), ((0,), 1, (2, 3, 3, 5), None),
-                                               ((0, 1, 3, 4, 5, 6), 7, (2, 3, 5, 3), 16)])
+                                               ((0, 1, 3, 4, 5, 6), 7, (2, 3, 5, 3), 16),
+                                               (tuple(k for k in range(40) if k % 7 != 2), 40, (2, 3, 3, 5), None)])
 def test_bn_stats_matches_twin(rows, K, shape, tile, dtype, dev, monkeypatch):
     """Statistics in fp32 from 16-bit data too (no rounding of the statistics), the identity's row (last or in
     the middle) exactly 0 / 1 / 0; an offset mean (0.7 vs std 1.5) checks the centred second pass; tile 16
-    makes the pixel loop run 3 times."""
+    makes the pixel loop run 3 times; 40 candidates (a fused cell's group of edges: rows past bit 31)."""
     if tile:
         monkeypatch.setattr(bn_fold, "MAX_TILE", tile)
     ys, _, _ = _inputs(K, *shape, dev, seed=5, dtype=dtype)
@@ -212,10 +213,13 @@ def test_bad_candidate_lists_raise():
     for cands, match in (([ys[0], ys[1][:, :2], ys[2]], r"ys\[1\] must match ys\[0\]"),
                          ([ys[0], ys[1], ys[2].bfloat16()], r"ys\[2\] must match ys\[0\]"),
                          ([ys[0]] * 9, "need 1 to 8 candidates, got 9"), ([], "got 0")):
-        with pytest.raises(RuntimeError, match=match):
-            bn_stats(cands, 1, 1e-5)
+        if len(cands) != 9:  # bn_stats takes up to 64 (a fused cell's group of edges)
+            with pytest.raises(RuntimeError, match=match):
+                bn_stats(cands, 1, 1e-5)
         with pytest.raises(RuntimeError, match=match):
             bn_fold_grad(grad, cands, w, vec, vec, vec, vec, 1)
+    with pytest.raises(RuntimeError, match="need 1 to 64 candidates, got 65"):
+        bn_stats([ys[0]] * 65, 1, 1e-5)
 
 
 def test_stats_rows_beyond_the_candidates_raise():
@@ -245,6 +249,7 @@ for dt in ("fp32", "bf16"):
         fn = getattr(mod, name)
         sig = {p.name: "constexpr" if p.is_constexpr or p.name in consts else
                ("*" + dt if p.name in DATA_PTRS else "*fp32") if p.name.endswith("_ptr") else
+               tuple(["*" + dt] * consts["K"]) if p.name == "ys" else  # bn_stats' candidates
                ("fp32" if p.name in ("eps", "inv_n") else "i32") for p in fn.params}
         log = io.StringIO()
         try:
@@ -272,9 +277,12 @@ def test_bn_fold_kernels_build_for_sm90():
     pytest.importorskip("triton")
     src = Path(__file__).resolve().parents[1] / "kernels" / "bn_fold.py"
     s1, s2 = 0b1111011, 0b1111111  # the DARTS candidates at stride 1 (identity in row 2) and 2
+    s56 = sum(s1 << 7 * e for e in range(8))  # 8 such edges
     todo = [("bn_stats_kernel", {"K": 7, "STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024}),
             ("bn_stats_kernel", {"K": 7, "STATS": s2, "BLOCK_C": 4, "BLOCK_HW": 64}),
             ("bn_stats_kernel", {"K": 7, "STATS": s1, "BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1}),
+            ("bn_stats_kernel", {"K": 56, "STATS": s56, "BLOCK_C": 1, "BLOCK_HW": 1024}),  # a fused cell's group
+            ("bn_stats_kernel", {"K": 56, "STATS": s56, "BLOCK_C": 4, "BLOCK_HW": 64}),
             ("bn_fold_grad_kernel", {"K": 7, "STATS": s1, "PARTS": False, "BLOCK_P": 1, "BLOCK_HW": 1024}),
             ("bn_fold_grad_kernel", {"K": 7, "STATS": s2, "PARTS": False, "BLOCK_P": 16, "BLOCK_HW": 64}),
             ("bn_fold_grad_kernel", {"K": 7, "STATS": 0, "PARTS": False, "BLOCK_P": 16, "BLOCK_HW": 64}),

@@ -1,7 +1,8 @@
 """A fused Cell runs the edges leaving the states that are ready as one group (ops/fused_mixed_op.py's `run`): one
-`pointwise` launch per stage for all of them. Its forward is the per-edge path's bit for bit (each convolution is
-computed by its own programs whichever launch it is in): outputs, running statistics; its gradients within
-rounding (autograd adds a tensor's incoming gradients in the order backward reaches them)."""
+`pointwise` launch per stage for all of them, one `bn_stats` launch for their last BatchNorms. Its forward is the
+per-edge path's bit for bit (each convolution and each statistic is computed by its own programs whichever launch
+it is in): outputs, running statistics; its gradients within rounding (autograd adds a tensor's incoming
+gradients in the order backward reaches them)."""
 import copy
 
 import pytest
@@ -36,7 +37,14 @@ def _pass(net, x, y, train: bool):
             seen.append(meta["K"])
         return real(kernel, grid, *args, **meta)
 
-    pw.launch = spy
+    stats = []
+    real_stats = fmo.bn_stats
+
+    def spy_stats(ys, mask, eps):
+        stats.append(len(ys))
+        return real_stats(ys, mask, eps)
+
+    pw.launch, fmo.bn_stats = spy, spy_stats
     try:
         if train:
             loss = net._loss(x, y)
@@ -46,8 +54,8 @@ def _pass(net, x, y, train: bool):
             with torch.no_grad():
                 loss, grads = net._loss(x, y), ()
     finally:
-        pw.launch = real
-    return loss.detach(), grads, [b.clone() for b in net.buffers()], seen
+        pw.launch, fmo.bn_stats = real, real_stats
+    return loss.detach(), grads, [b.clone() for b in net.buffers()], (seen, stats)
 
 
 @pytest.mark.gpu_path
@@ -73,8 +81,12 @@ def test_grouped_cell_is_the_per_edge_path(steps, train, device, monkeypatch):
         return [32] * (n // 32) + ([n % 32] if n % 32 else [])
 
     groups = [2 * steps] + [steps - j for j in range(1, steps)]  # edges leaving s0 and s1, then each node
+    (launches, stats), (launches_r, stats_r) = launches, launches_r
     assert sorted(launches_r) == sorted([4, 2] * sum(groups) * len(net.cells))
     assert sorted(launches) == sorted([k for e in groups for k in chunks(4 * e) + chunks(2 * e)] * len(net.cells))
+    # the last BatchNorms' batch statistics: one bn_stats launch per group (7 candidates per edge), none in eval
+    assert stats_r == ([7] * sum(groups) * len(net.cells) if train else [])
+    assert sorted(stats) == (sorted([7 * e for e in groups] * len(net.cells)) if train else [])
 
 
 @pytest.mark.gpu_path

@@ -24,6 +24,9 @@ from .edge_reduce_triton import MAX_TILE, _pow2, check_candidates, launch_config
 from .triton_launch import INTERPRET, launch, register
 
 
+MAX_STATS = 64  # bn_stats' candidates per launch: a DARTS cell's 8 edges leaving s0 and s1, 7 candidates each
+
+
 def stats_mask(rows) -> int:
     """The `stats` bitmask of the row indices `rows`."""
     return sum(1 << k for k in set(rows))
@@ -46,19 +49,21 @@ def _check_list(ys: list[torch.Tensor], stats: int) -> None:
     _check(stats, len(ys))
 
 
-@register("milenas_fast::bn_stats")
+@register("milenas_fast::bn_stats", traceable=False)  # a tuple of candidates
 def bn_stats(ys: list[torch.Tensor], stats: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ONE kernel (kernels/bn_fold.py) for the statistics of the candidates ys (each [N, C, H, W]), fp32 whatever
-    their dtype: (mean, rstd, unbiased var), each [K, C]; rows named by `stats` are ys[k]'s batch statistics, the
-    others (the identity) mean 0, rstd 1 and var 0, so nothing is concatenated per call."""
-    _check_list(ys, stats)
+    """ONE kernel (kernels/bn_fold.py) for the statistics of the candidates ys (each [N, C, H, W]; up to
+    MAX_STATS: a fused cell's group of edges), fp32 whatever their dtype: (mean, rstd, unbiased var), each [K, C];
+    rows named by `stats` are ys[k]'s batch statistics, the others (the identity) mean 0, rstd 1 and var 0, so
+    nothing is concatenated per call."""
+    check_candidates(ys, MAX_STATS)
+    _check(stats, len(ys))
     kt, (n, c, h, wd) = len(ys), ys[0].shape
     mean = ys[0].new_empty(kt, c, dtype=torch.float32)
     rstd, uvar = torch.empty_like(mean), torch.empty_like(mean)
     bhw = min(_pow2(h * wd), MAX_TILE)
     bc = _pow2(c) if INTERPRET else max(1, min(_pow2(c), MAX_TILE // bhw // 4))  # the interpreter pays per program
-    launch(K.bn_stats_kernel, (kt, -(-c // bc)), *pointers(ys), mean, rstd, uvar, n, c, h * wd, eps,
-           K=kt, STATS=stats, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
+    launch(K.bn_stats_kernel, (kt, -(-c // bc)), tuple(y.contiguous() for y in ys), mean, rstd, uvar, n, c,
+           h * wd, eps, K=kt, STATS=stats, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
     return mean, rstd, uvar
 
 

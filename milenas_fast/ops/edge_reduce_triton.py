@@ -34,11 +34,12 @@ def launch_config(planes: int, pixels: int, max_tile: int | None = None) -> tupl
     return bp, bhw, (-(-planes // bp), -(-pixels // bhw)), max(1, min(8, bp * bhw // 256))
 
 
-def check_candidates(ys) -> None:
-    """The C++ op's contract on the candidates (csrc/edge_reduce.h), with its messages."""
+def check_candidates(ys, most: int = MAX_CANDIDATES) -> None:
+    """The C++ op's contract on the candidates (csrc/edge_reduce.h), with its messages (`most`: bn_stats takes
+    a fused cell's group of edges)."""
     k = len(ys)
-    if not 1 <= k <= MAX_CANDIDATES:
-        raise RuntimeError(f"edge_reduce: need 1 to {MAX_CANDIDATES} candidates, got {k}")
+    if not 1 <= k <= most:
+        raise RuntimeError(f"edge_reduce: need 1 to {most} candidates, got {k}")
     y = ys[0]
     if y.dim() != 4:
         raise RuntimeError(f"edge_reduce: each candidate must be [N, C, H, W], got {list(y.shape)}")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..space.primitives import PRIMITIVES, FactorizedReduce
 from . import factorized_reduce, mixing_weights, select, weight_cast
-from .bn_fold import bn_stats, folded_reduce, running_rstd, stats_mask
+from .bn_fold import MAX_STATS, bn_stats, folded_reduce, running_rstd, stats_mask
 from .pointwise import MAX_K, pointwise, stats_tile as pointwise_stats_tile
 from .running_stats import update as _update_running_stats
 from .stencil import relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil, stencil_with_identity
@@ -112,8 +112,9 @@ def _pointwise(todo: dict, stats=()) -> tuple[dict, dict]:
 
 class Edge:
     """One fused MixedOp's forward, in the stages `run` takes for many edges at once (a fused Cell groups the edges
-    that leave the same states: one launch per stage for all of them, where each edge would take its own).
-    After `run`, `finish(acc)` gives the edge's output (plus acc)."""
+    that leave the same states: one launch per stage for all of them, where each edge would take its own: the
+    pointwise stages, the last BatchNorms' statistics). After `run`, `finish(acc)` gives the edge's output (plus
+    acc)."""
 
     def __init__(self, mod: nn.Module, x: torch.Tensor, weights: torch.Tensor, mixing: torch.Tensor | None = None):
         self.mod, self.x, self.weights, self.mixing = mod, x, weights, mixing
@@ -180,12 +181,14 @@ class Edge:
             y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5)
         return {name: (y, seps[name].op[6]) for name, y in zip(_SEP, (y3, y5)) if y is not None}
 
-    def finish(self, second: dict, counters: list, acc: torch.Tensor | None = None) -> torch.Tensor:
-        """The folded BatchNorms' statistics (fp32), running-statistics updates and ONE edge_reduce (+ acc)."""
+    def candidates(self, second: dict, counters: list) -> int:
+        """The pre-BN candidate outputs (`self.ys`, in the module's order: the identity x, or x as the stencil's
+        output), read where they are (no stack); returns the `stats` bitmask of the rows whose batch statistics
+        `bn_stats` must give (training mode), else 0, the statistics then set here from the running ones."""
         mod, x, bns = self.mod, self.x, self.bns
         names, ops = tuple(mod.primitives), mod._ops
         cw = weight_cast.cast_weights(weight_cast.conv_modules(ops), x.device.type)
-        cands = []  # pre-BN candidate outputs, in the module's order (the identity: x, or x as the stencil's output)
+        cands = []
         for k, bn in zip(self.ks, bns):
             name, op = names[k], ops[k]
             if bn is None:
@@ -200,34 +203,64 @@ class Edge:
                 y = factorized_reduce.pre_bn(op, x, cw.get(id(op.conv_1)), cw.get(id(op.conv_2)))
             cands.append(y)
         outs = [y for y, bn in zip(cands, bns) if bn is not None]
-        dtype = outs[0].dtype if outs else x.dtype
+        self.dtype = outs[0].dtype if outs else x.dtype
         for y in outs[1:]:
-            dtype = torch.promote_types(dtype, y.dtype)
-        ys = [y if y.dtype == dtype else y.to(dtype) for y in cands]  # read where they are: no stack
+            self.dtype = torch.promote_types(self.dtype, y.dtype)
+        self.ys = [y if y.dtype == self.dtype else y.to(self.dtype) for y in cands]
+        self.counters = counters
         rows = stats_mask(r for r, bn in enumerate(bns) if bn is not None)  # the rows with a folded BatchNorm
-        stats = rows if self.use_batch and self.use_batch[0] else 0
-        if stats:
-            n = ys[0].shape[0] * ys[0].shape[2] * ys[0].shape[3]
-            if n <= 1:
+        self.stats = rows if self.use_batch and self.use_batch[0] else 0
+        if self.stats:
+            y = self.ys[0]
+            if y.shape[0] * y.shape[2] * y.shape[3] <= 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                  f"{list(outs[0].shape)}")
-            with torch.no_grad():
-                mean, rstd, unbiased = bn_stats(ys, stats, self.eps)
-                _update_running_stats(bns, mean, unbiased, counters)
         else:
             if counters:  # inner BNs in training mode, last ones in eval mode: only their counters
                 _update_running_stats([], None, None, counters)
-            mean, rstd = _running_stats(mod, bns, rows, self.eps)
+            self.mean, self.rstd = _running_stats(mod, bns, rows, self.eps)
+        return self.stats
+
+    def batch_stats(self, mean: torch.Tensor, rstd: torch.Tensor, unbiased: torch.Tensor) -> None:
+        """This edge's rows of a `bn_stats` launch; the running statistics updated from them."""
+        self.mean, self.rstd = mean, rstd
+        _update_running_stats(self.bns, mean, unbiased, self.counters)
+
+    def finish(self, acc: torch.Tensor | None = None) -> torch.Tensor:
+        """ONE edge_reduce over the candidates with their BatchNorms folded (+ acc)."""
+        mod, ys = self.mod, self.ys
         w = (mixing_weights.candidate_weights(self.weights, mod._fused_index, mod._weight_zeros)
              if self.mixing is None else self.mixing)
-        if acc is not None and (acc.shape != ys[0].shape or acc.dtype != dtype):  # only a user hands those over
-            return acc + folded_reduce(ys, w, mean, rstd, stats)
-        return folded_reduce(ys, w, mean, rstd, stats, acc)
+        if acc is not None and (acc.shape != ys[0].shape or acc.dtype != self.dtype):  # only a user hands those
+            return acc + folded_reduce(ys, w, self.mean, self.rstd, self.stats)
+        return folded_reduce(ys, w, self.mean, self.rstd, self.stats, acc)
 
 
-def run(edges: list[Edge]) -> list[list]:
-    """Every stage of `edges` up to their edge_reduce, each stage in ONE launch for all of them (the pointwise
-    stages: inputs of one shape and dtype); returns each edge's arguments for `Edge.finish` (but acc)."""
+def _bn_stats(edges: list[Edge]) -> None:
+    """The batch statistics of `edges`' folded BatchNorms: ONE `bn_stats` launch per candidate shape, dtype and
+    eps (whole edges, up to its MAX_STATS candidates)."""
+    parts: dict = {}
+    for e in edges:
+        parts.setdefault((e.ys[0].shape, e.dtype, e.eps), []).append(e)
+    for group in parts.values():
+        chunk: list[Edge] = []
+        for e in group + [None]:
+            if chunk and (e is None or sum(len(c.ys) for c in chunk) + len(e.ys) > MAX_STATS):
+                ys = [y for c in chunk for y in c.ys]
+                offsets = [sum(len(c.ys) for c in chunk[:i]) for i in range(len(chunk))]
+                with torch.no_grad():
+                    mean, rstd, unbiased = bn_stats(ys, sum(c.stats << o for c, o in zip(chunk, offsets)),
+                                                    chunk[0].eps)
+                    for c, o in zip(chunk, offsets):
+                        c.batch_stats(*(t[o:o + len(c.ys)] for t in (mean, rstd, unbiased)))
+                chunk = []
+            if e is not None:
+                chunk.append(e)
+
+
+def run(edges: list[Edge]) -> None:
+    """Every stage of `edges` up to their edge_reduce (`Edge.finish`), each stage in ONE launch for all of them (the
+    pointwise stages and the statistics: inputs of one shape and dtype)."""
     firsts = [e.stage1() for e in edges]
     todo = {(i, n): v for i, f in enumerate(firsts) for n, v in f.items()}
     first, tiles = _pointwise(todo, [(i, n) for i, e in enumerate(edges) for n in e.folded_seps()])
@@ -235,7 +268,9 @@ def run(edges: list[Edge]) -> list[list]:
     seconds = [e.pair({n: first[(i, n)] for n in f}, {n: tiles[(i, n)] for n in e.folded_seps()}, c)
                for i, (e, f, c) in enumerate(zip(edges, firsts, counters))]
     second = _pointwise({(i, n): v for i, s in enumerate(seconds) for n, v in s.items()})[0]
-    return [[{n: second[(i, n)] for n in s}, c] for i, (s, c) in enumerate(zip(seconds, counters))]
+    batch = [e for i, (e, s, c) in enumerate(zip(edges, seconds, counters))
+             if e.candidates({n: second[(i, n)] for n in s}, c)]
+    _bn_stats(batch)
 
 
 def grouped(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor, mixing: torch.Tensor) -> Edge | None:
@@ -254,7 +289,8 @@ def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
     edge = Edge(mod, x, weights, mixing)
     if edge.why:
         return _reference(mod, x, weights, acc, edge.why)
-    return edge.finish(*run([edge])[0], acc)
+    run([edge])
+    return edge.finish(acc)
 
 
 def _running_stats(mod: nn.Module, bns: list, rows: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,6 @@ weights only (what SGD updates and what `param size` counts), `model.arch_parame
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -114,8 +112,9 @@ class Cell(nn.Module):
         if edges:
             from ..ops.fused_mixed_op import run
 
-            for k, edge, args in zip(keys, edges, run(edges)):
-                ready[k] = functools.partial(edge.finish, *args)
+            run(edges)
+            for k, edge in zip(keys, edges):
+                ready[k] = edge.finish
                 del views[k]
 
 def _hooked(m: nn.Module) -> bool:

@@ -37,6 +37,8 @@ parts into contiguous filter gradients with no copy.
 import triton
 import triton.language as tl
 
+from milenas_fast.kernels.pointwise import _pick  # absolute: tests load this file on its own
+
 
 @triton.jit
 def _tile(P, HWO, WO, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -102,13 +104,18 @@ def _norm_fwd(mean_ptr, rstd_ptr, uvar_ptr, st_ptr, planes, ch, pm, C, HW, R, T,
 
 @triton.jit
 def stencil_fwd_kernel(
-    x_ptr, x5_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr,
-    y3_ptr, y5_ptr, yd3_ptr, yd5_ptr, ymax_ptr, yavg_ptr, mean_ptr, rstd_ptr, uvar_ptr, st_ptr,
+    xs, x5s, w3s, w5s, wd3s, wd5s, y3s, y5s, yd3s, yd5s, ymaxs, yavgs, means, rstds, uvars, st_ptr,
     P, C, H, W, HO, WO, R, T, TB, G3, G5, eps,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
     HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr, NORM: tl.constexpr,
-    STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, E: tl.constexpr,
 ):
+    """Every pointer but st_ptr is a tuple of E: program (planes, pixels, e) computes edge e (a fused cell's group
+    of edges of one shape: one launch for all)."""
+    e = tl.program_id(2)
+    x_ptr, x5_ptr = _pick(xs, e, E), _pick(x5s, e, E)
+    w3_ptr, w5_ptr, wd3_ptr, wd5_ptr = _pick(w3s, e, E), _pick(w5s, e, E), _pick(wd3s, e, E), _pick(wd5s, e, E)
+    mean_ptr, rstd_ptr, uvar_ptr = _pick(means, e, E), _pick(rstds, e, E), _pick(uvars, e, E)
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     ch = planes % C
     mu, rs, mu5, rs5 = _norm_fwd(mean_ptr, rstd_ptr, uvar_ptr, st_ptr, planes, ch, pm, C, H * W, R, T, TB, G3, G5,
@@ -177,7 +184,10 @@ def stencil_fwd_kernel(
 
     out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]
     om = pm[:, None] & sm[None, :]
-    dt = x_ptr.dtype.element_ty  # every output has x's dtype
+    dt = xs[0].dtype.element_ty  # every output has x's dtype
+    # the outputs' pointers picked here, not live through the loop (ptxas spilled for E = 8 otherwise)
+    y3_ptr, y5_ptr, yd3_ptr, yd5_ptr = _pick(y3s, e, E), _pick(y5s, e, E), _pick(yd3s, e, E), _pick(yd5s, e, E)
+    ymax_ptr, yavg_ptr = _pick(ymaxs, e, E), _pick(yavgs, e, E)
     if HAS3:
         tl.store(y3_ptr + out, acc3.to(dt), mask=om)
     if HAS5:

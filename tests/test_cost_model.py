@@ -79,13 +79,14 @@ def test_flops_match_torch_flop_counter_where_it_is_right():
 @pytest.mark.gpu_path
 def test_hand_count_fused_custom_ops():
     """The stencil triton_op is ONE Triton launch (its six outputs are allocations) reading x and the four
-    filters and writing six outputs (skipped branches: neither); edge_reduce (C++) is one kernel. FLOPs:
+    filters and writing six outputs (skipped branches: neither), and so is a group of them (stencil_group);
+    edge_reduce (C++) is one kernel. FLOPs:
     2·(9+25+9+25) per output element for the stencil (of the computed branches), 3 per candidate element
     for edge_reduce. (Runs the ops' Python launch code on fake tensors: the code the GPU runs, without a
     kernel executing.)"""
     from milenas_fast.ops import extension
     from milenas_fast.ops.edge_reduce import edge_reduce
-    from milenas_fast.ops.stencil import stencil
+    from milenas_fast.ops.stencil import stencil, stencil_group
 
     if not extension.available():
         pytest.skip(f"C++ extension unavailable: {extension.why_not()}")
@@ -107,6 +108,14 @@ def test_hand_count_fused_custom_ops():
         with rec:
             edge_reduce(ys, w, mean, rstd)
         er = cm._summary(rec.by_class)
+        rec.by_class.clear()
+        x2, wss = torch.randn(N, C, H, W), [[torch.randn(C, 1, k, k) for k in (3, 5, 3, 5)] for _ in range(3)]
+        with rec:  # a fused cell's group: three edges (two reading x) in one launch
+            stencil_group([x, x2, x], wss, 1, True, False)
+        gr = cm._summary(rec.by_class)
+    assert gr.kernels == 1
+    assert gr.bytes == 4 * (2 * E + 3 * C * (9 + 25 + 9 + 25) + 3 * 6 * E)  # x once
+    assert gr.flops == 3 * 2 * E * (9 + 25 + 9 + 25)
     assert st.kernels == 1
     assert st.bytes == 4 * (E + C * (9 + 25 + 9 + 25) + 6 * E)
     assert st.flops == 2 * E * (9 + 25 + 9 + 25)

@@ -1,8 +1,8 @@
 """A fused Cell runs the edges leaving the states that are ready as one group (ops/fused_mixed_op.py's `run`): one
-`pointwise` launch per stage for all of them, one `bn_stats` launch for their last BatchNorms. Its forward is the
-per-edge path's bit for bit (each convolution and each statistic is computed by its own programs whichever launch
-it is in): outputs, running statistics; its gradients within rounding (autograd adds a tensor's incoming
-gradients in the order backward reaches them)."""
+stencil launch for their first stages, one `pointwise` launch per 1×1 stage, one `bn_stats` launch for their last
+BatchNorms. Its forward is the per-edge path's bit for bit (each convolution and each statistic is computed by its
+own programs whichever launch it is in): outputs, running statistics; its gradients within rounding (autograd adds
+a tensor's incoming gradients in the order backward reaches them)."""
 import copy
 
 import pytest
@@ -12,6 +12,7 @@ from milenas_fast import Network
 from milenas_fast.ops import fused_mixed_op as fmo
 from milenas_fast.ops import pointwise as pw
 from milenas_fast.ops import select
+from milenas_fast.ops import stencil as st
 from milenas_fast.space.mixed_op import FusedMixedOp
 
 
@@ -44,7 +45,15 @@ def _pass(net, x, y, train: bool):
         stats.append(len(ys))
         return real_stats(ys, mask, eps)
 
-    pw.launch, fmo.bn_stats = spy, spy_stats
+    stencils = []
+    real_stencil = st._launch
+
+    def spy_stencil(kernel, grid, *args, **meta):
+        if kernel.fn.__name__ == "stencil_fwd_kernel" and not meta["X5"]:  # the first stages (not the pairs)
+            stencils.append(meta["E"])
+        return real_stencil(kernel, grid, *args, **meta)
+
+    pw.launch, fmo.bn_stats, st._launch = spy, spy_stats, spy_stencil
     try:
         if train:
             loss = net._loss(x, y)
@@ -54,8 +63,8 @@ def _pass(net, x, y, train: bool):
             with torch.no_grad():
                 loss, grads = net._loss(x, y), ()
     finally:
-        pw.launch, fmo.bn_stats = real, real_stats
-    return loss.detach(), grads, [b.clone() for b in net.buffers()], (seen, stats)
+        pw.launch, fmo.bn_stats, st._launch = real, real_stats, real_stencil
+    return loss.detach(), grads, [b.clone() for b in net.buffers()], (seen, stats, stencils)
 
 
 @pytest.mark.gpu_path
@@ -81,7 +90,9 @@ def test_grouped_cell_is_the_per_edge_path(steps, train, device, monkeypatch):
         return [32] * (n // 32) + ([n % 32] if n % 32 else [])
 
     groups = [2 * steps] + [steps - j for j in range(1, steps)]  # edges leaving s0 and s1, then each node
-    (launches, stats), (launches_r, stats_r) = launches, launches_r
+    (launches, stats, stencils), (launches_r, stats_r, stencils_r) = launches, launches_r
+    assert stencils_r == [1] * sum(groups) * len(net.cells)  # the first stages: one stencil launch per group
+    assert sorted(stencils) == sorted(groups * len(net.cells))
     assert sorted(launches_r) == sorted([4, 2] * sum(groups) * len(net.cells))
     assert sorted(launches) == sorted([k for e in groups for k in chunks(4 * e) + chunks(2 * e)] * len(net.cells))
     # the last BatchNorms' batch statistics: one bn_stats launch per group (7 candidates per edge), none in eval
@@ -139,3 +150,39 @@ def test_pointwise_stage_launches(monkeypatch):
     assert tiles[39][0] is tiles[5][0] and tiles[41][0] is not tiles[5][0]
     for i, (x, conv) in todo.items():
         torch.testing.assert_close(out[i], conv(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("stride,identity,present,pools", [(1, True, (1, 1, 1, 1), True),
+                                                          (2, False, (1, 0, 1, 1), True),
+                                                          (1, False, (0, 1, 0, 0), False)])
+def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, device):
+    """stencil_group (one launch for E edges; odd shape, several programs per plane and per plane group) against
+    the reference twin per edge: outputs, the identity's pass-through, every input and filter gradient (inputs
+    shared between edges, as a source state's fan-out views are: their gradients add)."""
+    from milenas_fast.ops.stencil import KSIZE, max_tile, stencil_group, stencil_reference
+
+    gen = torch.Generator().manual_seed(3)
+    N, C, H, W = 2, 3, 7, 9
+    srcs = [torch.randn(N, C, H, W, generator=gen).to(device).requires_grad_() for _ in range(2)]
+    xs = [srcs[e % 2] for e in range(5)]  # two source states, five edges
+    filters = [tuple((torch.randn(C, 1, k, k, generator=gen).to(device).requires_grad_() if p else None)
+                     for k, p in zip(KSIZE, present)) for _ in xs]
+    with max_tile(16):
+        outs = stencil_group(xs, filters, stride, pools, identity)
+    refs = [((x,) if identity else ()) + stencil_reference(x, *f, stride, pools) for x, f in zip(xs, filters)]
+    leaves = srcs + [w for f in filters for w in f if w is not None]
+    got, want = [], []
+    for o, r in zip(outs, refs):
+        assert len(o) == len(r)
+        for a, b in zip(o, r):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                g = torch.randn(a.shape, generator=gen).to(device)
+                got.append((a, g))
+                want.append((b, g))
+    ga = torch.autograd.grad([a for a, _ in got], leaves, [g for _, g in got])
+    gb = torch.autograd.grad([b for b, _ in want], leaves, [g for _, g in want])
+    for i, (a, b) in enumerate(zip(ga, gb)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"gradient {i}")

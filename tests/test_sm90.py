@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-from milenas_fast.ops.stencil import GPU_MAX_TILE, launch_config  # noqa: E402
+from milenas_fast.ops.stencil import GPU_MAX_TILE, group_config, launch_config  # noqa: E402
 
 KERNELS = {"fwd": "stencil_fwd_kernel", "bwd_input": "stencil_bwd_input_kernel",
            "bwd_weight": "stencil_bwd_weight_kernel"}
@@ -39,12 +39,23 @@ def jobs() -> list[dict]:
                 "fp32_ptrs": ["part_ptr", "mean_ptr", "rstd_ptr", "uvar_ptr", "st_ptr"]}
         # HASACC (x's gradient from the identity candidate) only at stride 1: a stride-2 mixed op has no identity
         consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, HASACC=stride == 1, NORM=False)
-        out.append({**base, "key": f"{kernel} s{stride} P{bp} HW{bhw} w{warps}", "consts": consts, "has": "all"})
+        # the forward's pointers are tuples of E (here one edge; stencil_fwd_group's 8 below)
+        extra = {"tuples": _fwd_tuples(1), "consts": {**consts, "E": 1}} if kernel == "fwd" else {"consts": consts}
+        out.append({**base, "key": f"{kernel} s{stride} P{bp} HW{bhw} w{warps}", "has": "all", **extra})
         if stride == 1:  # the pair, on the inner BNs' outputs (eval) or inputs normalised as loaded (NORM, train:
             # the forward merging the statistics from tile statistics, NORM 2)
             for norm in (0, 1, 2) if kernel == "fwd" else (0, 1):
                 out.append({**base, "key": f"{kernel} pair norm{norm} P{bp} HW{bhw} w{warps}",
-                            "consts": {**consts, "X5": True, "HASACC": False, "NORM": norm}, "has": ["HAS3", "HAS5"]})
+                            "consts": {**consts, "X5": True, "HASACC": False, "NORM": norm,
+                                       **({"E": 1} if kernel == "fwd" else {})}, "has": ["HAS3", "HAS5"],
+                            **({"tuples": _fwd_tuples(1)} if kernel == "fwd" else {})})
+    for N, C, H in SEARCH_SHAPES:  # stencil_fwd_group: a fused cell's group of 8 edges, at its own configuration
+        for stride in (1, 2):
+            bp, bhw, _, warps = group_config((N, C, H, H), stride, GPU_MAX_TILE)
+            out.append({"file": str(src / "stencil.py"), "name": KERNELS["fwd"], "warps": warps, "has": "all",
+                        "fp32_ptrs": ["st_ptr"], "tuples": _fwd_tuples(8),
+                        "key": f"fwd group s{stride} P{bp} HW{bhw} w{warps} E8",
+                        "consts": dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, NORM=False, E=8)})
     from milenas_fast.ops.pointwise import GPU_TILE, _blocks, stats_warps
     for N, C, H in SEARCH_SHAPES:
         ba, bb, bp = _blocks(C, C, H * H, GPU_TILE)
@@ -53,13 +64,20 @@ def jobs() -> list[dict]:
         for name, k, stats in (("pointwise_kernel", 4, 0), ("pointwise_kernel", 4, 3),
                                ("pointwise_kernel", 32, 0xFFFF), ("pointwise_wgrad_kernel", 4, 0),
                                ("pointwise_wgrad_kernel", 32, 0)):
-            tuples = {"ins": "dt", "ws": "fp32", "outs": "dt"} if name == "pointwise_kernel" else {"xs": "dt", "gs": "dt"}
+            fwd = name == "pointwise_kernel"
+            tuples = {"ins": "dt", "ws": "fp32", "outs": "dt"} if fwd else {"xs": "dt", "gs": "dt"}
             out.append({"file": str(src / "pointwise.py"), "name": name, "warps": stats_warps(stats), "has": "all",
                         "fp32_ptrs": ["part_ptr", "stats_ptr"], "tuples": {t: [v, k] for t, v in tuples.items()},
                         "key": f"{name} K{k} C{C} HW{H * H}" + (" stats" if stats else ""),
                         "consts": dict(K=k, BLOCK_A=ba, BLOCK_B=bb, BLOCK_P=bp, UPCAST=False, PRECISION="auto",
                                        STATS=stats)})
     return out
+
+
+def _fwd_tuples(e: int) -> dict:
+    """stencil_fwd_kernel's tuple parameters (e pointers each): data in the run's dtype, statistics fp32."""
+    data = ("xs", "x5s", "w3s", "w5s", "wd3s", "wd5s", "y3s", "y5s", "yd3s", "yd5s", "ymaxs", "yavgs")
+    return {**{n: ["dt", e] for n in data}, **{n: ["fp32", e] for n in ("means", "rstds", "uvars")}}
 
 
 _COMPILE = r"""

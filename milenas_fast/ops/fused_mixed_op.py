@@ -32,7 +32,8 @@ from . import factorized_reduce, mixing_weights, select, weight_cast
 from .bn_fold import MAX_STATS, bn_stats, folded_reduce, running_rstd, stats_mask
 from .pointwise import MAX_K, pointwise, stats_tile as pointwise_stats_tile
 from .running_stats import update as _update_running_stats
-from .stencil import relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil, stencil_with_identity
+from .stencil import (MAX_EDGES, relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil, stencil_group,
+                      stencil_with_identity)
 
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")  # relu_depthwise_pair's order
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -132,24 +133,31 @@ class Edge:
             self.why = f"its BatchNorms have different eps ({sorted(eps)})"
         self.eps = eps.pop() if len(eps) == 1 else 0.0
 
-    def stage1(self) -> dict:
-        """The first stages from one read of x (absent candidates' branches are not computed); returns the conv
-        candidates' first 1×1 convolutions to run: {name: (input, module)}."""
-        mod, x = self.mod, self.x
-        names, ops = tuple(mod.primitives), mod._ops
+    def stencil_args(self) -> tuple | None:
+        """The first stages' stencil call: (filters w3, w5, wd3, wd5 (None: absent), stride, pools, with the
+        identity), or None where no candidate needs it."""
+        names, ops = tuple(self.mod.primitives), self.mod._ops
         filters: list = [None] * 4
         for name, op in zip(names, ops):
             if name.startswith(("sep_conv", "dil_conv")):
                 filters[_STENCIL_SLOT[name]] = op.op[1].weight
         pools = any(n in ("max_pool_3x3", "avg_pool_3x3") for n in names)
+        if not pools and all(f is None for f in filters):
+            return None
         # The identity candidate (stride 1 skip) is x; taken as the stencil's first output, its gradient joins dx
         # in the stencil's input-gradient kernel (no add per edge and backward pass).
-        self.identity, self.stage = x, None
-        if pools or any(f is not None for f in filters):
-            if any(bn is None for bn in self.bns):
-                self.identity, *self.stage = stencil_with_identity(x, *filters, mod.stride, pools=pools)
+        return tuple(filters), self.mod.stride, pools, any(bn is None for bn in self.bns)
+
+    def stage1(self, outputs: tuple | None) -> dict:
+        """Takes the stencil's outputs (those of `stencil_args`' call; None: none needed); returns the conv
+        candidates' first 1×1 convolutions to run: {name: (input, module)}."""
+        names, ops = tuple(self.mod.primitives), self.mod._ops
+        self.identity, self.stage = self.x, None
+        if outputs is not None:
+            if self.stencil_args()[3]:
+                self.identity, *self.stage = outputs
             else:
-                self.stage = stencil(x, *filters, mod.stride, pools=pools)
+                self.stage = list(outputs)
         self.convs = [(name, op) for name, op in zip(names, ops) if name.startswith(("sep_conv", "dil_conv"))]
         self.seps = {name: op for name, op in self.convs if name.startswith("sep_conv")}
         self.fold = _pair_bn(self.seps, self.stage[_STENCIL_SLOT[_SEP[0]]] if self.seps else None)
@@ -258,10 +266,35 @@ def _bn_stats(edges: list[Edge]) -> None:
                 chunk.append(e)
 
 
+def _stencils(edges: list[Edge]) -> list:
+    """Each edge's first-stage stencil outputs (None where it needs none): ONE launch for the edges of one input
+    shape and dtype, stride and set of branches (up to MAX_EDGES); a lone edge takes the per-edge ops."""
+    calls = [e.stencil_args() for e in edges]
+    parts: dict = {}
+    for i, (e, c) in enumerate(zip(edges, calls)):
+        if c is not None:
+            filters, stride, pools, identity = c
+            key = (e.x.shape, e.x.dtype, stride, pools, identity, tuple(f is not None for f in filters))
+            parts.setdefault(key, []).append(i)
+    out: list = [None] * len(edges)
+    for (_, _, stride, pools, identity, _), idx in parts.items():
+        for c in range(0, len(idx), MAX_EDGES):
+            chunk = idx[c:c + MAX_EDGES]
+            if len(chunk) == 1:
+                i = chunk[0]
+                fn = stencil_with_identity if identity else stencil
+                out[i] = tuple(fn(edges[i].x, *calls[i][0], stride, pools=pools))
+            else:
+                for i, o in zip(chunk, stencil_group([edges[i].x for i in chunk], [calls[i][0] for i in chunk],
+                                                     stride, pools, identity)):
+                    out[i] = o
+    return out
+
+
 def run(edges: list[Edge]) -> None:
     """Every stage of `edges` up to their edge_reduce (`Edge.finish`), each stage in ONE launch for all of them (the
     pointwise stages and the statistics: inputs of one shape and dtype)."""
-    firsts = [e.stage1() for e in edges]
+    firsts = [e.stage1(out) for e, out in zip(edges, _stencils(edges))]
     todo = {(i, n): v for i, f in enumerate(firsts) for n, v in f.items()}
     first, tiles = _pointwise(todo, [(i, n) for i, e in enumerate(edges) for n in e.folded_seps()])
     counters = [[] for _ in edges]

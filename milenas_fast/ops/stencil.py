@@ -19,9 +19,10 @@ to x5): `relu_depthwise_pair` computes both sep convs' second stages in one laun
 the BN outputs are never written; its backward ends with `bn_backward`); `relu_depthwise_pair_bn_tiles` (the fused
 MixedOp's) merges those statistics itself from the producing `pointwise` launch's tile statistics.
 
-Registered ops (torch.library.triton_op, visible to torch.compile); an absent branch is None on input
-and a 0-element tensor on output:
+Registered ops (the backward ones torch.library.triton_ops, visible to torch.compile; the forward ones, whose kernel
+takes tuples of pointers, opaque custom ops); an absent branch is None on input and a 0-element tensor on output:
     milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools, x5?, mean?, rstd?) -> 6 tensors
+    milenas_fast::stencil_fwd_group(xs, w3s, w5s, wd3s, wd5s, stride, pools) -> 6·E tensors (E inputs, one launch)
     milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride, x5?,
         gacc?, mean?, rstd?) -> dx (+ gacc), dx5 (0-element without x5)
     milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride, x5?, mean?, rstd?) -> dw [Σ C·k²]
@@ -87,6 +88,22 @@ def launch_config(kernel: str, shape, stride: int, tile: int | None = None):
     return _blocks(N * C, pixels, MAX_TILE if tile is None else tile)
 
 
+GROUP_TILE = 512  # stencil_fwd_group's largest tile on the GPU, at 2 elements per thread (see group_config)
+
+
+def group_config(shape, stride: int, tile: int | None = None):
+    """`launch_config` of stencil_fwd_group: its pointers are picked per program (registers, not kernel
+    parameters), and at the whole-plane fp32 configuration ptxas (Triton 3.8) spilled; tiles of at most GROUP_TILE
+    elements at 2 per thread do not (tests/test_sm90.py)."""
+    N, C, H, W = shape
+    pixels = out_size(H, stride) * out_size(W, stride)
+    limit = MAX_TILE if tile is None else tile
+    t = limit if _INTERPRET else min(limit, GROUP_TILE)
+    hw = min(triton_next_pow2(pixels), t)
+    p = max(1, min(triton_next_pow2(N * C), t // hw))
+    return p, hw, (triton_cdiv(N * C, p), triton_cdiv(pixels, hw)), max(1, min(8, p * hw // 64))
+
+
 def _blocks(planes: int, pixels: int, tile: int):
     hw = min(triton_next_pow2(pixels), tile)
     # Several planes per program cost registers (per-plane filter vectors, 2-D indices): such programs take
@@ -107,6 +124,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 KSIZE = (3, 5, 3, 5)  # filter size of each convolution branch: w3, w5, wd3, wd5
+MAX_EDGES = 8  # stencil_fwd_group's inputs per launch: a DARTS cell's edges leaving s0 and s1
 
 
 def _check(x, ws, x5=None):
@@ -136,7 +154,7 @@ def _or(ts, default):
     return [default if t is None else t for t in ts]
 
 
-@_register("milenas_fast::stencil_fwd")
+@_register("milenas_fast::stencil_fwd", traceable=False)  # tuples of pointers
 def stencil_fwd(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
                 wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int,
                 pools: bool = True, x5: Optional[torch.Tensor] = None, mean: Optional[torch.Tensor] = None,
@@ -151,13 +169,43 @@ def stencil_fwd(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.
     ys = [x.new_empty((N, C, HO, WO) if h else (0,)) for h in has]
     bp, bhw, grid, warps = launch_config("fwd", x.shape, stride)
     _launch(
-        K.stencil_fwd_kernel, grid, x, x if x5 is None else x5, *_or(ws, x), *ys, *_or((mean, rstd), x), x, x,
-        N * C, C, H, W, HO, WO, 1, 1, 1, 0, 0, 0.0, *has,
-        X5=x5 is not None, NORM=mean is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        K.stencil_fwd_kernel, (*grid, 1), *_one(x, x if x5 is None else x5, *_or(ws, x), *ys, *_or((mean, rstd), x), x),
+        x, N * C, C, H, W, HO, WO, 1, 1, 1, 0, 0, 0.0, *has,
+        X5=x5 is not None, NORM=mean is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=1, num_warps=warps)
     return tuple(ys)
 
 
-@_register("milenas_fast::stencil_fwd_bn")
+def _one(*ts) -> list[tuple]:
+    """stencil_fwd_kernel's per-edge pointer tuples for one edge."""
+    return [(t,) for t in ts]
+
+
+@_register("milenas_fast::stencil_fwd_group", traceable=False)  # tuples of pointers
+def stencil_fwd_group(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[torch.Tensor],
+                      wd3: list[torch.Tensor], wd5: list[torch.Tensor], stride: int, pools: bool) -> list[torch.Tensor]:
+    """`stencil_fwd` of E inputs of one shape and dtype (a fused cell's group of edges), each with its own filters,
+    in ONE launch: 6·E outputs, edge by edge. A filter list is empty where its branch is absent (for every edge)."""
+    E = len(xs)
+    wss = [w3, w5, wd3, wd5]
+    if not 1 <= E <= MAX_EDGES or any(len(w) not in (0, E) for w in wss):
+        raise ValueError(f"stencil_fwd_group: 1 to {MAX_EDGES} inputs, each filter list empty or one per input")
+    for i, x in enumerate(xs):
+        _check(x, [w[i] if w else None for w in wss])
+        if x.shape != xs[0].shape or x.dtype != xs[0].dtype:
+            raise ValueError("stencil_fwd_group: inputs of one shape and dtype")
+    N, C, H, W = xs[0].shape
+    HO, WO = out_size(H, stride), out_size(W, stride)
+    has = [bool(w) for w in wss] + [pools, pools]
+    ys = [[x.new_empty((N, C, HO, WO) if h else (0,)) for h in has] for x in xs]
+    bp, bhw, grid, warps = group_config(xs[0].shape, stride)
+    per = [tuple(xs), tuple(xs), *(tuple(w) if w else tuple(xs) for w in wss),
+           *(tuple(y[b] for y in ys) for b in range(6)), *(tuple(xs),) * 3]
+    _launch(K.stencil_fwd_kernel, (*grid, E), *per, xs[0], N * C, C, H, W, HO, WO, 1, 1, 1, 0, 0, 0.0, *has,
+            X5=False, NORM=False, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=E, num_warps=warps)
+    return [y for out in ys for y in out]
+
+
+@_register("milenas_fast::stencil_fwd_bn", traceable=False)
 def stencil_fwd_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: torch.Tensor, tile_stats: torch.Tensor,
                    groups: list[int], tile: int, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,9 +221,9 @@ def stencil_fwd_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: tor
     stats = [h3.new_empty(2, C, dtype=torch.float32) for _ in range(3)]
     if h3.numel():
         bp, bhw, grid, warps = launch_config("fwd", h3.shape, 1)
-        _launch(K.stencil_fwd_kernel, grid, h3, h5, w3, w5, h3, h3, *ys, h3, h3, h3, h3, *stats,
+        _launch(K.stencil_fwd_kernel, (*grid, 1), *_one(h3, h5, w3, w5, h3, h3, *ys, h3, h3, h3, h3, *stats),
                 tile_stats.contiguous(), N * C, C, H, W, H, W, r, r // N, tile, groups[0], groups[1], eps,
-                True, True, False, False, False, False, X5=True, NORM=2, STRIDE=1, BLOCK_P=bp, BLOCK_HW=bhw,
+                True, True, False, False, False, False, X5=True, NORM=2, STRIDE=1, BLOCK_P=bp, BLOCK_HW=bhw, E=1,
                 num_warps=warps)
     return (*ys, *stats)
 
@@ -251,8 +299,14 @@ def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg, gacc=None, needs=None):
     """The op's gradients (x, 4 filters, stride, pools, x5, mean, rstd: the statistics are constants here);
     `gacc`: x's gradient from elsewhere, added in; `needs`: the op's needs_input_grad where ctx is another
     Function's."""
-    x, w3, w5, wd3, wd5, ymax, x5, mean, rstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad if needs is None else needs
+    return _grads(ctx.saved_tensors, ctx.stride, ctx.needs_input_grad if needs is None else needs,
+                  (g3, g5, gd3, gd5, gmax, gavg), gacc)
+
+
+def _grads(saved, stride: int, needs, grads, gacc=None):
+    """`_backward` for the saved (x, w3, w5, wd3, wd5, ymax, x5, mean, rstd) and output gradients."""
+    x, w3, w5, wd3, wd5, ymax, x5, mean, rstd = saved
+    g3, g5, gd3, gd5, gmax, gavg = grads
     ws = (w3, w5, wd3, wd5)
     dx, dws, dx5 = None, [None] * 4, None
     want_x, want_x5 = needs[0], x5 is not None and needs[7] and g5 is not None
@@ -261,14 +315,14 @@ def _backward(ctx, g3, g5, gd3, gd5, gmax, gavg, gacc=None, needs=None):
         # wants none, the others when x wants none)
         g5x = g5 if x5 is None or want_x5 else None
         gs = (g3, g5x, gd3, gd5, gmax, gavg) if want_x else (None, g5, None, None, None, None)
-        dx, dx5 = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, *gs, ctx.stride, x5,
+        dx, dx5 = torch.ops.milenas_fast.stencil_bwd_input(x, *ws, ymax, *gs, stride, x5,
                                                            gacc if want_x else None, mean, rstd)
         dx, dx5 = (dx if want_x else None), (dx5 if want_x5 else None)
     # only the filters that want a gradient and whose output has one (frozen filters: no kernel at all)
     gw = [g if w is not None and need else None
           for g, w, need in zip((g3, g5, gd3, gd5), ws, needs[1:5])]
     if any(g is not None for g in gw):
-        dw = torch.ops.milenas_fast.stencil_bwd_weight(x, *gw, ctx.stride, x5, mean, rstd)
+        dw = torch.ops.milenas_fast.stencil_bwd_weight(x, *gw, stride, x5, mean, rstd)
         dws = [d if d is None else d.to(w.dtype)  # a cast only where the filter is not fp32
                for d, w in zip(split_taps(dw, x.shape[1], _present(gw)), ws)]
     return (dx, *dws, None, None, dx5, None, None)
@@ -290,6 +344,57 @@ class _WithIdentity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gid, *gs):
         return _backward(ctx, *gs, gacc=gid)[:7]
+
+
+class _Group(torch.autograd.Function):
+    """`stencil_fwd_group` for E edges (x_e and its four filters each; a None filter: that branch absent for every
+    edge), with each edge's x as a first output when `identity` (its gradient joins dx, as `_WithIdentity`'s). The
+    backward runs each edge's own input- and filter-gradient kernels (`_grads`)."""
+
+    @staticmethod
+    def forward(ctx, stride, pools, identity, *args):
+        E = len(args) // 5
+        xs, wss = list(args[:E]), [list(args[E * (b + 1):E * (b + 2)]) for b in range(4)]
+        ys = torch.ops.milenas_fast.stencil_fwd_group(xs, *([] if w[0] is None else w for w in wss), stride, pools)
+        ctx.stride, ctx.E, ctx.identity = stride, E, identity
+        ctx.save_for_backward(*xs, *(w for ws in wss for w in ws), *(ys[6 * e + 4] if pools else None
+                                                                        for e in range(E)))
+        ctx.set_materialize_grads(False)
+        out = []
+        for e in range(E):
+            out += ([xs[e].view_as(xs[e])] if identity else []) + ys[6 * e:6 * e + 6]
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        E, saved, n = ctx.E, ctx.saved_tensors, ctx.needs_input_grad[3:]
+        per = 7 if ctx.identity else 6
+        dxs, dws = [None] * E, [[None] * E for _ in range(4)]
+        for e in range(E):
+            g = grads[per * e:per * (e + 1)]
+            gacc, g = (g[0], g[1:]) if ctx.identity else (None, g)
+            ws = [saved[E * (b + 1) + e] for b in range(4)]
+            needs = (n[e], *(n[E * (b + 1) + e] for b in range(4)), False, False, False, False, False)
+            d = _grads((saved[e], *ws, saved[5 * E + e], None, None, None), ctx.stride, needs, g, gacc)
+            dxs[e] = d[0]
+            for b in range(4):
+                dws[b][e] = d[1 + b]
+        return (None, None, None, *dxs, *(d for ws in dws for d in ws))
+
+
+def stencil_group(xs: list[torch.Tensor], filters: list[tuple], stride: int, pools: bool, identity: bool) -> list:
+    """[stencil(x, *f, stride, pools) (with x first: `stencil_with_identity`) for x, f in zip(xs, filters)] in one
+    launch each forward (inputs of one shape and dtype, up to MAX_EDGES; the same branches present in every edge).
+    The backward is each edge's own."""
+    E = len(xs)
+    args = [x.contiguous() for x in xs] + [_contiguous(f[b]) for b in range(4) for f in filters]
+    out = _Group.apply(stride, pools, identity, *args)
+    per = 7 if identity else 6
+    res = []
+    for e in range(E):
+        o = out[per * e:per * (e + 1)]
+        res.append(((o[0],) if identity else ()) + _outputs(o[-6:], filters[e], pools))
+    return res
 
 
 def _contiguous(t):

@@ -268,16 +268,18 @@ def _bn_stats(edges: list[Edge]) -> None:
 
 def _stencils(edges: list[Edge]) -> list:
     """Each edge's first-stage stencil outputs (None where it needs none): ONE launch for the edges of one input
-    shape and dtype, stride and set of branches (up to MAX_EDGES); a lone edge takes the per-edge ops."""
+    shape and dtype, stride and set of branches (up to MAX_EDGES), apart for inputs that want no gradient (as in
+    `_pointwise`: else their outputs would want one); a lone edge takes the per-edge ops."""
     calls = [e.stencil_args() for e in edges]
     parts: dict = {}
     for i, (e, c) in enumerate(zip(edges, calls)):
         if c is not None:
             filters, stride, pools, identity = c
-            key = (e.x.shape, e.x.dtype, stride, pools, identity, tuple(f is not None for f in filters))
+            key = (e.x.shape, e.x.dtype, e.x.requires_grad, stride, pools, identity,
+                   tuple(f is not None for f in filters))
             parts.setdefault(key, []).append(i)
     out: list = [None] * len(edges)
-    for (_, _, stride, pools, identity, _), idx in parts.items():
+    for (_, _, _, stride, pools, identity, _), idx in parts.items():
         for c in range(0, len(idx), MAX_EDGES):
             chunk = idx[c:c + MAX_EDGES]
             if len(chunk) == 1:

@@ -67,7 +67,7 @@ def _pass(net, x, y, train: bool):
     return loss.detach(), grads, [b.clone() for b in net.buffers()], (seen, stats, stencils)
 
 
-@pytest.mark.gpu_path
+@pytest.mark.slow  # the grouping is Python, the same on every stack: not in the GPU stack's run
 @pytest.mark.parametrize("steps,train", [(2, False), (3, True)])
 def test_grouped_cell_is_the_per_edge_path(steps, train, device, monkeypatch):
     """Groups of 2·steps edges (from s0 and s1), then steps - 1, …, 1; both cell kinds, train (batch statistics,
@@ -100,7 +100,7 @@ def test_grouped_cell_is_the_per_edge_path(steps, train, device, monkeypatch):
     assert sorted(stats) == (sorted([7 * e for e in groups] * len(net.cells)) if train else [])
 
 
-@pytest.mark.gpu_path
+@pytest.mark.slow
 def test_hooked_and_unfusable_edges_leave_the_group(device, monkeypatch):
     """An edge watched by a forward hook, or one whose BatchNorms the kernels cannot fold (different eps), takes its
     own MixedOp.forward (the hook sees its own output); the rest of its group is grouped; results unchanged."""

@@ -18,6 +18,11 @@
    once (ops/running_stats.py). The gradient flows through the batch statistics (bn_fold's written-out
    backward), so every gradient is the reference's.
 
+The stages are an `Edge`'s methods, and `run` takes them for many edges at once: the supernet's fused Cell hands
+it the edges leaving the states that are ready, and steps 1, 2's 1×1 convolutions and 3's statistics then take
+one launch per stage for all of them (`stencil_group`, `pointwise` and `bn_stats` take tuples of pointers); the
+pairs, each edge_reduce and the backward stay per edge. A lone MixedOp is a group of one (`fused_forward`).
+
 Only non-affine search MixedOps over (a subset of) the DARTS primitives are fused; `unsupported(mod)`
 says why one is not.
 """

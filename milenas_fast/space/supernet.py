@@ -93,7 +93,6 @@ class Cell(nn.Module):
         n = self._steps - max(0, j - 1)  # the nodes i >= j - 1 read state j
         return iter(fanout(h, n, self._fan_ones, self._fan_zeros) if mixing is not None and n >= 3 else (h,) * n)
 
-
     def _leave(self, js, feeds, views, ready, rows, mixing, group: bool) -> None:
         """Hands the states `js` to the edges that read them (`views`); with `group`, the fused ones among those
         edges run all their stages but the last together, and `ready` gets each one's last stage (acc -> output)."""
@@ -116,6 +115,7 @@ class Cell(nn.Module):
             for k, edge in zip(keys, edges):
                 ready[k] = edge.finish
                 del views[k]
+
 
 def _hooked(m: nn.Module) -> bool:
     """Whether forward hooks watch `m`'s output (then it must be the edge's own, not a node's running sum)."""

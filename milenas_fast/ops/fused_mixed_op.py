@@ -101,19 +101,26 @@ def _pointwise(todo: dict, stats=()) -> tuple[dict, dict]:
     dtype, as autocast would, and return fp32 weight gradients: no casts either way). The outputs named by `stats`
     (first in their launch: the low bits of its bitmask) also leave their tile statistics."""
     want = set(stats)
-    parts: dict = {}
-    for key in [k for k in stats if k in todo] + [k for k in todo if k not in want]:
+
+    def kind(key):
         x, m = todo[key]
-        parts.setdefault((x.shape, x.dtype, x.requires_grad, m.weight.shape, m.weight.dtype), []).append(key)
+        return x.shape, x.dtype, x.requires_grad, m.weight.shape, m.weight.dtype
+
     out, tiles = {}, {}
-    for keys in parts.values():
-        for c in range(0, len(keys), MAX_K):
-            chunk = keys[c:c + MAX_K]
-            mask = stats_mask(r for r, k in enumerate(chunk) if k in want)
-            res = pointwise([todo[k][0] for k in chunk], [todo[k][1].weight for k in chunk], mask)
-            out.update(zip(chunk, res))
-            tiles.update((k, (res[-1], r)) for r, k in enumerate(chunk) if k in want)
+    for _, chunk in _launches([k for k in stats if k in todo] + [k for k in todo if k not in want], kind, MAX_K):
+        mask = stats_mask(r for r, k in enumerate(chunk) if k in want)
+        res = pointwise([todo[k][0] for k in chunk], [todo[k][1].weight for k in chunk], mask)
+        out.update(zip(chunk, res))
+        tiles.update((k, (res[-1], r)) for r, k in enumerate(chunk) if k in want)
     return out, tiles
+
+
+def _launches(items: list, kind, most: int) -> list[tuple]:
+    """(kind, chunk) per launch: `items` of one kind(item) together, in order, at most `most` per launch."""
+    parts: dict = {}
+    for it in items:
+        parts.setdefault(kind(it), []).append(it)
+    return [(k, g[c:c + most]) for k, g in parts.items() for c in range(0, len(g), most)]
 
 
 class Edge:
@@ -159,7 +166,7 @@ class Edge:
         names, ops = tuple(self.mod.primitives), self.mod._ops
         self.identity, self.stage = self.x, None
         if outputs is not None:
-            if self.stencil_args()[3]:
+            if any(bn is None for bn in self.bns):  # the identity candidate came first (`stencil_args`)
                 self.identity, *self.stage = outputs
             else:
                 self.stage = list(outputs)
@@ -276,25 +283,21 @@ def _stencils(edges: list[Edge]) -> list:
     shape and dtype, stride and set of branches (up to MAX_EDGES), apart for inputs that want no gradient (as in
     `_pointwise`: else their outputs would want one); a lone edge takes the per-edge ops."""
     calls = [e.stencil_args() for e in edges]
-    parts: dict = {}
-    for i, (e, c) in enumerate(zip(edges, calls)):
-        if c is not None:
-            filters, stride, pools, identity = c
-            key = (e.x.shape, e.x.dtype, e.x.requires_grad, stride, pools, identity,
-                   tuple(f is not None for f in filters))
-            parts.setdefault(key, []).append(i)
+
+    def kind(i):
+        x, (filters, stride, pools, identity) = edges[i].x, calls[i]
+        return x.shape, x.dtype, x.requires_grad, stride, pools, identity, tuple(f is not None for f in filters)
+
     out: list = [None] * len(edges)
-    for (_, _, _, stride, pools, identity, _), idx in parts.items():
-        for c in range(0, len(idx), MAX_EDGES):
-            chunk = idx[c:c + MAX_EDGES]
-            if len(chunk) == 1:
-                i = chunk[0]
-                fn = stencil_with_identity if identity else stencil
-                out[i] = tuple(fn(edges[i].x, *calls[i][0], stride, pools=pools))
-            else:
-                for i, o in zip(chunk, stencil_group([edges[i].x for i in chunk], [calls[i][0] for i in chunk],
-                                                     stride, pools, identity)):
-                    out[i] = o
+    for (*_, stride, pools, identity, _), chunk in _launches([i for i, c in enumerate(calls) if c], kind, MAX_EDGES):
+        if len(chunk) == 1:
+            i = chunk[0]
+            fn = stencil_with_identity if identity else stencil
+            out[i] = tuple(fn(edges[i].x, *calls[i][0], stride, pools=pools))
+        else:
+            for i, o in zip(chunk, stencil_group([edges[i].x for i in chunk], [calls[i][0] for i in chunk],
+                                                 stride, pools, identity)):
+                out[i] = o
     return out
 
 

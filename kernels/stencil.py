@@ -227,17 +227,22 @@ def _gather_conv(acc, g_ptr, w_ptr, planes, ch, pm, ih, iw, HO, WO,
 
 @triton.jit
 def stencil_bwd_input_kernel(
-    x_ptr, x5_ptr, w3_ptr, w5_ptr, wd3_ptr, wd5_ptr, ymax_ptr,
-    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, gmax_ptr, gavg_ptr, gacc_ptr, dx_ptr, dx5_ptr, mean_ptr, rstd_ptr,
+    xs, x5s, w3s, w5s, wd3s, wd5s, ymaxs, g3s, g5s, gd3s, gd5s, gmaxs, gavgs, gaccs, dxs, dx5s, means, rstds,
     P, C, H, W, HO, WO,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
     HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr, HASACC: tl.constexpr, NORM: tl.constexpr,
-    STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, E: tl.constexpr,
 ):
     """Gather form (one program per input tile, no atomics): dx = relu'(x)·Σ conv grads + pool grads
     (+ gacc with HASACC: x's gradient from elsewhere, the identity candidate's; with X5, the 5×5 branch's part
     goes to dx5 = relu'(x5)·its conv grad; with NORM, x and x5 normalised: the gradients are the normalised
-    values')."""
+    values'). Every pointer is a tuple of E: program (planes, pixels, e) computes edge e."""
+    e = tl.program_id(2)
+    x_ptr, x5_ptr, ymax_ptr = _pick(xs, e, E), _pick(x5s, e, E), _pick(ymaxs, e, E)
+    w3_ptr, w5_ptr, wd3_ptr, wd5_ptr = _pick(w3s, e, E), _pick(w5s, e, E), _pick(wd3s, e, E), _pick(wd5s, e, E)
+    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr = _pick(g3s, e, E), _pick(g5s, e, E), _pick(gd3s, e, E), _pick(gd5s, e, E)
+    gmax_ptr, gavg_ptr = _pick(gmaxs, e, E), _pick(gavgs, e, E)
+    mean_ptr, rstd_ptr = _pick(means, e, E), _pick(rstds, e, E)
     planes, pix, pm, sm, ih, iw = _tile(P, H * W, W, BLOCK_P, BLOCK_HW)
     ch = planes % C
     mu, rs, mu5, rs5 = _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM)
@@ -259,6 +264,7 @@ def stencil_bwd_input_kernel(
         x5v = x5v.to(tl.float32)
         if NORM:
             x5v = (x5v - mu5[:, None]) * rs5[:, None]
+        dx5_ptr = _pick(dx5s, e, E)
         tl.store(dx5_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw,
                  tl.where(x5v > 0.0, acc5, 0.0).to(dx5_ptr.dtype.element_ty), mask=xm)
     if HAS5 and X5 == 0:
@@ -301,21 +307,27 @@ def stencil_bwd_input_kernel(
                 acc += g / tl.maximum(cnt, 1).to(tl.float32)
 
     offs = planes[:, None].to(tl.int64) * (H * W) + ih * W + iw
+    dx_ptr = _pick(dxs, e, E)
     if HASACC:
+        gacc_ptr = _pick(gaccs, e, E)
         acc += tl.load(gacc_ptr + offs, mask=xm, other=0.0).to(tl.float32)
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=xm)
 
 
 @triton.jit
 def stencil_bwd_weight_kernel(
-    x_ptr, x5_ptr, g3_ptr, g5_ptr, gd3_ptr, gd5_ptr, part_ptr, mean_ptr, rstd_ptr,
+    xs, x5s, g3s, g5s, gd3s, gd5s, part_ptr, means, rstds,
     P, C, H, W, HO, WO,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr, X5: tl.constexpr,
-    NORM: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    NORM: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, E: tl.constexpr,
 ):
-    """part[tile, n, filter, c, tap] = Σ_{o in tile} g[plane, o] · relu(x[plane, o·s + tap offset]) in fp32
+    """part[e, tile, n, filter, c, tap] = Σ_{o in tile} g[plane, o] · relu(x[plane, o·s + tap offset]) in fp32
     (plane = n·C + c; x5 for the 5×5 filter with X5), for the selected branches' filters only (see the module
-    docstring for the layout)."""
+    docstring for the layout). Every pointer but part_ptr is a tuple of E: program (planes, pixels, e) computes
+    edge e."""
+    e = tl.program_id(2)
+    x_ptr, x5_ptr, mean_ptr, rstd_ptr = _pick(xs, e, E), _pick(x5s, e, E), _pick(means, e, E), _pick(rstds, e, E)
+    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr = _pick(g3s, e, E), _pick(g5s, e, E), _pick(gd3s, e, E), _pick(gd5s, e, E)
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     om = pm[:, None] & sm[None, :]
     out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]
@@ -335,7 +347,8 @@ def stencil_bwd_weight_kernel(
     taps = offd5 + 25 * HASD5
     ch = planes % C
     mu, rs, mu5, rs5 = _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM)
-    row = part_ptr + (tl.program_id(1) * P + planes - ch).to(tl.int64) * taps  # (tile, image): C·taps long
+    tile = e * tl.num_programs(1) + tl.program_id(1)  # edge e's partials follow edge e - 1's
+    row = part_ptr + (tile * P + planes - ch).to(tl.int64) * taps  # (tile, image): C·taps long
     p3 = row + ch * 9  # this channel's taps in each filter's [C, k²] block
     p5 = row + C * off5 + ch * 25
     pd3 = row + C * offd3 + ch * 9

@@ -153,36 +153,110 @@ def test_pointwise_stage_launches(monkeypatch):
 
 
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("stride,identity,present,pools", [(1, True, (1, 1, 1, 1), True),
-                                                          (2, False, (1, 0, 1, 1), True),
-                                                          (1, False, (0, 1, 0, 0), False)])
-def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, device):
-    """stencil_group (one launch for E edges; odd shape, several programs per plane and per plane group) against
-    the reference twin per edge: outputs, the identity's pass-through, every input and filter gradient (inputs
-    shared between edges, as a source state's fan-out views are: their gradients add)."""
+@pytest.mark.parametrize("stride,identity,present,pools,partial", [(1, True, (1, 1, 1, 1), True, False),
+                                                                  (2, False, (1, 0, 1, 1), True, False),
+                                                                  (1, False, (0, 1, 0, 0), False, False),
+                                                                  (1, True, (1, 1, 1, 1), True, True)])
+def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, partial, device):
+    """stencil_group (one launch for E edges each way; odd shape, several programs per plane and per plane group)
+    against the reference twin per edge: outputs, the identity's pass-through, every input and filter gradient
+    (inputs shared between edges, as a source state's fan-out views are: their gradients add). `partial`: a frozen
+    source and frozen filters, and outputs without a gradient, so that the edges' backward launches split by the
+    branches they have."""
     from milenas_fast.ops.stencil import KSIZE, max_tile, stencil_group, stencil_reference
 
     gen = torch.Generator().manual_seed(3)
     N, C, H, W = 2, 3, 7, 9
-    srcs = [torch.randn(N, C, H, W, generator=gen).to(device).requires_grad_() for _ in range(2)]
+    srcs = [torch.randn(N, C, H, W, generator=gen).to(device).requires_grad_(not (partial and s)) for s in range(2)]
     xs = [srcs[e % 2] for e in range(5)]  # two source states, five edges
-    filters = [tuple((torch.randn(C, 1, k, k, generator=gen).to(device).requires_grad_() if p else None)
-                     for k, p in zip(KSIZE, present)) for _ in xs]
+    filters = [tuple((torch.randn(C, 1, k, k, generator=gen).to(device).requires_grad_(not (partial and e == 3 and
+                                                                                             k == 5)) if p else None)
+                     for k, p in zip(KSIZE, present)) for e in range(len(xs))]
     with max_tile(16):
         outs = stencil_group(xs, filters, stride, pools, identity)
     refs = [((x,) if identity else ()) + stencil_reference(x, *f, stride, pools) for x, f in zip(xs, filters)]
-    leaves = srcs + [w for f in filters for w in f if w is not None]
+    leaves = [t for t in srcs + [w for f in filters for w in f if w is not None] if t.requires_grad]
     got, want = [], []
-    for o, r in zip(outs, refs):
+    for e, (o, r) in enumerate(zip(outs, refs)):
         assert len(o) == len(r)
-        for a, b in zip(o, r):
+        for j, (a, b) in enumerate(zip(o, r)):
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                if partial and (e, j) in ((0, 1), (2, 0), (2, 5), (4, 3)):
+                    continue  # no gradient: that branch leaves this edge's launches
                 g = torch.randn(a.shape, generator=gen).to(device)
                 got.append((a, g))
                 want.append((b, g))
-    ga = torch.autograd.grad([a for a, _ in got], leaves, [g for _, g in got])
-    gb = torch.autograd.grad([b for b, _ in want], leaves, [g for _, g in want])
+    ga = torch.autograd.grad([a for a, _ in got if a.requires_grad], leaves,
+                             [g for a, g in got if a.requires_grad], allow_unused=True)
+    gb = torch.autograd.grad([b for b, _ in want if b.requires_grad], leaves,
+                             [g for b, g in want if b.requires_grad], allow_unused=True)
+    assert sum(a is None for a in ga) == (2 if partial else 0)  # edge 0's w3, edge 4's wd3
     for i, (a, b) in enumerate(zip(ga, gb)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"gradient {i}")
+        assert (a is None) == (b is None), f"gradient {i}"
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"gradient {i}")
+
+
+@pytest.mark.gpu_path
+@pytest.mark.parametrize("partial", [False, True])
+def test_pair_group_is_each_edges_pair(partial, device):
+    """relu_depthwise_pair_bn_tiles_group (the pairs of a group of edges: statistics merged from one pointwise launch's
+    tile statistics, one input- and one filter-gradient launch for all) against the plain-PyTorch pair per edge:
+    outputs, batch statistics, every gradient. `partial`: an edge without y5's gradient and one with a frozen
+    filter, which take their own backward launches beside the group's."""
+    from milenas_fast.ops.pointwise import stats_tile
+    from milenas_fast.ops.stencil import max_tile, relu_depthwise_pair_bn_reference, relu_depthwise_pair_bn_tiles_group
+
+    gen = torch.Generator().manual_seed(8)
+    E, N, C, H, W = 4, 2, 4, 5, 6
+    zs = [(torch.randn(N, C, H, W, generator=gen) * 2 + 1).to(device) for _ in range(2 * E)]
+    ws = [(torch.randn(C, C, 1, 1, generator=gen) / 3).to(device) for _ in range(2 * E)]
+    *hs, tiles = pw.pointwise(zs, ws, (1 << 2 * E) - 1)
+    hs = [h.detach().requires_grad_() for h in hs]
+    filters = [tuple(torch.randn(C, 1, k, k, generator=gen).to(device).requires_grad_(not (partial and e == 2 and
+                                                                                           k == 3))
+                     for k in (3, 5)) for e in range(E)]
+    launches = []
+    real = st._launch
+
+    def spy(kernel, grid, *args, **meta):
+        launches.append((kernel.fn.__name__, meta["E"]))
+        return real(kernel, grid, *args, **meta)
+
+    st._launch = spy
+    try:
+        with max_tile(16):
+            outs = relu_depthwise_pair_bn_tiles_group(hs[0::2], [f[0] for f in filters], hs[1::2],
+                                                      [f[1] for f in filters], [tiles] * E,
+                                                      [(2 * e, 2 * e + 1) for e in range(E)], stats_tile(hs[0]), 1e-5)
+            skip = {(1, 1)} if partial else set()  # (edge, output) without a gradient
+            got = [(outs[e][j], torch.randn(outs[e][j].shape, generator=gen).to(device))
+                   for e in range(E) for j in (0, 1) if (e, j) not in skip]
+            leaves = [t for t in hs + [w for f in filters for w in f] if t.requires_grad]
+            ga = torch.autograd.grad([y for y, _ in got], leaves, [g for _, g in got], allow_unused=True)
+    finally:
+        st._launch = real
+    bwd = sorted(n for n in launches if n[0] != "stencil_fwd_kernel")
+    if partial:  # the group: edges 0, 2, 3's inputs and 0, 3's filters; edge 1 alone, edge 2's w5 alone
+        assert bwd == [("stencil_bwd_input_kernel", 1), ("stencil_bwd_input_kernel", 3),
+                       ("stencil_bwd_weight_kernel", 1), ("stencil_bwd_weight_kernel", 1),
+                       ("stencil_bwd_weight_kernel", 2)], bwd
+    else:
+        assert bwd == [("stencil_bwd_input_kernel", E), ("stencil_bwd_weight_kernel", E)], bwd
+    refs = [relu_depthwise_pair_bn_reference(hs[2 * e], filters[e][0], hs[2 * e + 1], filters[e][1], None, None, 1e-5)
+            for e in range(E)]
+    for e in range(E):
+        for j in (0, 1):
+            torch.testing.assert_close(outs[e][j], refs[e][j], rtol=1e-5, atol=2e-5)
+        h = torch.stack([hs[2 * e], hs[2 * e + 1]]).detach().transpose(1, 2).reshape(2, C, -1)
+        torch.testing.assert_close(outs[e][2], h.mean(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[e][3], h.var(-1), rtol=1e-4, atol=1e-5)
+    want = dict(((e, j), r) for e in range(E) for j, r in enumerate(refs[e]))
+    gb = torch.autograd.grad([want[(e, j)] for e in range(E) for j in (0, 1) if (e, j) not in skip], leaves,
+                             [g for _, g in got], allow_unused=True)
+    for i, (a, b) in enumerate(zip(ga, gb)):
+        assert (a is None) == (b is None), f"gradient {i}"
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()), msg=f"gradient {i}")

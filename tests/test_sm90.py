@@ -39,23 +39,28 @@ def jobs() -> list[dict]:
                 "fp32_ptrs": ["part_ptr", "mean_ptr", "rstd_ptr", "uvar_ptr", "st_ptr"]}
         # HASACC (x's gradient from the identity candidate) only at stride 1: a stride-2 mixed op has no identity
         consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, HASACC=stride == 1, NORM=False)
-        # the forward's pointers are tuples of E (here one edge; stencil_fwd_group's 8 below)
-        extra = {"tuples": _fwd_tuples(1), "consts": {**consts, "E": 1}} if kernel == "fwd" else {"consts": consts}
-        out.append({**base, "key": f"{kernel} s{stride} P{bp} HW{bhw} w{warps}", "has": "all", **extra})
+        # every pointer but part_ptr/st_ptr is a tuple of E (here one edge; the group ops' 8 below)
+        out.append({**base, "key": f"{kernel} s{stride} P{bp} HW{bhw} w{warps}", "has": "all",
+                    "tuples": _tuples(kernel, 1), "consts": {**consts, "E": 1}})
         if stride == 1:  # the pair, on the inner BNs' outputs (eval) or inputs normalised as loaded (NORM, train:
             # the forward merging the statistics from tile statistics, NORM 2)
             for norm in (0, 1, 2) if kernel == "fwd" else (0, 1):
                 out.append({**base, "key": f"{kernel} pair norm{norm} P{bp} HW{bhw} w{warps}",
-                            "consts": {**consts, "X5": True, "HASACC": False, "NORM": norm,
-                                       **({"E": 1} if kernel == "fwd" else {})}, "has": ["HAS3", "HAS5"],
-                            **({"tuples": _fwd_tuples(1)} if kernel == "fwd" else {})})
-    for N, C, H in SEARCH_SHAPES:  # stencil_fwd_group: a fused cell's group of 8 edges, at its own configuration
-        for stride in (1, 2):
-            bp, bhw, _, warps = group_config((N, C, H, H), stride, GPU_MAX_TILE)
-            out.append({"file": str(src / "stencil.py"), "name": KERNELS["fwd"], "warps": warps, "has": "all",
-                        "fp32_ptrs": ["st_ptr"], "tuples": _fwd_tuples(8),
-                        "key": f"fwd group s{stride} P{bp} HW{bhw} w{warps} E8",
-                        "consts": dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, NORM=False, E=8)})
+                            "consts": {**consts, "X5": True, "HASACC": False, "NORM": norm, "E": 1},
+                            "has": ["HAS3", "HAS5"], "tuples": _tuples(kernel, 1)})
+    for N, C, H in SEARCH_SHAPES:  # the group ops: a fused cell's group of 8 edges, at their own configurations
+        for kernel in KERNELS:
+            for stride in (1, 2):
+                bp, bhw, _, warps = group_config((N, C, H, H), stride, GPU_MAX_TILE, kernel)
+                base = {"file": str(src / "stencil.py"), "name": KERNELS[kernel], "warps": warps,
+                        "fp32_ptrs": ["st_ptr", "part_ptr"], "tuples": _tuples(kernel, 8)}
+                consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, HASACC=stride == 1, NORM=False, E=8)
+                out.append({**base, "has": "all", "key": f"{kernel} group s{stride} P{bp} HW{bhw} w{warps} E8",
+                            "consts": consts})
+                if stride == 1 and kernel != "fwd":  # the pairs' backward (NORM: their inner BNs' batch statistics)
+                    out.append({**base, "has": ["HAS3", "HAS5"], "consts": {**consts, "X5": True, "HASACC": False,
+                                                                            "NORM": 1},
+                                "key": f"{kernel} pair group P{bp} HW{bhw} w{warps} E8"})
     from milenas_fast.ops.pointwise import GPU_TILE, _blocks, stats_warps
     for N, C, H in SEARCH_SHAPES:
         ba, bb, bp = _blocks(C, C, H * H, GPU_TILE)
@@ -74,10 +79,16 @@ def jobs() -> list[dict]:
     return out
 
 
-def _fwd_tuples(e: int) -> dict:
-    """stencil_fwd_kernel's tuple parameters (e pointers each): data in the run's dtype, statistics fp32."""
-    data = ("xs", "x5s", "w3s", "w5s", "wd3s", "wd5s", "y3s", "y5s", "yd3s", "yd5s", "ymaxs", "yavgs")
-    return {**{n: ["dt", e] for n in data}, **{n: ["fp32", e] for n in ("means", "rstds", "uvars")}}
+_TUPLES = {"fwd": ("xs", "x5s", "w3s", "w5s", "wd3s", "wd5s", "y3s", "y5s", "yd3s", "yd5s", "ymaxs", "yavgs"),
+           "bwd_input": ("xs", "x5s", "w3s", "w5s", "wd3s", "wd5s", "ymaxs", "g3s", "g5s", "gd3s", "gd5s", "gmaxs",
+                         "gavgs", "gaccs", "dxs", "dx5s"),
+           "bwd_weight": ("xs", "x5s", "g3s", "g5s", "gd3s", "gd5s")}
+
+
+def _tuples(kernel: str, e: int) -> dict:
+    """A stencil kernel's tuple parameters (e pointers each): data in the run's dtype, statistics fp32."""
+    stats = ("means", "rstds", "uvars") if kernel == "fwd" else ("means", "rstds")
+    return {**{n: ["dt", e] for n in _TUPLES[kernel]}, **{n: ["fp32", e] for n in stats}}
 
 
 _COMPILE = r"""

@@ -37,8 +37,8 @@ from . import factorized_reduce, mixing_weights, select, weight_cast
 from .bn_fold import MAX_STATS, bn_stats, folded_reduce, running_rstd, stats_mask
 from .pointwise import MAX_K, pointwise, stats_tile as pointwise_stats_tile
 from .running_stats import update as _update_running_stats
-from .stencil import (MAX_EDGES, relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil, stencil_group,
-                      stencil_with_identity)
+from .stencil import (MAX_EDGES, relu_depthwise_pair, relu_depthwise_pair_bn_tiles,
+                      relu_depthwise_pair_bn_tiles_group, stencil, stencil_group, stencil_with_identity)
 
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")  # relu_depthwise_pair's order
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -179,23 +179,31 @@ class Edge:
         """The first stage outputs whose tile statistics the pair needs (the inner BNs folded)."""
         return _SEP if self.fold else ()
 
-    def pair(self, first: dict, tiles: dict, counters: list) -> dict:
+    def pair_args(self, first: dict, tiles: dict) -> tuple | None:
+        """The folded pair's `relu_depthwise_pair_bn_tiles` arguments (h3, w3, h5, w5, tile statistics, rows, tile,
+        eps), or None where the inner BNs are not folded. `tiles`: {name: (tile statistics, row)} of the folded sep
+        convs' first stage outputs (`_pointwise`)."""
+        if not self.fold:
+            return None
+        seps = self.seps
+        h3, h5 = (first[n] for n in _SEP)
+        (st, r3), (st5, r5) = (tiles[n] for n in _SEP)
+        assert st is st5, "one launch's tile statistics for both sep convs (one shape and dtype)"
+        return (h3, seps[_SEP[0]].op[5].weight, h5, seps[_SEP[1]].op[5].weight, st, (r3, r5),
+                pointwise_stats_tile(h3), seps[_SEP[0]].op[3].eps)
+
+    def pair(self, first: dict, tiles: dict, counters: list, folded: tuple | None = None) -> dict:
         """The sep convs' second stages: ReLU → depthwise of both in one Triton launch (fp32 filters, as the
-        first's); returns their 1×1 convolutions to run. `tiles`: {name: (tile statistics, row)} of the folded
-        sep convs' first stage outputs (`_pointwise`)."""
+        first's); returns their 1×1 convolutions to run. `folded`: the folded pair's (y3, y5, mean, var) where a
+        group call (`_pairs`) computed them."""
         self.first, seps = first, self.seps
         f3, f5 = (seps[n].op[5].weight if n in seps else None for n in _SEP)
         if self.fold:
             # both inner BNs in training mode: their statistics merged from the first pointwise's tile statistics
             # by the second stages' launch, which normalises as it loads (the BN outputs are never written);
             # running statistics with the others'
-            bn3, bn5 = (seps[n].op[3] for n in _SEP)
-            h3, h5 = (first[n] for n in _SEP)
-            (st, r3), (st5, r5) = (tiles[n] for n in _SEP)
-            assert st is st5, "one launch's tile statistics for both sep convs (one shape and dtype)"
-            y3, y5, mean_i, var_i = relu_depthwise_pair_bn_tiles(h3, f3, h5, f5, st, (r3, r5), pointwise_stats_tile(h3),
-                                                                 bn3.eps)
-            _update_running_stats([bn3, bn5], mean_i, var_i, [])
+            y3, y5, mean_i, var_i = folded or relu_depthwise_pair_bn_tiles(*self.pair_args(first, tiles))
+            _update_running_stats([seps[n].op[3] for n in _SEP], mean_i, var_i, [])
         else:
             mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
             y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5)
@@ -301,6 +309,24 @@ def _stencils(edges: list[Edge]) -> list:
     return out
 
 
+def _pairs(calls: list) -> list:
+    """The folded pairs' (y3, y5, mean, var) for the `Edge.pair_args` calls (None: not folded): one group call for
+    the pairs of one shape and dtype, eps and tile (up to MAX_EDGES), apart for those that want no gradient (as in
+    `_pointwise`); None where a lone pair takes its own op (`Edge.pair`)."""
+    def kind(i):
+        h3, w3, h5, w5, _, _, tile, eps = calls[i]
+        return h3.shape, h3.dtype, any(t.requires_grad for t in (h3, w3, h5, w5)), tile, eps
+
+    out: list = [None] * len(calls)
+    for (*_, tile, eps), chunk in _launches([i for i, c in enumerate(calls) if c], kind, MAX_EDGES):
+        if len(chunk) > 1:
+            args = [calls[i] for i in chunk]
+            res = relu_depthwise_pair_bn_tiles_group(*([a[j] for a in args] for j in range(6)), tile, eps)
+            for i, r in zip(chunk, res):
+                out[i] = r
+    return out
+
+
 def run(edges: list[Edge]) -> None:
     """Every stage of `edges` up to their edge_reduce (`Edge.finish`), each stage in ONE launch for all of them (the
     pointwise stages and the statistics: inputs of one shape and dtype)."""
@@ -308,8 +334,10 @@ def run(edges: list[Edge]) -> None:
     todo = {(i, n): v for i, f in enumerate(firsts) for n, v in f.items()}
     first, tiles = _pointwise(todo, [(i, n) for i, e in enumerate(edges) for n in e.folded_seps()])
     counters = [[] for _ in edges]
-    seconds = [e.pair({n: first[(i, n)] for n in f}, {n: tiles[(i, n)] for n in e.folded_seps()}, c)
-               for i, (e, f, c) in enumerate(zip(edges, firsts, counters))]
+    firsts = [{n: first[(i, n)] for n in f} for i, f in enumerate(firsts)]
+    tiles = [{n: tiles[(i, n)] for n in e.folded_seps()} for i, e in enumerate(edges)]
+    folded = _pairs([e.pair_args(f, t) for e, f, t in zip(edges, firsts, tiles)])
+    seconds = [e.pair(f, t, c, p) for e, f, t, c, p in zip(edges, firsts, tiles, counters, folded)]
     second = _pointwise({(i, n): v for i, s in enumerate(seconds) for n, v in s.items()})[0]
     batch = [e for i, (e, s, c) in enumerate(zip(edges, seconds, counters))
              if e.candidates({n: second[(i, n)] for n in s}, c)]

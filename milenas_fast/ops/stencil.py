@@ -91,10 +91,15 @@ def launch_config(kernel: str, shape, stride: int, tile: int | None = None):
 GROUP_TILE = 512  # stencil_fwd_group's largest tile on the GPU, at 2 elements per thread (see group_config)
 
 
-def group_config(shape, stride: int, tile: int | None = None):
-    """`launch_config` of stencil_fwd_group: its pointers are picked per program (registers, not kernel
-    parameters), and at the whole-plane fp32 configuration ptxas (Triton 3.8) spilled; tiles of at most GROUP_TILE
-    elements at 2 per thread do not (tests/test_sm90.py)."""
+def group_config(shape, stride: int, tile: int | None = None, kernel: str = "fwd"):
+    """`launch_config` of the group ops (stencil_fwd_group, ..._bwd_input_group, ..._bwd_weight_group): their
+    pointers are picked per program (registers, not kernel parameters), and at the whole-plane fp32 forward
+    configuration ptxas (Triton 3.8) spilled; tiles of at most GROUP_TILE elements at 2 per thread do not
+    (tests/test_sm90.py). The input gradient's group takes the per-edge tiles."""
+    if kernel == "bwd_input":  # the per-edge tiles; at stride 2 at most 2 elements per thread, 16 warps (ptxas of
+        # Triton 3.6 spilled at stride 2 with 8 warps, whether 2 or 4 elements per thread)
+        p, hw, grid, warps = launch_config(kernel, shape, stride, tile)
+        return p, hw, grid, max(warps, min(16, p * hw // 32)) if stride > 1 else warps
     N, C, H, W = shape
     pixels = out_size(H, stride) * out_size(W, stride)
     if tile is None:  # the interpreter's large tiles (few programs) stay; the GPU's are capped
@@ -191,10 +196,7 @@ def stencil_fwd_group(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[t
     wss = [w3, w5, wd3, wd5]
     if not 1 <= E <= MAX_EDGES or any(len(w) not in (0, E) for w in wss):
         raise ValueError(f"stencil_fwd_group: 1 to {MAX_EDGES} inputs, each filter list empty or one per input")
-    for i, x in enumerate(xs):
-        _check(x, [w[i] if w else None for w in wss])
-        if x.shape != xs[0].shape or x.dtype != xs[0].dtype:
-            raise ValueError("stencil_fwd_group: inputs of one shape and dtype")
+    _check_group(xs, wss)
     N, C, H, W = xs[0].shape
     HO, WO = out_size(H, stride), out_size(W, stride)
     has = [bool(w) for w in wss] + [pools, pools]
@@ -205,6 +207,13 @@ def stencil_fwd_group(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[t
     _launch(K.stencil_fwd_kernel, (*grid, E), *per, xs[0], N * C, C, H, W, HO, WO, 1, 1, 1, 0, 0, 0.0, *has,
             X5=False, NORM=False, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=E, num_warps=warps)
     return [y for out in ys for y in out]
+
+
+def _check_group(xs, wss):
+    for i, x in enumerate(xs):
+        _check(x, [w[i] if w else None for w in wss])
+        if x.shape != xs[0].shape or x.dtype != xs[0].dtype:
+            raise ValueError("a stencil group's inputs must have one shape and dtype")
 
 
 @_register("milenas_fast::stencil_fwd_bn", traceable=False)
@@ -230,7 +239,26 @@ def stencil_fwd_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: tor
     return (*ys, *stats)
 
 
-@_register("milenas_fast::stencil_bwd_input")
+def _bwd_input(xs, x5s, wss, ymaxs, gss, gaccs, means, rstds, stride: int, config) -> tuple[list, list]:
+    """stencil_bwd_input_kernel for E edges in one launch: every argument a list of E (None: absent for every
+    edge; wss/gss: the four filters' and six gradients' lists); (dxs, dx5s), dx5s None without x5."""
+    x, E = xs[0], len(xs)
+    N, C, H, W = x.shape
+    dxs = [torch.empty_like(t) for t in xs]
+    dx5s = [torch.empty_like(t) for t in xs] if x5s[0] is not None else [None] * E
+    bp, bhw, grid, warps = config(x.shape, stride)
+
+    def tup(ts):
+        return tuple(xs if ts[0] is None else ts)
+
+    _launch(K.stencil_bwd_input_kernel, (*grid, E), tup(xs), tup(x5s), *map(tup, wss), tup(ymaxs), *map(tup, gss),
+            tup(gaccs), tup(dxs), tup(dx5s), tup(means), tup(rstds), N * C, C, H, W, out_size(H, stride),
+            out_size(W, stride), *(g[0] is not None for g in gss), X5=x5s[0] is not None, HASACC=gaccs[0] is not None,
+            NORM=means[0] is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=E, num_warps=warps)
+    return dxs, dx5s
+
+
+@_register("milenas_fast::stencil_bwd_input", traceable=False)  # tuples of pointers
 def stencil_bwd_input(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
                       wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], ymax: Optional[torch.Tensor],
                       g3: Optional[torch.Tensor], g5: Optional[torch.Tensor], gd3: Optional[torch.Tensor],
@@ -241,23 +269,64 @@ def stencil_bwd_input(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[
     """(dx, dx5) from the given output gradients (a branch without its gradient, or without its filter or ymax,
     costs nothing); dx5 (x5's, the 5×5 branch's input when given) is 0-element without x5 or g5. `gacc` (x's
     shape): a gradient of x from elsewhere, added into dx in the same pass."""
-    N, C, H, W = x.shape
     gs = [g.contiguous() if g is not None and need is not None else None
           for g, need in zip((g3, g5, gd3, gd5, gmax, gavg), (w3, w5, wd3, wd5, ymax, ymax))]  # ymax: pools ran
     split = x5 is not None and gs[1] is not None
-    dx = torch.empty_like(x)
-    dx5 = torch.empty_like(x) if split else x.new_empty((0,))
-    bp, bhw, grid, warps = launch_config("bwd_input", x.shape, stride)
-    _launch(
-        K.stencil_bwd_input_kernel, grid, x, x5 if split else x, *_or((w3, w5, wd3, wd5), x),
-        ymax.contiguous() if gs[4] is not None else x, *_or(gs, x), x if gacc is None else gacc.contiguous(), dx,
-        dx5 if split else x, *_or((mean, rstd), x), N * C, C, H, W, out_size(H, stride), out_size(W, stride),
-        *_present(gs), X5=split, HASACC=gacc is not None, NORM=mean is not None, STRIDE=stride, BLOCK_P=bp,
-        BLOCK_HW=bhw, num_warps=warps)
-    return dx, dx5
+    dxs, dx5s = _bwd_input([x], [x5 if split else None], [[w] for w in (w3, w5, wd3, wd5)],
+                           [ymax.contiguous() if gs[4] is not None else None], [[g] for g in gs],
+                           [None if gacc is None else gacc.contiguous()], [mean], [rstd], stride,
+                           lambda shape, s: launch_config("bwd_input", shape, s))
+    return dxs[0], dx5s[0] if split else x.new_empty((0,))
 
 
-@_register("milenas_fast::stencil_bwd_weight")
+@_register("milenas_fast::stencil_bwd_input_group", traceable=False)
+def stencil_bwd_input_group(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[torch.Tensor],
+                            wd3: list[torch.Tensor], wd5: list[torch.Tensor], ymax: list[torch.Tensor],
+                            g3: list[torch.Tensor], g5: list[torch.Tensor], gd3: list[torch.Tensor],
+                            gd5: list[torch.Tensor], gmax: list[torch.Tensor], gavg: list[torch.Tensor], stride: int,
+                            gacc: list[torch.Tensor], x5: list[torch.Tensor], mean: list[torch.Tensor],
+                            rstd: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`stencil_bwd_input` of E edges of one shape and dtype (a stencil group's, or pairs' with x5 and mean/rstd) in
+    ONE launch: each edge's dx (then, with x5, each one's dx5). A list is empty where that part is absent for every
+    edge (a gradient counts only with its filter; gmax/gavg with ymax; with x5, g5 goes to dx5 and must be given)."""
+    E = len(xs)
+    lists = [w3, w5, wd3, wd5, ymax, g3, g5, gd3, gd5, gmax, gavg, gacc, x5, mean, rstd]
+    if not 1 <= E <= MAX_EDGES or any(len(t) not in (0, E) for t in lists):
+        raise ValueError(f"stencil_bwd_input_group: 1 to {MAX_EDGES} inputs, each list empty or one per input")
+    _check_group(xs, [w3, w5, wd3, wd5])
+    ws = [w if w else [None] * E for w in (w3, w5, wd3, wd5)]
+    gss = [[t.contiguous() for t in g] if g and need[0] is not None else [None] * E
+           for g, need in zip((g3, g5, gd3, gd5, gmax, gavg), (*ws, ymax or [None], ymax or [None]))]
+    if x5 and gss[1][0] is None:
+        raise ValueError("stencil_bwd_input_group: x5 comes with g5")
+    dxs, dx5s = _bwd_input(xs, x5 or [None] * E, ws, ymax if gss[4][0] is not None else [None] * E, gss,
+                           [t.contiguous() for t in gacc] if gacc else [None] * E, mean or [None] * E,
+                           rstd or [None] * E, stride, lambda shape, s: group_config(shape, s, kernel="bwd_input"))
+    return dxs + (dx5s if x5 else [])
+
+
+def _bwd_weight(xs, x5s, gss, means, rstds, stride: int, config) -> torch.Tensor:
+    """stencil_bwd_weight_kernel for E edges in one launch (lists of E, None: absent for every edge): the fp32
+    filter gradients [E, Σ C·k²] (the present branches' blocks, w3 | w5 | wd3 | wd5), summed over tiles and the
+    batch in order."""
+    x, E = xs[0], len(xs)
+    N, C, H, W = x.shape
+    taps = sum(k * k for g, k in zip(gss, KSIZE) if g[0] is not None)
+    bp, bhw, grid, warps = config(x.shape, stride)
+    part = x.new_empty(E, grid[1] * N, C * taps, dtype=torch.float32)  # every program stores all its taps
+
+    def tup(ts):
+        return tuple(xs if ts[0] is None else ts)
+
+    _launch(K.stencil_bwd_weight_kernel, (*grid, E), tup(xs), tup(x5s), *map(tup, gss), part, tup(means), tup(rstds),
+            N * C, C, H, W, out_size(H, stride), out_size(W, stride), *(g[0] is not None for g in gss),
+            X5=x5s[0] is not None and gss[1][0] is not None, NORM=means[0] is not None, STRIDE=stride, BLOCK_P=bp,
+            BLOCK_HW=bhw, E=E, num_warps=warps)
+    # Deterministic second stage: an ordered sum over pixel tiles and the batch, in fp32.
+    return part.sum(dim=1)
+
+
+@_register("milenas_fast::stencil_bwd_weight", traceable=False)  # tuples of pointers
 def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional[torch.Tensor],
                        gd3: Optional[torch.Tensor], gd5: Optional[torch.Tensor], stride: int,
                        x5: Optional[torch.Tensor] = None, mean: Optional[torch.Tensor] = None,
@@ -265,18 +334,24 @@ def stencil_bwd_weight(x: torch.Tensor, g3: Optional[torch.Tensor], g5: Optional
     """fp32 filter gradients of the branches whose output gradient is given, flat: one contiguous [C, k²]
     block per branch in the order w3 | w5 | wd3 | wd5 (`split_taps` parts them without a copy; the caller
     casts to the filters' dtype). The 5×5 branch reads x5 where given."""
-    N, C, H, W = x.shape
-    HO, WO = out_size(H, stride), out_size(W, stride)
-    gs = [g.contiguous() if g is not None else None for g in (g3, g5, gd3, gd5)]
-    taps = sum(k * k for g, k in zip(gs, KSIZE) if g is not None)
-    bp, bhw, grid, warps = launch_config("bwd_weight", x.shape, stride)
-    part = x.new_empty(grid[1] * N, C * taps, dtype=torch.float32)  # every program stores all its taps
-    _launch(
-        K.stencil_bwd_weight_kernel, grid, x, x if x5 is None else x5, *_or(gs, x), part, *_or((mean, rstd), x),
-        N * C, C, H, W, HO, WO, *_present(gs), X5=x5 is not None and gs[1] is not None, NORM=mean is not None,
-        STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
-    # Deterministic second stage: an ordered sum over pixel tiles and the batch, in fp32.
-    return part.sum(dim=0)
+    gs = [[None if g is None else g.contiguous()] for g in (g3, g5, gd3, gd5)]
+    return _bwd_weight([x], [x5], gs, [mean], [rstd], stride,
+                       lambda shape, s: launch_config("bwd_weight", shape, s))[0]
+
+
+@_register("milenas_fast::stencil_bwd_weight_group", traceable=False)
+def stencil_bwd_weight_group(xs: list[torch.Tensor], g3: list[torch.Tensor], g5: list[torch.Tensor],
+                             gd3: list[torch.Tensor], gd5: list[torch.Tensor], stride: int, x5: list[torch.Tensor],
+                             mean: list[torch.Tensor], rstd: list[torch.Tensor]) -> torch.Tensor:
+    """`stencil_bwd_weight` of E edges of one shape and dtype in ONE launch (and one sum): [E, Σ C·k²] fp32, row e
+    edge e's. A list is empty where that part is absent for every edge (a branch that wants no filter gradient)."""
+    E = len(xs)
+    if not 1 <= E <= MAX_EDGES or any(len(g) not in (0, E) for g in (g3, g5, gd3, gd5, x5, mean, rstd)):
+        raise ValueError(f"stencil_bwd_weight_group: 1 to {MAX_EDGES} inputs, each list empty or one per input")
+    _check_group(xs, [[]] * 4)
+    gss = [[t.contiguous() for t in g] if g else [None] * E for g in (g3, g5, gd3, gd5)]
+    return _bwd_weight(xs, x5 or [None] * E, gss, mean or [None] * E, rstd or [None] * E, stride,
+                       lambda shape, s: group_config(shape, s, kernel="bwd_weight"))
 
 
 def split_taps(dw: torch.Tensor, C: int, present) -> list:
@@ -351,7 +426,8 @@ class _WithIdentity(torch.autograd.Function):
 class _Group(torch.autograd.Function):
     """`stencil_fwd_group` for E edges (x_e and its four filters each; a None filter: that branch absent for every
     edge), with each edge's x as a first output when `identity` (its gradient joins dx, as `_WithIdentity`'s). The
-    backward runs each edge's own input- and filter-gradient kernels (`_grads`)."""
+    backward is one input-gradient and one filter-gradient launch for all edges (more where the edges' gradients
+    differ in which branches they have)."""
 
     @staticmethod
     def forward(ctx, stride, pools, identity, *args):
@@ -371,23 +447,43 @@ class _Group(torch.autograd.Function):
     def backward(ctx, *grads):
         E, saved, n = ctx.E, ctx.saved_tensors, ctx.needs_input_grad[3:]
         per = 7 if ctx.identity else 6
-        dxs, dws = [None] * E, [[None] * E for _ in range(4)]
+        xs, ymaxs = saved[:E], saved[5 * E:6 * E]
+        wss = [saved[E * (b + 1):E * (b + 2)] for b in range(4)]
+        # Edges whose gradients have the same branches present share a launch (usually the whole group).
+        wants_x, wants_w = {}, {}
         for e in range(E):
             g = grads[per * e:per * (e + 1)]
             gacc, g = (g[0], g[1:]) if ctx.identity else (None, g)
-            ws = [saved[E * (b + 1) + e] for b in range(4)]
-            needs = (n[e], *(n[E * (b + 1) + e] for b in range(4)), False, False, False, False, False)
-            d = _grads((saved[e], *ws, saved[5 * E + e], None, None, None), ctx.stride, needs, g, gacc)
-            dxs[e] = d[0]
-            for b in range(4):
-                dws[b][e] = d[1 + b]
+            if n[e]:  # a branch's gradient counts with its filter (the pools': with ymax)
+                gs = [t if need is not None else None for t, need in zip(g, [w[e] for w in wss] + [ymaxs[e]] * 2)]
+                wants_x.setdefault(tuple(_present(gs + [gacc])), []).append((e, gs, gacc))
+            gw = [t if w[e] is not None and n[E * (b + 1) + e] else None for b, (t, w) in enumerate(zip(g, wss))]
+            if any(t is not None for t in gw):
+                wants_w.setdefault(tuple(_present(gw)), []).append((e, gw))
+        dxs, dws = [None] * E, [[None] * E for _ in range(4)]
+        for key, items in wants_x.items():
+            es = [e for e, _, _ in items]
+            ws = [[w[e] for e in es] if w[0] is not None else [] for w in wss]
+            gs = [[it[1][b] for it in items] if key[b] else [] for b in range(6)]
+            out = torch.ops.milenas_fast.stencil_bwd_input_group(
+                [xs[e] for e in es], *ws, [ymaxs[e] for e in es] if key[4] or key[5] else [], *gs, ctx.stride,
+                [it[2] for it in items] if key[6] else [], [], [], [])
+            for e, dx in zip(es, out):
+                dxs[e] = dx
+        for key, items in wants_w.items():
+            es = [e for e, _ in items]
+            dw = torch.ops.milenas_fast.stencil_bwd_weight_group(
+                [xs[e] for e in es], *([it[1][b] for it in items] if key[b] else [] for b in range(4)), ctx.stride,
+                [], [], [])
+            for row, e in enumerate(es):
+                for b, d in enumerate(split_taps(dw[row], xs[e].shape[1], key)):
+                    dws[b][e] = None if d is None else d.to(wss[b][e].dtype)
         return (None, None, None, *dxs, *(d for ws in dws for d in ws))
 
 
 def stencil_group(xs: list[torch.Tensor], filters: list[tuple], stride: int, pools: bool, identity: bool) -> list:
     """[stencil(x, *f, stride, pools) (with x first: `stencil_with_identity`) for x, f in zip(xs, filters)] in one
-    launch each forward (inputs of one shape and dtype, up to MAX_EDGES; the same branches present in every edge).
-    The backward is each edge's own."""
+    launch each way (inputs of one shape and dtype, up to MAX_EDGES; the same branches present in every edge)."""
     E = len(xs)
     args = [x.contiguous() for x in xs] + [_contiguous(f[b]) for b in range(4) for f in filters]
     out = _Group.apply(stride, pools, identity, *args)
@@ -470,18 +566,78 @@ class _PairBN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g3, g5, *_):
-        h3, _, _, _, _, _, h5, mean, rstd = ctx.saved_tensors
-        n = ctx.needs_input_grad  # (h3, w3, h5, w5, ...) as the stencil op's (x, w3, w5, wd3, wd5, ..., x5, ...)
-        needs = (n[0], n[1], n[3], False, False, False, False, n[2], False, False)
-        gm3, gw3, gw5, _, _, _, _, gm5, _, _ = _backward(ctx, g3, g5, None, None, None, None, needs=needs)
-        if gm3 is not None and gm5 is not None:  # both BNs' backward in one kernel
-            dh3, dh5 = bn_backward(gm3, gm5, h3, h5, mean, rstd)
-        else:
-            dh3, dh5 = (None if g is None else
-                        torch.ops.aten.native_batch_norm_backward(g, h, None, None, None, mean[k], rstd[k], True,
-                                                                  ctx.eps, [True, False, False])[0]
-                        for k, (g, h) in enumerate(((gm3, h3), (gm5, h5))))
-        return dh3, gw3, dh5, gw5, None, None
+        return (*_pair_grads(ctx.saved_tensors, ctx.needs_input_grad, g3, g5, ctx.eps), None, None)
+
+
+def _pair_grads(saved, n, g3, g5, eps: float, dm=None, dw=None) -> tuple:
+    """A pair's gradients (h3, w3, h5, w5) for its saved (h3, w3, w5, None, None, None, h5, mean, rstd) and needs
+    `n` (h3, w3, h5, w5, ...); dm = (gm3, gm5) and dw = (gw3, gw5): the normalised inputs' and the filters' gradients
+    where a group launch gave them already."""
+    h3, w3, w5, _, _, _, h5, mean, rstd = saved
+    # as the stencil op's (x, w3, w5, wd3, wd5, stride, pools, x5, mean, rstd)
+    needs = (n[0] and dm is None, n[1] and dw is None, n[3] and dw is None, False, False, False, False,
+             n[2] and dm is None, False, False)
+    gm3, gw3, gw5, _, _, _, _, gm5, _, _ = _grads(saved, 1, needs, (g3, g5, None, None, None, None))
+    gm3, gm5 = dm or (gm3, gm5)
+    gw3, gw5 = dw or (gw3, gw5)
+    if gm3 is not None and gm5 is not None:  # both BNs' backward in one kernel
+        dh3, dh5 = bn_backward(gm3, gm5, h3, h5, mean, rstd)
+    else:
+        dh3, dh5 = (None if g is None else
+                    torch.ops.aten.native_batch_norm_backward(g, h, None, None, None, mean[k], rstd[k], True,
+                                                              eps, [True, False, False])[0]
+                    for k, (g, h) in enumerate(((gm3, h3), (gm5, h5))))
+    return dh3, gw3, dh5, gw5
+
+
+class _PairBNGroup(torch.autograd.Function):
+    """`_PairBN` (statistics from tile statistics) for E edges of one shape and dtype: each edge's forward launch,
+    then one input-gradient and one filter-gradient launch for all edges whose pair wants every gradient (the
+    search's; the others each their own, as `_PairBN`)."""
+
+    @staticmethod
+    def forward(ctx, eps, tile, rows, *args):
+        E = len(rows)
+        h3s, w3s, h5s, w5s, sts = (args[b * E:(b + 1) * E] for b in range(5))
+        outs, saved = [], []
+        for e in range(E):
+            y3, y5, mean, rstd, var = torch.ops.milenas_fast.stencil_fwd_bn(h3s[e], w3s[e], h5s[e], w5s[e], sts[e],
+                                                                            list(rows[e]), tile, eps)
+            outs += [y3, y5, mean, var]
+            saved += [h3s[e], w3s[e], w5s[e], h5s[e], mean, rstd]
+            ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(*saved)
+        ctx.E, ctx.eps = E, eps
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        E, saved, n = ctx.E, ctx.saved_tensors, ctx.needs_input_grad[3:]
+        pairs = [(*saved[6 * e:6 * e + 3], None, None, None, saved[6 * e + 3], *saved[6 * e + 4:6 * e + 6])
+                 for e in range(E)]
+        needs = [tuple(n[b * E + e] for b in range(4)) for e in range(E)]
+        g3s, g5s = grads[0::4], grads[1::4]
+        full = [e for e in range(E) if g3s[e] is not None and g5s[e] is not None]
+        dm, dw = [None] * E, [None] * E
+        es = [e for e in full if needs[e][0] and needs[e][2]]
+        if len(es) > 1:
+            h3, w3, w5, _, _, _, h5, mean, rstd = zip(*(pairs[e] for e in es))
+            out = torch.ops.milenas_fast.stencil_bwd_input_group(
+                list(h3), list(w3), list(w5), [], [], [], [g3s[e] for e in es], [g5s[e] for e in es], [], [], [], [],
+                1, [], list(h5), list(mean), list(rstd))
+            for i, e in enumerate(es):
+                dm[e] = (out[i], out[len(es) + i])
+        es = [e for e in full if needs[e][1] and needs[e][3]]
+        if len(es) > 1:
+            h3, _, _, _, _, _, h5, mean, rstd = zip(*(pairs[e] for e in es))
+            d = torch.ops.milenas_fast.stencil_bwd_weight_group(
+                list(h3), [g3s[e] for e in es], [g5s[e] for e in es], [], [], 1, list(h5), list(mean), list(rstd))
+            for i, e in enumerate(es):
+                parts = split_taps(d[i], h3[0].shape[1], (True, True, False, False))
+                dw[e] = tuple(p.to(w.dtype) for p, w in zip(parts, pairs[e][1:3]))
+        grads_in = [_pair_grads(pairs[e], needs[e], g3s[e], g5s[e], ctx.eps, dm[e], dw[e]) for e in range(E)]
+        return (None, None, None, *(g[b] for b in range(4) for g in grads_in), *([None] * E))
 
 
 def relu_depthwise_pair_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: torch.Tensor,
@@ -500,6 +656,16 @@ def relu_depthwise_pair_bn_tiles(h3: torch.Tensor, w3: torch.Tensor, h5: torch.T
     statistics. No statistics launch."""
     return _PairBN.apply(h3.contiguous(), w3.contiguous(), h5.contiguous(), w5.contiguous(),
                          (tile_stats, list(groups), tile), eps)
+
+
+def relu_depthwise_pair_bn_tiles_group(h3s: list, w3s: list, h5s: list, w5s: list, tile_stats: list, rows: list,
+                                       tile: int, eps: float) -> list[tuple]:
+    """`relu_depthwise_pair_bn_tiles` for E edges of one shape and dtype (a fused cell's group), each with its own
+    tile statistics and rows: [(y3, y5, mean, var)] per edge. Their backward takes one launch each way for all."""
+    E = len(h3s)
+    out = _PairBNGroup.apply(eps, tile, [tuple(r) for r in rows], *(t.contiguous() for t in (*h3s, *w3s, *h5s, *w5s)),
+                             *tile_stats)
+    return [tuple(out[4 * e:4 * e + 4]) for e in range(E)]
 
 
 def relu_depthwise_pair_bn_reference(h3, w3, h5, w5, mean, rstd, eps):

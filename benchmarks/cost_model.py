@@ -181,7 +181,7 @@ def _custom_flops(name: str, args) -> int:
         dim = 0 if forward else 1  # forward: (x, w [CO, C]); else (g or x, w or g)
         return sum(2 * a.numel() * b.shape[dim] for a, b in zip(args[0], args[1]))
     if name == "milenas_fast::bn_backward":  # sums of g and g·(h − mean), then rstd·(g − a − (h − mean)·b)
-        return 9 * (args[2].numel() + args[3].numel())
+        return 9 * sum(h.numel() for h in args[1])
     if name == "milenas_fast::bn_fold_grad":
         return 5 * sum(y.numel() for y in args[1])  # gy = a·g + b·y + d per candidate element
     if name.endswith("edge_reduce_partials") or name.endswith("edge_reduce_triton_partials"):

@@ -170,21 +170,19 @@ def running_rstd_kernel(
 
 @triton.jit
 def bn_backward_kernel(
-    g0_ptr, g1_ptr, h0_ptr, h1_ptr, dh0_ptr, dh1_ptr, mean_ptr, rstd_ptr,
+    gs, hs, dhs, means, rstds,
     N, C, HW,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Program (k, channel block) of input k ∈ {0, 1} ([N, C, HW] each; mean/rstd [2, C] fp32, the batch
-    statistics): the channel sums of g and g·(h − mean) in a first pass (fp32, fixed order: deterministic),
-    dh = rstd·(g − Σg/n − (h − mean)·rstd²·Σg(h − mean)/n) in a second, stored in h's dtype."""
+    """Program (k, channel block) of BatchNorm k < K (tuples of K pointers: g, h, dh [N, C, HW] each; mean/rstd [C]
+    fp32, the batch statistics): the channel sums of g and g·(h − mean) in a first pass (fp32, fixed order:
+    deterministic), dh = rstd·(g − Σg/n − (h − mean)·rstd²·Σg(h − mean)/n) in a second, stored in h's dtype."""
     k = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
-    g_ptr, h_ptr, dh_ptr = g0_ptr, h0_ptr, dh0_ptr
-    if k == 1:
-        g_ptr, h_ptr, dh_ptr = g1_ptr, h1_ptr, dh1_ptr
-    mu = tl.load(mean_ptr + k * C + ch, mask=cm, other=0.0)
-    rs = tl.load(rstd_ptr + k * C + ch, mask=cm, other=0.0)
+    g_ptr, h_ptr, dh_ptr = _pick(gs, k, K), _pick(hs, k, K), _pick(dhs, k, K)
+    mu = tl.load(_pick(means, k, K) + ch, mask=cm, other=0.0)
+    rs = tl.load(_pick(rstds, k, K) + ch, mask=cm, other=0.0)
     pix = tl.arange(0, BLOCK_HW)
     cnt = N * HW * 1.0
     plane = ch[:, None].to(tl.int64) * HW

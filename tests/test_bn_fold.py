@@ -249,7 +249,8 @@ for dt in ("fp32", "bf16"):
         fn = getattr(mod, name)
         sig = {p.name: "constexpr" if p.is_constexpr or p.name in consts else
                ("*" + dt if p.name in DATA_PTRS else "*fp32") if p.name.endswith("_ptr") else
-               tuple(["*" + dt] * consts["K"]) if p.name == "ys" else  # bn_stats' candidates
+               tuple(["*" + dt] * consts["K"]) if p.name in ("ys", "gs", "hs", "dhs") else  # K candidates / BNs
+               tuple(["*fp32"] * consts["K"]) if p.name in ("means", "rstds") else
                ("fp32" if p.name in ("eps", "inv_n") else "i32") for p in fn.params}
         log = io.StringIO()
         try:
@@ -290,9 +291,11 @@ def test_bn_fold_kernels_build_for_sm90():
             ("bn_fold_grad_kernel", {"K": 7, "STATS": s1, "PARTS": True, "BLOCK_P": 1, "BLOCK_HW": 1024}),
             ("bn_fold_grad_kernel", {"K": 7, "STATS": s2, "PARTS": True, "BLOCK_P": 16, "BLOCK_HW": 64}),
             ("running_rstd_kernel", {"STATS": s1, "BLOCK_C": 64}),
-            ("bn_backward_kernel", {"BLOCK_C": 1, "BLOCK_HW": 1024}),
-            ("bn_backward_kernel", {"BLOCK_C": 4, "BLOCK_HW": 64}),
-            ("bn_backward_kernel", {"BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1})]
+            ("bn_backward_kernel", {"K": 2, "BLOCK_C": 1, "BLOCK_HW": 1024}),
+            ("bn_backward_kernel", {"K": 2, "BLOCK_C": 4, "BLOCK_HW": 64}),
+            ("bn_backward_kernel", {"K": 2, "BLOCK_C": 1, "BLOCK_HW": 1024, "N": 1, "HW": 1}),
+            ("bn_backward_kernel", {"K": 16, "BLOCK_C": 1, "BLOCK_HW": 1024}),  # a fused cell group's 8 pairs
+            ("bn_backward_kernel", {"K": 16, "BLOCK_C": 4, "BLOCK_HW": 64})]
     p = subprocess.run([sys.executable, "-c", _SM90, str(src), json.dumps(todo)], capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

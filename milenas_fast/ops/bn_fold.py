@@ -154,26 +154,46 @@ def bn_fold_grad_reference(g, ys: list[torch.Tensor], w, mean, rstd, gmean, grst
     return (g.float() * v(w[:, None] * rstd) + y.float() * v(b) + v(d)).to(y.dtype)
 
 
-@register("milenas_fast::bn_backward")
+MAX_BN = 16  # bn_backward_group's BatchNorms per launch: the pairs of a fused cell's group of 8 edges
+
+
+@register("milenas_fast::bn_backward", traceable=False)  # tuples of pointers
+def bn_backward_group(gs: list[torch.Tensor], hs: list[torch.Tensor], means: list[torch.Tensor],
+                      rstds: list[torch.Tensor]) -> list[torch.Tensor]:
+    """ONE kernel for the input gradients of K ≤ MAX_BN training-mode non-affine BatchNorms (inputs hs [N, C, H, W],
+    one shape and dtype; output gradients gs of that dtype; means/rstds [C] fp32 their batch statistics): the
+    gradient through the statistics included, as aten's batch-norm backward computes it, in h's dtype."""
+    h0 = hs[0]
+    n, c, h, wd = h0.shape
+    if not 1 <= len(hs) <= MAX_BN or any(len(t) != len(hs) for t in (gs, means, rstds)):
+        raise ValueError(f"bn_backward: 1 to {MAX_BN} BatchNorms, a gradient, mean and rstd each")
+    for t in (*gs, *hs):
+        if t.shape != h0.shape or t.dtype != h0.dtype:
+            raise ValueError(f"bn_backward: every g and h must match h0 ({list(h0.shape)}, {h0.dtype}), got "
+                             f"{list(t.shape)}, {t.dtype}")
+    if any(t.shape != (c,) or t.dtype != torch.float32 for t in (*means, *rstds)):
+        raise ValueError(f"bn_backward: mean and rstd must be float32 [{c}] each")
+    gs, hs, means, rstds = ([t.contiguous() for t in ts] for ts in (gs, hs, means, rstds))
+    dhs = [torch.empty_like(t) for t in hs]
+    if h0.numel():
+        bhw = min(_pow2(h * wd), MAX_TILE)
+        bc = _pow2(c) if INTERPRET else max(1, min(_pow2(c), MAX_TILE // bhw // 4))  # as bn_stats
+        launch(K.bn_backward_kernel, (len(hs), -(-c // bc)), *map(tuple, (gs, hs, dhs, means, rstds)), n, c, h * wd,
+               K=len(hs), BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
+    return dhs
+
+
 def bn_backward(g0: torch.Tensor, g1: torch.Tensor, h0: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor,
                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ONE kernel for the input gradients of two training-mode non-affine BatchNorms (inputs h0, h1 [N, C, H, W],
-    one shape and dtype; output gradients g0, g1 of that dtype; mean/rstd [2, C] fp32 their batch statistics):
-    the gradient through the statistics included, as aten's batch-norm backward computes it, in h's dtype."""
-    n, c, h, wd = h0.shape
+    """`bn_backward_group` of two BatchNorms whose statistics are the rows of mean/rstd [2, C] (fp32)."""
+    c = h0.shape[1]
     for t in (g0, g1, h1):
         if t.shape != h0.shape or t.dtype != h0.dtype:
             raise ValueError(f"bn_backward: g0, g1, h1 must match h0 ({list(h0.shape)}, {h0.dtype}), got "
                              f"{list(t.shape)}, {t.dtype}")
     if mean.shape != (2, c) or rstd.shape != (2, c) or mean.dtype != torch.float32 or rstd.dtype != torch.float32:
         raise ValueError(f"bn_backward: mean and rstd must be float32 [2, {c}]")
-    g0, g1, h0, h1, mean, rstd = (t.contiguous() for t in (g0, g1, h0, h1, mean, rstd))
-    dh0, dh1 = torch.empty_like(h0), torch.empty_like(h1)
-    if h0.numel():
-        bhw = min(_pow2(h * wd), MAX_TILE)
-        bc = _pow2(c) if INTERPRET else max(1, min(_pow2(c), MAX_TILE // bhw // 4))  # as bn_stats
-        launch(K.bn_backward_kernel, (2, -(-c // bc)), g0, g1, h0, h1, dh0, dh1, mean, rstd, n, c, h * wd,
-               BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
+    dh0, dh1 = torch.ops.milenas_fast.bn_backward([g0, g1], [h0, h1], [mean[0], mean[1]], [rstd[0], rstd[1]])
     return dh0, dh1
 
 

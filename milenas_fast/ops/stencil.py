@@ -569,18 +569,19 @@ class _PairBN(torch.autograd.Function):
         return (*_pair_grads(ctx.saved_tensors, ctx.needs_input_grad, g3, g5, ctx.eps), None, None)
 
 
-def _pair_grads(saved, n, g3, g5, eps: float, dm=None, dw=None) -> tuple:
+def _pair_grads(saved, n, g3, g5, eps: float, dh=None, dw=None) -> tuple:
     """A pair's gradients (h3, w3, h5, w5) for its saved (h3, w3, w5, None, None, None, h5, mean, rstd) and needs
-    `n` (h3, w3, h5, w5, ...); dm = (gm3, gm5) and dw = (gw3, gw5): the normalised inputs' and the filters' gradients
-    where a group launch gave them already."""
+    `n` (h3, w3, h5, w5, ...); dh = (dh3, dh5) and dw = (gw3, gw5): the inputs' and the filters' gradients where
+    a group's launches gave them already."""
     h3, w3, w5, _, _, _, h5, mean, rstd = saved
     # as the stencil op's (x, w3, w5, wd3, wd5, stride, pools, x5, mean, rstd)
-    needs = (n[0] and dm is None, n[1] and dw is None, n[3] and dw is None, False, False, False, False,
-             n[2] and dm is None, False, False)
+    needs = (n[0] and dh is None, n[1] and dw is None, n[3] and dw is None, False, False, False, False,
+             n[2] and dh is None, False, False)
     gm3, gw3, gw5, _, _, _, _, gm5, _, _ = _grads(saved, 1, needs, (g3, g5, None, None, None, None))
-    gm3, gm5 = dm or (gm3, gm5)
     gw3, gw5 = dw or (gw3, gw5)
-    if gm3 is not None and gm5 is not None:  # both BNs' backward in one kernel
+    if dh is not None:
+        dh3, dh5 = dh
+    elif gm3 is not None and gm5 is not None:  # both BNs' backward in one kernel
         dh3, dh5 = bn_backward(gm3, gm5, h3, h5, mean, rstd)
     else:
         dh3, dh5 = (None if g is None else
@@ -592,8 +593,8 @@ def _pair_grads(saved, n, g3, g5, eps: float, dm=None, dw=None) -> tuple:
 
 class _PairBNGroup(torch.autograd.Function):
     """`_PairBN` (statistics from tile statistics) for E edges of one shape and dtype: each edge's forward launch,
-    then one input-gradient and one filter-gradient launch for all edges whose pair wants every gradient (the
-    search's; the others each their own, as `_PairBN`)."""
+    then for all edges whose pair wants every gradient (the search's; the others each their own, as `_PairBN`) one
+    input-gradient launch, one `bn_backward` launch and one filter-gradient launch."""
 
     @staticmethod
     def forward(ctx, eps, tile, rows, *args):
@@ -619,15 +620,19 @@ class _PairBNGroup(torch.autograd.Function):
         needs = [tuple(n[b * E + e] for b in range(4)) for e in range(E)]
         g3s, g5s = grads[0::4], grads[1::4]
         full = [e for e in range(E) if g3s[e] is not None and g5s[e] is not None]
-        dm, dw = [None] * E, [None] * E
+        dh, dw = [None] * E, [None] * E
         es = [e for e in full if needs[e][0] and needs[e][2]]
-        if len(es) > 1:
+        if len(es) > 1:  # the normalised inputs' gradients, then the inner BNs' backward: one launch each
             h3, w3, w5, _, _, _, h5, mean, rstd = zip(*(pairs[e] for e in es))
-            out = torch.ops.milenas_fast.stencil_bwd_input_group(
+            gm = torch.ops.milenas_fast.stencil_bwd_input_group(
                 list(h3), list(w3), list(w5), [], [], [], [g3s[e] for e in es], [g5s[e] for e in es], [], [], [], [],
                 1, [], list(h5), list(mean), list(rstd))
+            E2 = len(es)
+            out = torch.ops.milenas_fast.bn_backward(
+                [g for i in range(E2) for g in (gm[i], gm[E2 + i])], [h for i in range(E2) for h in (h3[i], h5[i])],
+                [m[k] for m in mean for k in (0, 1)], [r[k] for r in rstd for k in (0, 1)])
             for i, e in enumerate(es):
-                dm[e] = (out[i], out[len(es) + i])
+                dh[e] = (out[2 * i], out[2 * i + 1])
         es = [e for e in full if needs[e][1] and needs[e][3]]
         if len(es) > 1:
             h3, _, _, _, _, _, h5, mean, rstd = zip(*(pairs[e] for e in es))
@@ -636,7 +641,7 @@ class _PairBNGroup(torch.autograd.Function):
             for i, e in enumerate(es):
                 parts = split_taps(d[i], h3[0].shape[1], (True, True, False, False))
                 dw[e] = tuple(p.to(w.dtype) for p, w in zip(parts, pairs[e][1:3]))
-        grads_in = [_pair_grads(pairs[e], needs[e], g3s[e], g5s[e], ctx.eps, dm[e], dw[e]) for e in range(E)]
+        grads_in = [_pair_grads(pairs[e], needs[e], g3s[e], g5s[e], ctx.eps, dh[e], dw[e]) for e in range(E)]
         return (None, None, None, *(g[b] for b in range(4) for g in grads_in), *([None] * E))
 
 

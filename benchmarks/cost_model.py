@@ -174,6 +174,11 @@ def _custom_flops(name: str, args) -> int:
         return _stencil_flops(args[0], args[5], [g is not None for g in args[1:5]])
     if name == "milenas_fast::stencil_fwd_group":  # stencil_fwd per input (filter lists: empty where absent)
         return sum(_stencil_flops(x, args[5], [bool(w) for w in args[1:5]]) for x in args[0])
+    if name == "milenas_fast::stencil_bwd_input_group":  # stencil_bwd_input per input (lists: empty where absent)
+        return sum(_stencil_flops(x, args[12], [bool(w) and bool(g) for w, g in zip(args[1:5], args[6:10])])
+                   for x in args[0])
+    if name == "milenas_fast::stencil_bwd_weight_group":
+        return sum(_stencil_flops(x, args[5], [bool(g) for g in args[1:5]]) for x in args[0])
     if name == "milenas_fast::stencil_fwd_bn":  # the pair (3×3 and 5×5) on the normalised inputs
         return _stencil_flops(args[0], 1, [True, True, False, False])
     if name.startswith("milenas_fast::pointwise"):  # 2·N·HW·CO·C per convolution, each way

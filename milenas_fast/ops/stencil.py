@@ -19,14 +19,16 @@ to x5): `relu_depthwise_pair` computes both sep convs' second stages in one laun
 the BN outputs are never written; its backward ends with `bn_backward`); `relu_depthwise_pair_bn_tiles` (the fused
 MixedOp's) merges those statistics itself from the producing `pointwise` launch's tile statistics.
 
-Registered ops (the backward ones torch.library.triton_ops, visible to torch.compile; the forward ones, whose kernel
-takes tuples of pointers, opaque custom ops); an absent branch is None on input and a 0-element tensor on output:
+Registered ops (opaque custom ops: every kernel takes tuples of pointers, which torch.compile's Triton tracing does not
+take); an absent branch is None on input and a 0-element tensor on output:
     milenas_fast::stencil_fwd(x, w3?, w5?, wd3?, wd5?, stride, pools, x5?, mean?, rstd?) -> 6 tensors
     milenas_fast::stencil_fwd_group(xs, w3s, w5s, wd3s, wd5s, stride, pools) -> 6·E tensors (E inputs, one launch)
     milenas_fast::stencil_bwd_input(x, w3?, w5?, wd3?, wd5?, ymax?, g3?, g5?, gd3?, gd5?, gmax?, gavg?, stride, x5?,
         gacc?, mean?, rstd?) -> dx (+ gacc), dx5 (0-element without x5)
     milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride, x5?, mean?, rstd?) -> dw [Σ C·k²]
         (fp32: the given gradients' branches' filter gradients one after another, w3 | w5 | wd3 | wd5, each [C, k²])
+    milenas_fast::stencil_bwd_input_group / stencil_bwd_weight_group: the same for E edges (lists) in one launch
+        (`stencil_group`'s backward and the fused cell's pairs', `relu_depthwise_pair_bn_tiles_group`)
 The two backward halves are separate ops so that α-only passes (no filter gradients wanted) and
 frozen inputs skip the work they do not need. mean/rstd ([2, C] fp32, rows for x and x5; no pools): the inputs
 are normalised as loaded, and dx/dx5 are the gradients of the normalised values. `stencil_reference` and

@@ -181,6 +181,8 @@ def _custom_flops(name: str, args) -> int:
         return sum(_stencil_flops(x, args[5], [bool(g) for g in args[1:5]]) for x in args[0])
     if name == "milenas_fast::stencil_fwd_bn":  # the pair (3×3 and 5×5) on the normalised inputs
         return _stencil_flops(args[0], 1, [True, True, False, False])
+    if name == "milenas_fast::stencil_fwd_bn_group":
+        return sum(_stencil_flops(h, 1, [True, True, False, False]) for h in args[0])
     if name.startswith("milenas_fast::pointwise"):  # 2·N·HW·CO·C per convolution, each way
         forward = name in ("milenas_fast::pointwise", "milenas_fast::pointwise_with_stats")
         dim = 0 if forward else 1  # forward: (x, w [CO, C]); else (g or x, w or g)

@@ -105,20 +105,21 @@ def _norm_fwd(mean_ptr, rstd_ptr, uvar_ptr, st_ptr, planes, ch, pm, C, HW, R, T,
 @triton.jit
 def stencil_fwd_kernel(
     xs, x5s, w3s, w5s, wd3s, wd5s, y3s, y5s, yd3s, yd5s, ymaxs, yavgs, means, rstds, uvars, st_ptr,
-    P, C, H, W, HO, WO, R, T, TB, G3, G5, eps,
+    P, C, H, W, HO, WO, R, T, TB, G3, G5, GS, eps,
     HAS3: tl.constexpr, HAS5: tl.constexpr, HASD3: tl.constexpr, HASD5: tl.constexpr,
     HASMAX: tl.constexpr, HASAVG: tl.constexpr, X5: tl.constexpr, NORM: tl.constexpr,
     STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, E: tl.constexpr,
 ):
     """Every pointer but st_ptr is a tuple of E: program (planes, pixels, e) computes edge e (a fused cell's group
-    of edges of one shape: one launch for all)."""
+    of edges of one shape: one launch for all); with NORM == 2 edge e's statistics rows are G3 + e·GS, G5 + e·GS."""
     e = tl.program_id(2)
     x_ptr, x5_ptr = _pick(xs, e, E), _pick(x5s, e, E)
     w3_ptr, w5_ptr, wd3_ptr, wd5_ptr = _pick(w3s, e, E), _pick(w5s, e, E), _pick(wd3s, e, E), _pick(wd5s, e, E)
     mean_ptr, rstd_ptr, uvar_ptr = _pick(means, e, E), _pick(rstds, e, E), _pick(uvars, e, E)
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     ch = planes % C
-    mu, rs, mu5, rs5 = _norm_fwd(mean_ptr, rstd_ptr, uvar_ptr, st_ptr, planes, ch, pm, C, H * W, R, T, TB, G3, G5,
+    mu, rs, mu5, rs5 = _norm_fwd(mean_ptr, rstd_ptr, uvar_ptr, st_ptr, planes, ch, pm, C, H * W, R, T, TB,
+                                 G3 + e * GS, G5 + e * GS,
                                  eps, NORM, BLOCK_P)
     x_base = x_ptr + planes[:, None].to(tl.int64) * (H * W)
     x5_base = x5_ptr + planes[:, None].to(tl.int64) * (H * W)

@@ -205,7 +205,8 @@ def test_pair_group_is_each_edges_pair(partial, device):
     """relu_depthwise_pair_bn_tiles_group (the pairs of a group of edges: statistics merged from one pointwise launch's
     tile statistics, one input- and one filter-gradient launch for all) against the plain-PyTorch pair per edge:
     outputs, batch statistics, every gradient. `partial`: an edge without y5's gradient and one with a frozen
-    filter, which take their own backward launches beside the group's."""
+    filter, which take their own backward launches beside the group's, and statistics rows out of order (each
+    pair's forward its own launch)."""
     from milenas_fast.ops.pointwise import stats_tile
     from milenas_fast.ops.stencil import max_tile, relu_depthwise_pair_bn_reference, relu_depthwise_pair_bn_tiles_group
 
@@ -218,6 +219,8 @@ def test_pair_group_is_each_edges_pair(partial, device):
     filters = [tuple(torch.randn(C, 1, k, k, generator=gen).to(device).requires_grad_(not (partial and e == 2 and
                                                                                            k == 3))
                      for k in (3, 5)) for e in range(E)]
+    # partial: the pairs' statistics rows out of order, so that each pair's forward is its own launch
+    perm = [0, 1, 3, 2] if partial else list(range(E))
     launches = []
     real = st._launch
 
@@ -228,9 +231,10 @@ def test_pair_group_is_each_edges_pair(partial, device):
     st._launch = spy
     try:
         with max_tile(16):
-            outs = relu_depthwise_pair_bn_tiles_group(hs[0::2], [f[0] for f in filters], hs[1::2],
-                                                      [f[1] for f in filters], [tiles] * E,
-                                                      [(2 * e, 2 * e + 1) for e in range(E)], stats_tile(hs[0]), 1e-5)
+            outs = relu_depthwise_pair_bn_tiles_group([hs[2 * p] for p in perm], [f[0] for f in filters],
+                                                      [hs[2 * p + 1] for p in perm], [f[1] for f in filters],
+                                                      [tiles] * E, [(2 * p, 2 * p + 1) for p in perm],
+                                                      stats_tile(hs[0]), 1e-5)
             skip = {(1, 1)} if partial else set()  # (edge, output) without a gradient
             got = [(outs[e][j], torch.randn(outs[e][j].shape, generator=gen).to(device))
                    for e in range(E) for j in (0, 1) if (e, j) not in skip]
@@ -238,6 +242,8 @@ def test_pair_group_is_each_edges_pair(partial, device):
             ga = torch.autograd.grad([y for y, _ in got], leaves, [g for _, g in got], allow_unused=True)
     finally:
         st._launch = real
+    fwd = [n for n in launches if n[0] == "stencil_fwd_kernel"]
+    assert fwd == ([("stencil_fwd_kernel", 1)] * E if partial else [("stencil_fwd_kernel", E)]), fwd
     bwd = sorted(n for n in launches if n[0] != "stencil_fwd_kernel")
     if partial:  # the group: edges 0, 2, 3's inputs and 0, 3's filters; edge 1 alone, edge 2's w5 alone
         assert bwd == [("stencil_bwd_input_kernel", 1), ("stencil_bwd_input_kernel", 3),
@@ -245,12 +251,12 @@ def test_pair_group_is_each_edges_pair(partial, device):
                        ("stencil_bwd_weight_kernel", 2)], bwd
     else:
         assert bwd == [("stencil_bwd_input_kernel", E), ("stencil_bwd_weight_kernel", E)], bwd
-    refs = [relu_depthwise_pair_bn_reference(hs[2 * e], filters[e][0], hs[2 * e + 1], filters[e][1], None, None, 1e-5)
-            for e in range(E)]
+    refs = [relu_depthwise_pair_bn_reference(hs[2 * p], filters[e][0], hs[2 * p + 1], filters[e][1], None, None, 1e-5)
+            for e, p in enumerate(perm)]
     for e in range(E):
         for j in (0, 1):
             torch.testing.assert_close(outs[e][j], refs[e][j], rtol=1e-5, atol=2e-5)
-        h = torch.stack([hs[2 * e], hs[2 * e + 1]]).detach().transpose(1, 2).reshape(2, C, -1)
+        h = torch.stack([hs[2 * perm[e]], hs[2 * perm[e] + 1]]).detach().transpose(1, 2).reshape(2, C, -1)
         torch.testing.assert_close(outs[e][2], h.mean(-1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outs[e][3], h.var(-1), rtol=1e-4, atol=1e-5)
     want = dict(((e, j), r) for e in range(E) for j, r in enumerate(refs[e]))

@@ -57,9 +57,9 @@ def jobs() -> list[dict]:
                 consts = dict(STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, X5=False, HASACC=stride == 1, NORM=False, E=8)
                 out.append({**base, "has": "all", "key": f"{kernel} group s{stride} P{bp} HW{bhw} w{warps} E8",
                             "consts": consts})
-                if stride == 1 and kernel != "fwd":  # the pairs' backward (NORM: their inner BNs' batch statistics)
+                if stride == 1:  # the pairs (NORM: their inner BNs' batch statistics; the forward's merged, NORM 2)
                     out.append({**base, "has": ["HAS3", "HAS5"], "consts": {**consts, "X5": True, "HASACC": False,
-                                                                            "NORM": 1},
+                                                                            "NORM": 2 if kernel == "fwd" else 1},
                                 "key": f"{kernel} pair group P{bp} HW{bhw} w{warps} E8"})
     from milenas_fast.ops.pointwise import GPU_TILE, _blocks, stats_warps
     for N, C, H in SEARCH_SHAPES:

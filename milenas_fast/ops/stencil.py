@@ -179,7 +179,7 @@ def stencil_fwd(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.
     bp, bhw, grid, warps = launch_config("fwd", x.shape, stride)
     _launch(
         K.stencil_fwd_kernel, (*grid, 1), *_one(x, x if x5 is None else x5, *_or(ws, x), *ys, *_or((mean, rstd), x), x),
-        x, N * C, C, H, W, HO, WO, 1, 1, 1, 0, 0, 0.0, *has,
+        x, N * C, C, H, W, HO, WO, 1, 1, 1, 0, 0, 0, 0.0, *has,
         X5=x5 is not None, NORM=mean is not None, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=1, num_warps=warps)
     return tuple(ys)
 
@@ -206,7 +206,7 @@ def stencil_fwd_group(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[t
     bp, bhw, grid, warps = group_config(xs[0].shape, stride)
     per = [tuple(xs), tuple(xs), *(tuple(w) if w else tuple(xs) for w in wss),
            *(tuple(y[b] for y in ys) for b in range(6)), *(tuple(xs),) * 3]
-    _launch(K.stencil_fwd_kernel, (*grid, E), *per, xs[0], N * C, C, H, W, HO, WO, 1, 1, 1, 0, 0, 0.0, *has,
+    _launch(K.stencil_fwd_kernel, (*grid, E), *per, xs[0], N * C, C, H, W, HO, WO, 1, 1, 1, 0, 0, 0, 0.0, *has,
             X5=False, NORM=False, STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=E, num_warps=warps)
     return [y for out in ys for y in out]
 
@@ -225,20 +225,44 @@ def stencil_fwd_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: tor
     """The pair's forward on BN(h3), BN(h5) with the statistics merged from `tile_stats` ([K, N·T, 2, C]: the
     producing `pointwise_with_stats`' per-tile statistics, rows `groups` = (h3's, h5's), tiles of `tile` pixels):
     (y3, y5, mean, rstd, unbiased var), the last three [2, C] fp32, written by the same launch."""
-    _check(h3, (w3, w5, None, None), h5)
-    N, C, H, W = h3.shape
+    return tuple(_fwd_bn([h3], [w3], [h5], [w5], tile_stats, groups, 0, tile, eps,
+                         lambda shape: launch_config("fwd", shape, 1)))
+
+
+@_register("milenas_fast::stencil_fwd_bn_group", traceable=False)
+def stencil_fwd_bn_group(h3: list[torch.Tensor], w3: list[torch.Tensor], h5: list[torch.Tensor],
+                         w5: list[torch.Tensor], tile_stats: torch.Tensor, groups: list[int], step: int, tile: int,
+                         eps: float) -> list[torch.Tensor]:
+    """`stencil_fwd_bn` of E pairs of one shape and dtype in ONE launch: pair e's statistics are the rows
+    groups + e·step of the one `tile_stats`; (y3, y5, mean, rstd, unbiased var) per pair, pair by pair."""
+    if not 1 <= len(h3) <= MAX_EDGES or any(len(t) != len(h3) for t in (w3, h5, w5)):
+        raise ValueError(f"stencil_fwd_bn_group: 1 to {MAX_EDGES} pairs, each with both inputs and filters")
+    return _fwd_bn(h3, w3, h5, w5, tile_stats, groups, step, tile, eps,
+                   lambda shape: group_config(shape, 1))
+
+
+def _fwd_bn(h3s, w3s, h5s, w5s, tile_stats, groups, step: int, tile: int, eps: float, config) -> list:
+    """stencil_fwd_kernel with NORM 2 for E pairs (lists) in one launch; the ops' checks and outputs."""
+    _check_group(h3s, [w3s, w5s, [], []])
+    N, C, H, W = h3s[0].shape
+    for h3, h5, w3, w5 in zip(h3s, h5s, w3s, w5s):
+        _check(h3, (w3, w5, None, None), h5)
     k, r = tile_stats.shape[:2]
-    if tile_stats.shape[2:] != (2, C) or tile_stats.dtype != torch.float32 or r % max(N, 1) or len(groups) != 2:
-        raise ValueError(f"stencil_fwd_bn: tile_stats must be float32 [K, N·T, 2, {C}], groups two rows")
-    ys = [h3.new_empty(N, C, H, W) for _ in range(2)]
-    stats = [h3.new_empty(2, C, dtype=torch.float32) for _ in range(3)]
-    if h3.numel():
-        bp, bhw, grid, warps = launch_config("fwd", h3.shape, 1)
-        _launch(K.stencil_fwd_kernel, (*grid, 1), *_one(h3, h5, w3, w5, h3, h3, *ys, h3, h3, h3, h3, *stats),
-                tile_stats.contiguous(), N * C, C, H, W, H, W, r, r // N, tile, groups[0], groups[1], eps,
-                True, True, False, False, False, False, X5=True, NORM=2, STRIDE=1, BLOCK_P=bp, BLOCK_HW=bhw, E=1,
-                num_warps=warps)
-    return (*ys, *stats)
+    E = len(h3s)
+    if tile_stats.shape[2:] != (2, C) or tile_stats.dtype != torch.float32 or r % max(N, 1) or len(groups) != 2 \
+            or not 0 <= min(groups) <= max(groups) + (E - 1) * step < k:
+        raise ValueError(f"stencil_fwd_bn: tile_stats must be float32 [K, N·T, 2, {C}], groups two of its rows")
+    ys = [[h.new_empty(N, C, H, W) for _ in range(2)] for h in h3s]
+    stats = [[h3s[0].new_empty(2, C, dtype=torch.float32) for _ in range(3)] for _ in h3s]
+    if h3s[0].numel():
+        bp, bhw, grid, warps = config(h3s[0].shape)
+        h, any_ = tuple(h3s), tuple(h3s)  # any_: the absent branches' pointers
+        _launch(K.stencil_fwd_kernel, (*grid, E), h, tuple(h5s), tuple(w3s), tuple(w5s), any_, any_,
+                *(tuple(y[b] for y in ys) for b in range(2)), any_, any_, any_, any_,
+                *(tuple(s[b] for s in stats) for b in range(3)), tile_stats.contiguous(), N * C, C, H, W, H, W, r,
+                r // N, tile, groups[0], groups[1], step, eps, True, True, False, False, False, False, X5=True,
+                NORM=2, STRIDE=1, BLOCK_P=bp, BLOCK_HW=bhw, E=E, num_warps=warps)
+    return [t for y, st in zip(ys, stats) for t in (*y, *st)]
 
 
 def _bwd_input(xs, x5s, wss, ymaxs, gss, gaccs, means, rstds, stride: int, config) -> tuple[list, list]:
@@ -594,7 +618,8 @@ def _pair_grads(saved, n, g3, g5, eps: float, dh=None, dw=None) -> tuple:
 
 
 class _PairBNGroup(torch.autograd.Function):
-    """`_PairBN` (statistics from tile statistics) for E edges of one shape and dtype: each edge's forward launch,
+    """`_PairBN` (statistics from tile statistics) for E edges of one shape and dtype: one forward launch (where
+    their statistics are rows of one tile-statistics tensor, evenly spaced: the fused cell's; else one per edge),
     then for all edges whose pair wants every gradient (the search's; the others each their own, as `_PairBN`) one
     input-gradient launch, one `bn_backward` launch and one filter-gradient launch."""
 
@@ -602,10 +627,17 @@ class _PairBNGroup(torch.autograd.Function):
     def forward(ctx, eps, tile, rows, *args):
         E = len(rows)
         h3s, w3s, h5s, w5s, sts = (args[b * E:(b + 1) * E] for b in range(5))
+        step = rows[1][0] - rows[0][0] if E > 1 else 0
+        if all(st is sts[0] for st in sts) and all(r == (rows[0][0] + e * step, rows[0][1] + e * step)
+                                                   for e, r in enumerate(rows)):  # the fused cell's: one launch
+            res = torch.ops.milenas_fast.stencil_fwd_bn_group(list(h3s), list(w3s), list(h5s), list(w5s), sts[0],
+                                                              list(rows[0]), step, tile, eps)
+        else:
+            res = [t for e in range(E) for t in torch.ops.milenas_fast.stencil_fwd_bn(
+                h3s[e], w3s[e], h5s[e], w5s[e], sts[e], list(rows[e]), tile, eps)]
         outs, saved = [], []
         for e in range(E):
-            y3, y5, mean, rstd, var = torch.ops.milenas_fast.stencil_fwd_bn(h3s[e], w3s[e], h5s[e], w5s[e], sts[e],
-                                                                            list(rows[e]), tile, eps)
+            y3, y5, mean, rstd, var = res[5 * e:5 * e + 5]
             outs += [y3, y5, mean, var]
             saved += [h3s[e], w3s[e], w5s[e], h5s[e], mean, rstd]
             ctx.mark_non_differentiable(mean, var)

@@ -20,10 +20,9 @@
 
 The stages are an `Edge`'s methods, and `run` takes them for many edges at once: the supernet's fused Cell hands
 it the edges leaving the states that are ready, and steps 1, 2's 1×1 convolutions and 3's statistics then take
-one launch per stage for all of them (`stencil_group`, `pointwise` and `bn_stats` take tuples of pointers). The
-pairs' forward and each edge_reduce stay per edge; the stencil's and the pairs' backward (input and filter
-gradients, the inner BNs' backward) take one launch each for the group. A lone MixedOp is a group of one
-(`fused_forward`).
+one launch per stage for all of them (`stencil_group`, the pairs, `pointwise` and `bn_stats` take tuples of
+pointers), and so do the stencil's and the pairs' backward (input and filter gradients, the inner BNs' backward).
+Each edge_reduce (forward and backward) stays per edge. A lone MixedOp is a group of one (`fused_forward`).
 
 Only non-affine search MixedOps over (a subset of) the DARTS primitives are fused; `unsupported(mod)`
 says why one is not.

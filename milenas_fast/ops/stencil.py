@@ -27,8 +27,8 @@ take); an absent branch is None on input and a 0-element tensor on output:
         gacc?, mean?, rstd?) -> dx (+ gacc), dx5 (0-element without x5)
     milenas_fast::stencil_bwd_weight(x, g3?, g5?, gd3?, gd5?, stride, x5?, mean?, rstd?) -> dw [Σ C·k²]
         (fp32: the given gradients' branches' filter gradients one after another, w3 | w5 | wd3 | wd5, each [C, k²])
-    milenas_fast::stencil_bwd_input_group / stencil_bwd_weight_group: the same for E edges (lists) in one launch
-        (`stencil_group`'s backward and the fused cell's pairs', `relu_depthwise_pair_bn_tiles_group`)
+    milenas_fast::stencil_fwd_bn_group, stencil_bwd_input_group, stencil_bwd_weight_group: the same for E edges
+        (lists) in one launch (`stencil_group`'s backward; the fused cell's pairs, `relu_depthwise_pair_bn_tiles_group`)
 The two backward halves are separate ops so that α-only passes (no filter gradients wanted) and
 frozen inputs skip the work they do not need. mean/rstd ([2, C] fp32, rows for x and x5; no pools): the inputs
 are normalised as loaded, and dx/dx5 are the gradients of the normalised values. `stencil_reference` and
@@ -256,8 +256,8 @@ def _fwd_bn(h3s, w3s, h5s, w5s, tile_stats, groups, step: int, tile: int, eps: f
     stats = [[h3s[0].new_empty(2, C, dtype=torch.float32) for _ in range(3)] for _ in h3s]
     if h3s[0].numel():
         bp, bhw, grid, warps = config(h3s[0].shape)
-        h, any_ = tuple(h3s), tuple(h3s)  # any_: the absent branches' pointers
-        _launch(K.stencil_fwd_kernel, (*grid, E), h, tuple(h5s), tuple(w3s), tuple(w5s), any_, any_,
+        any_ = tuple(h3s)  # also the absent branches' pointers
+        _launch(K.stencil_fwd_kernel, (*grid, E), any_, tuple(h5s), tuple(w3s), tuple(w5s), any_, any_,
                 *(tuple(y[b] for y in ys) for b in range(2)), any_, any_, any_, any_,
                 *(tuple(s[b] for s in stats) for b in range(3)), tile_stats.contiguous(), N * C, C, H, W, H, W, r,
                 r // N, tile, groups[0], groups[1], step, eps, True, True, False, False, False, False, X5=True,

@@ -266,3 +266,15 @@ def test_pair_group_is_each_edges_pair(partial, device):
         assert (a is None) == (b is None), f"gradient {i}"
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()), msg=f"gradient {i}")
+
+
+def test_pair_group_rejects_rows_outside_the_statistics():
+    """Every pair's rows (groups + e·step) must lie inside tile_stats: an error, not a read past its end."""
+    h, w3, w5 = torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3), torch.randn(3, 1, 5, 5)
+    tiles = torch.zeros(6, 2, 2, 3)
+    ok = torch.ops.milenas_fast.stencil_fwd_bn_group([h] * 3, [w3] * 3, [h] * 3, [w5] * 3, tiles, [0, 1], 2, 16, 1e-5)
+    assert len(ok) == 15
+    for groups, step in (([0, 1], 3), ([4, 5], -3), ([-1, 0], 1)):
+        with pytest.raises(ValueError, match="groups two of its rows"):
+            torch.ops.milenas_fast.stencil_fwd_bn_group([h] * 3, [w3] * 3, [h] * 3, [w5] * 3, tiles, groups, step, 16,
+                                                        1e-5)

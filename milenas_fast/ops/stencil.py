@@ -249,8 +249,9 @@ def _fwd_bn(h3s, w3s, h5s, w5s, tile_stats, groups, step: int, tile: int, eps: f
         _check(h3, (w3, w5, None, None), h5)
     k, r = tile_stats.shape[:2]
     E = len(h3s)
+    rows = [g + e * step for g in groups for e in range(E)]
     if tile_stats.shape[2:] != (2, C) or tile_stats.dtype != torch.float32 or r % max(N, 1) or len(groups) != 2 \
-            or not 0 <= min(groups) <= max(groups) + (E - 1) * step < k:
+            or not 0 <= min(rows) <= max(rows) < k:
         raise ValueError(f"stencil_fwd_bn: tile_stats must be float32 [K, N·T, 2, {C}], groups two of its rows")
     ys = [[h.new_empty(N, C, H, W) for _ in range(2)] for h in h3s]
     stats = [[h3s[0].new_empty(2, C, dtype=torch.float32) for _ in range(3)] for _ in h3s]

@@ -4,6 +4,8 @@
 
 For each shape of the default supernet (N=64; C=16 at 32², 32 at 16², 64 at 8²; stride 1 and 2):
 - stencil         fused `stencil` vs `stencil_reference` (NCHW and channels_last)
+- stencil_group   a fused cell's group of 8 edges from two states: `stencil_group` (one launch each way) vs the
+                  per-edge `stencil` ("fused per edge") vs `stencil_reference` per edge
 - relu_depthwise  `relu_depthwise` (the stencil kernels, one 3×3 branch: the sep convs' second stage) vs
                   F.relu + F.conv2d (`relu_depthwise_reference`, NCHW and channels_last)
 - relu_depthwise_pair  both sep convs' second stages in one launch each way vs two reference calls
@@ -131,6 +133,38 @@ def stencil_cases(N, C, H, s, dtype, dev):
     i, o = N * C * H * H, N * C * out_size(H, s) ** 2
     nbytes = {"fwd": (i + 6 * o) * el, "bwd": (2 * i + 7 * o) * el}  # bwd: x, ymax, 6 grads in; dx out
     return cases, nbytes
+
+
+def stencil_group_cases(N, C, H, s, dtype, dev):
+    """A fused cell's group: the 8 edges leaving two states (4 each), every branch, pools included: `stencil_group`
+    (one launch each way for all 8) vs the per-edge `stencil` (8 each way) vs `stencil_reference` per edge."""
+    from milenas_fast.ops.stencil import MAX_EDGES, stencil, stencil_group, stencil_reference
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    srcs = [torch.randn(N, C, H, H, device=dev, generator=g).to(dtype) for _ in range(2)]
+    filters = [[0.2 * torch.randn(C, 1, k, k, device=dev, generator=g) for k in (3, 5, 3, 5)]
+               for _ in range(MAX_EDGES)]
+
+    def per_edge(fn, xs, fs):
+        return [y for e, f in enumerate(fs) for y in fn(xs[e % 2], *f, s)]
+
+    def group(_, xs, fs):
+        return [y for ys in stencil_group([xs[e % 2] for e in range(len(fs))], fs, s, True, False) for y in ys]
+
+    cases = {}
+    for name, fn, how, fmt in (("eager NCHW", stencil_reference, per_edge, torch.contiguous_format),
+                               ("eager channels_last", stencil_reference, per_edge, torch.channels_last),
+                               ("fused per edge", stencil, per_edge, torch.contiguous_format),
+                               ("fused", None, group, torch.contiguous_format)):
+        if dev == "cpu" and name in ("eager channels_last", "fused per edge"):
+            continue  # the CPU smoke (interpreter): the `stencil` op's case runs those paths already
+        xs = [x.contiguous(memory_format=fmt).requires_grad_() for x in srcs]
+        fs = [tuple(w.clone().requires_grad_() for w in f) for f in filters]
+        cases[name] = (lambda fn=fn, how=how, xs=xs, fs=fs: how(fn, xs, fs), xs + [w for f in fs for w in f])
+    el = torch.finfo(dtype).bits // 8
+    i, o = N * C * H * H, N * C * out_size(H, s) ** 2
+    # per edge as `stencil`: x and 6 outputs forward; x, ymax and 6 grads in, dx out backward
+    return cases, {"fwd": MAX_EDGES * (i + 6 * o) * el, "bwd": MAX_EDGES * (2 * i + 7 * o) * el}
 
 
 def relu_depthwise_cases(N, C, H, s, dtype, dev):
@@ -263,7 +297,7 @@ def mixed_op_cases(N, C, H, s, dtype, dev, alpha_only=False):
 # Each (op, shape, stride) runs on its own: a failure is recorded as an error row and the others go on. The
 # whole MixedOp first: a time-limited run (gpu_check.sh) that is cut short still has the issue's target.
 OPS = {"mixed_op": mixed_op_cases, "mixed_op(α-only bwd)": lambda *a: mixed_op_cases(*a, alpha_only=True),
-       "stencil": stencil_cases, "pointwise": pointwise_cases, "relu_depthwise_pair": relu_depthwise_pair_cases,
+       "stencil": stencil_cases, "stencil_group": stencil_group_cases, "pointwise": pointwise_cases, "relu_depthwise_pair": relu_depthwise_pair_cases,
        "relu_depthwise": relu_depthwise_cases, "edge_reduce": edge_reduce_cases}
 
 

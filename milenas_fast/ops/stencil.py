@@ -640,7 +640,7 @@ class _PairBNGroup(torch.autograd.Function):
         for e in range(E):
             y3, y5, mean, rstd, var = res[5 * e:5 * e + 5]
             outs += [y3, y5, mean, var]
-            saved += [h3s[e], w3s[e], w5s[e], h5s[e], mean, rstd]
+            saved += [h3s[e], w3s[e], w5s[e], None, None, None, h5s[e], mean, rstd]  # as `_PairBN` saves them
             ctx.mark_non_differentiable(mean, var)
         ctx.save_for_backward(*saved)
         ctx.E, ctx.eps = E, eps
@@ -650,8 +650,7 @@ class _PairBNGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         E, saved, n = ctx.E, ctx.saved_tensors, ctx.needs_input_grad[3:]
-        pairs = [(*saved[6 * e:6 * e + 3], None, None, None, saved[6 * e + 3], *saved[6 * e + 4:6 * e + 6])
-                 for e in range(E)]
+        pairs = [saved[9 * e:9 * e + 9] for e in range(E)]
         needs = [tuple(n[b * E + e] for b in range(4)) for e in range(E)]
         g3s, g5s = grads[0::4], grads[1::4]
         full = [e for e in range(E) if g3s[e] is not None and g5s[e] is not None]

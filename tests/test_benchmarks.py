@@ -40,6 +40,7 @@ def test_benchmark_without_gpu_says_so_and_exits_0(script, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # the kernel benchmark's CPU smoke
 @pytest.mark.gpu_path
 def test_bench_kernels_records_a_failing_op_and_goes_on(tmp_path, monkeypatch, capsys):
     bk = load("bench_kernels.py")

@@ -266,6 +266,8 @@ print(json.dumps(res))
 """
 
 
+@pytest.mark.stack  # compiled against this stack's torch/Triton
+@pytest.mark.slow  # ptxas for sm_90
 @pytest.mark.gpu_path
 def test_bn_fold_kernels_build_for_sm90():
     """The kernels lower for Hopper at the launchers' tiles (whole 32×32 planes; packed 8×8 planes), in fp32

@@ -53,6 +53,8 @@ def test_arch_list_explicit_env_wins(monkeypatch):
         assert extension.cuda_arch_list() == extension.DEFAULT_ARCH_LIST
 
 
+@pytest.mark.stack  # compiled against this stack's torch/Triton
+@pytest.mark.slow  # nvcc for sm_90
 @pytest.mark.skipif(extension.cuda_home() is None, reason="no CUDA toolkit (nvcc) here")
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_cu_compiles_for_sm90(cu, tmp_path):

@@ -48,6 +48,7 @@ def test_every_edge_gets_a_contiguous_gradient():
     assert len(seen) == 3 * 9 and all(seen)
 
 
+@pytest.mark.slow  # a fused network, twice, through the interpreter
 @pytest.mark.gpu_path
 def test_fused_cells_slice_the_mixing_weights_once(device, monkeypatch):
     """Fused MixedOps get their candidates' weights from ONE slice of the cell's rows (backward: one cat per cell,
@@ -85,6 +86,7 @@ def test_candidate_rows_needs_every_op_fused_alike():
     assert candidate_rows(torch.rand(5, 8), net.cells[0]._ops) is None
 
 
+@pytest.mark.slow  # a fused network of 27 edges through the interpreter
 @pytest.mark.gpu_path
 def test_fused_edges_add_into_their_node(device, monkeypatch):
     """A fused MixedOp given `acc` returns acc + its output (the node's running sum, added by edge_reduce: the

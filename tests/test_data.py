@@ -28,6 +28,7 @@ def test_split_is_the_darts_floor_split():
         split_train_val(make_synthetic(3), 0.2)
 
 
+@pytest.mark.slow  # trains a classifier
 def test_synthetic_is_learnable_far_above_chance():
     """A small CNN trained briefly on augmented batches must beat chance (10%) by a wide margin."""
     torch.manual_seed(0)

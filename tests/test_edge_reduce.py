@@ -605,6 +605,8 @@ def _sm90_cases():
     return cases
 
 
+@pytest.mark.stack  # compiled against this stack's torch/Triton
+@pytest.mark.slow  # ptxas for sm_90
 @gpu_path
 def test_twin_compiles_for_sm90():
     """Every kernel lowers to sm_90 cubin at the configurations the launcher picks on a GPU."""

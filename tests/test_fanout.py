@@ -41,6 +41,7 @@ def test_falls_back_where_it_cannot_help():
     torch.testing.assert_close(dx, 2 * g)
 
 
+@pytest.mark.slow  # fused cells of several steps through the interpreter
 @pytest.mark.gpu_path
 def test_fused_cells_fan_out_their_states(device, monkeypatch):
     """In a fused supernet the states read by three or more edges fan out (their gradients one launch each);

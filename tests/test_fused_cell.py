@@ -153,7 +153,8 @@ def test_pointwise_stage_launches(monkeypatch):
 
 
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("stride,identity,present,pools,partial", [(1, True, (1, 1, 1, 1), True, False),
+@pytest.mark.parametrize("stride,identity,present,pools,partial", [pytest.param(1, True, (1, 1, 1, 1), True, False,
+                                                                               marks=pytest.mark.slow),
                                                                   (2, False, (1, 0, 1, 1), True, False),
                                                                   (1, False, (0, 1, 0, 0), False, False),
                                                                   (1, True, (1, 1, 1, 1), True, True)])
@@ -200,7 +201,7 @@ def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, p
 
 
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("partial", [pytest.param(False, marks=pytest.mark.slow), True])  # True: every path too
 def test_pair_group_is_each_edges_pair(partial, device):
     """relu_depthwise_pair_bn_tiles_group (the pairs of a group of edges: statistics merged from one pointwise launch's
     tile statistics, one input- and one filter-gradient launch for all) against the plain-PyTorch pair per edge:

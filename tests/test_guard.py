@@ -242,6 +242,7 @@ def test_an_explicitly_requested_fused_mixed_op_that_fails_ends_the_run(monkeypa
     assert_same(s.state_dict(), before)  # restored before failing: nothing half-applied is left
 
 
+@pytest.mark.slow  # a fused search through the interpreter
 @pytest.mark.gpu_path
 def test_a_fused_mixed_op_failing_under_the_graph_switches_off_the_graph_then_itself(monkeypatch, caplog):
     """The order of suspicion in the loop: the capture iteration fails (the fused MixedOp is broken from then

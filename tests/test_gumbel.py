@@ -89,6 +89,7 @@ def test_share_modes():
         assert all(torch.equal(w.detach(), F.one_hot(torch.tensor(i), 8).float()) for w, i in zip(weights, indices))
 
 
+@pytest.mark.slow  # a fused supernet through the interpreter
 @pytest.mark.gpu_path
 def test_gumbel_forward_runs_one_candidate_per_edge_with_one_host_sync(monkeypatch):
     net = _net(layers=3, tau=2.0)
@@ -187,6 +188,7 @@ def test_tiny_gumbel_search_writes_a_complete_run_folder(gumbel_run):
     assert isinstance(ckpt["sampler"]["generator"], torch.Tensor)
 
 
+@pytest.mark.slow  # three searches
 def test_gumbel_rerun_and_resume_are_bit_exact(gumbel_run, tmp_path, monkeypatch):
     from milenas_fast.search import loop
 

@@ -113,6 +113,7 @@ SMOKE = ["train", "--dataset", "imagenet", "--image_size", "64", "--layers", "3"
          "--deterministic", "--epochs", "2"]
 
 
+@pytest.mark.slow  # a training run and its resume
 @pytest.mark.gpu_path
 def test_train_imagenet_one_epoch_then_resume(tmp_path, ctrl_c_in_second_epoch):
     """The protocol's defaults at a trial size; an interrupted run resumed equals an uninterrupted one."""

@@ -266,6 +266,7 @@ def test_network_loss_and_alpha_grad(fused_ok, monkeypatch):
         close(fb.float(), rb.float(), name, rtol=1e-4, atol_rel=1e-4)
 
 
+@pytest.mark.slow  # a fused network through the interpreter
 @pytest.mark.gpu_path
 def test_network_casts_every_fused_weight_at_once_under_autocast(fused_ok, monkeypatch):
     """Under bf16 autocast a supernet forward casts the stride-2 skips' 1×1 weights of all its fused MixedOps by

@@ -75,6 +75,7 @@ def resumed_search(tmp_path_factory):
     return SimpleNamespace(run_dir=run_dir, used=[sorted(used[e]) for e in sorted(used)])
 
 
+@pytest.mark.slow  # a several-epoch search
 def test_search_lr_of_every_epoch_is_the_cosine_schedule(resumed_search):
     expected = cosine(0.1, 0.01, 3)
     history = [json.loads(line) for line in (resumed_search.run_dir / "genotypes.jsonl").read_text().splitlines()]
@@ -260,6 +261,7 @@ def test_a_checkpoint_write_failing_part_way_keeps_the_previous_one(argv, per_ep
     assert len((run_dir / per_epoch).read_text().splitlines()) == lines  # metrics.csv has a header
 
 
+@pytest.mark.slow  # two searches
 def test_a_disk_full_checkpoint_write_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
     """The write fails for real (file-size limit): exit 1, one line naming the problem, the previous
     checkpoint intact and resumable."""

@@ -55,6 +55,7 @@ def test_run_folder_has_every_artifact(straight):
     assert set(sizes) == {h["model_size"] for h in history}
 
 
+@pytest.mark.slow  # two searches and a resume
 def test_resume_after_interrupt_is_bit_exact(straight, tmp_path, monkeypatch):
     from milenas_fast.search import loop
 
@@ -85,6 +86,7 @@ def test_resume_after_interrupt_is_bit_exact(straight, tmp_path, monkeypatch):
     assert (straight / "genotypes.jsonl").read_text() == (run_dir / "genotypes.jsonl").read_text()
 
 
+@pytest.mark.slow  # a several-epoch search
 def test_early_stopping_fires_at_the_target_counts(straight, tmp_path):
     first = json.loads((straight / "genotypes.jsonl").read_text().splitlines()[0])
     run_dir = _search(tmp_path, "early", "--epochs", "4", "--early_stopping",
@@ -94,6 +96,7 @@ def test_early_stopping_fires_at_the_target_counts(straight, tmp_path):
     assert "early stopping" in (run_dir / "log.txt").read_text()
 
 
+@pytest.mark.slow  # a search and a resume
 def test_resume_of_a_finished_run_changes_nothing(straight, tmp_path):
     before = (straight / "genotypes.jsonl").read_text()
     assert main(["search", "--resume", str(straight), "--quiet"]) == 0

@@ -478,7 +478,7 @@ def test_relu_depthwise_pair_bn_partial_gradients(need, device, launches):
 
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pw_tile,tile", [(None, None), (256, 16)])
+@pytest.mark.parametrize("pw_tile,tile", [(None, None), pytest.param(256, 16, marks=pytest.mark.slow)])
 def test_relu_depthwise_pair_bn_from_tile_statistics(pw_tile, tile, dtype, device, launches, monkeypatch):
     """The fused path's form: h3, h5 from one `pointwise` with tile statistics, the pair's forward merging them
     (no statistics launch): outputs, gradients, and the returned mean / unbiased variance as bn_stats' of h3, h5;

@@ -36,7 +36,7 @@ class PassCounter:
         model.stem.register_forward_hook(lambda *a: setattr(self, "forwards", self.forwards + 1))
 
 
-@pytest.mark.parametrize("lam", [(1.0, 1.0), (0.5, 2.0)])
+@pytest.mark.parametrize("lam", [(1.0, 1.0), pytest.param((0.5, 2.0), marks=pytest.mark.slow)])
 def test_fused_step_computes_what_it_claims(lam):
     rule = StepRule("milenas", lambda_train=lam[0], lambda_valid=lam[1], grad_clip=0.5)
     model = tiny()
@@ -68,6 +68,7 @@ def test_fused_step_computes_what_it_claims(lam):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.slow  # two search steps on a supernet
 def test_fused_step_same_alpha_update_different_weight_update_than_default():
     rule = StepRule("milenas", grad_clip=5.0)
     m1 = tiny(3)
@@ -84,6 +85,7 @@ def test_fused_step_same_alpha_update_different_weight_update_than_default():
     assert diff > 1e-7  # w: pre-update α (fused) vs updated α (default)
 
 
+@pytest.mark.slow  # search steps of two rules
 @pytest.mark.parametrize("opt", ["single_level", "darts"])
 def test_fused_step_other_rules(opt):
     rule = StepRule(opt, grad_clip=0.0)

@@ -114,6 +114,7 @@ sys.exit(3 if "--seed 13" in " ".join(sys.argv) else 0)
 """
 
 
+@pytest.mark.slow  # multi-process sweep
 @pytest.mark.gpu_path
 def test_seeds_run_in_parallel_one_per_gpu(tmp_path, monkeypatch):
     """Stand-in children record the CUDA_VISIBLE_DEVICES they got and when they ran."""

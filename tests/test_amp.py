@@ -17,6 +17,8 @@ from milenas_fast.search.step import StepRule, fused_search_step, search_step
 from milenas_fast.space.primitives import PRIMITIVES
 from milenas_fast.space.supernet import Network
 
+pytestmark = pytest.mark.numerics  # CI reruns them under 2 threads and each CPU kernel set
+
 CPU = torch.device("cpu")
 STEPS = 2  # 2 nodes per cell (5 edges) keeps 20 CPU iterations quick; the code path is the same
 

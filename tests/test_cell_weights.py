@@ -62,18 +62,18 @@ def test_fused_cells_slice_the_mixing_weights_once(device, monkeypatch):
     monkeypatch.delenv(select.ENV, raising=False)
     monkeypatch.setattr(supernet, "_hooked", lambda m: True)
     torch.manual_seed(0)
-    net = Network(C=4, num_classes=3, layers=3, steps=2, multiplier=2, mixed_op=FusedMixedOp).to(device)
+    net = Network(C=4, num_classes=3, layers=1, steps=2, multiplier=2, mixed_op=FusedMixedOp).to(device)  # one cell
     x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([0, 2], device=device)
     loss = net._loss(x, y)
     names = [type(fn).__name__ for fn in _nodes(loss.grad_fn)]
     assert names.count("SliceLastBackward") == len(net.cells)
-    got = torch.autograd.grad(loss, net.arch_parameters())
+    got = torch.autograd.grad(loss, net.alphas_reduce)  # the one cell reduces
 
     monkeypatch.setattr(mixing_weights, "candidate_rows", lambda *a: None)
     monkeypatch.setattr(supernet, "candidate_rows", lambda *a: None)
     loss = net._loss(x, y)
     assert sum(type(fn).__name__ == "SliceLastBackward" for fn in _nodes(loss.grad_fn)) == 5 * len(net.cells)
-    want = torch.autograd.grad(loss, net.arch_parameters())
+    want = torch.autograd.grad(loss, net.alphas_reduce)
     for g, w in zip(got, want):
         assert g.abs().sum() > 0 and torch.equal(g, w)
 
@@ -98,17 +98,17 @@ def test_fused_edges_add_into_their_node(device, monkeypatch):
 
     monkeypatch.delenv(select.ENV, raising=False)
     torch.manual_seed(1)
-    net = Network(C=4, num_classes=3, layers=3, steps=3, multiplier=3, mixed_op=FusedMixedOp).to(device)
+    net = Network(C=4, num_classes=3, layers=1, steps=3, multiplier=3, mixed_op=FusedMixedOp).to(device)  # one cell
     x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([0, 2], device=device)
 
     def run():
         loss = net._loss(x, y)
         adds = sum(type(fn).__name__ == "AddBackward0" for fn in _nodes(loss.grad_fn))
-        return loss, torch.autograd.grad(loss, net.arch_parameters()), adds
+        return loss, torch.autograd.grad(loss, net.alphas_reduce), adds  # the one cell reduces
 
     loss, grads, adds = run()
     seen = []
-    hook = net.cells[1]._ops[3].register_forward_hook(lambda m, i, out: seen.append(out))
+    hook = net.cells[0]._ops[3].register_forward_hook(lambda m, i, out: seen.append(out))
     loss_h, grads_h, adds_h = run()
     hook.remove()
     assert adds_h == adds + 1 and len(seen) == 1  # the hooked edge's output added by the cell
@@ -118,7 +118,7 @@ def test_fused_edges_add_into_their_node(device, monkeypatch):
     for a, b in ((loss, loss_r), (loss_h, loss_r), *zip(grads, grads_r), *zip(grads_h, grads_r)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
-    op, h = net.cells[0]._ops[0], torch.randn(2, 4, 8, 8, device=device)
+    op, h = net.cells[0]._ops[4], torch.randn(2, 8, 4, 4, device=device)  # node 0 to node 1: stride 1, 2·C
     acc = torch.randn_like(h).requires_grad_()
     w = torch.softmax(torch.randn(8, device=device), 0)
     out = op(h, w, acc=acc)

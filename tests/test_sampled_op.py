@@ -9,6 +9,8 @@ from milenas_fast.search.sampler import hard_gumbel
 from milenas_fast.space.mixed_op import ReferenceMixedOp
 from milenas_fast.space.primitives import PRIMITIVES
 
+pytestmark = pytest.mark.numerics  # CI reruns them under 2 threads and each CPU kernel set
+
 C = 6  # odd spatial sizes below; C even for FactorizedReduce
 
 

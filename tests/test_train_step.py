@@ -12,6 +12,8 @@ from milenas_fast.meters import Progress
 from milenas_fast.train import loop
 from milenas_fast.train.config import TrainConfig
 
+pytestmark = pytest.mark.numerics  # CI reruns them under 2 threads and each CPU kernel set
+
 TINY = dict(dataset="synthetic", synthetic_images=16, init_channels=4, layers=3, batch_size=8, workers=0,
             device="cpu", report_freq=1, quiet=True, arch="DARTS_V2", loader="gpu")
 

@@ -5,6 +5,8 @@ import io
 import json
 import logging
 import os
+import pickle
+import re
 import sys
 import tempfile
 import time
@@ -13,7 +15,10 @@ from pathlib import Path
 import torch
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+# 2: the RNG state holds no numpy array, so a checkpoint loads with torch.load(weights_only=True). Format 1
+# (numpy's RNG keys as a pickled array) still loads: exactly the globals that rebuild an array are allowed.
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
@@ -67,17 +72,68 @@ def resolve_checkpoint(source: str | Path) -> Path:
     return path
 
 
+def _numpy_array_globals() -> list:
+    """What rebuilds a plain numpy array (format 1's RNG keys), under the names numpy 1 and 2 pickle it by.
+    Rebuilding an array calls none of the file's choosing: every other global is still refused."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    rebuild = core.multiarray._reconstruct
+    return [(rebuild, "numpy.core.multiarray._reconstruct"), (rebuild, "numpy._core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+# The keys every checkpoint holds and those of each kind, with their types: a file that passes loads without a
+# KeyError or TypeError deep in a load_state_dict. Keys absent from older checkpoints are in OPTIONAL.
+SCHEMA = {
+    "any": {"kind": str, "config": dict, "epoch": int, "model": dict, "scheduler": dict, "precision": dict,
+            "history": list, "rng": dict},
+    "search": {"finished": bool, "alphas": list, "w_optimizer": dict, "a_optimizer": dict, "valid_stream": dict,
+               "model_sizes": dict},
+    "train": {"genotype": str, "best_acc": (int, float), "optimizer": dict},
+}
+OPTIONAL = {"world_size": int, "sampler": (dict, type(None))}
+RNG_SCHEMA = {"python": tuple, "numpy": tuple, "torch": torch.Tensor}
+
+
+def _type_problem(value, types) -> str:
+    """'' when `value` has one of `types` (a bool is no int here), else what it is."""
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+        return ""
+    return f"is a {type(value).__name__}, not {' or '.join(t.__name__ for t in types)}"
+
+
+def check_schema(path: Path, state: dict, kind: str) -> None:
+    """One line naming the first missing or mistyped key."""
+    wanted = {**SCHEMA["any"], **SCHEMA[kind]}
+    present = {k: t for k, t in OPTIONAL.items() if k in state}
+    for scope, d, schema in (("", state, {**wanted, **present}), ("rng.", state.get("rng"), RNG_SCHEMA)):
+        for key, types in schema.items():
+            if key not in d:
+                raise CheckpointError(f"checkpoint {path} lacks '{scope}{key}'")
+            if problem := _type_problem(d[key], types):
+                raise CheckpointError(f"checkpoint {path}: '{scope}{key}' {problem}")
+
+
 def load_checkpoint(source: str | Path, kind: str) -> tuple[Path, dict]:
-    """(run folder, checkpoint dict); `kind` is 'search' or 'train' and must match what wrote it."""
+    """(run folder, checkpoint dict); `kind` is 'search' or 'train' and must match what wrote it. Loaded with
+    weights_only=True: a file holding anything but tensors and plain data is refused, never executed."""
     path = resolve_checkpoint(source)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        unsafe = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if unsafe:  # weights_only refused a global the pickle names: what would have run
+            raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain data "
+                                  f"({unsafe[1]}); refused, as loading it could run code") from None
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path} is not a milenas-fast checkpoint (or an incompatible version)")
     if state.get("kind") != kind:
         raise CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, not a {kind!r} one")
+    check_schema(path, state, kind)
     return path.parent, state
 
 

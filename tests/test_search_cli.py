@@ -71,12 +71,12 @@ def test_resume_after_interrupt_is_bit_exact(straight, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "write_run_files", interrupt_after_first_epoch)
     assert main(TINY + ["--save_dir", str(run_dir), "--epochs", "2"]) == 130
     monkeypatch.undo()
-    partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    partial = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert partial["epoch"] == 1 and not partial["finished"]  # the last complete checkpoint is intact
 
     assert main(["search", "--resume", str(run_dir), "--quiet"]) == 0
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)
-    b = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     for x, y in zip(a["alphas"], b["alphas"]):
         assert torch.equal(x, y)
     assert a["model"].keys() == b["model"].keys()

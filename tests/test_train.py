@@ -50,7 +50,7 @@ def test_one_epoch_writes_every_artifact(tmp_path):
     assert len(rows) == 1 and rows[0]["epoch"] == "0" and 0 <= float(rows[0]["test_acc"]) <= 100
     for name in ("weights_best.pt", "weights_last.pt"):
         model.load_state_dict(torch.load(run / name, weights_only=True))
-    state = torch.load(run / CHECKPOINT, weights_only=False)
+    state = torch.load(run / CHECKPOINT, weights_only=True)
     assert state["kind"] == "train" and state["epoch"] == 1
 
 
@@ -61,7 +61,7 @@ def test_resume_is_bit_exact(tmp_path, ctrl_c_in_second_epoch):
 
     with ctrl_c_in_second_epoch(loop.Trainer):
         assert train(*common, "--save_dir", "split") == 130
-    assert torch.load("split/checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load("split/checkpoint.pt", weights_only=True)["epoch"] == 1
     assert main(["train", "--resume", "split", "--quiet", "--workers", "0"]) == 0
 
     a = torch.load("straight/weights_last.pt", weights_only=True)

@@ -86,3 +86,18 @@ def test_an_unknown_format_is_refused(tmp_path):
     save(tmp_path / runs.CHECKPOINT, valid_state("search", fmt=3))
     with pytest.raises(runs.CheckpointError, match="incompatible version"):
         runs.load_checkpoint(tmp_path, "search")
+
+
+@pytest.mark.parametrize("stored, message", [
+    ({"epochs": "x"}, "--epochs must be int, got 'x'"),
+    ({"epochs": 2.5}, "--epochs must be int"),
+    ({"amp": 1}, "--amp must be bool"),
+    ({"learning_rate": float("nan")}, "--learning_rate must be a finite number"),
+])
+def test_a_stored_configuration_is_type_checked(stored, message):
+    """A checkpoint's (or args.json's, sweep.json's) settings bypass argparse: their types are checked too."""
+    from milenas_fast.config import ConfigError, SearchConfig
+
+    with pytest.raises(ConfigError, match=message):
+        SearchConfig.from_dict(stored).validate()
+    assert SearchConfig.from_dict({"learning_rate": 1}).validate().learning_rate == 1  # JSON's 1.0

@@ -39,7 +39,8 @@ def test_parse_seeds():
     (["--seeds", "3,3"], "seed 3 twice"),
     (["--seeds", "1", "--seed", "2"], "instead of --seed"),
     (["--seeds", "1,2", "--learning_rate", "0.01", "--learning_rate_min", "0.1"], "--learning_rate_min"),
-    (["--seeds", "1,2", "--momentum", "-1"], "--momentum must not be negative"),
+    (["--seeds", "1,2", "--momentum", "-1"], "--momentum must lie in [0, 1)"),
+    (["--seeds", "1,2", "--learning_rate", "nan"], "--learning_rate must be a finite number"),
     ([], "--seeds S1,S2,... is required"),
     (["--resume", "nowhere"], "not a sweep folder"),
 ])

@@ -99,6 +99,10 @@ def test_bad_input_exits_2_without_a_run_folder(tmp_path, capsys):
     expect_user_error(capsys, "--resume", "missing-run", match="no checkpoint")
     expect_user_error(capsys, "--genotype", to_text(MILENAS._replace(reduce_concat=range(2, 9))),
                       match="reduce_concat")
+    expect_user_error(capsys, "--learning_rate", "nan", match="--learning_rate must be a finite number, got nan")
+    expect_user_error(capsys, "--momentum", "5", match="--momentum must lie in [0, 1), got 5.0")
+    expect_user_error(capsys, "--label_smooth", "nan", match="--label_smooth must be a finite number")
+    expect_user_error(capsys, "--weight_decay", "inf", match="--weight_decay must be a finite number")
 
 
 def test_resume_refuses_changed_flags(capsys):

@@ -157,6 +157,14 @@ def all_totals_(totals) -> None:
         totals.n = int(t[-1].item())
 
 
+def any_rank(flag: torch.Tensor) -> bool:
+    """Whether the 0-d `flag` is set on any rank: every rank gets the same answer, so all stop together."""
+    if world_size() > 1:
+        flag = flag.to(torch.int32)  # a copy: the caller's flag stays its own
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
 def from_rank0(obj):
     """Rank 0's `obj` (picklable) on every rank, e.g. the run folder it just created."""
     if world_size() <= 1:

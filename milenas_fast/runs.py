@@ -1,6 +1,7 @@
 """Run folders, atomic file writes, checkpoints and the DARTS-format log."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .divergence import Diverged
+
 CHECKPOINT = "checkpoint.pt"
 # 2: the RNG state holds no numpy array, so a checkpoint loads with torch.load(weights_only=True). Format 1
 # (numpy's RNG keys as a pickled array) still loads: exactly the globals that rebuild an array are allowed.
@@ -23,6 +26,10 @@ READABLE_FORMATS = (1, 2)
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the requested run."""
+
+
+class RunStopped(RuntimeError):
+    """A run that cannot go on (exit 1); the message is one line that says what is left to continue from."""
 
 
 def new_run_dir(kind: str, save: str, save_dir: str = "") -> Path:
@@ -135,6 +142,21 @@ def load_checkpoint(source: str | Path, kind: str) -> tuple[Path, dict]:
         raise CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, not a {kind!r} one")
     check_schema(path, state, kind)
     return path.parent, state
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """What a stopped run leaves behind, for its one-line error ('' when no epoch finished)."""
+    ckpt = run_dir / CHECKPOINT
+    return f"the last complete checkpoint {ckpt} is intact" if ckpt.is_file() else ""
+
+
+@contextlib.contextmanager
+def one_line_stops(run_dir: Path):
+    """What stops a run part-way becomes RunStopped: one line, with what is left to continue from."""
+    try:
+        yield
+    except Diverged as e:
+        raise RunStopped("; ".join(filter(None, (str(e), checkpoint_note(run_dir), e.hint)))) from None
 
 
 class _TqdmHandler(logging.StreamHandler):

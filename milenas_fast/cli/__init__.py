@@ -6,7 +6,7 @@ import sys
 
 from ..config import ConfigError
 from ..data import DataError
-from ..runs import CheckpointError
+from ..runs import CheckpointError, RunStopped
 from ..space.genotype import GenotypeError
 from . import info, plot, search, sweep, train
 
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"milenas-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"milenas-fast {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # a full disk, a vanished folder: files are written atomically, nothing is half-written
         where = f" ({e.filename})" if e.filename else ""
         print(f"milenas-fast {args.command}: error: {e.strerror or e}{where}; the last complete checkpoint is intact "

@@ -15,6 +15,7 @@ from .. import distributed, runs
 from ..config import ConfigError, SearchConfig
 from ..data import BatchStream, load_dataset, make_loader, split_train_val
 from ..data.loaders import epoch_batches, resolve_loader
+from ..divergence import FiniteWatch, floating_state
 from ..meters import Progress, Totals
 from ..precision import Precision
 from ..runtime import (load_rng_state, resolve_device, resolve_impl, rng_state, seed_everything,
@@ -90,6 +91,9 @@ class Search:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_optimizer, cfg.epochs,
                                                                     eta_min=cfg.learning_rate_min * lr_scale)
         self.precision = Precision(device, cfg.amp)
+        self.watch = FiniteWatch(device, watch_losses=self.precision.scaler is None,
+                                 hint="start again with a lower --learning_rate or --arch_learning_rate, or "
+                                      "without --amp")
         self.rule = StepRule(cfg.optimization, cfg.lambda_train_regularizer, cfg.lambda_valid_regularizer,
                              cfg.grad_clip, cfg.authors_code)
         stream = FreshIteratorStream if cfg.authors_code else BatchStream
@@ -99,7 +103,7 @@ class Search:
                                  f"{cfg.lambda_valid_regularizer}, as the authors' code does (weight 1)")
         self.graphed = graphed.GraphedStep(self.model, self.w_optimizer, self.a_optimizer, self.rule,
                                            self.precision, cfg.batch_size, cfg.fused_train_step,
-                                           graphs=graphs) if self.graphs_on else None
+                                           graphs=graphs, watch=self.watch) if self.graphs_on else None
         if cfg.compile:
             compile_in_place(self.model)
         self.net = distributed.wrap(self.model, device)  # what the step runs: DDP under several processes
@@ -188,7 +192,10 @@ class Search:
             last = step == len(self.train_loader) - 1
             if step % cfg.report_freq == 0 or last:
                 obj, top1 = totals.log_line("train", step)
+                self.watch.check(f"epoch {self.epoch} step {step}")
                 progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+        self.watch.fold(tensors=floating_state(model) + model.arch_parameters())
+        self.watch.check(f"the end of epoch {self.epoch}'s training")
         distributed.all_totals_(totals)  # the epoch's numbers over every rank's share
         obj, top1, _ = totals.read()
         return top1, obj
@@ -199,7 +206,7 @@ class Search:
             return self.graphed(train_batch, lambda: next(self.valid_stream))
         valid_batch = next(self.valid_stream) if self.rule.uses("valid") else None
         return search_step(self.net, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
-                           self.precision, self.cfg.fused_train_step)
+                           self.precision, self.cfg.fused_train_step, self.watch)
 
     @torch.no_grad()
     def infer(self) -> tuple[float, float]:
@@ -210,6 +217,8 @@ class Search:
                 logits = self.model(x)
             totals.add(self.model._criterion(logits.float(), y), logits, y)
         distributed.all_totals_(totals)
+        self.watch.fold(totals.sums[0])
+        self.watch.check(f"epoch {self.epoch}'s validation")
         obj, top1 = totals.log_line("valid", len(self.valid_loader) - 1)
         return top1, obj
 
@@ -314,7 +323,8 @@ def run(cfg: SearchConfig, explicit: dict | None = None, console: bool = True) -
     bar = console and main and not cfg.quiet and sys.stderr.isatty()
     runs.setup_logging(run_dir if main else None, console=console, quiet=cfg.quiet or not main, bar=bar)
     try:
-        return _run(search, run_dir, resumed, Progress(bar))
+        with runs.one_line_stops(run_dir):
+            return _run(search, run_dir, resumed, Progress(bar))
     finally:
         runs.close_logging()
 

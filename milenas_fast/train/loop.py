@@ -16,6 +16,7 @@ from .. import distributed, runs
 from ..data import make_loader
 from ..data.eval_data import TestBatches, cutout, cutout_generator, imagenet_loaders, load_train_test
 from ..data.loaders import epoch_batches, resolve_loader
+from ..divergence import FiniteWatch, floating_state
 from ..meters import Progress, Totals
 from ..precision import Precision
 from ..runtime import load_rng_state, resolve_device, rng_state, seed_everything, set_determinism
@@ -89,6 +90,8 @@ class Trainer:
         else:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=0.0)
         self.precision = Precision(device, cfg.amp)
+        self.watch = FiniteWatch(device, watch_losses=self.precision.scaler is None,
+                                 hint="start again with a lower --learning_rate or without --amp")
         self.epoch = 0
         self.best_acc = -1.0
         self.history: list[dict] = []
@@ -137,11 +140,15 @@ class Trainer:
                 loss = loss + cfg.auxiliary_weight * self.criterion(logits_aux.float(), y)
             precision.scale(loss).backward()
             precision.step(self.optimizer, weights, cfg.grad_clip)
+            self.watch.fold(loss.detach())
             totals.add(loss.detach(), logits.detach(), y)
             seen += y.numel()
             if step % cfg.report_freq == 0 or step == len(self.train_loader) - 1:
                 obj, top1 = totals.log_line("train", step)
+                self.watch.check(f"epoch {self.epoch} step {step}")
                 progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+        self.watch.fold(tensors=floating_state(model))
+        self.watch.check(f"the end of epoch {self.epoch}'s training")
         distributed.all_totals_(totals)  # the epoch's numbers over every rank's share
         obj, top1, _ = totals.read()
         return top1, obj
@@ -157,6 +164,8 @@ class Trainer:
             totals.add(self.test_criterion(logits.float(), y), logits, y)
             if step % self.cfg.report_freq == 0 or step == len(self.test_batches) - 1:
                 totals.log_line("valid", step)
+        self.watch.fold(totals.sums[0])
+        self.watch.check(f"epoch {self.epoch}'s test")
         obj, top1, top5 = totals.read()
         return top1, obj, top5
 
@@ -222,7 +231,8 @@ def run(cfg: TrainConfig, explicit: dict | None = None, console: bool = True) ->
     bar = console and main and not cfg.quiet and sys.stderr.isatty()
     runs.setup_logging(run_dir if main else None, console=console, quiet=cfg.quiet or not main, bar=bar)
     try:
-        return _run(trainer, run_dir, resumed, source, Progress(bar))
+        with runs.one_line_stops(run_dir):
+            return _run(trainer, run_dir, resumed, source, Progress(bar))
     finally:
         runs.close_logging()
 

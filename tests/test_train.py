@@ -99,6 +99,9 @@ def test_bad_input_exits_2_without_a_run_folder(tmp_path, capsys):
     expect_user_error(capsys, "--resume", "missing-run", match="no checkpoint")
     expect_user_error(capsys, "--genotype", to_text(MILENAS._replace(reduce_concat=range(2, 9))),
                       match="reduce_concat")
+    # states 0/1 of a reduction cell keep the input resolution: this used to fail in epoch 0's first forward
+    expect_user_error(capsys, "--genotype", to_text(MILENAS._replace(reduce_concat=[0, 2])),
+                      match="reduce_concat [0, 2] names states outside 2..5")
     expect_user_error(capsys, "--learning_rate", "nan", match="--learning_rate must be a finite number, got nan")
     expect_user_error(capsys, "--momentum", "5", match="--momentum must lie in [0, 1), got 5.0")
     expect_user_error(capsys, "--label_smooth", "nan", match="--label_smooth must be a finite number")

@@ -59,17 +59,20 @@ def check_flags(flags: dict, seeds: list[int]) -> SearchConfig:
     return cfg
 
 
-def new_sweep(seeds: list[int], flags: dict, save: str, save_dir: str) -> Path:
+def new_sweep(seeds: list[int], flags: dict, save: str, save_dir: str) -> tuple[Path, runs.RunLock]:
+    """The new sweep folder, created and locked for the sweep's life."""
     check_flags(flags, seeds)
-    sweep_dir = runs.new_run_dir("sweep", save, save_dir)
+    sweep_dir = runs.run_dir_path("sweep", save, save_dir)
+    runs.check_new_run_dir(sweep_dir)
+    lock = runs.create_run_dir(sweep_dir)
     runs.atomic_write_json(sweep_dir / SWEEP_FILE, {"seeds": seeds, "flags": flags})
-    return sweep_dir
+    return sweep_dir, lock
 
 
-def resume_sweep(sweep_dir: str, seeds: list[int] | None, typed: dict) -> tuple[Path, list[int], dict]:
-    """The stored seeds and flags; typed flags may only change how the runs execute (as for search)."""
-    from .search.loop import check_resume_flags
-
+def resume_sweep(sweep_dir: str, seeds: list[int] | None,
+                 typed: dict) -> tuple[Path, list[int], dict, runs.RunLock]:
+    """The stored seeds and flags, and the folder locked for the sweep's life; typed flags may only change how
+    the runs execute (as for search)."""
     path = Path(sweep_dir) / SWEEP_FILE
     try:
         stored = json.loads(path.read_text())
@@ -79,10 +82,10 @@ def resume_sweep(sweep_dir: str, seeds: list[int] | None, typed: dict) -> tuple[
     if seeds is not None and seeds != stored_seeds:
         raise ConfigError(f"--seeds {','.join(map(str, seeds))} does not match the sweep's "
                           f"{','.join(map(str, stored_seeds))}")
-    check_resume_flags(SearchConfig.from_dict(stored_flags).to_dict(), typed)
+    runs.check_resume_flags(SearchConfig, SearchConfig.from_dict(stored_flags).to_dict(), typed, "the sweep's")
     flags = {**stored_flags, **{k: v for k, v in typed.items() if k in SearchConfig.RUNTIME}}
     check_flags(flags, stored_seeds)
-    return Path(sweep_dir), stored_seeds, flags
+    return Path(sweep_dir), stored_seeds, flags, runs.claim(Path(sweep_dir))
 
 
 # --- running the seeds -------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def test_a_search_that_diverges_stops_with_one_line_and_writes_nothing_non_finit
     assert main(["search", *TINY, "--save_dir", str(run_dir)]) == 1
     line = stop_line(capsys)
     assert "diverged" in line and "epoch 0's validation and epoch 1 step 0" in line
-    assert f"checkpoint {run_dir / runs.CHECKPOINT} is intact" in line and "--learning_rate" in line
+    assert f"checkpoint is intact ({run_dir / runs.CHECKPOINT})" in line and "--learning_rate" in line
     state = runs.load_checkpoint(run_dir, "search")[1]
     assert state["epoch"] == 1 and all(torch.isfinite(a).all() for a in state["alphas"])
     assert len((run_dir / "genotypes.jsonl").read_text().splitlines()) == 1
@@ -125,7 +125,7 @@ def test_the_graph_body_folds_the_flag(device):
 
 def test_the_stop_line_joins_the_checkpoint_note(tmp_path):
     (tmp_path / runs.CHECKPOINT).write_bytes(b"x")
-    with pytest.raises(runs.RunStopped) as e, runs.one_line_stops(tmp_path):
+    with pytest.raises(runs.RunStopped) as e, runs.one_line_stops(tmp_path, None):
         raise Diverged("training diverged: somewhere", "lower it")
-    assert str(e.value) == f"training diverged: somewhere; the last complete checkpoint " \
-                           f"{tmp_path / runs.CHECKPOINT} is intact; lower it"
+    assert str(e.value) == f"training diverged: somewhere; the last complete checkpoint is intact " \
+                           f"({tmp_path / runs.CHECKPOINT}); lower it"

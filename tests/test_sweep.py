@@ -3,6 +3,7 @@ GPU scheduling with stand-in children, and real two-seed sweeps on a tiny synthe
 resume, a failing seed)."""
 import csv
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from milenas_fast import sweep
+from milenas_fast import runs, sweep
 from milenas_fast.cli import main
 from milenas_fast.space import genotype as gt
 from milenas_fast.space.known_genotypes import by_name
@@ -197,3 +198,14 @@ def test_failing_seed_is_reported_and_the_next_one_still_runs(two_seeds, tmp_pat
     assert rows["1"]["status"] == "finished" and rows["1"]["selected"] == "yes"
     assert "resuming" in (sweep_dir / "seed-1" / "log.txt").read_text()
     assert gt.load(sweep_dir) == gt.load(sweep_dir / "seed-1") == gt.load(two_seeds / "seed-1")
+
+
+# --- one writer per folder -------------------------------------------------------------------------------
+def test_a_second_sweep_on_a_running_sweeps_folder_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: pytest.fail("a child was started"))
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    (sweep_dir / sweep.SWEEP_FILE).write_text(json.dumps({"seeds": [1], "flags": {"device": "cpu"}}))
+    with runs.RunLock(sweep_dir):
+        assert main(["sweep", "--resume", str(sweep_dir)]) == 2
+    assert f"is in use by another run (pid {os.getpid()})" in capsys.readouterr().err

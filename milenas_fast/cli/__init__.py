@@ -34,14 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"milenas-fast {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # a full disk, a vanished folder: files are written atomically, nothing is half-written
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"milenas-fast {args.command}: error: {e.strerror or e}{where}; the last complete checkpoint is intact "
-              "(continue with --resume RUN_DIR once fixed)", file=sys.stderr)
+    except OSError as e:  # outside a run (a run words its own: runs.one_line_stops)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"milenas-fast {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\nmilenas-fast {args.command}: interrupted; the last complete checkpoint is intact "
-              "(continue with --resume RUN_DIR)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a run's carries what is left to continue from
+        note = f"; {e}" if str(e) else ""
+        print(f"\nmilenas-fast {args.command}: interrupted{note}", file=sys.stderr)
         return 130
 
 

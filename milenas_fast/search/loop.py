@@ -5,7 +5,6 @@ import copy
 import functools
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -281,52 +280,22 @@ def _plot(run_dir: Path) -> None:
         log.warning("plotting failed (%s: %s); run `milenas-fast plot %s` to retry", type(e).__name__, e, run_dir)
 
 
-def check_resume_flags(saved: dict, explicit: dict) -> None:
-    """Flags typed on a --resume command line must not change what the run computes."""
-    for name, value in explicit.items():
-        if name in SearchConfig.RUNTIME or name not in saved:
-            continue
-        if saved[name] != value:
-            raise runs.CheckpointError(
-                f"--{name} {value} does not match the checkpoint's {saved[name]} (only runtime flags such as "
-                f"--device may change on --resume)")
-
-
-def prepare(cfg: SearchConfig, explicit: dict | None = None):
-    """Validate, load data and build (or restore) the search; nothing is written yet.
-    Returns (search, run_dir or None for a new run, checkpoint state or None)."""
-    state, run_dir = None, None
-    if cfg.resume:
-        run_dir, state = runs.load_checkpoint(cfg.resume, "search")
-        saved = state["config"]
-        check_resume_flags(saved, explicit or {})
-        # runtime flags typed now replace the checkpoint's (an untyped --data must not become ./data)
-        runtime = {k: getattr(cfg, k) for k in SearchConfig.RUNTIME if explicit is None or k in explicit}
-        cfg = SearchConfig.from_dict({**saved, **runtime})
-    cfg.validate()
+def prepare(cfg: SearchConfig, run_dir: Path, state: dict | None) -> Search:
+    """Load the data and build the search, restored from `state` when resuming; nothing is written."""
     device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
     search = Search(cfg, device)
     if state is not None:
         search.load_state_dict(state)
     # every rank starts from rank 0's α and weights (identical by seeding or from the same checkpoint: a check)
     distributed.broadcast_(search.model.arch_parameters() + list(search.model.state_dict().values()))
-    return search, run_dir
+    return search
 
 
 def run(cfg: SearchConfig, explicit: dict | None = None, console: bool = True) -> Path:
-    search, run_dir = prepare(cfg, explicit)
-    cfg = search.cfg
-    resumed = run_dir is not None
-    main = distributed.is_main()  # rank 0 alone writes the run folder; the others log warnings to the console
-    if not resumed:
-        run_dir = distributed.from_rank0(runs.new_run_dir("search", cfg.save, cfg.save_dir) if main else None)
-    bar = console and main and not cfg.quiet and sys.stderr.isatty()
-    runs.setup_logging(run_dir if main else None, console=console, quiet=cfg.quiet or not main, bar=bar)
-    try:
-        with runs.one_line_stops(run_dir):
-            return _run(search, run_dir, resumed, Progress(bar))
-    finally:
-        runs.close_logging()
+    def body(search, run_dir, resumed, bar):
+        return _run(search, run_dir, resumed, Progress(bar))
+
+    return runs.run_in_folder("search", SearchConfig, cfg, explicit, console, prepare, body)
 
 
 def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Path:
@@ -336,7 +305,7 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         log.info("resuming %s at epoch %d", run_dir, search.epoch)
     else:
         if main:
-            runs.atomic_write_json(run_dir / "args.json", cfg.to_dict())
+            runs.atomic_write_json(run_dir / runs.ARGS, cfg.to_dict())
         log.info("args = %s", cfg.to_dict())
     for warning in search.warnings:
         log.warning(warning)

@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -89,6 +90,23 @@ def resume_sweep(sweep_dir: str, seeds: list[int] | None,
 
 
 # --- running the seeds -------------------------------------------------------------------------------
+PARENT_ENV = "MILENAS_FAST_SWEEP_PID"  # set for a seed's child: the sweep's pid
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_sweep() -> None:
+    """In a seed's search (PARENT_ENV set): end when the sweep that started it ends, however it ends (a
+    parent-death signal, Linux), so a killed sweep leaves no orphan writing into the seed's folder."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the sweep ended before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def seed_dir(sweep_dir: Path, seed: int) -> Path:
     return sweep_dir / f"seed-{seed}"
 
@@ -146,7 +164,9 @@ def run_seed(sweep_dir: Path, flags: dict, seed: int, slot: str | None) -> Outco
         shutil.rmtree(aside, ignore_errors=True)
         run_dir.rename(aside)
     argv = child_argv(seed, flags, run_dir)
-    env = dict(os.environ) if slot is None else {**os.environ, "CUDA_VISIBLE_DEVICES": slot}
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    if slot is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot
     out = sweep_dir / f"seed-{seed}.out"
     print(f"seed {seed}: {'resuming' if '--resume' in argv else 'searching'} in {run_dir}"
           + (f" on GPU {slot}" if slot is not None else ""), flush=True)

@@ -5,7 +5,10 @@ import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +212,47 @@ def test_a_second_sweep_on_a_running_sweeps_folder_exits_2(tmp_path, monkeypatch
     with runs.RunLock(sweep_dir):
         assert main(["sweep", "--resume", str(sweep_dir)]) == 2
     assert f"is in use by another run (pid {os.getpid()})" in capsys.readouterr().err
+
+
+CHILD = """
+import os, sys, time
+from milenas_fast.sweep import die_with_sweep
+die_with_sweep()  # what `python -m milenas_fast search` does first
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(60)
+"""
+PARENT = """
+import sys
+from pathlib import Path
+from milenas_fast import sweep
+sweep.child_argv = lambda seed, flags, run_dir: [sys.executable, "-c", sys.argv[2], sys.argv[3]]
+sweep.run_seed(Path(sys.argv[1]), {}, 1, None)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie is dead, waiting for init
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_sweep_takes_its_running_seed_with_it(sig, tmp_path):
+    """SIGTERM (or SIGKILL) to a sweep used to leave its search child running, orphaned, writing into the seed
+    folder while `sweep --resume` started a second writer there."""
+    child_pid = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path), CHILD, str(child_pid)])
+    deadline = time.monotonic() + 60
+    while not child_pid.exists() or not child_pid.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None, "the child never started"
+        time.sleep(0.05)
+    pid = int(child_pid.read_text())
+    parent.send_signal(sig)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(pid):
+        assert time.monotonic() < deadline, "the seed's child outlived its sweep"
+        time.sleep(0.05)

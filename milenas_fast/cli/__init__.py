@@ -8,6 +8,7 @@ from ..config import ConfigError
 from ..data import DataError
 from ..runs import CheckpointError, RunStopped
 from ..space.genotype import GenotypeError
+from ..sweep import die_with_sweep
 from . import info, plot, search, sweep, train
 
 COMMANDS = {"search": search, "train": train, "plot": plot, "info": info, "sweep": sweep}
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    die_with_sweep()  # a seed's search of a sweep ends with the sweep
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -254,6 +254,19 @@ def load_checkpoint(source: str | Path, kind: str) -> tuple[Path, dict]:
     return path.parent, state
 
 
+@contextlib.contextmanager
+def restoring():
+    """Restoring a run from a checkpoint of the right schema can still fail on what it holds (another
+    network's shapes, a malformed RNG state): one line naming the problem, not a traceback."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        if out_of_memory(e) is not None:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"checkpoint does not fit this run ({type(e).__name__}: {first})") from None
+
+
 # --- resuming, and where a run writes ----------------------------------------------------------------------
 def check_resume_flags(cls, saved: dict, explicit: dict, whose: str) -> None:
     """Flags typed on a --resume command line must not change what the run computes."""

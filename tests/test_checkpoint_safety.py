@@ -101,3 +101,20 @@ def test_a_stored_configuration_is_type_checked(stored, message):
     with pytest.raises(ConfigError, match=message):
         SearchConfig.from_dict(stored).validate()
     assert SearchConfig.from_dict({"learning_rate": 1}).validate().learning_rate == 1  # JSON's 1.0
+
+
+def test_a_checkpoint_of_the_right_schema_that_does_not_fit_is_one_line(tmp_path, capsys):
+    """Keys and types right, contents wrong (a malformed RNG state): one line, exit 2, not a traceback from
+    deep inside the restore."""
+    run_dir = tmp_path / "run"
+    tiny = ["--dataset", "synthetic", "--synthetic_images", "32", "--layers", "3", "--init_channels", "4",
+            "--batch_size", "8", "--workers", "0", "--device", "cpu", "--quiet", "--epochs", "2"]
+    assert main(["train", *tiny, "--save_dir", str(run_dir)]) == 0
+    state = torch.load(run_dir / runs.CHECKPOINT, weights_only=True)
+    state["epoch"] = 1
+    state["rng"]["numpy"] = ("MT19937", [1, 2, 3], 0, 0, 0.0)
+    torch.save(state, run_dir / runs.CHECKPOINT)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint does not fit this run (IndexError" in err[0], err

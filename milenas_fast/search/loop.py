@@ -126,14 +126,16 @@ class Search:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.model.load_alphas(state["alphas"])
-            self.w_optimizer.load_state_dict(state["w_optimizer"])
-            self.a_optimizer.load_state_dict(state["a_optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise runs.CheckpointError(f"checkpoint does not fit this network ({first})") from None
+        with runs.restoring():
+            self._load(state)
+        if self.graphed is not None:
+            self.graphed.invalidate()  # the optimisers' state tensors were replaced
+
+    def _load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.model.load_alphas(state["alphas"])
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state["precision"])
         saved_world = state.get("world_size", 1)
@@ -147,8 +149,6 @@ class Search:
         if self.sampler is not None and not self.sampler.load_state_dict(state["sampler"]):
             self.warnings.append("the checkpoint's Gumbel noise generator is another device type's: the samples "
                                  "continue from a new stream (this resume is not bit-exact with an uninterrupted run)")
-        if self.graphed is not None:
-            self.graphed.invalidate()  # the optimisers' state tensors were replaced
 
     # --- fast components and their guard ---------------------------------------------------------------
     def _components(self) -> list[Component]:

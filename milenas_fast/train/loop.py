@@ -105,16 +105,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        try:
+        with runs.restoring():
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise runs.CheckpointError(f"checkpoint does not fit this network ({first})") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.precision.load_state_dict(state["precision"])
-        self.epoch, self.best_acc, self.history = state["epoch"], state["best_acc"], state["history"]
-        load_rng_state(state["rng"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.precision.load_state_dict(state["precision"])
+            self.epoch, self.best_acc, self.history = state["epoch"], state["best_acc"], state["history"]
+            load_rng_state(state["rng"])
 
     # --- one epoch -------------------------------------------------------------------------------------
     def train_epoch(self, progress: Progress) -> tuple[float, float]:

@@ -39,7 +39,10 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    """Rank 0 (or the single process): the only one that writes the run folder."""
+    """Rank 0 (or the single process): the only one that writes the run folder. Before the process group is
+    joined (a run settles its folder first), torchrun's RANK says which process this is."""
+    if world_size() == 1 and requested_world() > 1:
+        return os.environ.get("RANK", "0") == "0"
     return rank() == 0
 
 

@@ -355,6 +355,17 @@ def test_nproc_relaunches_the_same_command_through_torch_distributed_run(monkeyp
                            "-m", "milenas_fast", "search", "--epochs", "1", "--device", "cpu"]
 
 
+def test_before_joining_the_group_torchruns_rank_says_who_writes(monkeypatch):
+    """A run settles (and locks) its folder before the process group exists: only RANK 0 may claim it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.is_main()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert distributed.is_main()
+
+
 def test_bad_nproc_is_one_line_and_exit_2(capsys):
     assert main(["train", "--nproc", "0"]) == 2
     assert capsys.readouterr().err.strip() == "milenas-fast train: error: --nproc must be positive, got 0"

@@ -13,7 +13,9 @@ single-process run: no process group, no DDP wrapper, no collectives, so every h
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import hashlib
 import os
 import sys
@@ -77,7 +79,13 @@ def init(device: torch.device, timeout_s: float) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the group cleanly, or a rank could abort at exit ("terminate called without an active
+    exception"): what still holds the group (a DDP reducer inside a search, kept by reference cycles) is
+    freed while the group exists, and the ranks leave together."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        with contextlib.suppress(RuntimeError):  # a peer that failed is gone: nothing to wait for
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -78,6 +78,20 @@ def check_new_run_dir(path: Path) -> None:
                           "another --save_dir")
 
 
+_held_locks: set[int] = set()  # the descriptors of the run locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the lock's open file: its copy would keep the folder
+    locked after the run released it, for as long as the child lives."""
+    for fd in _held_locks:
+        os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 class RunLock:
     """An exclusive lock on a run folder for the life of a run: flock on RUN_DIR/.lock, which holds the
     owner's pid. A second run on the folder is refused naming that pid; the OS drops the lock when the
@@ -95,9 +109,11 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd: int | None = fd
+        _held_locks.add(fd)
 
     def release(self) -> None:
         if self.fd is not None:
+            _held_locks.discard(self.fd)
             os.close(self.fd)
             self.fd = None
 

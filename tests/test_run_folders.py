@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -218,3 +219,24 @@ def test_out_of_memory_in_the_second_epoch_is_one_line_with_the_sizes(error, amo
 def test_other_runtime_errors_are_not_worded_as_out_of_memory(tmp_path):
     with pytest.raises(RuntimeError, match="Sizes of tensors"), runs.one_line_stops(tmp_path, None):
         raise RuntimeError("Sizes of tensors must match")
+
+
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
+    """DataLoader workers are forked while the run holds its lock: a worker still alive when the run ends
+    must not keep the folder locked (the next --resume in the same session said 'in use')."""
+    lock = runs.RunLock(tmp_path)
+    ready, started = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker outliving the run
+        os.write(started, b"x")  # the fork's hooks have run
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"x"
+        lock.release()
+        runs.RunLock(tmp_path).release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready)
+        os.close(started)

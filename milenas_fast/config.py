@@ -3,6 +3,7 @@ and there is one place that knows defaults and rules. Bad values raise ConfigErr
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 
@@ -28,19 +29,34 @@ class Settings:
     dist_timeout: int = opt(300, "several processes: seconds a collective may wait for the other ranks before the "
                                  "run stops with an error (a dead or stuck rank)")
 
-    def check(self, positive=(), nonneg=()) -> None:
+    def check(self, positive=(), nonneg=(), fractions=()) -> None:
+        """Every field of its declared type (a stored configuration may have been edited) and every number
+        finite, before the ranges: NaN fails no `<` test. `fractions` lie in [0, 1)."""
+        for f in fields(self):
+            self._check_type(f.name, type(f.default))
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        for name in fractions:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if self.init_channels % 2:
             raise ConfigError(f"--init_channels must be even (FactorizedReduce halves it), got {self.init_channels}")
+
+    def _check_type(self, name: str, kind: type) -> None:
+        value = getattr(self, name)
+        number = kind is float and isinstance(value, int)  # JSON writes 1.0 as 1
+        if isinstance(value, bool) != (kind is bool) or not (isinstance(value, kind) or number):
+            raise ConfigError(f"--{name} must be {kind.__name__}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(f"--{name} must be a finite number, got {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,15 +139,16 @@ class SearchConfig(Settings):
                "cuda_graphs", "compile", "dist_timeout")
 
     def validate(self) -> "SearchConfig":
+        self.check(
+            positive=("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq",
+                      "dist_timeout", "learning_rate", "arch_learning_rate"),
+            nonneg=("learning_rate_min", "weight_decay", "grad_clip", "arch_weight_decay",
+                    "lambda_train_regularizer", "lambda_valid_regularizer", "workers", "early_stop_normal",
+                    "early_stop_reduce"),
+            fractions=("momentum",))
         if not 0.0 < self.train_portion < 1.0:
             raise ConfigError(f"--train_portion must lie strictly between 0 and 1, got {self.train_portion}")
         check_image_size(self.dataset, self.image_size, {"imagefolder": 4})
-        self.check(
-            positive=("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq",
-                      "dist_timeout"),
-            nonneg=("learning_rate", "learning_rate_min", "momentum", "weight_decay", "grad_clip",
-                    "arch_learning_rate", "arch_weight_decay", "lambda_train_regularizer",
-                    "lambda_valid_regularizer", "workers", "early_stop_normal", "early_stop_reduce"))
         if self.layers < 3:  # fewer cells leave no normal cell: its α would get no gradient
             raise ConfigError(f"--layers must be at least 3 (two reduction cells and a normal one), got {self.layers}")
         if self.learning_rate_min > self.learning_rate:

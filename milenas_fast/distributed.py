@@ -13,7 +13,9 @@ single-process run: no process group, no DDP wrapper, no collectives, so every h
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import hashlib
 import os
 import sys
@@ -39,7 +41,10 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    """Rank 0 (or the single process): the only one that writes the run folder."""
+    """Rank 0 (or the single process): the only one that writes the run folder. Before the process group is
+    joined (a run settles its folder first), torchrun's RANK says which process this is."""
+    if world_size() == 1 and requested_world() > 1:
+        return os.environ.get("RANK", "0") == "0"
     return rank() == 0
 
 
@@ -74,7 +79,13 @@ def init(device: torch.device, timeout_s: float) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the group cleanly, or a rank could abort at exit ("terminate called without an active
+    exception"): what still holds the group (a DDP reducer inside a search, kept by reference cycles) is
+    freed while the group exists, and the ranks leave together."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        with contextlib.suppress(RuntimeError):  # a peer that failed is gone: nothing to wait for
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -155,6 +166,14 @@ def all_totals_(totals) -> None:
         dist.all_reduce(t)
         totals.sums.copy_(t[:-1])
         totals.n = int(t[-1].item())
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """Whether the 0-d `flag` is set on any rank: every rank gets the same answer, so all stop together."""
+    if world_size() > 1:
+        flag = flag.to(torch.int32)  # a copy: the caller's flag stays its own
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
 
 
 def from_rank0(obj):

@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -59,17 +60,20 @@ def check_flags(flags: dict, seeds: list[int]) -> SearchConfig:
     return cfg
 
 
-def new_sweep(seeds: list[int], flags: dict, save: str, save_dir: str) -> Path:
+def new_sweep(seeds: list[int], flags: dict, save: str, save_dir: str) -> tuple[Path, runs.RunLock]:
+    """The new sweep folder, created and locked for the sweep's life."""
     check_flags(flags, seeds)
-    sweep_dir = runs.new_run_dir("sweep", save, save_dir)
+    sweep_dir = runs.run_dir_path("sweep", save, save_dir)
+    runs.check_new_run_dir(sweep_dir)
+    lock = runs.create_run_dir(sweep_dir)
     runs.atomic_write_json(sweep_dir / SWEEP_FILE, {"seeds": seeds, "flags": flags})
-    return sweep_dir
+    return sweep_dir, lock
 
 
-def resume_sweep(sweep_dir: str, seeds: list[int] | None, typed: dict) -> tuple[Path, list[int], dict]:
-    """The stored seeds and flags; typed flags may only change how the runs execute (as for search)."""
-    from .search.loop import check_resume_flags
-
+def resume_sweep(sweep_dir: str, seeds: list[int] | None,
+                 typed: dict) -> tuple[Path, list[int], dict, runs.RunLock]:
+    """The stored seeds and flags, and the folder locked for the sweep's life; typed flags may only change how
+    the runs execute (as for search)."""
     path = Path(sweep_dir) / SWEEP_FILE
     try:
         stored = json.loads(path.read_text())
@@ -79,13 +83,30 @@ def resume_sweep(sweep_dir: str, seeds: list[int] | None, typed: dict) -> tuple[
     if seeds is not None and seeds != stored_seeds:
         raise ConfigError(f"--seeds {','.join(map(str, seeds))} does not match the sweep's "
                           f"{','.join(map(str, stored_seeds))}")
-    check_resume_flags(SearchConfig.from_dict(stored_flags).to_dict(), typed)
+    runs.check_resume_flags(SearchConfig, SearchConfig.from_dict(stored_flags).to_dict(), typed, "the sweep's")
     flags = {**stored_flags, **{k: v for k, v in typed.items() if k in SearchConfig.RUNTIME}}
     check_flags(flags, stored_seeds)
-    return Path(sweep_dir), stored_seeds, flags
+    return Path(sweep_dir), stored_seeds, flags, runs.claim(Path(sweep_dir))
 
 
 # --- running the seeds -------------------------------------------------------------------------------
+PARENT_ENV = "MILENAS_FAST_SWEEP_PID"  # set for a seed's child: the sweep's pid
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_sweep() -> None:
+    """In a seed's search (PARENT_ENV set): end when the sweep that started it ends, however it ends (a
+    parent-death signal, Linux), so a killed sweep leaves no orphan writing into the seed's folder."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the sweep ended before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def seed_dir(sweep_dir: Path, seed: int) -> Path:
     return sweep_dir / f"seed-{seed}"
 
@@ -143,7 +164,9 @@ def run_seed(sweep_dir: Path, flags: dict, seed: int, slot: str | None) -> Outco
         shutil.rmtree(aside, ignore_errors=True)
         run_dir.rename(aside)
     argv = child_argv(seed, flags, run_dir)
-    env = dict(os.environ) if slot is None else {**os.environ, "CUDA_VISIBLE_DEVICES": slot}
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    if slot is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot
     out = sweep_dir / f"seed-{seed}.out"
     print(f"seed {seed}: {'resuming' if '--resume' in argv else 'searching'} in {run_dir}"
           + (f" on GPU {slot}" if slot is not None else ""), flush=True)

@@ -43,7 +43,7 @@ def test_cifar100_search_and_train_have_100_classes(monkeypatch):
     assert split.num_classes == 100 and split.images.shape == (16, 3, 32, 32)
     assert torch.equal(split.images[5].permute(1, 2, 0), torch.from_numpy(FakeCIFAR100("x").data[5]))
     assert main([*SEARCH, "--dataset", "cifar100", "--save_dir", "s"]) == 0
-    assert torch.load("s/checkpoint.pt", weights_only=False)["model"]["classifier.weight"].shape[0] == 100
+    assert torch.load("s/checkpoint.pt", weights_only=True)["model"]["classifier.weight"].shape[0] == 100
     assert main([*TRAIN, "--dataset", "cifar100", "--save_dir", "t"]) == 0
     weights = torch.load("t/weights_last.pt", weights_only=True)
     assert weights["classifier.weight"].shape[0] == weights["auxiliary_head.classifier.weight"].shape[0] == 100
@@ -118,7 +118,7 @@ def test_image_folder_search_split_resume_and_train(tmp_path, ctrl_c_in_second_e
     with ctrl_c_in_second_epoch(search_loop.Search):
         assert main([*common, "--save_dir", "split"]) == 130
     assert main(["search", "--resume", "split", "--quiet", "--workers", "0"]) == 0  # --data from the checkpoint
-    a, b = (torch.load(f"{run}/checkpoint.pt", weights_only=False) for run in ("straight", "split"))
+    a, b = (torch.load(f"{run}/checkpoint.pt", weights_only=True) for run in ("straight", "split"))
     assert a["model"]["classifier.weight"].shape[0] == 4
     for x, y in zip(a["alphas"], b["alphas"]):
         assert torch.equal(x, y)

@@ -289,7 +289,7 @@ def test_torchrun_search_writes_one_run_folder_and_logs_the_checksum_every_epoch
     assert len(sums) == 3 and len(set(sums)) == 3
     assert log.count("args = ") == 1 and "CUDA graphs: ignored on cpu" in log
     assert "Traceback" not in done.stderr
-    state = torch.load(entries[0] / "checkpoint.pt", weights_only=False)
+    state = torch.load(entries[0] / "checkpoint.pt", weights_only=True)
     assert state["finished"] and state["world_size"] == 2
     assert distributed.checksum(state["alphas"]) == sums[-1]
 
@@ -305,7 +305,7 @@ def test_torchrun_train_writes_one_run_folder(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith("eval-ddp-") and (run_dir / "weights_last.pt").is_file()
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and state["history"][0]["lr"] == pytest.approx(2 * 0.025)  # --scale_lr × 2 ranks
 
 
@@ -337,7 +337,7 @@ def test_killed_rank_ends_the_run_then_resume_is_bit_exact(torchrun_run, tmp_pat
     assert rank0.returncode == 1, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("milenas-fast search: error: rank 0 of 2 lost the other ranks") and "Traceback" not in err
-    partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # intact
+    partial = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # intact
     assert 1 <= partial["epoch"] < 3 and not partial["finished"]
 
     # the same run under another world size: continues, says what changed
@@ -354,8 +354,8 @@ def test_killed_rank_ends_the_run_then_resume_is_bit_exact(torchrun_run, tmp_pat
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
-    want = torch.load(straight_dir / "checkpoint.pt", weights_only=False)
-    got = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    want = torch.load(straight_dir / "checkpoint.pt", weights_only=True)
+    got = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert got["finished"] and all(torch.equal(x, y) for x, y in zip(got["alphas"], want["alphas"]))
     assert all(torch.equal(want["model"][k], got["model"][k]) for k in want["model"])
 
@@ -377,6 +377,17 @@ def test_nproc_relaunches_the_same_command_through_torch_distributed_run(monkeyp
     assert main(argv) == 3  # the launcher's exit status
     assert seen["cmd"] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "milenas_fast", "search", "--epochs", "1", "--device", "cpu"]
+
+
+def test_before_joining_the_group_torchruns_rank_says_who_writes(monkeypatch):
+    """A run settles (and locks) its folder before the process group exists: only RANK 0 may claim it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.is_main()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert distributed.is_main()
 
 
 def test_bad_nproc_is_one_line_and_exit_2(capsys):
@@ -426,7 +437,7 @@ def test_torchrun_imagenet_training_reads_disjoint_shards(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("eval-ddp-")]
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and state["config"]["dataset"] == "imagenet"
 
 

@@ -97,3 +97,29 @@ def test_malformed_text_says_what_and_where(text, fragment):
     with pytest.raises(gt.GenotypeError, match=None) as err:
         gt.from_text(text)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("concat, fragment", [
+    ("range(0, 1000000000)", "got range(0, 1000000000)"),
+    (str(list(range(10**5))), "got [0, 1, 2, 3, 4, 5, 6, 7, ... (100000 items)]"),
+    ("[]", "must be a non-empty list"),
+    ("[2, True]", "must be a list of node indices"),
+])
+def test_a_bad_concat_is_quoted_short(concat, fragment):
+    with pytest.raises(gt.GenotypeError) as err:
+        gt.from_text(MILENAS_TEXT.replace("normal_concat=range(2, 6)", f"normal_concat={concat}"))
+    assert fragment in str(err.value) and len(str(err.value)) < 300
+
+
+def test_a_huge_range_is_refused_before_it_is_expanded():
+    """range(0, 10**9) used to be expanded into a list before any check (tens of gigabytes)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(gt.GenotypeError, match="at most 64 node indices"):
+            gt.from_text(MILENAS_TEXT.replace("range(2, 6)", "range(0, 1000000000)"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10**7

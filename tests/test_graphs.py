@@ -288,12 +288,12 @@ def test_graphed_search_epoch_and_resume(tmp_path):
     state = s.state_dict()
     torch.save(state, tmp_path / "ck.pt")
     s2 = Search(cfg, torch.device("cuda"))
-    s2.load_state_dict(torch.load(tmp_path / "ck.pt", map_location="cpu", weights_only=False))
+    s2.load_state_dict(torch.load(tmp_path / "ck.pt", map_location="cpu", weights_only=True))
     s.train_epoch(Progress(False))
     s2.train_epoch(Progress(False))  # re-warm and re-capture after resume
     for x, y in zip(s.model.arch_parameters(), s2.model.arch_parameters()):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
     # a GPU checkpoint taken on the graph path loads on a CPU search
     s3 = Search(tiny_cfg(batch_size=8, synthetic_images=160), torch.device("cpu"))
-    s3.load_state_dict(torch.load(tmp_path / "ck.pt", map_location="cpu", weights_only=False))
+    s3.load_state_dict(torch.load(tmp_path / "ck.pt", map_location="cpu", weights_only=True))
     s3.train_epoch(Progress(False))

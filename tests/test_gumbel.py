@@ -183,7 +183,7 @@ def test_tiny_gumbel_search_writes_a_complete_run_folder(gumbel_run):
     assert json.loads((gumbel_run / "args.json").read_text())["sampler"] == "gumbel"
     history = [json.loads(line) for line in (gumbel_run / "genotypes.jsonl").read_text().splitlines()]
     assert [h["tau"] for h in history] == [10.0, 1.0]
-    ckpt = torch.load(gumbel_run / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(gumbel_run / "checkpoint.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["sampler"]["tau"] == 1.0 and ckpt["sampler"]["share"] == "cell"
     assert isinstance(ckpt["sampler"]["generator"], torch.Tensor)
 
@@ -203,12 +203,12 @@ def test_gumbel_rerun_and_resume_are_bit_exact(gumbel_run, tmp_path, monkeypatch
     monkeypatch.setattr(loop, "write_run_files", interrupt_after_first_epoch)
     assert main(TINY + ["--save_dir", str(run_dir), "--epochs", "2"]) == 130
     monkeypatch.setattr(loop, "write_run_files", real)
-    straight = torch.load(gumbel_run / "checkpoint.pt", weights_only=False)
-    partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    straight = torch.load(gumbel_run / "checkpoint.pt", weights_only=True)
+    partial = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert partial["epoch"] == 1 and partial["history"][0] == straight["history"][0]  # the rerun's epoch 0
 
     assert main(["search", "--resume", str(run_dir), "--quiet"]) == 0
-    resumed = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     for a, b in zip(straight["alphas"], resumed["alphas"]):
         assert torch.equal(a, b)
     for k in straight["model"]:

@@ -114,11 +114,11 @@ def test_an_early_stopped_search_stays_stopped_on_resume(resumed_search, tmp_pat
     flags = ["--epochs", "3", "--learning_rate", "0.1", "--learning_rate_min", "0.01", "--early_stopping",
              "--early_stop_normal", str(first["n"]), "--early_stop_reduce", str(first["r"])]
     assert main(SEARCH + flags + ["--save_dir", str(run_dir)]) == 0
-    state = torch.load(run_dir / runs.CHECKPOINT, weights_only=False)
+    state = torch.load(run_dir / runs.CHECKPOINT, weights_only=True)
     assert state["epoch"] == 1 and state["finished"]
     assert main(["search", "--resume", str(run_dir), "--quiet"]) == 0
     assert len((run_dir / "genotypes.jsonl").read_text().splitlines()) == 1
-    assert torch.load(run_dir / runs.CHECKPOINT, weights_only=False)["epoch"] == 1
+    assert torch.load(run_dir / runs.CHECKPOINT, weights_only=True)["epoch"] == 1
 
 
 # --- model-size buckets ------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_weights_best_is_the_best_epoch_earliest_on_ties(scripted_train):
     last = torch.load(scripted_train.run_dir / "weights_last.pt", weights_only=True)
     assert all(torch.equal(best[k], snaps[1][k]) for k in snaps[1])
     assert all(torch.equal(last[k], snaps[3][k]) for k in snaps[3])
-    assert torch.load(scripted_train.run_dir / runs.CHECKPOINT, weights_only=False)["best_acc"] == 70.0
+    assert torch.load(scripted_train.run_dir / runs.CHECKPOINT, weights_only=True)["best_acc"] == 70.0
     log = (scripted_train.run_dir / "log.txt").read_text()
     assert log.count("best test_acc 70.000000") == 3  # epochs 1, 2 and 3 report the kept best
 

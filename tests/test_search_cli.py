@@ -72,12 +72,12 @@ def test_resume_after_interrupt_is_bit_exact(straight, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "write_run_files", interrupt_after_first_epoch)
     assert main(TINY + ["--save_dir", str(run_dir), "--epochs", "2"]) == 130
     monkeypatch.undo()
-    partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    partial = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert partial["epoch"] == 1 and not partial["finished"]  # the last complete checkpoint is intact
 
     assert main(["search", "--resume", str(run_dir), "--quiet"]) == 0
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)
-    b = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     for x, y in zip(a["alphas"], b["alphas"]):
         assert torch.equal(x, y)
     assert a["model"].keys() == b["model"].keys()
@@ -117,7 +117,16 @@ def _fails(capsys, argv, fragment):
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--init_channels", "5"], "--init_channels must be even"),
     (["--optimization", "bilevel"], "--optimization must be one of milenas, darts, single_level"),
-    (["--learning_rate", "-0.1"], "--learning_rate must not be negative"),
+    (["--learning_rate", "-0.1"], "--learning_rate must be positive"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--learning_rate", "inf", "--learning_rate_min", "0"], "--learning_rate must be a finite number"),
+    (["--arch_learning_rate", "0"], "--arch_learning_rate must be positive"),
+    (["--weight_decay", "nan"], "--weight_decay must be a finite number"),
+    (["--grad_clip=-inf"], "--grad_clip must be a finite number"),
+    (["--momentum", "5"], "--momentum must lie in [0, 1), got 5.0"),
+    (["--momentum", "1"], "--momentum must lie in [0, 1)"),
+    (["--train_portion", "nan"], "--train_portion must be a finite number"),
+    (["--tau_max", "inf"], "--tau_max must be a finite number"),
 ])
 def test_bad_values_exit_2_and_write_nothing(capsys, tmp_path, flags, fragment):
     run_dir = tmp_path / "never"

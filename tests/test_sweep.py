@@ -3,14 +3,18 @@ GPU scheduling with stand-in children, and real two-seed sweeps on a tiny synthe
 resume, a failing seed)."""
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from milenas_fast import sweep
+from milenas_fast import runs, sweep
 from milenas_fast.cli import main
 from milenas_fast.space import genotype as gt
 from milenas_fast.space.known_genotypes import by_name
@@ -39,7 +43,8 @@ def test_parse_seeds():
     (["--seeds", "3,3"], "seed 3 twice"),
     (["--seeds", "1", "--seed", "2"], "instead of --seed"),
     (["--seeds", "1,2", "--learning_rate", "0.01", "--learning_rate_min", "0.1"], "--learning_rate_min"),
-    (["--seeds", "1,2", "--momentum", "-1"], "--momentum must not be negative"),
+    (["--seeds", "1,2", "--momentum", "-1"], "--momentum must lie in [0, 1)"),
+    (["--seeds", "1,2", "--learning_rate", "nan"], "--learning_rate must be a finite number"),
     ([], "--seeds S1,S2,... is required"),
     (["--resume", "nowhere"], "not a sweep folder"),
 ])
@@ -197,3 +202,58 @@ def test_failing_seed_is_reported_and_the_next_one_still_runs(two_seeds, tmp_pat
     assert rows["1"]["status"] == "finished" and rows["1"]["selected"] == "yes"
     assert "resuming" in (sweep_dir / "seed-1" / "log.txt").read_text()
     assert gt.load(sweep_dir) == gt.load(sweep_dir / "seed-1") == gt.load(two_seeds / "seed-1")
+
+
+# --- one writer per folder -------------------------------------------------------------------------------
+def test_a_second_sweep_on_a_running_sweeps_folder_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: pytest.fail("a child was started"))
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    (sweep_dir / sweep.SWEEP_FILE).write_text(json.dumps({"seeds": [1], "flags": {"device": "cpu"}}))
+    with runs.RunLock(sweep_dir):
+        assert main(["sweep", "--resume", str(sweep_dir)]) == 2
+    assert f"is in use by another run (pid {os.getpid()})" in capsys.readouterr().err
+
+
+CHILD = """
+import os, sys, time
+from milenas_fast.sweep import die_with_sweep
+die_with_sweep()  # what `python -m milenas_fast search` does first
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(60)
+"""
+PARENT = """
+import sys
+from pathlib import Path
+from milenas_fast import sweep
+sweep.child_argv = lambda seed, flags, run_dir: [sys.executable, "-c", sys.argv[2], sys.argv[3]]
+sweep.run_seed(Path(sys.argv[1]), {}, 1, None)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie is dead, waiting for init
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_sweep_takes_its_running_seed_with_it(sig, tmp_path):
+    """SIGTERM (or SIGKILL) to a sweep used to leave its search child running, orphaned, writing into the seed
+    folder while `sweep --resume` started a second writer there."""
+    child_pid = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path), CHILD, str(child_pid)])
+    deadline = time.monotonic() + 60
+    while not child_pid.exists() or not child_pid.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None, "the child never started"
+        time.sleep(0.05)
+    pid = int(child_pid.read_text())
+    parent.send_signal(sig)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(pid):
+        assert time.monotonic() < deadline, "the seed's child outlived its sweep"
+        time.sleep(0.05)

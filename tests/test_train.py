@@ -50,7 +50,7 @@ def test_one_epoch_writes_every_artifact(tmp_path):
     assert len(rows) == 1 and rows[0]["epoch"] == "0" and 0 <= float(rows[0]["test_acc"]) <= 100
     for name in ("weights_best.pt", "weights_last.pt"):
         model.load_state_dict(torch.load(run / name, weights_only=True))
-    state = torch.load(run / CHECKPOINT, weights_only=False)
+    state = torch.load(run / CHECKPOINT, weights_only=True)
     assert state["kind"] == "train" and state["epoch"] == 1
 
 
@@ -61,7 +61,7 @@ def test_resume_is_bit_exact(tmp_path, ctrl_c_in_second_epoch):
 
     with ctrl_c_in_second_epoch(loop.Trainer):
         assert train(*common, "--save_dir", "split") == 130
-    assert torch.load("split/checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load("split/checkpoint.pt", weights_only=True)["epoch"] == 1
     assert main(["train", "--resume", "split", "--quiet", "--workers", "0"]) == 0
 
     a = torch.load("straight/weights_last.pt", weights_only=True)
@@ -99,6 +99,13 @@ def test_bad_input_exits_2_without_a_run_folder(tmp_path, capsys):
     expect_user_error(capsys, "--resume", "missing-run", match="no checkpoint")
     expect_user_error(capsys, "--genotype", to_text(MILENAS._replace(reduce_concat=range(2, 9))),
                       match="reduce_concat")
+    # states 0/1 of a reduction cell keep the input resolution: this used to fail in epoch 0's first forward
+    expect_user_error(capsys, "--genotype", to_text(MILENAS._replace(reduce_concat=[0, 2])),
+                      match="reduce_concat [0, 2] names states outside 2..5")
+    expect_user_error(capsys, "--learning_rate", "nan", match="--learning_rate must be a finite number, got nan")
+    expect_user_error(capsys, "--momentum", "5", match="--momentum must lie in [0, 1), got 5.0")
+    expect_user_error(capsys, "--label_smooth", "nan", match="--label_smooth must be a finite number")
+    expect_user_error(capsys, "--weight_decay", "inf", match="--weight_decay must be a finite number")
 
 
 def test_resume_refuses_changed_flags(capsys):

@@ -204,7 +204,7 @@ def test_darts_2nd_search_writes_a_run_folder_and_resumes_bit_exactly(tmp_path, 
     assert main(TINY + ["--save_dir", str(interrupted)]) == 130
     monkeypatch.setattr(loop, "write_run_files", real)
     assert main(["search", "--resume", str(interrupted), "--quiet"]) == 0
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)
-    b = torch.load(interrupted / "checkpoint.pt", weights_only=False)
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(x, y) for x, y in zip(a["alphas"], b["alphas"]))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -6,8 +6,9 @@ import sys
 
 from ..config import ConfigError
 from ..data import DataError
-from ..runs import CheckpointError
+from ..runs import CheckpointError, RunStopped
 from ..space.genotype import GenotypeError
+from ..sweep import die_with_sweep
 from . import info, plot, search, sweep, train
 
 COMMANDS = {"search": search, "train": train, "plot": plot, "info": info, "sweep": sweep}
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    die_with_sweep()  # a seed's search of a sweep ends with the sweep
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -31,14 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"milenas-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a vanished folder: files are written atomically, nothing is half-written
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"milenas-fast {args.command}: error: {e.strerror or e}{where}; the last complete checkpoint is intact "
-              "(continue with --resume RUN_DIR once fixed)", file=sys.stderr)
+    except RunStopped as e:
+        print(f"milenas-fast {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\nmilenas-fast {args.command}: interrupted; the last complete checkpoint is intact "
-              "(continue with --resume RUN_DIR)", file=sys.stderr)
+    except OSError as e:  # outside a run (a run words its own: runs.one_line_stops)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"milenas-fast {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # a run's carries what is left to continue from
+        note = f"; {e}" if str(e) else ""
+        print(f"\nmilenas-fast {args.command}: interrupted{note}", file=sys.stderr)
         return 130
 
 

@@ -30,9 +30,13 @@ def run(args, argv) -> int:
     seeds = sweep.parse_seeds(args.seeds) if args.seeds is not None else None
     typed = {k: v for k, v in explicit_flags(argv[1:], SearchConfig).items() if k not in sweep.OWN_FLAGS}
     if args.resume:
-        sweep_dir, seeds, flags = sweep.resume_sweep(args.resume, seeds, typed)
+        sweep_dir, seeds, flags, lock = sweep.resume_sweep(args.resume, seeds, typed)
     elif seeds is None:
         raise ConfigError("--seeds S1,S2,... is required (or --resume SWEEP_DIR)")
     else:
-        sweep_dir, flags = sweep.new_sweep(seeds, typed, args.save, args.save_dir), typed
-    return sweep.run(sweep_dir, seeds, flags)
+        (sweep_dir, lock), flags = sweep.new_sweep(seeds, typed, args.save, args.save_dir), typed
+    with lock:  # one sweep at a time in its folder, for as long as it runs
+        try:
+            return sweep.run(sweep_dir, seeds, flags)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"continue with --resume {sweep_dir}") from None

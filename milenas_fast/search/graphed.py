@@ -97,7 +97,7 @@ class EagerGraphs:
 
 class GraphedStep:
     def __init__(self, model, w_optimizer, a_optimizer, rule: StepRule, precision: Precision,
-                 batch_size: int, fused_train_step: bool = False, warmup: int = WARMUP, graphs=None):
+                 batch_size: int, fused_train_step: bool = False, warmup: int = WARMUP, graphs=None, watch=None):
         if precision.scaler is not None:
             raise ValueError("CUDA graphs do not support fp16 loss scaling")
         if len(w_optimizer.param_groups) != 1 or len(a_optimizer.param_groups) != 1:
@@ -105,6 +105,7 @@ class GraphedStep:
         self.model, self.w_optimizer, self.a_optimizer = model, w_optimizer, a_optimizer
         self.rule, self.precision, self.batch_size = rule, precision, batch_size
         self.fused_train_step, self.warmup = fused_train_step, max(1, warmup)
+        self.watch = watch  # divergence.FiniteWatch: its flag is folded inside the graph too
         self.device = next(model.parameters()).device
         self.graphs = graphs if graphs is not None else CudaGraphs(self.device)
         self.lr = torch.zeros((), dtype=torch.float32, device=self.device)  # fused SGD's kernels read fp32
@@ -176,7 +177,7 @@ class GraphedStep:
 
     def _step(self, train_batch, valid_batch):
         return search_step(self.model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
-                           self.precision, self.fused_train_step)
+                           self.precision, self.fused_train_step, self.watch)
 
     def _body(self):
         with self._graph_mode():

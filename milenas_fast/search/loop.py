@@ -5,7 +5,6 @@ import copy
 import functools
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from .. import distributed, runs
 from ..config import ConfigError, SearchConfig
 from ..data import BatchStream, load_dataset, make_loader, split_train_val
 from ..data.loaders import epoch_batches, resolve_loader
+from ..divergence import FiniteWatch, floating_state
 from ..meters import Progress, Totals
 from ..precision import Precision
 from ..runtime import (load_rng_state, resolve_device, resolve_impl, rng_state, seed_everything,
@@ -90,6 +90,9 @@ class Search:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_optimizer, cfg.epochs,
                                                                     eta_min=cfg.learning_rate_min * lr_scale)
         self.precision = Precision(device, cfg.amp)
+        self.watch = FiniteWatch(device, watch_losses=self.precision.scaler is None,
+                                 hint="start again with a lower --learning_rate or --arch_learning_rate, or "
+                                      "without --amp")
         self.rule = StepRule(cfg.optimization, cfg.lambda_train_regularizer, cfg.lambda_valid_regularizer,
                              cfg.grad_clip, cfg.authors_code)
         stream = FreshIteratorStream if cfg.authors_code else BatchStream
@@ -99,7 +102,7 @@ class Search:
                                  f"{cfg.lambda_valid_regularizer}, as the authors' code does (weight 1)")
         self.graphed = graphed.GraphedStep(self.model, self.w_optimizer, self.a_optimizer, self.rule,
                                            self.precision, cfg.batch_size, cfg.fused_train_step,
-                                           graphs=graphs) if self.graphs_on else None
+                                           graphs=graphs, watch=self.watch) if self.graphs_on else None
         if cfg.compile:
             compile_in_place(self.model)
         self.net = distributed.wrap(self.model, device)  # what the step runs: DDP under several processes
@@ -123,14 +126,16 @@ class Search:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.model.load_alphas(state["alphas"])
-            self.w_optimizer.load_state_dict(state["w_optimizer"])
-            self.a_optimizer.load_state_dict(state["a_optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise runs.CheckpointError(f"checkpoint does not fit this network ({first})") from None
+        with runs.restoring():
+            self._load(state)
+        if self.graphed is not None:
+            self.graphed.invalidate()  # the optimisers' state tensors were replaced
+
+    def _load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.model.load_alphas(state["alphas"])
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state["precision"])
         saved_world = state.get("world_size", 1)
@@ -144,8 +149,6 @@ class Search:
         if self.sampler is not None and not self.sampler.load_state_dict(state["sampler"]):
             self.warnings.append("the checkpoint's Gumbel noise generator is another device type's: the samples "
                                  "continue from a new stream (this resume is not bit-exact with an uninterrupted run)")
-        if self.graphed is not None:
-            self.graphed.invalidate()  # the optimisers' state tensors were replaced
 
     # --- fast components and their guard ---------------------------------------------------------------
     def _components(self) -> list[Component]:
@@ -188,7 +191,10 @@ class Search:
             last = step == len(self.train_loader) - 1
             if step % cfg.report_freq == 0 or last:
                 obj, top1 = totals.log_line("train", step)
+                self.watch.check(f"epoch {self.epoch} step {step}")
                 progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+        self.watch.fold(tensors=floating_state(model) + model.arch_parameters())
+        self.watch.check(f"the end of epoch {self.epoch}'s training")
         distributed.all_totals_(totals)  # the epoch's numbers over every rank's share
         obj, top1, _ = totals.read()
         return top1, obj
@@ -199,7 +205,7 @@ class Search:
             return self.graphed(train_batch, lambda: next(self.valid_stream))
         valid_batch = next(self.valid_stream) if self.rule.uses("valid") else None
         return search_step(self.net, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
-                           self.precision, self.cfg.fused_train_step)
+                           self.precision, self.cfg.fused_train_step, self.watch)
 
     @torch.no_grad()
     def infer(self) -> tuple[float, float]:
@@ -210,6 +216,8 @@ class Search:
                 logits = self.model(x)
             totals.add(self.model._criterion(logits.float(), y), logits, y)
         distributed.all_totals_(totals)
+        self.watch.fold(totals.sums[0])
+        self.watch.check(f"epoch {self.epoch}'s validation")
         obj, top1 = totals.log_line("valid", len(self.valid_loader) - 1)
         return top1, obj
 
@@ -272,51 +280,22 @@ def _plot(run_dir: Path) -> None:
         log.warning("plotting failed (%s: %s); run `milenas-fast plot %s` to retry", type(e).__name__, e, run_dir)
 
 
-def check_resume_flags(saved: dict, explicit: dict) -> None:
-    """Flags typed on a --resume command line must not change what the run computes."""
-    for name, value in explicit.items():
-        if name in SearchConfig.RUNTIME or name not in saved:
-            continue
-        if saved[name] != value:
-            raise runs.CheckpointError(
-                f"--{name} {value} does not match the checkpoint's {saved[name]} (only runtime flags such as "
-                f"--device may change on --resume)")
-
-
-def prepare(cfg: SearchConfig, explicit: dict | None = None):
-    """Validate, load data and build (or restore) the search; nothing is written yet.
-    Returns (search, run_dir or None for a new run, checkpoint state or None)."""
-    state, run_dir = None, None
-    if cfg.resume:
-        run_dir, state = runs.load_checkpoint(cfg.resume, "search")
-        saved = state["config"]
-        check_resume_flags(saved, explicit or {})
-        # runtime flags typed now replace the checkpoint's (an untyped --data must not become ./data)
-        runtime = {k: getattr(cfg, k) for k in SearchConfig.RUNTIME if explicit is None or k in explicit}
-        cfg = SearchConfig.from_dict({**saved, **runtime})
-    cfg.validate()
+def prepare(cfg: SearchConfig, run_dir: Path, state: dict | None) -> Search:
+    """Load the data and build the search, restored from `state` when resuming; nothing is written."""
     device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
     search = Search(cfg, device)
     if state is not None:
         search.load_state_dict(state)
     # every rank starts from rank 0's α and weights (identical by seeding or from the same checkpoint: a check)
     distributed.broadcast_(search.model.arch_parameters() + list(search.model.state_dict().values()))
-    return search, run_dir
+    return search
 
 
 def run(cfg: SearchConfig, explicit: dict | None = None, console: bool = True) -> Path:
-    search, run_dir = prepare(cfg, explicit)
-    cfg = search.cfg
-    resumed = run_dir is not None
-    main = distributed.is_main()  # rank 0 alone writes the run folder; the others log warnings to the console
-    if not resumed:
-        run_dir = distributed.from_rank0(runs.new_run_dir("search", cfg.save, cfg.save_dir) if main else None)
-    bar = console and main and not cfg.quiet and sys.stderr.isatty()
-    runs.setup_logging(run_dir if main else None, console=console, quiet=cfg.quiet or not main, bar=bar)
-    try:
+    def body(search, run_dir, resumed, bar):
         return _run(search, run_dir, resumed, Progress(bar))
-    finally:
-        runs.close_logging()
+
+    return runs.run_in_folder("search", SearchConfig, cfg, explicit, console, prepare, body)
 
 
 def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Path:
@@ -326,7 +305,7 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         log.info("resuming %s at epoch %d", run_dir, search.epoch)
     else:
         if main:
-            runs.atomic_write_json(run_dir / "args.json", cfg.to_dict())
+            runs.atomic_write_json(run_dir / runs.ARGS, cfg.to_dict())
         log.info("args = %s", cfg.to_dict())
     for warning in search.warnings:
         log.warning(warning)

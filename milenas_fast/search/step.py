@@ -19,7 +19,8 @@ averages the weight gradients; the α-only passes call `model._loss`, the unwrap
 gradient is averaged by `distributed_average` in `alpha_step`, the one place every variant goes through.
 
 Nothing here synchronises with the host unless fp16 loss scaling is on (the finiteness checks), so the
-same code is capturable in a CUDA graph.
+same code is capturable in a CUDA graph. The divergence watch (milenas_fast.divergence) is folded here too,
+once for every path.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed
+from ..divergence import FiniteWatch
 from ..precision import Precision
 
 
@@ -152,8 +154,9 @@ def take_alpha_grads(model, precision: Precision) -> tuple[list[torch.Tensor], b
 
 
 def search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer, rule: StepRule,
-                precision: Precision, shared_train_pass: bool = False):
-    """One iteration: α step, then w step (see the module docstring). Returns (training loss, logits)."""
+                precision: Precision, shared_train_pass: bool = False, watch: FiniteWatch | None = None):
+    """One iteration: α step, then w step (see the module docstring); the training loss and the new α folded
+    into `watch`. Returns (training loss, logits)."""
     batches = {"train": train_batch, "valid": valid_batch}
     if shared_train_pass:
         with_alpha = rule.uses("train")
@@ -164,6 +167,8 @@ def search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer, rule:
         alpha_step(model, batches, a_optimizer, rule, precision, w_optimizer=w_optimizer)
         out = train_pass(model, *train_batch, w_optimizer, precision, with_alpha=rule.authors_code)
     precision.step(w_optimizer, rule.clipped(model), rule.grad_clip)
+    if watch is not None:
+        watch.fold(out[0], model.arch_parameters())
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .genotype import Genotype, GenotypeError
+from .genotype import Genotype, GenotypeError, quote
 from .primitives import FactorizedReduce, Identity, ReLUConvBN, make_op
 
 
@@ -22,11 +22,14 @@ def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
 
 
 def check_cell(cell, concat, field: str) -> None:
-    """What the network needs beyond genotype.py's checks: concat indices that name existing states."""
+    """What the network needs beyond genotype.py's checks: concat indices that name states of this cell, and
+    in a reduction cell none of its two inputs (they keep the input resolution, its nodes halve it)."""
     states = 2 + len(cell) // 2
-    bad = [i for i in concat if not 0 <= i < states]
-    if bad:
-        raise GenotypeError(f"{field}_concat {list(concat)} names state(s) {bad}; this cell has states 0..{states - 1}")
+    first = 2 if field == "reduce" else 0
+    if len(concat) > states or any(not first <= i < states for i in concat):  # the length first: no huge loop
+        raise GenotypeError(f"{field}_concat {quote(concat)} names states outside {first}..{states - 1}: this cell "
+                            f"has states 0..{states - 1}" + (", its inputs 0 and 1 at another resolution than its "
+                                                              "nodes" if first else ""))
 
 
 class EvalCell(nn.Module):

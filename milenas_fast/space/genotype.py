@@ -76,10 +76,25 @@ def to_dict(g: Genotype) -> dict:
     }
 
 
+# No cell has more states than this; a concat is bounded by it before a range(...) is expanded.
+MAX_CONCAT = 64
+
+
+def quote(value, items: int = 8) -> str:
+    """`value` for an error line, at most `items` items of a sequence: a huge one must not make a huge line."""
+    if isinstance(value, (list, tuple)) and len(value) > items:
+        return f"[{', '.join(map(repr, value[:items]))}, ... ({len(value)} items)]"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _as_concat(value, field: str, where: str):
+    if not isinstance(value, (list, tuple, range)) or not 0 < len(value) <= MAX_CONCAT:
+        raise GenotypeError(f"{where}: {field} must be a non-empty list of at most {MAX_CONCAT} node indices, "
+                            f"got {quote(value)}")
     values = list(value)
-    if not values or not all(isinstance(v, int) for v in values):
-        raise GenotypeError(f"{where}: {field} must be a non-empty list of node indices, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise GenotypeError(f"{where}: {field} must be a list of node indices, got {quote(value)}")
     # Keep the pasteable range(...) form when the indices are contiguous.
     if values == list(range(values[0], values[-1] + 1)):
         return range(values[0], values[-1] + 1)
@@ -93,10 +108,10 @@ def _as_cell(value, field: str, where: str) -> list[tuple[str, int]]:
     for pos, item in enumerate(value):
         if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str)
                 or not isinstance(item[1], int) or isinstance(item[1], bool)):
-            raise GenotypeError(f"{where}: {field}[{pos}] must be a pair like ('sep_conv_3x3', 1), got {item!r}")
+            raise GenotypeError(f"{where}: {field}[{pos}] must be a pair like ('sep_conv_3x3', 1), got {quote(item)}")
         op, idx = item
         if op not in PRIMITIVES:
-            raise GenotypeError(f"{where}: {field}[{pos}] names unknown op {op!r}; known: {', '.join(PRIMITIVES)}")
+            raise GenotypeError(f"{where}: {field}[{pos}] names unknown op {quote(op)}; known: {', '.join(PRIMITIVES)}")
         if not 0 <= idx < 2 + pos // 2:
             raise GenotypeError(f"{where}: {field}[{pos}] reads input {idx}, but node {pos // 2} can only read "
                                 f"inputs 0..{1 + pos // 2}")
@@ -126,14 +141,14 @@ def _literal(node: ast.AST, where: str):
         args = [_literal(a, where) for a in node.args]
         if node.keywords or not 1 <= len(args) <= 2 or not all(isinstance(a, int) for a in args):
             raise GenotypeError(f"{where}: line {node.lineno} col {node.col_offset}: bad range(...)")
-        return list(range(*args))
+        return range(*args)  # lazy: _as_concat bounds its length before expanding it
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_literal(e, where) for e in node.elts]
     try:
         return ast.literal_eval(node)
     except ValueError:
         raise GenotypeError(f"{where}: line {node.lineno} col {node.col_offset + 1}: "
-                            f"expected a literal, got {ast.unparse(node)!r}") from None
+                            f"expected a literal, got {quote(ast.unparse(node))}") from None
 
 
 def from_text(text: str, where: str = "genotype text") -> Genotype:

@@ -66,12 +66,9 @@ class TrainConfig(Settings):
     def validate(self) -> "TrainConfig":
         self.check(
             positive=("synthetic_images", "batch_size", "init_channels", "layers", "epochs", "report_freq",
-                      "cutout_length", "dist_timeout"),
-            nonneg=("learning_rate", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "workers"))
-        if not 0.0 <= self.drop_path_prob < 1.0:
-            raise ConfigError(f"--drop_path_prob must lie in [0, 1), got {self.drop_path_prob}")
-        if not 0.0 <= self.label_smooth < 1.0:
-            raise ConfigError(f"--label_smooth must lie in [0, 1), got {self.label_smooth}")
+                      "cutout_length", "dist_timeout", "learning_rate"),
+            nonneg=("weight_decay", "grad_clip", "auxiliary_weight", "workers"),
+            fractions=("momentum", "drop_path_prob", "label_smooth"))
         if not 0.0 < self.gamma <= 1.0:
             raise ConfigError(f"--gamma must lie in (0, 1], got {self.gamma}")
         check_image_size(self.dataset, self.image_size, {"imagefolder": 4, "imagenet": 32})

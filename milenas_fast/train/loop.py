@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from .. import distributed, runs
 from ..data import make_loader
 from ..data.eval_data import TestBatches, cutout, cutout_generator, imagenet_loaders, load_train_test
 from ..data.loaders import epoch_batches, resolve_loader
+from ..divergence import FiniteWatch, floating_state
 from ..meters import Progress, Totals
 from ..precision import Precision
 from ..runtime import load_rng_state, resolve_device, rng_state, seed_everything, set_determinism
@@ -89,6 +89,8 @@ class Trainer:
         else:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=0.0)
         self.precision = Precision(device, cfg.amp)
+        self.watch = FiniteWatch(device, watch_losses=self.precision.scaler is None,
+                                 hint="start again with a lower --learning_rate or without --amp")
         self.epoch = 0
         self.best_acc = -1.0
         self.history: list[dict] = []
@@ -103,16 +105,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        try:
+        with runs.restoring():
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise runs.CheckpointError(f"checkpoint does not fit this network ({first})") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.precision.load_state_dict(state["precision"])
-        self.epoch, self.best_acc, self.history = state["epoch"], state["best_acc"], state["history"]
-        load_rng_state(state["rng"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.precision.load_state_dict(state["precision"])
+            self.epoch, self.best_acc, self.history = state["epoch"], state["best_acc"], state["history"]
+            load_rng_state(state["rng"])
 
     # --- one epoch -------------------------------------------------------------------------------------
     def train_epoch(self, progress: Progress) -> tuple[float, float]:
@@ -137,11 +136,15 @@ class Trainer:
                 loss = loss + cfg.auxiliary_weight * self.criterion(logits_aux.float(), y)
             precision.scale(loss).backward()
             precision.step(self.optimizer, weights, cfg.grad_clip)
+            self.watch.fold(loss.detach())
             totals.add(loss.detach(), logits.detach(), y)
             seen += y.numel()
             if step % cfg.report_freq == 0 or step == len(self.train_loader) - 1:
                 obj, top1 = totals.log_line("train", step)
+                self.watch.check(f"epoch {self.epoch} step {step}")
                 progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+        self.watch.fold(tensors=floating_state(model))
+        self.watch.check(f"the end of epoch {self.epoch}'s training")
         distributed.all_totals_(totals)  # the epoch's numbers over every rank's share
         obj, top1, _ = totals.read()
         return top1, obj
@@ -157,6 +160,8 @@ class Trainer:
             totals.add(self.test_criterion(logits.float(), y), logits, y)
             if step % self.cfg.report_freq == 0 or step == len(self.test_batches) - 1:
                 totals.log_line("valid", step)
+        self.watch.fold(totals.sums[0])
+        self.watch.check(f"epoch {self.epoch}'s test")
         obj, top1, top5 = totals.read()
         return top1, obj, top5
 
@@ -176,55 +181,38 @@ def save_weights(path: Path, model: nn.Module) -> None:
     runs.atomic_write_bytes(path, buf.getvalue())
 
 
-def check_resume_flags(saved: dict, explicit: dict) -> None:
-    """Flags typed on a --resume command line must not change what the run computes."""
-    for name, value in explicit.items():
-        if name in TrainConfig.RUNTIME or name not in saved:
-            continue
-        if saved[name] != value:
-            raise runs.CheckpointError(
-                f"--{name} {value} does not match the checkpoint's {saved[name]} (only runtime flags such as "
-                f"--device may change on --resume)")
+def run_genotype(cfg: TrainConfig, run_dir: Path, state: dict | None) -> tuple[gt.Genotype, str]:
+    """(genotype, where it came from): a resumed run's own copy (the source file or run folder may have
+    changed since), else --arch / --genotype."""
+    if state is not None:
+        return gt.from_text(state["genotype"], "checkpoint genotype"), f"checkpoint {run_dir}"
+    if cfg.resume:  # stopped before its first checkpoint: genotype.json is written before args.json
+        return gt.load(run_dir), f"{run_dir / 'genotype.json'}"
+    return resolve_genotype(cfg)
 
 
-def prepare(cfg: TrainConfig, explicit: dict | None = None) -> tuple[Trainer, Path | None, str]:
-    """Validate, resolve the genotype, load data and build (or restore) the trainer; nothing is written.
-    Returns (trainer, run folder or None for a new run, where the genotype came from)."""
-    state, run_dir = None, None
-    if cfg.resume:
-        run_dir, state = runs.load_checkpoint(cfg.resume, "train")
-        check_resume_flags(state["config"], explicit or {})
-        # runtime flags typed now replace the checkpoint's (an untyped --data must not become ./data)
-        runtime = {k: getattr(cfg, k) for k in TrainConfig.RUNTIME if explicit is None or k in explicit}
-        cfg = TrainConfig.from_dict({**state["config"], **runtime})
-    else:  # a checkpoint holds the resolved settings
-        cfg = cfg.with_dataset_defaults(explicit)
-    cfg.validate()
-    if state is not None:  # the checkpoint's own copy: the source file or run folder may have changed since
-        genotype, source = gt.from_text(state["genotype"], "checkpoint genotype"), f"checkpoint {run_dir}"
-    else:
-        genotype, source = resolve_genotype(cfg)
+def prepare(cfg: TrainConfig, genotype: gt.Genotype, state: dict | None) -> Trainer:
+    """Load the data and build the trainer, restored from `state` when resuming; nothing is written."""
     device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
     trainer = Trainer(cfg, device, genotype)
     if state is not None:
         trainer.load_state_dict(state)
     distributed.broadcast_(trainer.model.state_dict().values())  # every rank starts from rank 0's weights
-    return trainer, run_dir, source
+    return trainer
 
 
 def run(cfg: TrainConfig, explicit: dict | None = None, console: bool = True) -> Path:
-    trainer, run_dir, source = prepare(cfg, explicit)
-    cfg = trainer.cfg
-    resumed = run_dir is not None
-    main = distributed.is_main()  # rank 0 alone writes the run folder; the others log warnings to the console
-    if not resumed:
-        run_dir = distributed.from_rank0(runs.new_run_dir("eval", cfg.save, cfg.save_dir) if main else None)
-    bar = console and main and not cfg.quiet and sys.stderr.isatty()
-    runs.setup_logging(run_dir if main else None, console=console, quiet=cfg.quiet or not main, bar=bar)
-    try:
-        return _run(trainer, run_dir, resumed, source, Progress(bar))
-    finally:
-        runs.close_logging()
+    if not cfg.resume:  # a checkpoint or args.json holds the resolved settings
+        cfg = cfg.with_dataset_defaults(explicit)
+
+    def build(cfg, run_dir, state):
+        genotype, source = run_genotype(cfg, run_dir, state)
+        return prepare(cfg, genotype, state), source
+
+    def body(built, run_dir, resumed, bar):
+        return _run(built[0], run_dir, resumed, built[1], Progress(bar))
+
+    return runs.run_in_folder("train", TrainConfig, cfg, explicit, console, build, body)
 
 
 def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: Progress) -> Path:
@@ -233,10 +221,10 @@ def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: 
     main = distributed.is_main()
     if resumed:
         log.info("resuming %s at epoch %d", run_dir, trainer.epoch)
-    elif main:
-        runs.atomic_write_json(run_dir / "args.json", cfg.to_dict())
+    elif main:  # args.json last: a folder holding it can be resumed, and that reads the genotype files
         runs.atomic_write_text(run_dir / "genotype.txt", gt.to_text(g) + "\n")
         runs.atomic_write_json(run_dir / "genotype.json", gt.to_dict(g))
+        runs.atomic_write_json(run_dir / runs.ARGS, cfg.to_dict())
         log.info("args = %s", cfg.to_dict())
     n, r = gt.conv_counts(g)
     log.info("genotype = %s (from %s; model size n%dr%d)", gt.to_text(g), source, n, r)

@@ -22,10 +22,14 @@ class _Stop(Exception):
     pass
 
 
+def trainer_for(cfg: TrainConfig) -> loop.Trainer:
+    return loop.prepare(cfg.validate(), loop.resolve_genotype(cfg)[0], None)
+
+
 def first_step(cfg: TrainConfig, epoch: int = 0):
     """Run the trainer's first step of `epoch`; returns the model before the step and what the step saw: its
     inputs and labels, the gradients the optimiser would apply, the model's drop_path_prob in the forward."""
-    trainer = loop.prepare(cfg)[0]
+    trainer = trainer_for(cfg)
     trainer.epoch = epoch
     before = copy.deepcopy(trainer.model)
     seen = {}
@@ -89,14 +93,14 @@ def test_drop_path_ramps_with_the_epoch():
 
 
 def test_test_loss_has_no_label_smoothing():
-    trainer = loop.prepare(TrainConfig(**TINY, label_smooth=0.2, epochs=1))[0]
+    trainer = trainer_for(TrainConfig(**TINY, label_smooth=0.2, epochs=1))
     assert trainer.criterion.label_smoothing == 0.2 and trainer.test_criterion.label_smoothing == 0.0
 
 
 @pytest.mark.parametrize("schedule", ["exponential", "cosine"])
 def test_learning_rate_schedule(schedule):
     cfg = TrainConfig(**TINY, learning_rate=0.1, lr_schedule=schedule, gamma=0.9, epochs=5)
-    trainer = loop.prepare(cfg)[0]
+    trainer = trainer_for(cfg)
     lrs = []
     for _ in range(cfg.epochs):
         lrs.append(trainer.scheduler.get_last_lr()[0])

@@ -158,9 +158,9 @@ def _cache_file(dt: str, todo: list[dict]) -> Path:
 def sm90_builds():
     """Compile every job for sm_90 in fp32 and bf16: two fresh processes (one per core), or the cached reports."""
     todo = jobs()
+    cache = {dt: _cache_file(dt, todo) for dt in ("fp32", "bf16")}
     out, procs = {}, {}
-    for dt in ("fp32", "bf16"):
-        cached = _cache_file(dt, todo)
+    for dt, cached in cache.items():
         if cached.is_file():
             out[dt] = json.loads(cached.read_text())
         else:
@@ -170,7 +170,7 @@ def sm90_builds():
         so, se = p.communicate(timeout=1200)
         assert p.returncode == 0, se[-3000:]
         out[dt] = json.loads(so.strip().splitlines()[-1])
-        cached = _cache_file(dt, todo)
+        cached = cache[dt]
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(out[dt]))

@@ -4,7 +4,7 @@
   eager-amp         reference MixedOp, bf16 autocast, eager
   eager-graphs      reference MixedOp, fp32, whole iteration in a CUDA graph
   fast              fused MixedOp + AMP + CUDA graph + GPU-resident data (augmentation timed in)
-  fast-fusedstep    the same with --fused_train_step (2 passes instead of 3)
+  fast-sharedpass    the same with --shared_train_pass (2 passes instead of 3)
 
 Each mode is a real `Search` (the search loop's own object, built from a SearchConfig on the synthetic set
 with the GPU-resident loader) and each timed iteration is `Search.iteration`, exactly what the loop runs.
@@ -33,17 +33,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from milenas_fast.config import ConfigError, SearchConfig  # noqa: E402
+from milenas_fast.config import SearchConfig  # noqa: E402
+
+from milenas_fast.errors import ConfigError
 from milenas_fast.data.loaders import BatchStream  # noqa: E402
 from milenas_fast.search.loop import Search  # noqa: E402
 
 ITERS_PER_EPOCH, VALID_BATCHES, EPOCHS = 391, 391, 50
-MODES = [  # name, impl, amp, graphs, gpu_data, fused_train_step
+MODES = [  # name, impl, amp, graphs, gpu_data, shared_train_pass
     ("eager-fp32", "reference", False, False, False, False),
     ("eager-amp", "reference", True, False, False, False),
     ("eager-graphs", "reference", False, True, False, False),
     ("fast", "fused", True, True, True, False),
-    ("fast-fusedstep", "fused", True, True, True, True),
+    ("fast-sharedpass", "fused", True, True, True, True),
 ]
 FIELDS = ["date", "gpu", "torch", "cuda", "triton", "python", "batch", "C", "layers", "mode", "status",
           "median_ms", "p20_ms", "p80_ms", "peak_mib", "valid_ms", "proj_50ep_min", "notes"]
@@ -68,11 +70,11 @@ def versions(device):
 def build(mode, args, device, **settings) -> Search:
     """The loop's Search for one mode (plus SearchConfig `settings`, e.g. optimization); enough images that the
     timed iterations stay within one pass."""
-    _, impl, amp, graphs, _, fused_step = mode
+    _, impl, amp, graphs, _, shared_pass = mode
     per_half = args.batch * (args.warmup + args.iters + 6)  # + the 4 pre-built batches, + slack
     cfg = SearchConfig(dataset="synthetic", synthetic_images=2 * per_half, batch_size=args.batch, loader="gpu",
                        init_channels=args.C, layers=args.layers, impl=impl, amp=amp, cuda_graphs=graphs,
-                       fused_train_step=fused_step, device=device.type, seed=0, quiet=True, **settings).validate()
+                       shared_train_pass=shared_pass, device=device.type, seed=0, quiet=True, **settings).validate()
     return Search(cfg, device)
 
 

@@ -6,13 +6,13 @@ import argparse
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
-
-class ConfigError(ValueError):
-    """A setting the run cannot accept; the message names the flag."""
+from .errors import ConfigError
 
 
-def opt(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help: str, choices=None, former: str | None = None):
+    """A flag's field. `former`: the flag's old name, still accepted on the command line and in stored
+    configurations (args.json, checkpoints)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "former": former})
 
 
 OPTIMIZATIONS = ("milenas", "darts", "single_level", "darts_2nd")
@@ -62,9 +62,15 @@ class Settings:
         return asdict(self)
 
     @classmethod
+    def current_names(cls, d: dict) -> dict:
+        """`d` (a stored configuration) with renamed flags under their current names."""
+        renamed = {f.metadata["former"]: f.name for f in fields(cls) if f.metadata.get("former")}
+        return {renamed.get(k, k): v for k, v in d.items()}
+
+    @classmethod
     def from_dict(cls, d: dict):
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in cls.current_names(d).items() if k in known})
 
     @classmethod
     def from_args(cls, args):
@@ -125,8 +131,9 @@ class SearchConfig(Settings):
                                   "replay it; only on a CUDA device (ignored on CPU), off with fp16 loss scaling or "
                                   "--compile; drops the partial last batch of each pass (static shapes)")
     compile: bool = opt(False, "torch.compile the supernet's forward (an alternative to --cuda_graphs)")
-    fused_train_step: bool = opt(False, "∇w and ∇α of the training loss from ONE backward (2 passes instead of 3); "
-                                        "changes the algorithm slightly: w's gradient uses the pre-update α")
+    shared_train_pass: bool = opt(False, "∇w and ∇α of the training loss from ONE backward (2 passes instead of 3); "
+                                         "changes the algorithm slightly: w's gradient uses the pre-update α "
+                                         "(formerly --fused_train_step, still accepted)", former="fused_train_step")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns and resume on CPU)")
     report_freq: int = opt(50, "log a training line every N steps")
     quiet: bool = opt(False, "no progress bar and no per-step console lines (log.txt is unchanged)")
@@ -154,8 +161,8 @@ class SearchConfig(Settings):
         if self.learning_rate_min > self.learning_rate:
             raise ConfigError("--learning_rate_min must not exceed --learning_rate")
         self._check_sampler()
-        if self.authors_code and self.fused_train_step:
-            raise ConfigError("--authors_code reproduces the authors' three-pass iteration; drop --fused_train_step")
+        if self.authors_code and self.shared_train_pass:
+            raise ConfigError("--authors_code reproduces the authors' three-pass iteration; drop --shared_train_pass")
         return self
 
     def _check_sampler(self) -> None:
@@ -191,7 +198,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: boo
     come last in --help, after the command's own."""
     shared = {f.name for f in fields(Settings)}
     for f in sorted(fields(cls), key=lambda f: f.name in shared):
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        names = [n for name in (f.name, f.metadata.get("former")) if name
+                 for n in dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))]
         default = argparse.SUPPRESS if explicit_only else f.default
         kwargs = {"dest": f.name, "default": default, "help": f.metadata.get("help", "")}
         if f.default is MISSING:

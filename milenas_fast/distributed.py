@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import ConfigError
-from .search.guard import one_line
+from .errors import ConfigError
+from .errors import one_line
 
 
 class RankFailure(RuntimeError):

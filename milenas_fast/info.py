@@ -109,7 +109,7 @@ def _selftest() -> str:
 
 
 def _loader_choice(device) -> str:
-    from .data.loaders import resolve_loader
+    from .data import resolve_loader
 
     try:
         name, why = resolve_loader("auto", device)

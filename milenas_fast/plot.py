@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 from .space import genotype as gt
 from .space.primitives import PRIMITIVES
 

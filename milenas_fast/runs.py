@@ -286,6 +286,7 @@ def restoring():
 # --- resuming, and where a run writes ----------------------------------------------------------------------
 def check_resume_flags(cls, saved: dict, explicit: dict, whose: str) -> None:
     """Flags typed on a --resume command line must not change what the run computes."""
+    saved = cls.current_names(saved)
     for name, value in explicit.items():
         if name not in cls.RUNTIME and name in saved and saved[name] != value:
             raise CheckpointError(f"--{name} {value} does not match {whose} {saved[name]} (only runtime flags such "

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import runs
-from .config import ConfigError, SearchConfig
+from .config import SearchConfig
+from .errors import ConfigError
 from .space import genotype as gt
 
 SWEEP_FILE = "sweep.json"

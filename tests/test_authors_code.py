@@ -105,7 +105,7 @@ def test_authors_code_run_logs_the_genotype_before_training_and_is_checked_on_re
     assert "--authors_code False does not match the checkpoint's True" in capsys.readouterr().err
 
 
-def test_authors_code_refuses_the_fused_train_step(capsys):
-    assert main(TINY + ["--fused_train_step"]) == 2
+def test_authors_code_refuses_the_shared_train_pass(capsys):
+    assert main(TINY + ["--shared_train_pass"]) == 2
     err = capsys.readouterr().err
     assert "--authors_code reproduces the authors' three-pass iteration" in err and "Traceback" not in err

@@ -96,7 +96,8 @@ def test_an_unknown_format_is_refused(tmp_path):
 ])
 def test_a_stored_configuration_is_type_checked(stored, message):
     """A checkpoint's (or args.json's, sweep.json's) settings bypass argparse: their types are checked too."""
-    from milenas_fast.config import ConfigError, SearchConfig
+    from milenas_fast.config import SearchConfig
+    from milenas_fast.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         SearchConfig.from_dict(stored).validate()

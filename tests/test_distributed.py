@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from milenas_fast import distributed
 from milenas_fast.cli import main
-from milenas_fast.config import ConfigError
+from milenas_fast.errors import ConfigError
 from milenas_fast.data.loaders import Plan, ResidentLoader
 from milenas_fast.precision import Precision
 from milenas_fast.search.step import StepRule, alpha_gradient, search_step
@@ -87,7 +87,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     distributed.init(CPU, 60)
     results = {}
-    for fused in (False, True):  # the eager three-pass step and --fused_train_step
+    for fused in (False, True):  # the eager three-pass step and --shared_train_pass
         model = _network()
         net = distributed.wrap(model, CPU)
         w_opt, a_opt = _optimisers(model)
@@ -194,7 +194,7 @@ def _gradient(rank: int, dtype=torch.float32):
 
 @pytest.mark.slow  # two spawned ranks (the `ranks` fixture)
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("fused", [False, True], ids=["three_pass", "fused_train_step"])
+@pytest.mark.parametrize("fused", [False, True], ids=["three_pass", "shared_train_pass"])
 def test_alphas_and_weights_bit_identical_on_both_ranks(ranks, fused):
     a, b = ranks[0][fused], ranks[1][fused]
     for i in range(ITERATIONS):
@@ -207,7 +207,7 @@ def test_alphas_and_weights_bit_identical_on_both_ranks(ranks, fused):
 @pytest.mark.slow  # two spawned ranks (the `ranks` fixture)
 @pytest.mark.numerics
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("fused", [False, True], ids=["three_pass", "fused_train_step"])
+@pytest.mark.parametrize("fused", [False, True], ids=["three_pass", "shared_train_pass"])
 def test_alpha_update_is_the_single_process_update_from_the_mean_gradient(ranks, fused):
     def update(dtype):
         g0, g1 = _gradient(0, dtype), _gradient(1, dtype)

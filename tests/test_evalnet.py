@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from milenas_fast.config import ConfigError
+from milenas_fast.errors import ConfigError
 from milenas_fast.space import evalnet
 from milenas_fast.space.evalnet import NetworkCIFAR, param_count
 from milenas_fast.space.genotype import GenotypeError, conv_counts, from_text, to_text

@@ -7,7 +7,9 @@ import copy
 import pytest
 import torch
 
-from milenas_fast.config import ConfigError, SearchConfig
+from milenas_fast.config import SearchConfig
+
+from milenas_fast.errors import ConfigError
 from milenas_fast.meters import Progress
 from milenas_fast.precision import Precision
 from milenas_fast.search.graphed import EagerGraphs, GraphedStep, decide, self_test
@@ -36,8 +38,8 @@ def test_cuda_graphs_flag_is_ignored_on_cpu():
     assert loss == loss and 0 <= acc <= 100
 
 
-def test_fused_train_step_flag_runs_in_the_loop_on_cpu():
-    s = Search(tiny_cfg(fused_train_step=True, cuda_graphs=False), torch.device("cpu"))
+def test_shared_train_pass_flag_runs_in_the_loop_on_cpu():
+    s = Search(tiny_cfg(shared_train_pass=True, cuda_graphs=False), torch.device("cpu"))
     before = [a.detach().clone() for a in s.model.arch_parameters()]
     s.train_epoch(Progress(False))
     assert any(not torch.equal(b, a) for b, a in zip(before, s.model.arch_parameters()))
@@ -72,7 +74,7 @@ def _assert_same(got, want, **tol):
 
 
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused_train_step"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "shared_train_pass"])
 @pytest.mark.parametrize("opt", ["milenas", "darts", "single_level"])
 def test_graph_body_on_cpu_equals_the_eager_step(opt, fused):
     """warm-up (1), the capture iteration (body run eagerly) and 2 "replays" (body over the static buffers,
@@ -84,7 +86,7 @@ def test_graph_body_on_cpu_equals_the_eager_step(opt, fused):
     prec = Precision(torch.device("cpu"), False)
     w, a = _opts(model, lr=0.1)
     rw, ra = _opts(ref, lr=0.1)
-    graphed = GraphedStep(model, w, a, rule, prec, batch_size=4, fused_train_step=fused, warmup=1,
+    graphed = GraphedStep(model, w, a, rule, prec, batch_size=4, shared_train_pass=fused, warmup=1,
                           graphs=EagerGraphs())
     start = {k: v.clone() for k, v in _state(model, w, a).items()}
     phases = []
@@ -106,12 +108,12 @@ def test_graph_body_on_cpu_equals_the_eager_step(opt, fused):
 
 
 @pytest.mark.gpu_path
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused_train_step"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "shared_train_pass"])
 def test_graph_body_freezes_the_weights_in_the_alpha_passes(fused):
     model, data = _cpu_setup()
     w, a = _opts(model)
     graphed = GraphedStep(model, w, a, StepRule("milenas"), Precision(torch.device("cpu"), False), 4,
-                          fused_train_step=fused, warmup=1, graphs=EagerGraphs())
+                          shared_train_pass=fused, warmup=1, graphs=EagerGraphs())
     seen = []
     model.stem.register_forward_pre_hook(lambda m, inp: seen.append(m[0].weight.requires_grad))
     for tr, va in data[:3]:
@@ -246,7 +248,7 @@ def test_graph_replay_matches_eager(fused, amp):
     prec = Precision(torch.device("cuda"), amp)
     w, a = _opts(model)
     rw, ra = _opts(ref)
-    graphed = GraphedStep(model, w, a, rule, prec, batch_size=8, fused_train_step=fused, warmup=2)
+    graphed = GraphedStep(model, w, a, rule, prec, batch_size=8, shared_train_pass=fused, warmup=2)
     step = fused_search_step if fused else search_step
     for i, (tr, va) in enumerate(data):
         if i == 6:  # the cosine schedule's per-epoch change: refilled into the graph's lr tensor

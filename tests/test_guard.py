@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from milenas_fast.config import ConfigError, SearchConfig
+from milenas_fast.config import SearchConfig
+
+from milenas_fast.errors import ConfigError
 from milenas_fast.data.loaders import epoch_batches
 from milenas_fast.meters import Progress
 from milenas_fast.ops import select

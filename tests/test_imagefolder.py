@@ -3,7 +3,7 @@ one-line DataError (missing folder, no classes, empty class, mismatched classes,
 import pytest
 
 from image_folders import corrupt_jpeg, make_folder
-from milenas_fast.data.datasets import DataError
+from milenas_fast.errors import DataError
 from milenas_fast.data.imagefolder import scan, scan_pair
 
 

@@ -15,7 +15,7 @@ import torch
 
 from image_folders import corrupt_jpeg, make_folder
 from milenas_fast.data import dali_loader, imagenet
-from milenas_fast.data.datasets import DataError
+from milenas_fast.errors import DataError
 from milenas_fast.data.imagefolder import scan
 from milenas_fast.data.imagenet import (LoaderName, TorchImageLoader, epoch_order, make_image_loader,
                                         resolve_image_loader, shard)

@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from milenas_fast.data import DataError, dali_loader, loaders
 from milenas_fast.data.datasets import CIFAR_MEAN, CIFAR_STD, Split
-from milenas_fast.data.loaders import (PAD, BatchStream, LoaderName, Plan, ResidentLoader, TorchLoader,
-                                       augment_batch, make_loader, normalize, resolve_loader)
+from milenas_fast.data.loaders import PAD, BatchStream, Plan, ResidentLoader, TorchLoader, augment_batch, normalize
+from milenas_fast.data.select import LoaderName, make_loader, resolve_loader
 
 CPU = torch.device("cpu")
 NO_DALI = not dali_loader.available() and not os.environ.get("CI")  # in CI a missing DALI fails the DALI tests
@@ -293,7 +293,7 @@ def test_dali_loader_gathers_labels_on_the_device(host_copies):
     """DaliLoader.batches without DALI: the pipeline run is stubbed; the labels path is the real one."""
     split = random_split(20, seed=13, size=4)
     loader = dali_loader.DaliLoader.__new__(dali_loader.DaliLoader)
-    loaders._Loader.__init__(loader, split, 8, META)
+    loaders.Loader.__init__(loader, split, 8, META)
     loader.labels = split.labels.to(META)
     loader._run = lambda idx, offsets, flips: torch.empty(len(idx), 3, 4, 4, device=META)
     it = loader.batches(Plan.draw(20, 0, "valid", 0))

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from milenas_fast import MixedOp, Network
-from milenas_fast.config import ConfigError
+from milenas_fast.errors import ConfigError
 from milenas_fast.ops import mixing_weights, select, weight_cast
 from milenas_fast.runtime import resolve_impl
 from milenas_fast.space import supernet

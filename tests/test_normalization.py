@@ -9,7 +9,8 @@ from image_folders import make_folder
 from milenas_fast.data import dali_loader, eval_data, load_dataset, split_train_val
 from milenas_fast.data.datasets import CIFAR_MEAN, CIFAR_STD, Split, image_stats, load_cifar, make_synthetic
 from milenas_fast.data.eval_data import load_train_test
-from milenas_fast.data.loaders import PAD, Plan, make_loader, normalize
+from milenas_fast.data import make_loader
+from milenas_fast.data.loaders import PAD, Plan, normalize
 
 CPU = torch.device("cpu")
 C100_MEAN, C100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # DARTS-family CIFAR-100 code

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from milenas_fast import selftest
-from milenas_fast.config import ConfigError
+from milenas_fast.errors import ConfigError
 from milenas_fast.ops import select
 from milenas_fast.runtime import resolve_impl
 from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from milenas_fast.precision import Precision
-from milenas_fast.search.step import StepRule, alpha_gradient, frozen_weights, search_step
+from milenas_fast.search.params import frozen_weights
+from milenas_fast.search.step import StepRule, alpha_gradient, search_step
 from milenas_fast.space.supernet import Network
 
 pytestmark = pytest.mark.numerics  # CI reruns them under 2 threads and each CPU kernel set

@@ -1,4 +1,4 @@
-"""--fused_train_step: one backward of the training loss gives ∇w and ∇α (2 passes instead of 3).
+"""--shared_train_pass: one backward of the training loss gives ∇w and ∇α (2 passes instead of 3).
 Checked on CPU against gradients computed separately, and against the default step (same α update,
 different w update: the default takes ∇w at the updated α)."""
 import copy

@@ -127,10 +127,10 @@ def tiny_float32_batches():
 
 
 @pytest.mark.parametrize("amp, shared", [(False, False), (True, False), (False, True)],
-                         ids=["fp32", "amp-fp32-alpha-passes", "fused_train_step"])
+                         ids=["fp32", "amp-fp32-alpha-passes", "shared_train_pass"])
 def test_search_step_applies_the_unrolled_gradient(amp, shared):
     """search_step's α step uses the unrolled gradient at the iteration's weights; under --amp its passes stay
-    fp32 (the same gradient exactly); --fused_train_step does not change it."""
+    fp32 (the same gradient exactly); --shared_train_pass does not change it."""
     torch.manual_seed(0)
     model = Tiny()
     tr, va = tiny_float32_batches()

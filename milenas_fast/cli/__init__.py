@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data import DataError
 from ..runs import CheckpointError, RunStopped
 from ..space.genotype import GenotypeError

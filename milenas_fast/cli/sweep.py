@@ -2,7 +2,9 @@
 genotype selected (milenas_fast/sweep.py)."""
 from __future__ import annotations
 
-from ..config import ConfigError, SearchConfig, add_dataclass_flags, explicit_flags
+from ..config import SearchConfig, add_dataclass_flags, explicit_flags
+
+from ..errors import ConfigError
 
 
 def add_parser(sub) -> None:

@@ -31,8 +31,10 @@ import warnings
 import numpy as np
 import torch
 
-from .datasets import CIFAR_MEAN, CIFAR_STD, DataError, Split
-from .loaders import PAD, Plan, ResidentLoader, _Loader, to_device
+from .datasets import CIFAR_MEAN, CIFAR_STD, Split
+
+from ..errors import DataError
+from .loaders import PAD, Plan, ResidentLoader, Loader, to_device
 
 # Why DALI failed in this process, once it has: later `auto` loaders skip it without a second warning.
 _failure: str | None = None
@@ -79,7 +81,7 @@ def build_pipeline(batch_size: int, device_id: int | None, height: int = 32, wid
     return p
 
 
-class DaliLoader(_Loader):
+class DaliLoader(Loader):
     name = "dali"
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, drop_last: bool = False,
@@ -188,7 +190,7 @@ class Guard:
             yield batch
 
 
-class GuardedDali(_Loader):
+class GuardedDali(Loader):
     """DALI with its failures handled (see Guard); the fallback is the GPU-resident loader."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, drop_last: bool = False,

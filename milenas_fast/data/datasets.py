@@ -10,15 +10,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DataError
+
 CIFAR_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR_STD = (0.24703233, 0.24348505, 0.26158768)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # as DARTS-family CIFAR-100 code normalises it
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 NUM_CLASSES = 10
-
-
-class DataError(RuntimeError):
-    """The data cannot be had; the message tells the user what to do."""
 
 
 @dataclass

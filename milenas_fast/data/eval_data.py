@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .datasets import CIFARS, DataError, Split, load_cifar, load_image_folder, make_synthetic, with_stats_of
+from .datasets import CIFARS, Split, load_cifar, load_image_folder, make_synthetic, with_stats_of
+
+from ..errors import DataError
 from .loaders import normalize, to_device
 
 SYNTHETIC_TEST_SEED = 1  # the training set uses seed 0: a different draw of the same classes

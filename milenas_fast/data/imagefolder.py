@@ -18,7 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .datasets import DataError
+from ..errors import DataError
 
 # What the loaders can decode (PIL for torchvision, DALI's image decoder), by lowercase suffix.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")

@@ -30,9 +30,9 @@ import warnings
 import torch
 
 from .dali_imagenet import IMAGENET_MEAN, IMAGENET_STD, HUE, JITTER, val_resize
-from .datasets import DataError
+from ..errors import DataError
 from .imagefolder import Sample, corrupt
-from .loaders import LoaderName, resolve_loader
+from .select import LoaderName, resolve_loader
 
 IMAGE_LOADERS = ("auto", "dali", "torch")
 

@@ -89,7 +89,7 @@ def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tens
     return normalize(padded[b, c, rows[:, None, :, None], cols[:, None, None, :]], mean, std)
 
 
-class _Loader:
+class Loader:
     def __init__(self, split: Split, batch_size: int, device: torch.device, drop_last: bool = False):
         self.split, self.batch_size, self.device, self.drop_last = split, batch_size, device, drop_last
         self.rank, self.world = 0, 1  # this process's share of every plan (make_loader's `shard`)
@@ -109,7 +109,7 @@ class _Loader:
         raise NotImplementedError
 
 
-class ResidentLoader(_Loader):
+class ResidentLoader(Loader):
     name = "gpu"
 
     def __init__(self, split, batch_size, device, drop_last=False):
@@ -149,7 +149,7 @@ class _PlannedImages(torch.utils.data.Dataset):
         return img, self.split.labels[j]
 
 
-class TorchLoader(_Loader):
+class TorchLoader(Loader):
     name = "torch"
 
     def __init__(self, split, batch_size, device, drop_last=False, workers: int = 0):
@@ -167,54 +167,11 @@ class TorchLoader(_Loader):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-class LoaderName(str):
-    """A loader name as `resolve_loader` gives it: compares and prints as the name, and carries whether a
-    failure of that loader may fall back (`auto`) or must stop the run (an explicit `--loader`)."""
-
-    def __new__(cls, name: str, strict: bool = True):
-        self = super().__new__(cls, name)
-        self.strict = strict
-        return self
-
-
-def resolve_loader(requested: str, device: torch.device) -> tuple[str, str]:
-    """(loader name, why) for `--loader`."""
-    if requested != "auto":
-        return LoaderName(requested), "requested"
-    if device.type == "cuda":
-        from . import dali_loader
-
-        if dali_loader.available():
-            return (LoaderName("dali", strict=False),
-                    "auto: DALI is installed and the device is CUDA (the GPU-resident loader if DALI fails)")
-        return LoaderName("gpu"), "auto: CUDA device, DALI not installed → dataset resident on the GPU"
-    return LoaderName("torch"), "auto: CPU device → torch DataLoader"
-
-
-def make_loader(name: str, split: Split, batch_size: int, device: torch.device, workers: int = 0,
-                drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> _Loader:
-    """The loader `name` (from `resolve_loader`), reading share `shard` = (rank, world) of every plan. DALI is
-    guarded: an explicit `dali` that fails stops the run with a DataError; an `auto` one falls back to the
-    GPU-resident loader with one warning."""
-    if name == "gpu":
-        loader = ResidentLoader(split, batch_size, device, drop_last)
-    elif name == "torch":
-        loader = TorchLoader(split, batch_size, device, drop_last, workers)
-    elif name == "dali":
-        from .dali_loader import GuardedDali
-
-        loader = GuardedDali(split, batch_size, device, drop_last, strict=getattr(name, "strict", True))
-    else:
-        raise ValueError(f"unknown loader {name!r}")
-    loader.rank, loader.world = shard
-    return loader
-
-
 class BatchStream:
     """An endless stream of batches over one split, reshuffled (new plan) at each pass. Persistent: never
     rebuilt per step. Its state is (pass, position) — enough to resume exactly."""
 
-    def __init__(self, loader: _Loader, seed: int, stream: str):
+    def __init__(self, loader: Loader, seed: int, stream: str):
         self.loader, self.seed, self.stream = loader, seed, stream
         self.pass_index, self.position = 0, 0
         self._it = None
@@ -244,6 +201,6 @@ class BatchStream:
             self.pass_index, self.position, self._it = self.pass_index + 1, 0, None
 
 
-def epoch_batches(loader: _Loader, seed: int, stream: str, epoch: int):
+def epoch_batches(loader: Loader, seed: int, stream: str, epoch: int):
     """One full pass (one epoch) of `stream`, with its own plan."""
     return loader.batches(loader.plan(seed, stream, epoch))

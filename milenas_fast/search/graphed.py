@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..precision import Precision
 from .step import StepRule, search_step
 
@@ -97,14 +97,14 @@ class EagerGraphs:
 
 class GraphedStep:
     def __init__(self, model, w_optimizer, a_optimizer, rule: StepRule, precision: Precision,
-                 batch_size: int, fused_train_step: bool = False, warmup: int = WARMUP, graphs=None, watch=None):
+                 batch_size: int, shared_train_pass: bool = False, warmup: int = WARMUP, graphs=None, watch=None):
         if precision.scaler is not None:
             raise ValueError("CUDA graphs do not support fp16 loss scaling")
         if len(w_optimizer.param_groups) != 1 or len(a_optimizer.param_groups) != 1:
             raise ValueError("CUDA graph step expects one param group per optimiser")
         self.model, self.w_optimizer, self.a_optimizer = model, w_optimizer, a_optimizer
         self.rule, self.precision, self.batch_size = rule, precision, batch_size
-        self.fused_train_step, self.warmup = fused_train_step, max(1, warmup)
+        self.shared_train_pass, self.warmup = shared_train_pass, max(1, warmup)
         self.watch = watch  # divergence.FiniteWatch: its flag is folded inside the graph too
         self.device = next(model.parameters()).device
         self.graphs = graphs if graphs is not None else CudaGraphs(self.device)
@@ -177,7 +177,7 @@ class GraphedStep:
 
     def _step(self, train_batch, valid_batch):
         return search_step(self.model, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
-                           self.precision, self.fused_train_step, self.watch)
+                           self.precision, self.shared_train_pass, self.watch)
 
     def _body(self):
         with self._graph_mode():

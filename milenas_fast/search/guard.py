@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import ConfigError
+from ..errors import ConfigError, one_line
 
 log = logging.getLogger("milenas_fast")
 
@@ -26,11 +26,6 @@ class Component:
     off: Callable[[], None]                 # switch it off
     engaged: Callable[[], bool] = lambda: True  # whether the next iteration uses it
     strict: bool = False                    # explicitly requested: failure is fatal
-
-
-def one_line(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first[:300]}"
 
 
 class Guard:

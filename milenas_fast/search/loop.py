@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from .. import distributed, runs
-from ..config import ConfigError, SearchConfig
-from ..data import BatchStream, load_dataset, make_loader, split_train_val
-from ..data.loaders import epoch_batches, resolve_loader
+from ..config import SearchConfig
+from ..errors import ConfigError
+from ..data import BatchStream, load_dataset, make_loader, resolve_loader, split_train_val
+from ..data.loaders import epoch_batches
 from ..divergence import FiniteWatch, floating_state
 from ..meters import Progress, Totals
 from ..precision import Precision
@@ -101,7 +102,7 @@ class Search:
             self.warnings.append(f"--authors_code ignores --lambda_valid_regularizer "
                                  f"{cfg.lambda_valid_regularizer}, as the authors' code does (weight 1)")
         self.graphed = graphed.GraphedStep(self.model, self.w_optimizer, self.a_optimizer, self.rule,
-                                           self.precision, cfg.batch_size, cfg.fused_train_step,
+                                           self.precision, cfg.batch_size, cfg.shared_train_pass,
                                            graphs=graphs, watch=self.watch) if self.graphs_on else None
         if cfg.compile:
             compile_in_place(self.model)
@@ -205,7 +206,7 @@ class Search:
             return self.graphed(train_batch, lambda: next(self.valid_stream))
         valid_batch = next(self.valid_stream) if self.rule.uses("valid") else None
         return search_step(self.net, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
-                           self.precision, self.cfg.fused_train_step, self.watch)
+                           self.precision, self.cfg.shared_train_pass, self.watch)
 
     @torch.no_grad()
     def infer(self) -> tuple[float, float]:
@@ -312,8 +313,8 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
     log.info("device = %s; %s; loader = %s (%s); MixedOp = %s (%s)", search.device, search.precision.note,
              search.loader_name, search.loader_why, search.mixed_op.__name__, search.impl_why)
     log.info("normalisation: %s", search.train_loader.split.stats_note())  # the validation half uses it too
-    log.info("CUDA graphs: %s; fused train step: %s; torch.compile: %s", search.graphs_why,
-             cfg.fused_train_step, cfg.compile)
+    log.info("CUDA graphs: %s; shared train pass: %s; torch.compile: %s", search.graphs_why,
+             cfg.shared_train_pass, cfg.compile)
     log.info("param size = %fMB", sum(p.numel() for p in model.parameters()) / 1e6)
 
     while search.epoch < cfg.epochs and not search.finished:

@@ -9,7 +9,7 @@ then Adam on α, then SGD on w with ∇w L_tr(w, α_new) on the same training ba
 (`authors_code`: the w pass also takes ∇α and α's gradient is clipped instead, as in the authors' code).
 The α-only passes freeze the weights, so no weight gradients are computed there.
 
-`--fused_train_step` (`shared_train_pass=True`) takes ∇w L_tr and ∇α L_tr from ONE backward of the
+`--shared_train_pass` (`shared_train_pass=True`) takes ∇w L_tr and ∇α L_tr from ONE backward of the
 training loss: two forward/backward passes instead of three (milenas). It changes the algorithm slightly —
 w's gradient is taken at the pre-update α — while the α update is the same. Order: training pass (w and α
 grads), validation pass (α only), α step, w step.
@@ -24,7 +24,6 @@ once for every path.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,8 @@ import torch
 from .. import distributed
 from ..divergence import FiniteWatch
 from ..precision import Precision
+from .params import frozen_weights, trainable
+from .unrolled import unrolled_alpha_gradient
 
 
 @dataclass(frozen=True)
@@ -61,31 +62,12 @@ class StepRule:
         return model.arch_parameters() if self.authors_code else trainable(model)
 
 
-def trainable(model) -> list[torch.Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def frozen_weights(model):
-    """Weights marked as not requiring grad for an α-only pass: autograd then neither saves what weight
-    gradients need nor computes them (same α gradient, less memory and time)."""
-    params = trainable(model)
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def alpha_gradient(model, batches: dict, rule: StepRule, precision: Precision,
                    known: dict | None = None, w_optimizer=None) -> tuple[list[torch.Tensor], bool]:
     """The combined α gradient (not yet applied) and whether it is finite. `known` maps a pass already
     taken (the shared training pass) to its (gradient, finite); darts_2nd reads ξ, μ and the momentum buffers
     from `w_optimizer`."""
     if rule.optimization == "darts_2nd":
-        from .unrolled import unrolled_alpha_gradient  # it builds on this module's passes
         return unrolled_alpha_gradient(model, batches, w_optimizer), True
     alphas = model.arch_parameters()
     total = [torch.zeros_like(a) for a in alphas]
@@ -174,5 +156,5 @@ def search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer, rule:
 
 def fused_search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer, rule: StepRule,
                       precision: Precision):
-    """`--fused_train_step`: `search_step` with one shared training pass."""
+    """`--shared_train_pass`: `search_step` with one shared training pass."""
     return search_step(model, train_batch, valid_batch, w_optimizer, a_optimizer, rule, precision, True)

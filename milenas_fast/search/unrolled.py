@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
-from .step import frozen_weights, trainable
+from .params import frozen_weights, trainable
 
 R = 0.01  # DARTS's r: ε = r / ‖v‖
 

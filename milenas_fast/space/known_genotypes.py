@@ -1,7 +1,7 @@
 """Published cells, selectable with `milenas-fast train --arch NAME`."""
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .genotype import Genotype
 
 # DARTS paper, first-order search (3.00 % error).

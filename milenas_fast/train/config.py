@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from ..config import ConfigError, Settings, check_image_size, opt
+from ..config import Settings, check_image_size, opt
+
+from ..errors import ConfigError
 
 # The DARTS ImageNet protocol (mobile setting): what `--dataset imagenet` uses for every flag not typed.
 DATASET_DEFAULTS = {

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from .. import distributed, runs
-from ..data import make_loader
+from ..data import make_loader, resolve_loader
 from ..data.eval_data import TestBatches, cutout, cutout_generator, imagenet_loaders, load_train_test
-from ..data.loaders import epoch_batches, resolve_loader
+from ..data.loaders import epoch_batches
 from ..divergence import FiniteWatch, floating_state
 from ..meters import Progress, Totals
 from ..precision import Precision

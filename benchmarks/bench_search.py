@@ -86,7 +86,7 @@ def bench_mode(mode, args, device, **settings):
         search = build(mode, args, device, **settings)
     except ConfigError as e:  # e.g. --impl fused where the kernels cannot run
         return {"status": f"n/a ({str(e).splitlines()[0][:200]})"}
-    notes = f"MixedOp {search.impl_why}; CUDA graphs {search.graphs_why}"
+    notes = f"MixedOp {search.plan.mixed_op_why}; CUDA graphs {search.plan.graphs_why}"
     train = BatchStream(search.train_loader, 0, "train")
     pre = [next(train) for _ in range(4)]
     if not gpu_data:  # only the iteration is timed: rotate pre-built batches (the loader's work stays out)

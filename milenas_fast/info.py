@@ -78,12 +78,12 @@ def _extension() -> str:
 
 
 def _impl_choices(device) -> dict[str, str]:
-    from .runtime import resolve_impl
+    from .search.plan import resolve_mixed_op
 
     out = {}
     for requested in ("auto", "fused", "reference"):
         try:
-            cls, why = resolve_impl(requested, device)
+            cls, why = resolve_mixed_op(requested, device)
             out[requested] = f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', cls)} ({why})"
         except Exception as e:  # noqa: BLE001 - ConfigError for an impossible request, anything from a rewrite
             out[requested] = f"refused: {e}"
@@ -102,7 +102,7 @@ def _edge_reduce(device) -> str:
 
 
 def _selftest() -> str:
-    from . import selftest
+    from .space import selftest
 
     res = selftest.results()
     return "; ".join(f"{k}: {v}" for k, v in res.items()) or "not run (no fused choice above)"
@@ -114,6 +114,17 @@ def _loader_choice(device) -> str:
     try:
         name, why = resolve_loader("auto", device)
         return f"{name} ({why})"
+    except Exception as e:  # noqa: BLE001
+        return f"error: {type(e).__name__}: {e}"
+
+
+def _plan(device) -> dict | str:
+    """The execution plan `milenas-fast search` would resolve here with its default flags (search/plan.py)."""
+    from .config import SearchConfig
+    from .search import plan
+
+    try:
+        return plan.resolve(SearchConfig(), device).to_dict()
     except Exception as e:  # noqa: BLE001
         return f"error: {type(e).__name__}: {e}"
 
@@ -136,6 +147,7 @@ def collect() -> dict:
             "MixedOp --impl": _impl_choices(device),
             "fused self-test": _selftest(),
             "loader --loader auto": _loader_choice(device),
+            "search plan (default flags)": _plan(device),
         }
     from .ops.select import twin_notice
 
@@ -161,5 +173,9 @@ def format_report(info: dict) -> str:
     lines += [f"  {k:<9} → {v}" for k, v in info["MixedOp --impl"].items()]
     lines.append(f"fused self-test: {info['fused self-test']}")
     lines.append(f"loader (--loader auto): {info['loader --loader auto']}")
+    plan = info["search plan (default flags)"]
+    lines.append("search plan (`milenas-fast search` with default flags):" + ("" if isinstance(plan, dict) else f" {plan}"))
+    if isinstance(plan, dict):
+        lines += [f"  {k:<17} {v}" for k, v in plan.items() if k != "warnings"]
     lines += [f"WARNING: {w}" for w in info["warnings"]]
     return "\n".join(lines)

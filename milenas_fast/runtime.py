@@ -1,4 +1,4 @@
-"""Where and how a run executes: device, seeding, determinism, MixedOp implementation."""
+"""Where a run executes and how it repeats: device, seeding, determinism, the RNG state a checkpoint keeps."""
 from __future__ import annotations
 
 import os
@@ -70,32 +70,3 @@ def load_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resolve_impl(requested: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """(MixedOp class, why) for `--impl` auto|fused|reference on `device` (milenas_fast.ops.select decides).
-    A fused choice must first pass the start-up self-test on `device` (milenas_fast.selftest): if it fails,
-    `auto` warns once and takes the reference; an explicit `fused` that cannot run or fails raises
-    ConfigError with the reasons."""
-    from . import selftest
-    from .ops import select
-    from .space.mixed_op import FusedMixedOp, ReferenceMixedOp
-
-    try:
-        decision = select.decide(requested, device)
-    except ValueError as e:
-        raise ConfigError(f"--impl: {e}") from None
-    if not decision.ok:
-        raise ConfigError(f"--impl fused cannot run on {device}: {'; '.join(decision.reasons)}; "
-                          "use --impl reference or auto")
-    if decision.impl != "fused":
-        return ReferenceMixedOp, decision.why()
-    problem = selftest.fused_mixed_op(device, dtype)
-    if not problem:
-        return FusedMixedOp, f"{decision.why()}; self-test passed on {device}"
-    if decision.requested == "fused":
-        raise ConfigError(f"--impl fused: the fused MixedOp failed its self-test on {device} ({problem}); "
-                          "use --impl reference or auto")
-    selftest.warn_disabled(device, dtype, problem)
-    return ReferenceMixedOp, (f"{decision.requested}: reference (the fused MixedOp failed its self-test on "
-                              f"{device}: {problem})")

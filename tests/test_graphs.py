@@ -32,7 +32,7 @@ def test_cuda_graphs_flag_is_ignored_on_cpu():
     assert not on and "ignored on cpu" in why
     assert decide(False, False, False, torch.device("cpu"))[0] is False
     s = Search(tiny_cfg(), torch.device("cpu"))
-    assert s.graphed is None and not s.graphs_on and "ignored" in s.graphs_why
+    assert s.graphed is None and not s.plan.graphs and "ignored" in s.plan.graphs_why
     assert len(s.train_loader) == 3  # 24 images at batch 10: the partial batch of 4 is kept
     acc, loss = s.train_epoch(Progress(False))
     assert loss == loss and 0 <= acc <= 100
@@ -152,7 +152,7 @@ def test_search_runs_the_self_test_where_graphs_would_be_used(monkeypatch, why):
     monkeypatch.setattr(graphed_mod, "self_test", lambda device: why)
     s = Search(tiny_cfg(), torch.device("cpu"))
     if why:
-        assert s.graphed is None and len(s.train_loader) == 3 and "self-test failed" in s.graphs_why
+        assert s.graphed is None and len(s.train_loader) == 3 and "self-test failed" in s.plan.graphs_why
         assert s.warnings == [f"CUDA graph capture self-test failed ({why}); using the eager loop"]
         assert [c.name for c in s.guard.components] == []
     else:
@@ -281,7 +281,7 @@ def test_capture_self_test_passes_on_this_gpu():
 def test_graphed_search_epoch_and_resume(tmp_path):
     cfg = tiny_cfg(device="cuda", batch_size=8, synthetic_images=160)
     s = Search(cfg, torch.device("cuda"))
-    assert s.graphs_on and s.graphed is not None
+    assert s.plan.graphs and s.graphed is not None
     assert len(s.train_loader) == 10  # 80 images at batch 8; drop_last
     s.train_epoch(Progress(False))
     assert s.graphed.captured

@@ -59,9 +59,9 @@ class Boom(RuntimeError):
 def test_guard_restores_switches_off_in_order_and_redoes(caplog):
     state = {"x": 0}
     on = {"graph": True, "compile": True}
-    comps = [Component("CUDA graph", "the eager loop", lambda: on.update(graph=False),
+    comps = [Component("CUDA graph", "the eager loop", lambda why: on.update(graph=False),
                        engaged=lambda: on["graph"]),
-             Component("torch.compile", "the uncompiled model", lambda: on.update(compile=False))]
+             Component("torch.compile", "the uncompiled model", lambda why: on.update(compile=False))]
     guard = Guard(comps, lambda: dict(state), lambda s: state.update(s), iterations=2)
 
     def iteration():
@@ -81,9 +81,9 @@ def test_guard_restores_switches_off_in_order_and_redoes(caplog):
 @pytest.mark.gpu_path
 def test_guard_suspects_an_engaged_component_first_and_stops_guarding():
     on = {"graph": True, "fused": True, "graph_engaged": False}
-    comps = [Component("CUDA graph", "the eager loop", lambda: on.update(graph=False),
+    comps = [Component("CUDA graph", "the eager loop", lambda why: on.update(graph=False),
                        engaged=lambda: on["graph_engaged"]),
-             Component("fused MixedOp", "the reference MixedOp", lambda: on.update(fused=False))]
+             Component("fused MixedOp", "the reference MixedOp", lambda why: on.update(fused=False))]
     guard = Guard(comps, lambda: None, lambda s: None, iterations=1)
 
     def iteration():
@@ -101,7 +101,7 @@ def test_guard_suspects_an_engaged_component_first_and_stops_guarding():
 @pytest.mark.gpu_path
 def test_guard_is_strict_for_explicit_requests_and_reraises_real_bugs():
     state = {"x": 0}
-    comps = [Component("fused MixedOp", "the reference MixedOp", lambda: None, strict=True)]
+    comps = [Component("fused MixedOp", "the reference MixedOp", lambda why: None, strict=True)]
     guard = Guard(comps, lambda: dict(state), lambda s: state.update(s), iterations=3)
 
     def iteration():
@@ -164,6 +164,7 @@ def test_a_failing_graph_replay_falls_back_to_the_eager_loop(monkeypatch, caplog
     msgs = warnings_of(caplog)
     assert len(msgs) == 1 and msgs[0].startswith("CUDA graph failed (Boom: CUDA error: an illegal memory")
     assert "the eager loop" in msgs[0] and s.graphed is None
+    assert not s.plan.graphs and s.plan.graphs_why.startswith("off: Boom: CUDA error")  # a new plan, logged as such
     assert_same(got, want)
 
 
@@ -184,7 +185,7 @@ def test_a_failing_compiled_call_falls_back_to_the_uncompiled_model(caplog):
         got = run_epoch(s)
     msgs = warnings_of(caplog)
     assert len(msgs) == 1 and "torch.compile failed (Boom: InductorError" in msgs[0]
-    assert s.model._compiled_call_impl is None and len(forwards) == 6
+    assert s.model._compiled_call_impl is None and len(forwards) == 6 and not s.plan.compile
     assert_same(got, want)
 
 

@@ -12,7 +12,8 @@ def test_info_prints_versions_and_decisions(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     for needle in ("python", "torch", "Triton", "CUDA", "cuDNN", "DALI", "GPU:", "C++ extension:",
-                   "Triton kernels:", "MixedOp implementation", "auto ", "loader (--loader auto):"):
+                   "Triton kernels:", "MixedOp implementation", "auto ", "loader (--loader auto):",
+                   "search plan (`milenas-fast search` with default flags):", "CUDA graphs", "shared train pass"):
         assert needle in out, needle
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -21,12 +22,15 @@ def test_info_prints_versions_and_decisions(capsys):
     assert info["loader --loader auto"].split()[0] in ("torch", "gpu", "dali")
     assert "fused self-test" in info and isinstance(info["warnings"], list)
     assert any(k.startswith("edge_reduce (") for k in info)
+    plan = info["search plan (default flags)"]  # what a search resolves (search/plan.py)
+    assert plan["device"] == info["device (auto)"] and plan["MixedOp"].split()[0] in ("ReferenceMixedOp",
+                                                                                      "FusedMixedOp")
 
 
 @pytest.mark.gpu_path
 def test_info_shows_twin_warning_and_failed_selftest(capsys, monkeypatch):
     """A machine where edge_reduce runs its Triton twin and the fused kernels fail their self-test."""
-    from milenas_fast import selftest
+    from milenas_fast.space import selftest
     from milenas_fast.ops import select
     from milenas_fast.runtime import resolve_device
 

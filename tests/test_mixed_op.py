@@ -14,7 +14,7 @@ import torch.nn as nn
 from milenas_fast import MixedOp, Network
 from milenas_fast.errors import ConfigError
 from milenas_fast.ops import mixing_weights, select, weight_cast
-from milenas_fast.runtime import resolve_impl
+from milenas_fast.search.plan import resolve_mixed_op
 from milenas_fast.space import supernet
 from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp, set_impl
 from milenas_fast.space.primitives import PRIMITIVES
@@ -374,9 +374,9 @@ def test_auto_is_reference_on_cpu(monkeypatch):
     monkeypatch.delenv(select.ENV, raising=False)
     d = select.decide(None, "cpu")
     assert d.impl == "reference" and d.ok and d.reasons
-    cls, why = resolve_impl("auto", torch.device("cpu"))
+    cls, why = resolve_mixed_op("auto", torch.device("cpu"))
     assert cls is ReferenceMixedOp and "reference" in why
-    assert resolve_impl("reference", torch.device("cpu"))[0] is ReferenceMixedOp
+    assert resolve_mixed_op("reference", torch.device("cpu"))[0] is ReferenceMixedOp
 
 
 def test_fused_that_cannot_run_raises(monkeypatch):
@@ -386,10 +386,10 @@ def test_fused_that_cannot_run_raises(monkeypatch):
     with pytest.raises(select.FusedUnavailable, match="TRITON_INTERPRET"):
         m(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
     with pytest.raises(ConfigError, match="--impl fused"):
-        resolve_impl("fused", torch.device("cpu"))
+        resolve_mixed_op("fused", torch.device("cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
-            resolve_impl("fused", torch.device("cuda"))
+            resolve_mixed_op("fused", torch.device("cuda"))
     monkeypatch.setenv(select.ENV, "auto")
     MixedOp(4, 1)(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))  # auto falls back quietly
 
@@ -408,7 +408,7 @@ def test_bad_values_raise(monkeypatch):
     with pytest.raises(ValueError, match="MILENAS_FAST_IMPL"):
         MixedOp(4, 1)(torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(8), 0))
     with pytest.raises(ConfigError):
-        resolve_impl("fast", torch.device("cpu"))
+        resolve_mixed_op("fast", torch.device("cpu"))
 
 
 @pytest.mark.gpu_path
@@ -435,7 +435,7 @@ def test_env_read_when_built_or_moved(monkeypatch, fused_ok):
     assert calls == [1, 1]
     with pytest.raises(ValueError, match="fast"):
         set_impl(net, "fast")
-    assert resolve_impl("fused", torch.device(fused_ok))[0] is FusedMixedOp
+    assert resolve_mixed_op("fused", torch.device(fused_ok))[0] is FusedMixedOp
     # affine BNs are outside the fused path: explicit fused says so, auto falls back
     aff = MixedOp(4, 1, affine=True).to(fused_ok)
     with pytest.raises(select.FusedUnavailable, match="affine"):
@@ -481,7 +481,7 @@ def test_cuda_bf16_autocast_alpha_grad(stride):
 @pytest.mark.cuda
 def test_cuda_network_auto_uses_fused(monkeypatch):
     monkeypatch.delenv(select.ENV, raising=False)
-    cls, why = resolve_impl("auto", torch.device("cuda"))
+    cls, why = resolve_mixed_op("auto", torch.device("cuda"))
     assert cls is FusedMixedOp, why
 
 

@@ -1,4 +1,4 @@
-"""The start-up self-test of the fused MixedOp (milenas_fast/selftest.py) and how resolve_impl acts on it,
+"""The start-up self-test of the fused MixedOp (milenas_fast/selftest.py) and how resolve_mixed_op acts on it,
 with faults injected into the fused path's kernels: on the GPU when there is one, else on CPU through the
 Triton interpreter."""
 import importlib
@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from milenas_fast import selftest
+from milenas_fast.space import selftest
 from milenas_fast.errors import ConfigError
 from milenas_fast.ops import select
-from milenas_fast.runtime import resolve_impl
+from milenas_fast.search.plan import resolve_mixed_op
 from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp
 
 pytestmark = pytest.mark.gpu_path
@@ -48,11 +48,11 @@ def our_warnings(rec):
 
 def test_passes_is_cached_and_leaves_the_rng_alone(monkeypatch):
     state = torch.get_rng_state()
-    cls, why = resolve_impl("fused", DEV)
+    cls, why = resolve_mixed_op("fused", DEV)
     assert cls is FusedMixedOp and "self-test passed" in why
     assert torch.equal(torch.get_rng_state(), state)
     monkeypatch.setattr(selftest, "_run", lambda *a: pytest.fail("ran twice"))
-    assert resolve_impl("fused", DEV)[0] is FusedMixedOp
+    assert resolve_mixed_op("fused", DEV)[0] is FusedMixedOp
     assert selftest.results() == {KEY: "passed"}
 
 
@@ -81,7 +81,7 @@ def test_auto_falls_back_with_one_warning_when_a_kernel_raises(monkeypatch, auto
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(2):
-            cls, why = resolve_impl("auto", DEV)
+            cls, why = resolve_mixed_op("auto", DEV)
             assert cls is ReferenceMixedOp and "self-test" in why and "illegal memory access" in why
     (w,) = our_warnings(rec)
     assert f"fused MixedOp disabled on {DEV}" in str(w.message) and "illegal memory access" in str(w.message)
@@ -94,7 +94,7 @@ def test_explicit_fused_refuses_wrong_outputs(monkeypatch):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         with pytest.raises(ConfigError, match=r"--impl fused: .*self-test.*output differs"):
-            resolve_impl("fused", DEV)
+            resolve_mixed_op("fused", DEV)
     assert not our_warnings(rec)  # explicit: an error, not a warning
 
 
@@ -108,10 +108,10 @@ def test_wrong_gradients_are_caught(monkeypatch, auto_picks_fused):
 
     monkeypatch.setattr(fmo, "folded_reduce", wrong_backward)
     with pytest.warns(RuntimeWarning, match="self-test failed"):
-        cls, why = resolve_impl("auto", DEV)
+        cls, why = resolve_mixed_op("auto", DEV)
     assert cls is ReferenceMixedOp and "grad" in why and "output differs" not in why
     with pytest.raises(ConfigError, match="grad"):
-        resolve_impl("fused", DEV)
+        resolve_mixed_op("fused", DEV)
 
 
 def test_failing_cpp_edge_reduce_is_replaced_by_the_twin(monkeypatch):
@@ -124,7 +124,7 @@ def test_failing_cpp_edge_reduce_is_replaced_by_the_twin(monkeypatch):
     monkeypatch.setitem(er.IMPL, DEV.type, ("cpp", "C++ kernels"))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        cls, why = resolve_impl("fused", DEV)
+        cls, why = resolve_mixed_op("fused", DEV)
     assert cls is FusedMixedOp and er.IMPL[DEV.type][0] == "triton" and "no kernel image" in er.IMPL[DEV.type][1]
     (w,) = [w for w in rec if "Triton twin" in str(w.message)]
     assert "C++ edge_reduce failed the fused self-test" in str(w.message)
@@ -139,7 +139,7 @@ def test_both_edge_reduce_kernels_failing_reports_both(monkeypatch, auto_picks_f
     monkeypatch.setattr(twin, "edge_reduce_triton", bad)
     monkeypatch.setitem(er.IMPL, DEV.type, ("cpp", "C++ kernels"))
     with pytest.warns(RuntimeWarning, match="self-test failed") as rec:
-        cls, why = resolve_impl("auto", DEV)
+        cls, why = resolve_mixed_op("auto", DEV)
     assert cls is ReferenceMixedOp and "with the Triton edge_reduce too" in why
     assert er.IMPL[DEV.type][0] == "cpp"  # restored
     assert len(our_warnings(rec)) == 1

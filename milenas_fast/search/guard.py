@@ -23,7 +23,7 @@ log = logging.getLogger("milenas_fast")
 class Component:
     name: str                               # e.g. "CUDA graph"
     fallback: str                           # what runs instead, e.g. "the eager loop"
-    off: Callable[[], None]                 # switch it off
+    off: Callable[[str], None]              # switch it off, given why (one line)
     engaged: Callable[[], bool] = lambda: True  # whether the next iteration uses it
     strict: bool = False                    # explicitly requested: failure is fatal
 
@@ -58,7 +58,7 @@ class Guard:
                     raise ConfigError(f"{suspect.name} was requested explicitly and failed ({one_line(e)})") from e
                 log.warning("%s failed (%s); switched off, using %s from this iteration on (redone)",
                             suspect.name, one_line(e), suspect.fallback)
-                suspect.off()
+                suspect.off(one_line(e))
                 self.components.remove(suspect)
                 self.left = self.iterations
                 continue

@@ -13,18 +13,17 @@ import torch
 from .. import distributed, runs
 from ..config import SearchConfig
 from ..errors import ConfigError
-from ..data import BatchStream, load_dataset, make_loader, resolve_loader, split_train_val
+from ..data import BatchStream, load_dataset, make_loader, split_train_val
 from ..data.loaders import epoch_batches
 from ..divergence import FiniteWatch, floating_state
 from ..meters import Progress, Totals
 from ..precision import Precision
-from ..runtime import (load_rng_state, resolve_device, resolve_impl, rng_state, seed_everything,
-                       set_determinism)
+from ..runtime import load_rng_state, resolve_device, rng_state, seed_everything, set_determinism
 from ..space import genotype as gt
 from ..space.mixed_op import MixedOp, set_impl
 from ..space.sampled_op import HardSampledMixedOp
 from ..space.supernet import Network
-from . import graphed
+from . import graphed, plan
 from .authors_code import FreshIteratorStream
 from .guard import Component, Guard
 from .sampler import GumbelSampler, tau_at
@@ -34,11 +33,12 @@ log = logging.getLogger("milenas_fast")
 
 
 def compile_in_place(model, **options) -> None:
-    """`--compile`: nn.Module.compile in place (state_dict keys unchanged). frozen_weights toggles the
-    weights' requires_grad between passes; torch 2.11 skips the guards on parameters whose module dict is
-    unchanged and so replayed the α-pass graph (no weight gradients) for the w pass: keep those guards."""
-    torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags = False
-    model.compile(**options)
+    """`--compile`: what nn.Module.compile does (in place: state_dict keys unchanged), with one Dynamo setting
+    patched for this model's calls only. frozen_weights toggles the weights' requires_grad between passes;
+    torch 2.11 skips the guards on parameters whose module dict is unchanged and so replayed the α-pass graph
+    (no weight gradients) for the w pass: keep those guards."""
+    keep_guards = torch._dynamo.config.patch(skip_tensor_guards_with_matching_dict_tags=False)
+    model._compiled_call_impl = keep_guards(torch.compile(model._call_impl, **options))
 
 
 class Search:
@@ -52,32 +52,18 @@ class Search:
         set_determinism(cfg.deterministic, device)
         data = load_dataset(cfg.dataset, cfg.data, cfg.synthetic_images, cfg.image_size)
         train, valid = split_train_val(data, cfg.train_portion)
-        self.loader_name, self.loader_why = resolve_loader(cfg.loader, device)
-        self.warnings: list[str] = []  # logged once the run folder's log exists
-        self.graphs_on, self.graphs_why = graphed.decide(cfg.cuda_graphs, cfg.compile, cfg.amp, device)
+        self.plan = plan.resolve(cfg, device, graphs)
+        self.warnings = list(self.plan.warnings)  # logged once the run folder's log exists
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.graphs_on, self.graphs_why, warning = distributed.graphs_policy(self.graphs_on, self.graphs_why)
-        self.warnings += [warning] if warning else []
-        if self.graphs_on and cfg.sampler == "gumbel":
-            self.graphs_on, self.graphs_why = False, "off: --sampler gumbel chooses on the host which candidates run"
-        if graphs is not None:
-            self.graphs_on, self.graphs_why = True, f"on ({type(graphs).__name__})"
-        elif self.graphs_on and (why := graphed.self_test(device)):
-            self.graphs_on, self.graphs_why = False, f"off: the capture self-test failed ({why}); eager loop"
-            self.warnings.append(f"CUDA graph capture self-test failed ({why}); using the eager loop")
         check_split_sizes(len(train) // self.world, len(valid) // self.world, cfg.batch_size,
-                          drop_last=self.graphs_on)
+                          drop_last=self.plan.graphs)
         # CUDA graphs need static shapes: the train loader drops its partial last batch (graphed.py); it keeps
         # dropping it if the guard later switches the graph off
         shard = (self.rank, self.world)  # each process reads its own share of every plan
-        self.train_loader = make_loader(self.loader_name, train, cfg.batch_size, device, cfg.workers,
-                                        drop_last=self.graphs_on, shard=shard)
-        self.valid_loader = make_loader(self.loader_name, valid, cfg.batch_size, device, cfg.workers, shard=shard)
-        if cfg.sampler == "gumbel":
-            self.mixed_op, self.impl_why = HardSampledMixedOp, "the sampled candidate only (--sampler gumbel)"
-        else:
-            self.mixed_op, self.impl_why = resolve_impl(cfg.impl, device)
-        self.model = Network(cfg.init_channels, data.num_classes, cfg.layers, mixed_op=self.mixed_op).to(device)
+        self.train_loader = make_loader(self.plan.loader, train, cfg.batch_size, device, cfg.workers,
+                                        drop_last=self.plan.graphs, shard=shard)
+        self.valid_loader = make_loader(self.plan.loader, valid, cfg.batch_size, device, cfg.workers, shard=shard)
+        self.model = Network(cfg.init_channels, data.num_classes, cfg.layers, mixed_op=self.plan.mixed_op).to(device)
         self.sampler = (GumbelSampler(cfg.gumbel_share, cfg.seed, device, cfg.tau_max)
                         if cfg.sampler == "gumbel" else None)
         self.model.sampler = self.sampler
@@ -102,9 +88,9 @@ class Search:
             self.warnings.append(f"--authors_code ignores --lambda_valid_regularizer "
                                  f"{cfg.lambda_valid_regularizer}, as the authors' code does (weight 1)")
         self.graphed = graphed.GraphedStep(self.model, self.w_optimizer, self.a_optimizer, self.rule,
-                                           self.precision, cfg.batch_size, cfg.shared_train_pass,
-                                           graphs=graphs, watch=self.watch) if self.graphs_on else None
-        if cfg.compile:
+                                           self.precision, cfg.batch_size, self.plan.shared_train_pass,
+                                           graphs=graphs, watch=self.watch) if self.plan.graphs else None
+        if self.plan.compile:
             compile_in_place(self.model)
         self.net = distributed.wrap(self.model, device)  # what the step runs: DDP under several processes
         self.guard = Guard(self._components(), self._snapshot, self._restore,
@@ -156,21 +142,26 @@ class Search:
         """The fast components, in order of suspicion when an iteration fails."""
         out = []
         if self.graphed is not None:
-            out.append(Component("CUDA graph", "the eager loop", self._graphs_off,
+            out.append(Component("CUDA graph", "the eager loop", functools.partial(self._without, "CUDA graph"),
                                  engaged=lambda: self.graphed is not None and self.graphed.phase != "warmup"))
-        if self.cfg.compile:
-            out.append(Component("torch.compile", "the uncompiled model", self._compile_off))
+        if self.plan.compile:
+            out.append(Component("torch.compile", "the uncompiled model",
+                                 functools.partial(self._without, "torch.compile")))
         if any(m.decision.impl == "fused" for m in self.model.modules() if isinstance(m, MixedOp)):
             # strict only when asked for by name: `auto` also builds the pinned FusedMixedOp
-            out.append(Component("fused MixedOp", "the reference MixedOp", lambda: set_impl(self.model, "reference"),
+            out.append(Component("fused MixedOp", "the reference MixedOp", functools.partial(self._without, "fused MixedOp"),
                                  strict=self.cfg.impl == "fused"))
         return out
 
-    def _graphs_off(self) -> None:
-        self.graphed = None
-
-    def _compile_off(self) -> None:
-        self.model._compiled_call_impl = None  # undoes nn.Module.compile
+    def _without(self, component: str, why: str) -> None:
+        """The guard's fallback: a new plan without `component`, and the search rebuilt to match it."""
+        self.plan = self.plan.without(component, why)
+        if component == "CUDA graph":
+            self.graphed = None
+        elif component == "torch.compile":
+            self.model._compiled_call_impl = None  # undoes compile_in_place
+        else:
+            set_impl(self.model, "reference")
 
     def _snapshot(self) -> dict:
         return copy.deepcopy(self.state_dict())
@@ -206,7 +197,7 @@ class Search:
             return self.graphed(train_batch, lambda: next(self.valid_stream))
         valid_batch = next(self.valid_stream) if self.rule.uses("valid") else None
         return search_step(self.net, train_batch, valid_batch, self.w_optimizer, self.a_optimizer, self.rule,
-                           self.precision, self.cfg.shared_train_pass, self.watch)
+                           self.precision, self.plan.shared_train_pass, self.watch)
 
     @torch.no_grad()
     def infer(self) -> tuple[float, float]:
@@ -310,11 +301,10 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         log.info("args = %s", cfg.to_dict())
     for warning in search.warnings:
         log.warning(warning)
-    log.info("device = %s; %s; loader = %s (%s); MixedOp = %s (%s)", search.device, search.precision.note,
-             search.loader_name, search.loader_why, search.mixed_op.__name__, search.impl_why)
+    first, second = search.plan.log_lines()
+    log.info("%s", first)
     log.info("normalisation: %s", search.train_loader.split.stats_note())  # the validation half uses it too
-    log.info("CUDA graphs: %s; shared train pass: %s; torch.compile: %s", search.graphs_why,
-             cfg.shared_train_pass, cfg.compile)
+    log.info("%s", second)
     log.info("param size = %fMB", sum(p.numel() for p in model.parameters()) / 1e6)
 
     while search.epoch < cfg.epochs and not search.finished:

@@ -1,7 +1,7 @@
 """Start-up self-test of the fused MixedOp on the device it is about to run on.
 
 Kernels that compile are not kernels that are right on this GPU, driver and Triton version: before a run
-commits to the fused MixedOp (runtime.resolve_impl), one small random MixedOp per stride runs forward and
+commits to the fused MixedOp (search.plan.resolve_mixed_op), one small random MixedOp per stride runs forward and
 backward fused and reference, and the output, input gradient, every weight gradient and the mixing-weight
 gradient must agree. The result is cached per (device, dtype) for the life of the process; the global RNG
 is left untouched, so a run's initialisation does not depend on whether the test ran.
@@ -35,7 +35,7 @@ def fused_mixed_op(device: torch.device | str, dtype: torch.dtype = torch.float3
 def _run_or_use_twin(device: torch.device, dtype: torch.dtype) -> str:
     """A failure with the C++ edge_reduce is retried with its Triton twin: if that passes, the twin stays
     (one warning); if not, the C++ choice is restored and both reasons are reported."""
-    from .ops import select
+    from ..ops import select
 
     problem = _run(device, dtype)
     if not problem:
@@ -45,7 +45,7 @@ def _run_or_use_twin(device: torch.device, dtype: torch.dtype) -> str:
         return problem
     again = _run(device, dtype)
     if again:
-        from .ops.edge_reduce import IMPL
+        from ..ops.edge_reduce import IMPL
 
         IMPL[device.type] = previous
         return f"{problem}; with the Triton edge_reduce too: {again}"
@@ -84,7 +84,7 @@ def _run(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def _compare(stride: int, device: torch.device, dtype: torch.dtype) -> str:
-    from .space.mixed_op import FusedMixedOp, ReferenceMixedOp
+    from .mixed_op import FusedMixedOp, ReferenceMixedOp
 
     n, c, h = SHAPE["N"], SHAPE["C"], SHAPE["H"]
     torch.manual_seed(stride)

@@ -93,13 +93,13 @@ def layout(graph: CellGraph) -> dict[str, tuple[float, float]]:
     return {n: (float(i), 0.0) for i, n in enumerate(graph.nodes)}
 
 
-def _new_figure(w: float, h: float, layout: str | None = "constrained"):
+def new_figure(w: float, h: float, layout: str | None = "constrained"):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(w, h), layout=layout)
 
 
-def _save(fig, stem: Path) -> list[Path]:
+def save_figure(fig, stem: Path) -> list[Path]:
     import matplotlib
 
     out = []
@@ -131,7 +131,7 @@ def _render_matplotlib(graph: CellGraph, stem: Path) -> list[Path]:
     above = max((pos[d][0] - pos[s][0] for s, d, op in graph.edges if op), default=1.0)
     below = max((pos[d][0] - pos[s][0] for s, d, op in graph.edges if not op), default=1.0)
     top, bottom = ARC * above / 2 + 0.4, ARC_CONCAT * below / 2 + 0.4
-    fig = _new_figure(1.6 * (span + 1.2), 1.6 * (top + bottom) + 0.5, layout=None)
+    fig = new_figure(1.6 * (span + 1.2), 1.6 * (top + bottom) + 0.5, layout=None)
     ax = fig.add_axes((0.0, 0.0, 1.0, 1.6 * (top + bottom) / (1.6 * (top + bottom) + 0.5)))
     ax.set_aspect("equal")
     ax.set_axis_off()
@@ -157,7 +157,7 @@ def _render_matplotlib(graph: CellGraph, stem: Path) -> list[Path]:
                 bbox=dict(boxstyle="round,pad=0.4", fc=colour, ec="black"))
     ax.set_xlim(-0.6, span + 0.6)
     ax.set_ylim(-max(bottom, ARC * above / 2 + 0.4 if len(seen) < len(graph.edges) else 0), top)
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def render_cell(graph: CellGraph, stem: Path, engine: str = "auto") -> list[Path]:
@@ -193,8 +193,22 @@ def read_history(run_dir: Path) -> list[dict]:
     return rows
 
 
-def _heat(ax, weights, title: str, labels: bool = True):
-    im = ax.imshow(weights, vmin=0.0, vmax=max(0.25, max(max(r) for r in weights)), cmap="viridis", aspect="auto")
+UNIFORM = 1.0 / len(PRIMITIVES)  # every softmax(α) row starts here
+DEVIATION_LABEL = f"softmax(α) − 1/{len(PRIMITIVES)} (0 = uniform)"
+
+
+def deviation_range(entries: list[dict]) -> float:
+    """The colour scale's half-width: the largest distance from uniform in what is drawn. A fixed 0–0.25 scale
+    painted an early epoch (every weight 0.12–0.13) one flat colour; this one shows its differences too."""
+    dev = max(abs(v - UNIFORM) for e in entries for key in ("alphas_normal", "alphas_reduce")
+              for row in e[key] for v in row)
+    return max(dev, 1e-4)
+
+
+def _heat(ax, weights, title: str, span: float, labels: bool = True):
+    """softmax(α) as its deviation from uniform on a diverging scale: red gains, blue loses."""
+    dev = [[v - UNIFORM for v in row] for row in weights]
+    im = ax.imshow(dev, vmin=-span, vmax=span, cmap="RdBu_r", aspect="auto")
     ax.set_title(title, fontsize=9)
     if labels:
         ax.set_xticks(range(len(PRIMITIVES)), PRIMITIVES, rotation=60, ha="right", fontsize=7)
@@ -205,44 +219,60 @@ def _heat(ax, weights, title: str, labels: bool = True):
     return im
 
 
-def plot_alphas(entry: dict, stem: Path) -> list[Path]:
-    fig = _new_figure(9, 5.5)
+def alphas_figure(entry: dict):
+    """One epoch's softmax(α) of both cells; each edge's strongest op is labelled with its weight (labelling
+    all 224 would be unreadable, and early on they all read 0.12–0.13)."""
+    span = deviation_range([entry])
+    fig = new_figure(9, 5.5)
     axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ("alphas_normal", "alphas_reduce"), ("normal", "reduction")):
-        im = _heat(ax, entry[key], f"{name} cell: softmax(α), epoch {entry['epoch']}")
+        im = _heat(ax, entry[key], f"{name} cell, epoch {entry['epoch']}", span)
         for i, row in enumerate(entry[key]):
-            for k, v in enumerate(row):
-                if v >= 0.1:  # the notable weights only: 224 labels would be unreadable (and slow to draw)
-                    ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if v < 0.5 else "black")
-    fig.colorbar(im, ax=axes, shrink=0.8)
-    return _save(fig, stem)
+            k = max(range(len(row)), key=row.__getitem__)
+            strong = abs(row[k] - UNIFORM) > 0.6 * span  # dark cell: white text
+            ax.text(k, i, f"{row[k]:.3f}", ha="center", va="center", fontsize=6,
+                    color="white" if strong else "black")
+    fig.colorbar(im, ax=axes, shrink=0.8, label=DEVIATION_LABEL + "; labels: each edge's largest weight")
+    return fig
+
+
+def plot_alphas(entry: dict, stem: Path) -> list[Path]:
+    return save_figure(alphas_figure(entry), stem)
 
 
 def plot_alpha_epochs(history: list[dict], stem: Path, max_panels: int = 12) -> list[Path]:
     """Small multiples of softmax(α) at up to `max_panels` evenly spaced epochs (always the first and last)."""
     n = len(history)
     picks = sorted({round(i * (n - 1) / max(1, min(n, max_panels) - 1)) for i in range(min(n, max_panels))})
-    fig = _new_figure(1.2 * len(picks) + 1.5, 5)
+    span = deviation_range([history[i] for i in picks])  # one scale for every panel: epochs compare
+    fig = new_figure(1.2 * len(picks) + 2.0, 5)
     axes = fig.subplots(2, len(picks), squeeze=False)
     for col, idx in enumerate(picks):
         e = history[idx]
         for row, key in enumerate(("alphas_normal", "alphas_reduce")):
             ax = axes[row][col]
-            im = _heat(ax, e[key], f"ep {e['epoch']}" if row == 0 else "", labels=False)
+            im = _heat(ax, e[key], f"ep {e['epoch']}" if row == 0 else "", span, labels=False)
             if col == 0:
                 ax.set_ylabel("normal" if row == 0 else "reduction")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="softmax(α)")
-    return _save(fig, stem)
+    fig.colorbar(im, ax=axes, shrink=0.8, label=DEVIATION_LABEL)
+    return save_figure(fig, stem)
 
 
 def plot_trajectory(history: list[dict], stem: Path) -> list[Path]:
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [e["epoch"] for e in history]
-    fig = _new_figure(8, 4)
+    fig = new_figure(8, 4)
     ax = fig.add_subplot()
     ax.plot(epochs, [e["n"] for e in history], "o-", ms=3, label="n (normal-cell convs)", color="#d62728")
     ax.plot(epochs, [e["r"] for e in history], "s-", ms=3, label="r (reduction-cell convs)", color="#1f77b4")
     ax.set_xlabel("epoch")
+    # whole epochs only: a one-epoch run's axis read −0.04 … 0.04
+    if len(epochs) <= 12:
+        ax.set_xticks(epochs)
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("selected conv ops")
     ax.set_ylim(-0.5, 8.5)
     ax2 = ax.twinx()
@@ -252,7 +282,7 @@ def plot_trajectory(history: list[dict], stem: Path) -> list[Path]:
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
     ax.set_title("model size (n, r) and validation accuracy per epoch")
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 # --- a run folder ------------------------------------------------------------------------------------

@@ -273,25 +273,35 @@ def table_csv(rows: list[SeedRow], selected: SeedRow | None) -> str:
 
 
 def plot_table(rows: list[SeedRow], selected: SeedRow | None, stem: Path) -> list[Path]:
-    """Final validation accuracy per seed, each bar labelled with its model size; the selected seed stands
-    out, a failed seed is marked on the axis."""
-    from .plot import _new_figure, _save
+    """Final validation accuracy per seed as points, each labelled with its model size; the selected seed stands
+    out, a failed seed is marked on the axis. Points on an axis fitted to the seeds: seeds a point or two
+    apart looked equal as bars from 0 %."""
+    from matplotlib.ticker import MaxNLocator
 
-    fig = _new_figure(1.2 * len(rows) + 2.5, 4)
+    from .plot import new_figure, save_figure
+
+    fig = new_figure(1.2 * len(rows) + 2.5, 4)
     ax = fig.add_subplot()
+    done = [r.valid_acc for r in rows if r.status == "finished"]
+    low, high = (min(done), max(done)) if done else (0.0, 1.0)
+    pad = max(1.0, 0.25 * (high - low))
+    ax.set_ylim(low - pad, high + 2 * pad)  # room above for the labels
     for i, r in enumerate(rows):
         if r.status != "finished":
-            ax.text(i, 0, "failed", ha="center", va="bottom", color="#d62728", fontsize=9)
+            ax.text(i, low - pad, "failed", ha="center", va="bottom", color="#d62728", fontsize=9)
             continue
-        ax.bar(i, r.valid_acc, color="#2ca02c" if r is selected else "#aec7e8", edgecolor="black")
-        ax.text(i, r.valid_acc, f"{r.valid_acc:.2f}%\nn{r.n}r{r.r}\n{r.params_mb:.2f}MB", ha="center",
-                va="bottom", fontsize=8)
+        chosen = r is selected
+        ax.plot(i, r.valid_acc, "o", ms=12 if chosen else 9, color="#2ca02c" if chosen else "#6b8fc7",
+                markeredgecolor="black")
+        ax.annotate(f"{r.valid_acc:.2f}%\nn{r.n}r{r.r}\n{r.params_mb:.2f}MB", (i, r.valid_acc), xytext=(0, 10),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)), [f"seed {r.seed}" for r in rows])
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.grid(axis="y", alpha=0.3)
     ax.set_ylabel("final search validation accuracy (%)")
-    top = max((r.valid_acc for r in rows if r.status == "finished"), default=0.0)
-    ax.set_ylim(0, max(1.0, top) * 1.25)
-    ax.set_title(f"selected: seed {selected.seed}" if selected else "no seed finished")
-    return _save(fig, stem)
+    ax.set_title(f"selected: seed {selected.seed} (green)" if selected else "no seed finished")
+    return save_figure(fig, stem)
 
 
 # --- the whole sweep ---------------------------------------------------------------------------------

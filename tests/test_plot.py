@@ -94,3 +94,15 @@ def test_plot_bad_input(tmp_path, capsys):
         (tmp_path / "empty" / "genotype.txt").write_text(to_text(MILENAS))
         assert main(["plot", str(tmp_path / "empty"), "--engine", "dot"]) == 2
         assert "dot" in capsys.readouterr().err
+
+
+def test_an_early_epochs_alphas_are_not_one_flat_colour():
+    """After one epoch every weight is 0.12–0.13: the scale fits them, centred on uniform, and says so."""
+    g = torch.Generator().manual_seed(1)
+    entry = {"epoch": 0, "alphas_normal": torch.softmax(torch.randn(14, 8, generator=g) * 0.02, -1).tolist(),
+             "alphas_reduce": torch.softmax(torch.randn(14, 8, generator=g) * 0.01, -1).tolist()}
+    fig = plot.alphas_figure(entry)
+    image = fig.axes[0].images[0]
+    low, high = image.get_clim()
+    assert low == -high and high == pytest.approx(plot.deviation_range([entry])) and high < 0.01
+    assert "uniform" in fig.axes[-1].get_ylabel()  # the colour bar

@@ -3,16 +3,23 @@ and there is one place that knows defaults and rules. Bad values raise ConfigErr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .errors import ConfigError
 
 
-def opt(default, help: str, choices=None, former: str | None = None):
+def opt(default, help: str, choices=None, former: str | None = None, const=None):
     """A flag's field. `former`: the flag's old name, still accepted on the command line and in stored
-    configurations (args.json, checkpoints)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "former": former})
+    configurations (args.json, checkpoints). `const`: the flag may be typed without a value, meaning `const`
+    (argparse nargs='?')."""
+    return field(default=default, metadata={"help": help, "choices": choices, "former": former, "const": const})
+
+
+TENSORBOARD_IN_RUN = "RUN_DIR/tb"  # --tensorboard typed without a folder: tb/ inside the run folder
+# Experiment tracking only reports on a run, so it may change on --resume (each command's RUNTIME adds it).
+TRACKING = ("tensorboard", "wandb", "wandb_project", "wandb_name")
 
 
 OPTIMIZATIONS = ("milenas", "darts", "single_level", "darts_2nd")
@@ -28,6 +35,11 @@ class Settings:
                                "default: each process normalises with its own batch")
     dist_timeout: int = opt(300, "several processes: seconds a collective may wait for the other ranks before the "
                                  "run stops with an error (a dead or stuck rank)")
+    tensorboard: str = opt("", "log to TensorBoard in DIR (typed alone: the run folder's tb/); needs the "
+                               "tensorboard package", const=TENSORBOARD_IN_RUN)
+    wandb: bool = opt(False, "log to Weights & Biases (WANDB_MODE=offline works without an account); needs wandb")
+    wandb_project: str = opt("milenas-fast", "--wandb: the W&B project")
+    wandb_name: str = opt("", "--wandb: the W&B run name (default: the run folder's name)")
 
     def check(self, positive=(), nonneg=(), fractions=()) -> None:
         """Every field of its declared type (a stored configuration may have been edited) and every number
@@ -47,6 +59,9 @@ class Settings:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        for flag in ("tensorboard", "wandb"):  # before the run starts: never a half-written folder
+            if getattr(self, flag) and importlib.util.find_spec(flag) is None:
+                raise ConfigError(f"--{flag} needs the {flag} package: pip install 'milenas-fast[{flag}]'")
         if self.init_channels % 2:
             raise ConfigError(f"--init_channels must be even (FactorizedReduce halves it), got {self.init_channels}")
 
@@ -143,7 +158,7 @@ class SearchConfig(Settings):
 
     # Flags that only change how a run executes, not what it computes: they may differ on --resume.
     RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader", "impl",
-               "cuda_graphs", "compile", "dist_timeout")
+               "cuda_graphs", "compile", "dist_timeout", *TRACKING)
 
     def validate(self) -> "SearchConfig":
         self.check(
@@ -207,6 +222,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: boo
         if isinstance(f.default, bool):
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
             continue
+        if f.metadata.get("const") is not None:
+            kwargs.update(nargs="?", const=f.metadata["const"])
         kwargs["type"] = type(f.default)
         kwargs["metavar"] = {int: "N", float: "X", str: "S"}[type(f.default)]
         parser.add_argument(*names, **kwargs)

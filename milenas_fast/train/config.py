@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from ..config import Settings, check_image_size, opt
+from ..config import TRACKING, Settings, check_image_size, opt
 
 from ..errors import ConfigError
 
@@ -63,7 +63,7 @@ class TrainConfig(Settings):
 
     # Flags that only change how a run executes, not what it computes: they may differ on --resume.
     RUNTIME = ("device", "workers", "report_freq", "quiet", "resume", "save", "save_dir", "data", "loader",
-               "dist_timeout")
+               "dist_timeout", *TRACKING)
 
     def validate(self) -> "TrainConfig":
         self.check(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed, runs
+from .. import distributed, runs, tracking
 from ..config import SearchConfig
 from ..errors import ConfigError
 from ..data import BatchStream, load_dataset, make_loader, split_train_val
@@ -43,6 +43,8 @@ def compile_in_place(model, **options) -> None:
 
 class Search:
     """Everything a search epoch needs, and its checkpointable state."""
+
+    tracker = tracking.Tracker([])  # run() gives it the run's (--tensorboard, --wandb)
 
     def __init__(self, cfg: SearchConfig, device: torch.device, graphs=None):
         """`graphs`: a capture mechanism to use instead of deciding (graphed.EagerGraphs() runs the graph path
@@ -184,12 +186,17 @@ class Search:
             if step % cfg.report_freq == 0 or last:
                 obj, top1 = totals.log_line("train", step)
                 self.watch.check(f"epoch {self.epoch} step {step}")
-                progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+                rate = seen / (time.perf_counter() - start)
+                progress.update(step + 1, obj, top1, rate)
+                self.tracker.window(self.epoch, step, totals.read(), rate, self.learning_rates())
         self.watch.fold(tensors=floating_state(model) + model.arch_parameters())
         self.watch.check(f"the end of epoch {self.epoch}'s training")
         distributed.all_totals_(totals)  # the epoch's numbers over every rank's share
         obj, top1, _ = totals.read()
         return top1, obj
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"lr": self.w_optimizer.param_groups[0]["lr"], "arch_lr": self.a_optimizer.param_groups[0]["lr"]}
 
     def iteration(self, train_batch):
         """One search iteration on `train_batch` (the validation batch comes from the stream)."""
@@ -285,7 +292,10 @@ def prepare(cfg: SearchConfig, run_dir: Path, state: dict | None) -> Search:
 
 def run(cfg: SearchConfig, explicit: dict | None = None, console: bool = True) -> Path:
     def body(search, run_dir, resumed, bar):
-        return _run(search, run_dir, resumed, Progress(bar))
+        search.tracker = tracking.open_tracker(search.cfg, run_dir, distributed.is_main(), resumed, search.epoch,
+                                               len(search.train_loader))
+        with search.tracker:
+            return _run(search, run_dir, resumed, Progress(bar))
 
     return runs.run_in_folder("search", SearchConfig, cfg, explicit, console, prepare, body)
 
@@ -328,7 +338,8 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         entry = search.record(train_acc, train_obj, valid_acc, valid_obj, lr)
         if not cfg.authors_code:
             log.info("genotype = %s", entry["genotype"])
-        log.info("model size %s; epoch time %.1fs", entry["model_size"], time.perf_counter() - epoch_start)
+        seconds = time.perf_counter() - epoch_start
+        log.info("model size %s; epoch time %.1fs", entry["model_size"], seconds)
         stop = cfg.early_stopping and (entry["n"], entry["r"]) == (cfg.early_stop_normal, cfg.early_stop_reduce)
         search.epoch += 1
         search.finished = stop or search.epoch >= cfg.epochs
@@ -337,6 +348,9 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         if main:
             runs.save_checkpoint(ckpt, search.state_dict())
             write_run_files(run_dir, search)
+        # reported once checkpointed: a resumed run has reported exactly the epochs it continues from
+        search.tracker.epoch(entry, seconds, arch_lr=search.learning_rates()["arch_lr"])
+        search.tracker.architecture(entry)
         if stop:
             log.info("early stopping: the normal cell has %d convs and the reduction cell %d", entry["n"], entry["r"])
     if main:

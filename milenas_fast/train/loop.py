@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import distributed, runs
+from .. import distributed, runs, tracking
 from ..data import make_loader, resolve_loader
 from ..data.eval_data import TestBatches, cutout, cutout_generator, imagenet_loaders, load_train_test
 from ..data.loaders import epoch_batches
@@ -55,6 +55,8 @@ def count_mult_adds(cfg: TrainConfig, genotype: gt.Genotype, num_classes: int) -
 
 class Trainer:
     """Everything a training epoch needs, and its checkpointable state."""
+
+    tracker = tracking.Tracker([])  # run() gives it the run's (--tensorboard, --wandb)
 
     def __init__(self, cfg: TrainConfig, device: torch.device, genotype: gt.Genotype):
         self.cfg, self.device, self.genotype = cfg, device, genotype
@@ -142,7 +144,9 @@ class Trainer:
             if step % cfg.report_freq == 0 or step == len(self.train_loader) - 1:
                 obj, top1 = totals.log_line("train", step)
                 self.watch.check(f"epoch {self.epoch} step {step}")
-                progress.update(step + 1, obj, top1, seen / (time.perf_counter() - start))
+                rate = seen / (time.perf_counter() - start)
+                progress.update(step + 1, obj, top1, rate)
+                self.tracker.window(self.epoch, step, totals.read(), rate, {"lr": self.optimizer.param_groups[0]["lr"]})
         self.watch.fold(tensors=floating_state(model))
         self.watch.check(f"the end of epoch {self.epoch}'s training")
         distributed.all_totals_(totals)  # the epoch's numbers over every rank's share
@@ -210,7 +214,11 @@ def run(cfg: TrainConfig, explicit: dict | None = None, console: bool = True) ->
         return prepare(cfg, genotype, state), source
 
     def body(built, run_dir, resumed, bar):
-        return _run(built[0], run_dir, resumed, built[1], Progress(bar))
+        trainer = built[0]
+        trainer.tracker = tracking.open_tracker(trainer.cfg, run_dir, distributed.is_main(), resumed, trainer.epoch,
+                                                len(trainer.train_loader))
+        with trainer.tracker:
+            return _run(trainer, run_dir, resumed, built[1], Progress(bar))
 
     return runs.run_in_folder("train", TrainConfig, cfg, explicit, console, build, body)
 
@@ -274,6 +282,7 @@ def _run(trainer: Trainer, run_dir: Path, resumed: bool, source: str, progress: 
                 save_weights(run_dir / "weights_best.pt", model)
             runs.atomic_write_text(run_dir / "metrics.csv", metrics_csv(trainer.history))
             runs.save_checkpoint(run_dir / runs.CHECKPOINT, trainer.state_dict())
+        trainer.tracker.epoch(trainer.history[-1], seconds)  # once checkpointed, as for search
         log.info("best test_acc %f; epoch time %.1fs", trainer.best_acc, seconds)
     if main:
         runs.atomic_write_text(run_dir / "metrics.csv", metrics_csv(trainer.history))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import runs
-from .config import SearchConfig
+from .config import TENSORBOARD_IN_RUN, SearchConfig
 from .errors import ConfigError
 from .space import genotype as gt
 
@@ -126,10 +126,22 @@ def flag_args(flags: dict) -> list[str]:
     return out
 
 
+def tracking_flags(flags: dict, seed: int, sweep_dir: Path) -> dict:
+    """Each seed its own tracked run: a --tensorboard DIR gets a seed-S/ subfolder (the default, tb/ in the
+    run folder, already is the seed's own), a W&B run is named <sweep or --wandb_name>-seed-S."""
+    own = {}
+    if flags.get("tensorboard") not in (None, "", TENSORBOARD_IN_RUN):
+        own["tensorboard"] = str(Path(flags["tensorboard"]) / f"seed-{seed}")
+    if flags.get("wandb"):
+        own["wandb_name"] = f"{flags.get('wandb_name') or sweep_dir.name}-seed-{seed}"
+    return {**flags, **own}
+
+
 def child_argv(seed: int, flags: dict, run_dir: Path) -> list[str]:
     """A fresh search, or the seed's own --resume when it has a checkpoint."""
     where = ["--resume" if (run_dir / runs.CHECKPOINT).is_file() else "--save_dir", str(run_dir)]
-    return [sys.executable, "-m", "milenas_fast", "search", *flag_args(flags), "--seed", str(seed), *where]
+    own = tracking_flags(flags, seed, run_dir.parent)
+    return [sys.executable, "-m", "milenas_fast", "search", *flag_args(own), "--seed", str(seed), *where]
 
 
 def gpu_slots(device: str) -> list[str | None]:

@@ -9,9 +9,9 @@ from ..data import DataError
 from ..runs import CheckpointError, RunStopped
 from ..space.genotype import GenotypeError
 from ..sweep import die_with_sweep
-from . import info, plot, search, sweep, train
+from . import export, info, plot, search, sweep, train
 
-COMMANDS = {"search": search, "train": train, "plot": plot, "info": info, "sweep": sweep}
+COMMANDS = {"search": search, "train": train, "plot": plot, "info": info, "sweep": sweep, "export": export}
 USER_ERRORS = (ConfigError, DataError, CheckpointError, GenotypeError)
 
 

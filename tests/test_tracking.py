@@ -16,7 +16,6 @@ from milenas_fast.tracking import entropy
 
 if importlib.util.find_spec("tensorboard") is None and "CI" not in os.environ:  # CI installs the extra
     pytest.skip("tensorboard not installed", allow_module_level=True)
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 SEARCH = ["search", "--dataset", "synthetic", "--synthetic_images", "64", "--layers", "3", "--init_channels", "4",
           "--batch_size", "16", "--device", "cpu", "--deterministic", "--quiet", "--report_freq", "1"]
@@ -25,13 +24,16 @@ TRAIN = ["train", "--dataset", "synthetic", "--synthetic_images", "48", "--init_
 STEPS = 2  # training steps per epoch of SEARCH (32 training images, batch 16) and of TRAIN (48 images: 3)
 
 
-def events(log_dir: Path) -> EventAccumulator:
+def events(log_dir: Path):
+    """TensorBoard's own reader over the run's event files (it applies purge_step as TensorBoard does)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     return acc
 
 
-def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
+def scalars(acc, tag: str) -> dict[int, float]:
     steps = [e.step for e in acc.Scalars(tag)]
     assert len(steps) == len(set(steps)), f"{tag}: steps {steps} repeat"
     return {e.step: e.value for e in acc.Scalars(tag)}
@@ -41,7 +43,7 @@ def history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "genotypes.jsonl").read_text().splitlines()]
 
 
-def check_search_events(acc: EventAccumulator, rows: list[dict]) -> None:
+def check_search_events(acc, rows: list[dict]) -> None:
     epochs = [r["epoch"] for r in rows]
     for key in ("train_acc", "train_loss", "valid_acc", "valid_loss", "lr", "n", "r"):
         got = scalars(acc, f"epoch/{key}")

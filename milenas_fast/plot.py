@@ -153,7 +153,8 @@ def _render_matplotlib(graph: CellGraph, stem: Path) -> list[Path]:
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.9))
     for n, (x, y) in pos.items():
         colour = "#c1f0c1" if n in INPUTS else "#eee8aa" if n == OUTPUT else "#add8e6"
-        ax.text(x, y, n, ha="center", va="center", fontsize=11, zorder=4,
+        label = f"${n}$" if n.startswith("c_") else n  # mathtext: c_{k-2} reads as a subscript, not as source
+        ax.text(x, y, label, ha="center", va="center", fontsize=12, zorder=4,
                 bbox=dict(boxstyle="round,pad=0.4", fc=colour, ec="black"))
     ax.set_xlim(-0.6, span + 0.6)
     ax.set_ylim(-max(bottom, ARC * above / 2 + 0.4 if len(seen) < len(graph.edges) else 0), top)

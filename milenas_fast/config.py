@@ -10,11 +10,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from .errors import ConfigError
 
 
-def opt(default, help: str, choices=None, former: str | None = None, const=None):
+def opt(default, help: str, choices=None, former: str | None = None, const=None, metavar=None):
     """A flag's field. `former`: the flag's old name, still accepted on the command line and in stored
     configurations (args.json, checkpoints). `const`: the flag may be typed without a value, meaning `const`
     (argparse nargs='?')."""
-    return field(default=default, metadata={"help": help, "choices": choices, "former": former, "const": const})
+    return field(default=default, metadata={"help": help, "choices": choices, "former": former, "const": const,
+                                            "metavar": metavar})
 
 
 TENSORBOARD_IN_RUN = "RUN_DIR/tb"  # --tensorboard typed without a folder: tb/ inside the run folder
@@ -36,7 +37,7 @@ class Settings:
     dist_timeout: int = opt(300, "several processes: seconds a collective may wait for the other ranks before the "
                                  "run stops with an error (a dead or stuck rank)")
     tensorboard: str = opt("", "log to TensorBoard in DIR (typed alone: the run folder's tb/); needs the "
-                               "tensorboard package", const=TENSORBOARD_IN_RUN)
+                               "tensorboard package", const=TENSORBOARD_IN_RUN, metavar="DIR")
     wandb: bool = opt(False, "log to Weights & Biases (WANDB_MODE=offline works without an account); needs wandb")
     wandb_project: str = opt("milenas-fast", "--wandb: the W&B project")
     wandb_name: str = opt("", "--wandb: the W&B run name (default: the run folder's name)")
@@ -225,7 +226,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, explicit_only: boo
         if f.metadata.get("const") is not None:
             kwargs.update(nargs="?", const=f.metadata["const"])
         kwargs["type"] = type(f.default)
-        kwargs["metavar"] = {int: "N", float: "X", str: "S"}[type(f.default)]
+        kwargs["metavar"] = f.metadata.get("metavar") or {int: "N", float: "X", str: "S"}[type(f.default)]
         parser.add_argument(*names, **kwargs)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import runs
-from .config import ConfigError
+from .errors import ConfigError
 from .space import genotype as gt
 from .space.evalnet import NetworkCIFAR, NetworkImageNet, mult_adds, param_count
 

@@ -203,13 +203,13 @@ def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, p
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("partial", [pytest.param(False, marks=pytest.mark.slow), True])  # True: every path too
 def test_pair_group_is_each_edges_pair(partial, device):
-    """relu_depthwise_pair_bn_tiles_group (the pairs of a group of edges: statistics merged from one pointwise launch's
+    """relu_depthwise_pair_bn_tiles of a group (the pairs of a group of edges: statistics merged from one pointwise launch's
     tile statistics, one input- and one filter-gradient launch for all) against the plain-PyTorch pair per edge:
     outputs, batch statistics, every gradient. `partial`: an edge without y5's gradient and one with a frozen
     filter, which take their own backward launches beside the group's, and statistics rows out of order (each
     pair's forward its own launch)."""
     from milenas_fast.ops.pointwise import stats_tile
-    from milenas_fast.ops.stencil import max_tile, relu_depthwise_pair_bn_reference, relu_depthwise_pair_bn_tiles_group
+    from milenas_fast.ops.stencil import max_tile, relu_depthwise_pair_bn_reference, relu_depthwise_pair_bn_tiles
 
     gen = torch.Generator().manual_seed(8)
     E, N, C, H, W = 4, 2, 4, 5, 6
@@ -232,10 +232,10 @@ def test_pair_group_is_each_edges_pair(partial, device):
     st._launch = spy
     try:
         with max_tile(16):
-            outs = relu_depthwise_pair_bn_tiles_group([hs[2 * p] for p in perm], [f[0] for f in filters],
-                                                      [hs[2 * p + 1] for p in perm], [f[1] for f in filters],
-                                                      [tiles] * E, [(2 * p, 2 * p + 1) for p in perm],
-                                                      stats_tile(hs[0]), 1e-5)
+            outs = relu_depthwise_pair_bn_tiles([hs[2 * p] for p in perm], [f[0] for f in filters],
+                                                [hs[2 * p + 1] for p in perm], [f[1] for f in filters],
+                                                [tiles] * E, [(2 * p, 2 * p + 1) for p in perm], stats_tile(hs[0]),
+                                                1e-5)
             skip = {(1, 1)} if partial else set()  # (edge, output) without a gradient
             got = [(outs[e][j], torch.randn(outs[e][j].shape, generator=gen).to(device))
                    for e in range(E) for j in (0, 1) if (e, j) not in skip]
@@ -273,9 +273,12 @@ def test_pair_group_rejects_rows_outside_the_statistics():
     """Every pair's rows (groups + e·step) must lie inside tile_stats: an error, not a read past its end."""
     h, w3, w5 = torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3), torch.randn(3, 1, 5, 5)
     tiles = torch.zeros(6, 2, 2, 3)
-    ok = torch.ops.milenas_fast.stencil_fwd_bn_group([h] * 3, [w3] * 3, [h] * 3, [w5] * 3, tiles, [0, 1], 2, 16, 1e-5)
+    def fwd(groups, step):
+        return torch.ops.milenas_fast.stencil_fwd([h] * 3, [w3] * 3, [w5] * 3, [], [], 1, False, [h] * 3, [], [], tiles,
+                                                  groups, step, 16, 1e-5)
+
+    ok = fwd([0, 1], 2)
     assert len(ok) == 15
     for groups, step in (([0, 1], 3), ([4, 5], -3), ([-1, 0], 1)):
         with pytest.raises(ValueError, match="groups two of its rows"):
-            torch.ops.milenas_fast.stencil_fwd_bn_group([h] * 3, [w3] * 3, [h] * 3, [w5] * 3, tiles, groups, step, 16,
-                                                        1e-5)
+            fwd(groups, step)

@@ -162,7 +162,7 @@ def launches(monkeypatch):
     real = stencil_mod._launch
 
     def spy(kernel, grid, *args, **meta):
-        flags = [a for a in args if isinstance(a, bool)]
+        flags = [meta[k] for k in ("HAS3", "HAS5", "HASD3", "HASD5", "HASMAX", "HASAVG") if k in meta]
         seen.append((kernel.fn.__name__.removeprefix("stencil_").removesuffix("_kernel"), flags))
         return real(kernel, grid, *args, **meta)
 
@@ -501,7 +501,7 @@ def test_relu_depthwise_pair_bn_from_tile_statistics(pw_tile, tile, dtype, devic
 
     def ours(a3, v3, a5, v5):
         with max_tile(tile) if tile else contextlib.nullcontext():
-            return relu_depthwise_pair_bn_tiles(a3, v3, a5, v5, st, (0, 2), stats_tile(h3), 1e-5)
+            return relu_depthwise_pair_bn_tiles([a3], [v3], [a5], [v5], [st], [(0, 2)], stats_tile(h3), 1e-5)[0]
 
     inputs = [h3.requires_grad_(), w3.requires_grad_(), h5.requires_grad_(), w5.requires_grad_()]
     ys, gs = grads_of(ours, inputs, g + [None, None])
@@ -605,9 +605,11 @@ def test_cuda_opcheck():
     gen = torch.Generator().manual_seed(0)
     x, ws = make(2, 16, 9, torch.float32, gen)
     torch.library.opcheck(torch.ops.milenas_fast.stencil_fwd.default,
-                          (x.requires_grad_(), *[w.requires_grad_() for w in ws], 2))
+                          ([x.requires_grad_()], *[[w.requires_grad_()] for w in ws], 2, True, [], [], [], None, [], 0, 0,
+                           0.0))
     # relu_depthwise's form: one filter, the other branches and the pools skipped
-    torch.library.opcheck(torch.ops.milenas_fast.stencil_fwd.default, (x, None, ws[1], None, None, 1, False))
+    torch.library.opcheck(torch.ops.milenas_fast.stencil_fwd.default,
+                          ([x], [], [ws[1]], [], [], 1, False, [], [], [], None, [], 0, 0, 0.0))
 
 
 # --- filter gradients: contiguous views of one ordered sum, no copy ---------------------------------

@@ -15,6 +15,8 @@ and the mixing weights' gradient. `bn_stats_reference`, `bn_fold_grad_reference`
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from milenas_fast.kernels import bn_fold as K
@@ -99,40 +101,45 @@ def running_rstd_reference(var: torch.Tensor, stats: int, eps: float) -> torch.T
 
 
 @register("milenas_fast::bn_fold_grad")
-def bn_fold_grad(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                 gmean: torch.Tensor, grstd: torch.Tensor, stats: int) -> torch.Tensor:
-    """Every candidate's input gradient, in ONE [K, N, C, H, W] buffer (autograd hands out its rows)."""
+def bn_fold_grad_op(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                    gmean: Optional[torch.Tensor], grstd: Optional[torch.Tensor], part_gy: Optional[torch.Tensor],
+                    part_g: Optional[torch.Tensor], stats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every candidate's input gradient in ONE [K, N, C, H, W] buffer (autograd hands out its rows), from the
+    statistics' gradients gmean/grstd [K, C], or (gy, gw) finishing edge_reduce's partial sums itself
+    (`edge_reduce_partials`: part_gy [K, C, S], part_g [C, S]) and also the mixing weights' gradient gw [K]: ONE
+    launch either way. Without the partials gw is 0-element."""
     _check_list(ys, stats)
     k, (n, c, h, wd) = len(ys), ys[0].shape
+    parts = part_gy is not None
+    if parts == (gmean is not None) or (gmean is None) != (grstd is None) or (part_gy is None) != (part_g is None):
+        raise ValueError("bn_fold_grad: either gmean and grstd or part_gy and part_g")
+    if parts and (part_gy.dim() != 3 or part_gy.shape[:2] != (k, c) or part_g.shape != (c, part_gy.shape[2])):
+        raise ValueError(f"bn_fold_grad: partials must be [K={k}, C={c}, S] and [C, S], got "
+                         f"{list(part_gy.shape)} and {list(part_g.shape)}")
     g = g.contiguous()
     gy = ys[0].new_empty(k, n, c, h, wd)
+    gw = w.new_empty(0) if not parts else w.new_zeros(k) if not gy.numel() else w.new_empty(k)
     if gy.numel():
         bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys), w, mean, rstd, gmean, grstd, gy, w, w, w,
-               1.0 / (n * h * wd), n * c, c, h * wd, 1, K=k, STATS=stats, PARTS=False, BLOCK_P=bp, BLOCK_HW=bhw,
+        part_gy, part_g = (part_gy.contiguous(), part_g.contiguous()) if parts else (w, w)
+        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys), w, mean, rstd, w if parts else gmean,
+               w if parts else grstd, gy, part_gy, part_g, gw if parts else w, 1.0 / (n * h * wd), n * c, c, h * wd,
+               part_gy.shape[2] if parts else 1, K=k, STATS=stats, PARTS=parts, BLOCK_P=bp, BLOCK_HW=bhw,
                num_warps=warps)
-    return gy
+    return gy, gw
 
 
-@register("milenas_fast::bn_fold_grad_partials")
+def bn_fold_grad(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                 gmean: torch.Tensor, grstd: torch.Tensor, stats: int) -> torch.Tensor:
+    """Every candidate's input gradient [K, N, C, H, W] from the statistics' gradients gmean/grstd."""
+    return torch.ops.milenas_fast.bn_fold_grad(g, ys, w, mean, rstd, gmean, grstd, None, None, stats)[0]
+
+
 def bn_fold_grad_partials(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,
                           rstd: torch.Tensor, part_gy: torch.Tensor, part_g: torch.Tensor, stats: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`bn_fold_grad` that finishes edge_reduce's partial sums itself (`edge_reduce_partials`: part_gy [K, C, S],
-    part_g [C, S]) and also returns the mixing weights' gradient gw [K]: (gy [K, N, C, H, W], gw), ONE launch."""
-    _check_list(ys, stats)
-    k, (n, c, h, wd) = len(ys), ys[0].shape
-    if part_gy.dim() != 3 or part_gy.shape[:2] != (k, c) or part_g.shape != (c, part_gy.shape[2]):
-        raise ValueError(f"bn_fold_grad_partials: partials must be [K={k}, C={c}, S] and [C, S], got "
-                         f"{list(part_gy.shape)} and {list(part_g.shape)}")
-    g, part_gy, part_g = g.contiguous(), part_gy.contiguous(), part_g.contiguous()
-    gy = ys[0].new_empty(k, n, c, h, wd)
-    gw = w.new_zeros(k) if not gy.numel() else w.new_empty(k)
-    if gy.numel():
-        bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys), w, mean, rstd, w, w, gy, part_gy, part_g, gw,
-               1.0 / (n * h * wd), n * c, c, h * wd, part_gy.shape[2], K=k, STATS=stats, PARTS=True, BLOCK_P=bp,
-               BLOCK_HW=bhw, num_warps=warps)
+    """`bn_fold_grad` that finishes edge_reduce's partial sums itself: (gy [K, N, C, H, W], gw [K])."""
+    gy, gw = torch.ops.milenas_fast.bn_fold_grad(g, ys, w, mean, rstd, None, None, part_gy, part_g, stats)
     return gy, gw
 
 
@@ -219,12 +226,11 @@ class _FoldedReduce(torch.autograd.Function):
         gys = [None] * len(ys)
         if need_y and (need_w or through):  # the sums finished by bn_fold_grad's launch: two launches in all
             part_gy, part_g = edge_reduce_partials(grad, ys, w, mean, rstd)
-            gy, gw = torch.ops.milenas_fast.bn_fold_grad_partials(grad, ys, w, mean, rstd, part_gy, part_g,
-                                                                  ctx.stats)
+            gy, gw = bn_fold_grad_partials(grad, ys, w, mean, rstd, part_gy, part_g, ctx.stats)
             gw = gw if need_w else None
         else:
             _, gw, _, _ = edge_reduce_backward(grad, ys, w, mean, rstd, [False, need_w, False, False])
-            gy = torch.ops.milenas_fast.bn_fold_grad(grad, ys, w, mean, rstd, mean, rstd, 0) if need_y else None
+            gy = bn_fold_grad(grad, ys, w, mean, rstd, mean, rstd, 0) if need_y else None
         if need_y:
             gys = [t if n else None for t, n in zip(gy.unbind(0), need_ys)]
         return gw, None, None, None, grad if need_acc else None, *gys

@@ -38,8 +38,7 @@ from . import factorized_reduce, mixing_weights, select, weight_cast
 from .bn_fold import MAX_STATS, bn_stats, folded_reduce, running_rstd, stats_mask
 from .pointwise import MAX_K, pointwise, stats_tile as pointwise_stats_tile
 from .running_stats import update as _update_running_stats
-from .stencil import (MAX_EDGES, relu_depthwise_pair, relu_depthwise_pair_bn_tiles,
-                      relu_depthwise_pair_bn_tiles_group, stencil, stencil_group, stencil_with_identity)
+from .stencil import MAX_EDGES, relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil_group
 
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")  # relu_depthwise_pair's order
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -203,7 +202,10 @@ class Edge:
             # both inner BNs in training mode: their statistics merged from the first pointwise's tile statistics
             # by the second stages' launch, which normalises as it loads (the BN outputs are never written);
             # running statistics with the others'
-            y3, y5, mean_i, var_i = folded or relu_depthwise_pair_bn_tiles(*self.pair_args(first, tiles))
+            if folded is None:
+                args = self.pair_args(first, tiles)
+                folded = relu_depthwise_pair_bn_tiles(*([a] for a in args[:6]), *args[6:])[0]
+            y3, y5, mean_i, var_i = folded
             _update_running_stats([seps[n].op[3] for n in _SEP], mean_i, var_i, [])
         else:
             mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
@@ -290,7 +292,7 @@ def _bn_stats(edges: list[Edge]) -> None:
 def _stencils(edges: list[Edge]) -> list:
     """Each edge's first-stage stencil outputs (None where it needs none): ONE launch for the edges of one input
     shape and dtype, stride and set of branches (up to MAX_EDGES), apart for inputs that want no gradient (as in
-    `_pointwise`: else their outputs would want one); a lone edge takes the per-edge ops."""
+    `_pointwise`: else their outputs would want one); a lone edge is a group of one."""
     calls = [e.stencil_args() for e in edges]
 
     def kind(i):
@@ -299,14 +301,9 @@ def _stencils(edges: list[Edge]) -> list:
 
     out: list = [None] * len(edges)
     for (*_, stride, pools, identity, _), chunk in _launches([i for i, c in enumerate(calls) if c], kind, MAX_EDGES):
-        if len(chunk) == 1:
-            i = chunk[0]
-            fn = stencil_with_identity if identity else stencil
-            out[i] = tuple(fn(edges[i].x, *calls[i][0], stride, pools=pools))
-        else:
-            for i, o in zip(chunk, stencil_group([edges[i].x for i in chunk], [calls[i][0] for i in chunk],
-                                                 stride, pools, identity)):
-                out[i] = o
+        for i, o in zip(chunk, stencil_group([edges[i].x for i in chunk], [calls[i][0] for i in chunk],
+                                             stride, pools, identity)):
+            out[i] = o
     return out
 
 
@@ -322,7 +319,7 @@ def _pairs(calls: list) -> list:
     for (*_, tile, eps), chunk in _launches([i for i, c in enumerate(calls) if c], kind, MAX_EDGES):
         if len(chunk) > 1:
             args = [calls[i] for i in chunk]
-            res = relu_depthwise_pair_bn_tiles_group(*([a[j] for a in args] for j in range(6)), tile, eps)
+            res = relu_depthwise_pair_bn_tiles(*([a[j] for a in args] for j in range(6)), tile, eps)
             for i, r in zip(chunk, res):
                 out[i] = r
     return out

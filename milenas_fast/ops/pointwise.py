@@ -4,12 +4,12 @@
 
 ys[k] = conv2d(xs[k], ws[k]) in xs' dtype (fp32 accumulation; fp32 inputs use TF32 where cuDNN would:
 torch.backends.cudnn.allow_tf32). A mixed op's conv candidates (in a fused Cell, those of all the edges leaving
-the same states: ops/fused_cell.py) run their 1×1 stages side by side: one launch instead of K in the forward,
+the same states: ops/fused_mixed_op.py) run their 1×1 stages side by side: one launch instead of K in the forward,
 one for all input gradients and two (partials, their ordered sum) for all weight gradients. `pointwise_reference` is the plain-PyTorch twin.
 
 Registered ops (opaque custom ops: torch.compile calls them; its Triton tracing takes no tuple arguments):
-    milenas_fast::pointwise(xs, ws) -> ys                     (also the input gradient: ws transposed)
-    milenas_fast::pointwise_with_stats(xs, ws, stats) -> ys + [per-tile statistics of the outputs in `stats`]
+    milenas_fast::pointwise(xs, ws, stats) -> ys (+ [per-tile statistics of the outputs in the bitmask `stats`])
+    milenas_fast::pointwise_input_grad(gs, ws) -> dxs          (the forward's kernel, ws transposed)
     milenas_fast::pointwise_wgrad(xs, gs) -> dw [K, CO, C] fp32
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _blocks(a: int, b: int, hw: int, tile: int | None = None) -> tuple[int, int,
 
 
 def stats_tile(y: torch.Tensor) -> int:
-    """The pixels per tile of `pointwise_with_stats`' statistics for an output like y (a C→C convolution)."""
+    """The pixels per tile of `pointwise`'s statistics for an output like y (a C→C convolution)."""
     return _blocks(y.shape[1], y.shape[1], y.shape[2] * y.shape[3])[2]
 
 
@@ -83,17 +83,11 @@ def _apply(xs, ws, transposed: bool, stats: int = 0) -> list[torch.Tensor]:
 
 
 @register("milenas_fast::pointwise", traceable=False)
-def pointwise_op(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
+def pointwise_op(xs: list[torch.Tensor], ws: list[torch.Tensor], stats: int) -> list[torch.Tensor]:
+    """ys; with the bitmask `stats` (0: none) also, last, the per-tile statistics [K, N·T, 2, CO] fp32 of the
+    outputs it names (kernels/pointwise.py: tile means and squared deviations, for a BatchNorm that follows)."""
     _check(xs, ws)
-    return _apply(xs, ws, transposed=False)
-
-
-@register("milenas_fast::pointwise_with_stats", traceable=False)
-def pointwise_with_stats(xs: list[torch.Tensor], ws: list[torch.Tensor], stats: int) -> list[torch.Tensor]:
-    """`pointwise`, plus (last) the per-tile statistics [K, N·T, 2, CO] fp32 of the outputs named by the bitmask
-    `stats` (kernels/pointwise.py: tile means and squared deviations, for a BatchNorm that follows)."""
-    _check(xs, ws)
-    if not 0 < stats < 1 << len(xs):
+    if not 0 <= stats < 1 << len(xs):
         raise ValueError(f"pointwise: stats bitmask {stats:#x} must name some of the {len(xs)} outputs")
     return _apply(xs, ws, transposed=False, stats=stats)
 
@@ -127,10 +121,9 @@ class _Pointwise(torch.autograd.Function):
         ctx.k = k
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*xs, *ws)
-        if not stats:
-            return tuple(torch.ops.milenas_fast.pointwise(xs, ws))
-        out = torch.ops.milenas_fast.pointwise_with_stats(xs, ws, stats)
-        ctx.mark_non_differentiable(out[-1])
+        out = torch.ops.milenas_fast.pointwise(xs, ws, stats)
+        if stats:
+            ctx.mark_non_differentiable(out[-1])
         return tuple(out)
 
     @staticmethod
@@ -158,7 +151,7 @@ class _Pointwise(torch.autograd.Function):
 def pointwise(xs: list[torch.Tensor], ws: list[torch.Tensor], stats: int = 0) -> list[torch.Tensor]:
     """[conv2d(x, w) for x, w in zip(xs, ws)], 1×1 without bias, in one launch each way (differentiable in every
     input and weight); the op checks its arguments. With `stats` (a bitmask over the outputs), the per-tile
-    statistics of those outputs come last (`pointwise_with_stats`)."""
+    statistics of those outputs come last."""
     return list(_Pointwise.apply(len(xs), stats, *xs, *ws))
 
 

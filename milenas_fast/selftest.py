@@ -45,9 +45,7 @@ def _run_or_use_twin(device: torch.device, dtype: torch.dtype) -> str:
         return problem
     again = _run(device, dtype)
     if again:
-        from .ops.edge_reduce import IMPL
-
-        IMPL[device.type] = previous
+        select.restore(previous)
         return f"{problem}; with the Triton edge_reduce too: {again}"
     warnings.warn(select.twin_notice(device.type), RuntimeWarning, stacklevel=3)
     return ""

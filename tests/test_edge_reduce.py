@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from milenas_fast.ops import edge_reduce, edge_reduce_reference, extension
+from milenas_fast.ops import edge_reduce, edge_reduce_reference, extension, tiles
 er_module = importlib.import_module("milenas_fast.ops.edge_reduce")  # the package attribute is the function
 
 cuda = pytest.mark.cuda
@@ -19,10 +19,10 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.fixture(scope="module", autouse=True)
 def ext():
     t = time.perf_counter()
-    er_module.register()  # fails (not skips) when the extension cannot be built: that is a bug here
-    from milenas_fast.ops import select
+    extension.require()  # fails (not skips) when the extension cannot be built: that is a bug here
+    from milenas_fast.ops.backends import Kernels
 
-    assert select.edge_reduce_impl("cpu")[0] == "cpp"  # cached before any torch.compile trace
+    assert Kernels.for_device("cpu").edge_reduce == "cpp"  # resolved before any torch.compile trace
     print(f"\nextension: {extension.describe()} ({time.perf_counter() - t:.1f} s)")
 
 
@@ -160,7 +160,7 @@ def test_rejects_bad_inputs(impl):
     inputs, grad = make_inputs(4, N=2, C=3, H=5, W=5)
     ops = {"cpp": (torch.ops.milenas_fast.edge_reduce, torch.ops.milenas_fast.edge_reduce_backward),
            "twin": (lambda *a: torch.ops.milenas_fast.edge_reduce_triton(*a),
-                    lambda *a: torch.ops.milenas_fast.edge_reduce_triton_backward(*a))}[impl]
+                    lambda *a: torch.ops.milenas_fast.edge_reduce_triton_backward(*a, False))}[impl]
     if impl == "twin":
         importlib.import_module("milenas_fast.ops.edge_reduce_triton")
     for which, args, match in bad_cases([t.to(dev) for t in inputs], grad.to(dev)):
@@ -174,8 +174,7 @@ def test_rejects_bad_inputs(impl):
 def test_separate_candidates(impl, dtype, K, monkeypatch):
     """Candidates in separate storages (as the fused MixedOp's are), some not requiring grad: each gets its own
     gradient (a row of the op's one grad_y buffer) and the rest None; the twin on a multi-program grid."""
-    er_twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
-    monkeypatch.setattr(er_twin, "MAX_TILE", 16)
+    monkeypatch.setattr(tiles, "PLANE_TILE", 16)
     dev = "cpu" if impl == "cpp" else TWIN_DEV
     fn = edge_reduce if impl == "cpp" else twin_fn
     (y, w, mean, rstd), grad = make_inputs(K, N=2, C=3, H=5, W=7, dtype=dtype, seed=K)
@@ -204,8 +203,7 @@ def test_separate_candidates(impl, dtype, K, monkeypatch):
 def test_acc_is_added(impl, dtype, monkeypatch):
     """acc (a node's running sum) is added to the output in fp32 before the one rounding; its gradient is the
     output's; the candidates' and w's gradients are unchanged by it. The twin on a multi-program grid."""
-    er_twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
-    monkeypatch.setattr(er_twin, "MAX_TILE", 16)
+    monkeypatch.setattr(tiles, "PLANE_TILE", 16)
     dev = "cpu" if impl == "cpp" else TWIN_DEV
     fn = edge_reduce if impl == "cpp" else (lambda *a: torch.ops.milenas_fast.edge_reduce_triton(*a))
     (y, w, mean, rstd), grad = make_inputs(5, N=2, C=3, H=5, W=7, dtype=dtype, seed=11)
@@ -232,15 +230,14 @@ def test_acc_is_added(impl, dtype, monkeypatch):
 def test_partials_sum_to_the_backward_reductions(impl, dtype, monkeypatch):
     """edge_reduce_partials: [K, C, S] sums of g·(y_k − mean_k) and [C, S] sums of g whose totals over S are the
     backward's (fp64 oracle); S = 1 on the CPU, pixel tiles × images for the twin (a multi-program grid)."""
-    er_twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
-    monkeypatch.setattr(er_twin, "MAX_TILE", 16)
+    monkeypatch.setattr(tiles, "PLANE_TILE", 16)
     dev = "cpu" if impl == "cpp" else TWIN_DEV
     op = (torch.ops.milenas_fast.edge_reduce_partials if impl == "cpp"
-          else torch.ops.milenas_fast.edge_reduce_triton_partials)
+          else importlib.import_module("milenas_fast.ops.edge_reduce_triton").partials)
     (y, w, mean, rstd), grad = make_inputs(4, N=3, C=5, H=5, W=7, dtype=dtype, seed=21)
     ys = [t.to(dev) for t in y.unbind(0)]
     pgy, pg = op(grad.to(dev), ys, w.to(dev), mean.to(dev), rstd.to(dev))
-    s = 1 if impl == "cpp" else er_twin.launch_config(3 * 5, 5 * 7)[2][1] * 3
+    s = 1 if impl == "cpp" else tiles.plane_config(3 * 5, 5 * 7)[2][1] * 3
     assert pgy.shape == (4, 5, s) and pg.shape == (5, s) and pgy.dtype == pg.dtype == torch.float32
     want = er_module.edge_reduce_partials_reference(grad.double(), list(y.double().unbind(0)), w, mean, rstd)
     for a, b in zip((pgy, pg), want):
@@ -383,9 +380,8 @@ TWIN_SHAPES = [dict(K=1, N=3, C=5, H=7, W=9), dict(K=2, N=1, C=3, H=5, W=3), dic
 @pytest.fixture
 def twin(monkeypatch):
     """The twin's module with tiles of at most 16 elements: multi-program grids in both dimensions."""
-    t = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
-    monkeypatch.setattr(t, "MAX_TILE", 16)
-    return t
+    monkeypatch.setattr(tiles, "PLANE_TILE", 16)
+    return importlib.import_module("milenas_fast.ops.edge_reduce_triton")
 
 
 def twin_fn(ys, w, mean, rstd):
@@ -408,7 +404,7 @@ def run_twin(inputs, grad, requires=(True, True, True, True), fn=twin_fn):
 @gpu_path
 @pytest.mark.parametrize("shape", TWIN_SHAPES, ids=lambda s: "K{K}N{N}C{C}H{H}W{W}".format(**s))
 def test_twin_fp32_matches_reference(twin, shape):
-    bp, bhw, grid, _ = twin.launch_config(shape["N"] * shape["C"], shape["H"] * shape["W"])
+    bp, bhw, grid, _ = tiles.plane_config(shape["N"] * shape["C"], shape["H"] * shape["W"])
     inputs, grad = make_inputs(**shape, seed=shape["K"])
     got, want = run_twin(inputs, grad), oracle(inputs, grad)
     for name, a, b in zip(NAMES, got, want):
@@ -418,8 +414,8 @@ def test_twin_fp32_matches_reference(twin, shape):
 
 @gpu_path
 def test_twin_uses_many_programs(twin):
-    assert twin.launch_config(3 * 5, 7 * 9)[2] == (15, 4)  # one plane × 16 pixels per program
-    assert twin.launch_config(5 * 3, 1)[2] == (1, 1)  # 16 one-pixel planes in one program
+    assert tiles.plane_config(3 * 5, 7 * 9)[2] == (15, 4)  # one plane × 16 pixels per program
+    assert tiles.plane_config(5 * 3, 1)[2] == (1, 1)  # 16 one-pixel planes in one program
 
 
 @gpu_path
@@ -436,7 +432,8 @@ def test_twin_matches_cpp_op(twin):
 def test_twin_output_mask(twin, mask):
     inputs, grad = make_inputs(3, N=3, C=3, H=5, W=3, seed=2)
     want = oracle(inputs, grad)
-    outs = to_cpu(torch.ops.milenas_fast.edge_reduce_triton_backward(grad.to(TWIN_DEV), *split(on_dev(*inputs)), mask))
+    outs = to_cpu(torch.ops.milenas_fast.edge_reduce_triton_backward(grad.to(TWIN_DEV), *split(on_dev(*inputs)), mask,
+                                                                     False))
     for m, o, b, name in zip(mask, outs, want[1:], NAMES[1:]):
         if m:
             torch.testing.assert_close(o.double(), b, atol=1e-5, rtol=1e-5, msg=lambda s: f"{name}: {s}")
@@ -495,8 +492,8 @@ def test_twin_opcheck(twin):
     torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton.default,
                           split([t.clone().requires_grad_() for t in inputs]), test_utils=utils)
     for mask in ([True, True, True, True], [False, True, False, True], [False] * 4):
-        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default, [grad, *split(inputs), mask],
-                              test_utils=utils)
+        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default,
+                              [grad, *split(inputs), mask, False], test_utils=utils)
 
 
 @gpu_path
@@ -517,8 +514,8 @@ def test_twin_registers_as_triton_ops_as_on_the_gpu(twin, monkeypatch):
     assert str(fwd._opoverload._schema) == (
         f"{ns}::fwd(Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, Tensor? acc=None) -> Tensor")
     assert str(bwd._opoverload._schema) == (
-        f"{ns}::bwd(Tensor grad_out, Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, bool[] output_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor)")
+        f"{ns}::bwd(Tensor grad_out, Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, bool[] output_mask, "
+        "bool partials) -> (Tensor, Tensor, Tensor, Tensor)")
     try:
         torch.library.wrap_triton(twin.K.edge_reduce_fwd_kernel)
     except RuntimeError:
@@ -527,7 +524,7 @@ def test_twin_registers_as_triton_ops_as_on_the_gpu(twin, monkeypatch):
     inputs, grad = make_inputs(3, N=2, C=3, H=5, W=3, seed=6)
     want = oracle(inputs, grad)
     args = split(on_dev(*inputs))
-    got = to_cpu([fwd(*args), *bwd(grad.to(TWIN_DEV), *args, [True, False, True, True])])
+    got = to_cpu([fwd(*args), *bwd(grad.to(TWIN_DEV), *args, [True, False, True, True], False)])
     for name, a, b in zip(("out", "grad_y", "grad_mean", "grad_rstd"), got[:2] + got[3:], want[:2] + want[3:]):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     assert got[2] is None
@@ -535,27 +532,45 @@ def test_twin_registers_as_triton_ops_as_on_the_gpu(twin, monkeypatch):
 
 @gpu_path
 def test_select_falls_back_to_twin_with_one_warning(monkeypatch):
-    from milenas_fast.ops import select
+    from milenas_fast.ops import backends, select
 
-    monkeypatch.setattr(er_module, "IMPL", {})
-    monkeypatch.setattr(select, "_extension_problem", lambda dt: "C++ extension has no CUDA kernels (no nvcc)")
+    def fresh():  # the resolution is made once per process: undo it for the test
+        monkeypatch.setattr(backends, "_RESOLVED", {})
+
+    monkeypatch.setattr(backends, "extension_problem", lambda dt: "C++ extension has no CUDA kernels (no nvcc)")
+    fresh()
     notice = r"edge_reduce on cuda: Triton twin, because .*no nvcc.*info --rebuild"
-    with pytest.warns(RuntimeWarning, match=notice) as rec:
-        assert select.edge_reduce_impl("cuda")[0] == "triton"
-        assert select.edge_reduce_impl("cuda")[0] == "triton"
-    assert len([w for w in rec if "Triton twin" in str(w.message)]) == 1
-    assert select.twin_notice("cuda") == str(rec[0].message) and select.twin_notice("cpu") == ""
-    monkeypatch.setattr(select, "_triton_edge_reduce_problem", lambda: "Triton twin unavailable (no triton)")
-    monkeypatch.setattr(er_module, "IMPL", {})
-    impl, why = select.edge_reduce_impl("cuda")
-    assert impl == "" and "no nvcc" in why and "no triton" in why
-    monkeypatch.setattr(select, "_triton_edge_reduce_problem", lambda: "")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors and no interpreter: the twin cannot stand in
-    impl, why = select.edge_reduce_impl("cpu")
-    assert impl == "" and "no nvcc" in why and "through the interpreter" in why
-    monkeypatch.setitem(er_module.IMPL, "cpu", ("", "no kernels at all"))
+    try:
+        with pytest.warns(RuntimeWarning, match=notice) as rec:
+            assert select.edge_reduce_impl("cuda")[0] == "triton"
+            assert backends.Kernels.for_device("cuda").edge_reduce == "triton"
+        assert len([w for w in rec if "Triton twin" in str(w.message)]) == 1
+        assert select.twin_notice("cuda") == str(rec[0].message)
+        monkeypatch.setattr(backends, "triton_edge_reduce_problem", lambda: "Triton twin unavailable (no triton)")
+        fresh()
+        impl, why = select.edge_reduce_impl("cuda")
+        assert impl == "" and "no nvcc" in why and "no triton" in why
+        monkeypatch.setattr(backends, "triton_edge_reduce_problem", lambda: "")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors and no interpreter: the twin cannot stand in
+        fresh()
+        impl, why = select.edge_reduce_impl("cpu")
+        assert impl == "" and "no nvcc" in why and "through the interpreter" in why
+    finally:
+        monkeypatch.undo()
+    assert select.twin_notice("cpu") == ""
     with pytest.raises(RuntimeError, match="cannot run on cpu: no kernels at all"):
-        edge_reduce(*split(make_inputs(2)[0]))
+        edge_reduce(*split(make_inputs(2)[0]), kernels=backends.Kernels("cpu", "", "no kernels at all"))
+
+
+def test_twin_kernels():
+    """Kernels.twin: the C++ op's kernels with the Triton twin instead (a new value), None where not in use."""
+    from milenas_fast.ops.backends import Kernels
+
+    cpp = Kernels("cuda", "cpp", "C++/CUDA kernels")
+    twin = cpp.twin("C++ edge_reduce failed")
+    assert twin == Kernels("cuda", "triton", "Triton twin, because the C++ edge_reduce failed") and cpp.edge_reduce == "cpp"
+    assert twin.twin("again") is None and Kernels("cpu", "", "none").twin("x") is None
+    assert "edge_reduce on cuda: Triton twin" in twin.notice() and cpp.notice() == ""
 
 
 # The launcher's configurations at the supernet's planes (32², 16², 8², and 4² after the last reduction).
@@ -587,10 +602,9 @@ print(json.dumps(res))
 
 
 def _sm90_cases():
-    t = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
     cases = []
     for hw in (1024, 256, 64, 16):
-        bp, bhw, _, warps = t.launch_config(64 * 16, hw, max_tile=1024)
+        bp, bhw, _, warps = tiles.plane_config(64 * 16, hw, 1024)
         blocks = dict(K=7, BLOCK_P=bp, BLOCK_HW=bhw)  # the DARTS list without `none`
         dtypes = ("fp32", "bf16", "fp16") if hw == 1024 else ("bf16",)
         for dt in dtypes:
@@ -632,7 +646,8 @@ def test_cuda_twin_opcheck_compile_and_determinism():
     torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton.default,
                           split([t.clone().requires_grad_() for t in inputs]))
     for mask in ([True] * 4, [False, True, False, True]):
-        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default, [grad, *split(inputs), mask])
+        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default,
+                              [grad, *split(inputs), mask, False])
     big, bgrad = make_inputs(8, N=64, C=16, H=16, dtype=torch.bfloat16, device="cuda", seed=5)
     first, second = run(twin, big, bgrad), run(twin, big, bgrad)
     for name, a, b in zip(NAMES, first, second):

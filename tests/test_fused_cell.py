@@ -164,7 +164,8 @@ def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, p
     (inputs shared between edges, as a source state's fan-out views are: their gradients add). `partial`: a frozen
     source and frozen filters, and outputs without a gradient, so that the edges' backward launches split by the
     branches they have."""
-    from milenas_fast.ops.stencil import KSIZE, max_tile, stencil_group, stencil_reference
+    from milenas_fast.ops.stencil import KSIZE, stencil_group, stencil_reference
+    from milenas_fast.ops.tiles import max_tile
 
     gen = torch.Generator().manual_seed(3)
     N, C, H, W = 2, 3, 7, 9
@@ -209,7 +210,8 @@ def test_pair_group_is_each_edges_pair(partial, device):
     filter, which take their own backward launches beside the group's, and statistics rows out of order (each
     pair's forward its own launch)."""
     from milenas_fast.ops.pointwise import stats_tile
-    from milenas_fast.ops.stencil import max_tile, relu_depthwise_pair_bn_reference, relu_depthwise_pair_bn_tiles
+    from milenas_fast.ops.stencil import relu_depthwise_pair_bn_reference, relu_depthwise_pair_bn_tiles
+    from milenas_fast.ops.tiles import max_tile
 
     gen = torch.Generator().manual_seed(8)
     E, N, C, H, W = 4, 2, 4, 5, 6

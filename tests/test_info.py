@@ -30,18 +30,17 @@ def test_info_shows_twin_warning_and_failed_selftest(capsys, monkeypatch):
     from milenas_fast.ops import select
     from milenas_fast.runtime import resolve_device
 
-    er = importlib.import_module("milenas_fast.ops.edge_reduce")
+    from milenas_fast.ops import backends
     fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
     dev = resolve_device("auto")
     monkeypatch.setattr(selftest, "_results", {})
     monkeypatch.setattr(selftest, "_warned", set())
     why = "Triton twin, because the C++ extension has no kernels (injected)"
-    monkeypatch.setitem(er.IMPL, dev.type, ("triton", why))
+    monkeypatch.setitem(backends.OVERRIDE, dev.type, backends.Kernels(dev.type, "triton", why))
     def broken(*a, **k):
         raise RuntimeError("injected launch failure")
 
-    monkeypatch.setattr(fmo, "stencil", broken)
-    monkeypatch.setattr(fmo, "stencil_with_identity", broken)  # the stride-1 launch (its identity candidate)
+    monkeypatch.setattr(fmo, "stencil_group", broken)
     monkeypatch.delenv(select.ENV, raising=False)
     assert main(["info"]) == 0
     out = capsys.readouterr().out

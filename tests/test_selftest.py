@@ -9,13 +9,14 @@ import torch
 
 from milenas_fast import selftest
 from milenas_fast.config import ConfigError
-from milenas_fast.ops import select
+from milenas_fast.ops import backends, select
 from milenas_fast.runtime import resolve_impl
 from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp
 
 pytestmark = pytest.mark.gpu_path
 fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
 er = importlib.import_module("milenas_fast.ops.edge_reduce")
+OVERRIDE, Kernels = backends.OVERRIDE, backends.Kernels
 DEV = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 KEY = f"{DEV} float32"
 
@@ -58,7 +59,7 @@ def test_passes_is_cached_and_leaves_the_rng_alone(monkeypatch):
 
 def test_passes_with_the_triton_edge_reduce(monkeypatch):
     """The fused MixedOp with edge_reduce's Triton twin (what a GPU without nvcc runs)."""
-    monkeypatch.setitem(er.IMPL, DEV.type, ("triton", "forced for the test"))
+    monkeypatch.setitem(OVERRIDE, DEV.type, Kernels(DEV.type, "triton", "forced for the test"))
     calls = []
     twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
     real = twin.edge_reduce_triton
@@ -76,8 +77,7 @@ def test_auto_falls_back_with_one_warning_when_a_kernel_raises(monkeypatch, auto
     def broken(*a, **k):
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
 
-    monkeypatch.setattr(fmo, "stencil", broken)
-    monkeypatch.setattr(fmo, "stencil_with_identity", broken)  # the stride-1 launch (its identity candidate)
+    monkeypatch.setattr(fmo, "stencil_group", broken)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -121,11 +121,12 @@ def test_failing_cpp_edge_reduce_is_replaced_by_the_twin(monkeypatch):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device (injected)")
 
     monkeypatch.setattr(er, "_cpp", no_image)
-    monkeypatch.setitem(er.IMPL, DEV.type, ("cpp", "C++ kernels"))
+    monkeypatch.setitem(OVERRIDE, DEV.type, Kernels(DEV.type, "cpp", "C++ kernels"))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         cls, why = resolve_impl("fused", DEV)
-    assert cls is FusedMixedOp and er.IMPL[DEV.type][0] == "triton" and "no kernel image" in er.IMPL[DEV.type][1]
+    now = Kernels.for_device(DEV.type)
+    assert cls is FusedMixedOp and now.edge_reduce == "triton" and "no kernel image" in now.why
     (w,) = [w for w in rec if "Triton twin" in str(w.message)]
     assert "C++ edge_reduce failed the fused self-test" in str(w.message)
 
@@ -137,11 +138,11 @@ def test_both_edge_reduce_kernels_failing_reports_both(monkeypatch, auto_picks_f
     monkeypatch.setattr(er, "_cpp", bad)
     twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
     monkeypatch.setattr(twin, "edge_reduce_triton", bad)
-    monkeypatch.setitem(er.IMPL, DEV.type, ("cpp", "C++ kernels"))
+    monkeypatch.setitem(OVERRIDE, DEV.type, Kernels(DEV.type, "cpp", "C++ kernels"))
     with pytest.warns(RuntimeWarning, match="self-test failed") as rec:
         cls, why = resolve_impl("auto", DEV)
     assert cls is ReferenceMixedOp and "with the Triton edge_reduce too" in why
-    assert er.IMPL[DEV.type][0] == "cpp"  # restored
+    assert Kernels.for_device(DEV.type).edge_reduce == "cpp"  # restored
     assert len(our_warnings(rec)) == 1
 
 
@@ -152,5 +153,5 @@ def test_both_edge_reduce_kernels_failing_reports_both(monkeypatch, auto_picks_f
 def test_cuda_selftest_passes(dtype, edge, monkeypatch):
     """On the GPU: with the edge_reduce select chose, and with the Triton twin forced."""
     if edge == "twin":
-        monkeypatch.setitem(er.IMPL, "cuda", ("triton", "forced for the test"))
+        monkeypatch.setitem(OVERRIDE, "cuda", Kernels("cuda", "triton", "forced for the test"))
     assert selftest.fused_mixed_op("cuda", dtype) == ""

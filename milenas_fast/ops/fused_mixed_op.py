@@ -263,8 +263,8 @@ class Edge:
         w = (mixing_weights.candidate_weights(self.weights, mod._fused_index, mod._weight_zeros)
              if self.mixing is None else self.mixing)
         if acc is not None and (acc.shape != ys[0].shape or acc.dtype != self.dtype):  # only a user hands those
-            return acc + folded_reduce(ys, w, self.mean, self.rstd, self.stats)
-        return folded_reduce(ys, w, self.mean, self.rstd, self.stats, acc)
+            return acc + folded_reduce(ys, w, self.mean, self.rstd, self.stats, None, self.mod.kernels)
+        return folded_reduce(ys, w, self.mean, self.rstd, self.stats, acc, self.mod.kernels)
 
 
 def _bn_stats(edges: list[Edge]) -> None:

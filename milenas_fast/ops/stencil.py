@@ -36,8 +36,6 @@ are normalised as loaded, and dx/dx5 are the gradients of the normalised values.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -46,91 +44,9 @@ import torch.nn.functional as F
 from milenas_fast.kernels import stencil as K
 
 from .bn_fold import bn_backward
+from .costs import states_flops
+from .tiles import out_size, stencil_config
 from .triton_launch import launch as _launch, register as _register
-
-# Largest tile (elements) of one program. On the GPU 1024 covers a whole 32×32 plane with 4 warps;
-# the interpreter pays per program, so there one program takes (nearly) everything.
-# $MILENAS_FAST_MAX_TILE (or `max_tile(n)`) forces smaller tiles: tests use it to run many programs in
-# both grid dimensions under the interpreter, as the GPU does.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-GPU_MAX_TILE = 1024
-_MAX_TILE_ENV = "MILENAS_FAST_MAX_TILE"
-
-
-def _tile_limit(value) -> int:
-    n = int(value)
-    if n < 4 or n & (n - 1):
-        raise ValueError(f"{_MAX_TILE_ENV}={value!r}: must be a power of two >= 4")
-    return n
-
-
-MAX_TILE = _tile_limit(os.environ.get(_MAX_TILE_ENV, 1 << 16 if _INTERPRET else GPU_MAX_TILE))
-
-
-@contextlib.contextmanager
-def max_tile(n: int):
-    """Launch with tiles of at most `n` elements inside the block (torch.compile bakes it in at trace)."""
-    global MAX_TILE
-    saved, MAX_TILE = MAX_TILE, _tile_limit(n)
-    try:
-        yield
-    finally:
-        MAX_TILE = saved
-
-
-def out_size(n: int, stride: int) -> int:
-    return (n - 1) // stride + 1  # the same for all six branches (each "same"-padded)
-
-
-def launch_config(kernel: str, shape, stride: int, tile: int | None = None):
-    """(BLOCK_P, BLOCK_HW, grid, num_warps) the launcher uses for `kernel` ("fwd", "bwd_input",
-    "bwd_weight") on an NCHW input of `shape`; `tile` defaults to the current limit."""
-    N, C, H, W = shape
-    pixels = H * W if kernel == "bwd_input" else out_size(H, stride) * out_size(W, stride)
-    return _blocks(N * C, pixels, MAX_TILE if tile is None else tile)
-
-
-GROUP_TILE = 512  # a group's (E > 1) largest tile on the GPU, at 2 elements per thread (see group_config)
-
-
-def group_config(shape, stride: int, tile: int | None = None, kernel: str = "fwd"):
-    """`launch_config` of a group of E > 1 edges: their
-    pointers are picked per program (registers, not kernel parameters), and at the whole-plane fp32 forward
-    configuration ptxas (Triton 3.8) spilled; tiles of at most GROUP_TILE elements at 2 per thread do not
-    (tests/test_sm90.py). The input gradient's group takes the per-edge tiles."""
-    if kernel == "bwd_input":  # the per-edge tiles; at stride 2 at most 2 elements per thread, 16 warps (ptxas of
-        # Triton 3.6 spilled at stride 2 with 8 warps, whether 2 or 4 elements per thread)
-        p, hw, grid, warps = launch_config(kernel, shape, stride, tile)
-        return p, hw, grid, max(warps, min(16, p * hw // 32)) if stride > 1 else warps
-    N, C, H, W = shape
-    pixels = out_size(H, stride) * out_size(W, stride)
-    if tile is None:  # the interpreter's large tiles (few programs) stay; the GPU's are capped
-        t = MAX_TILE if _INTERPRET else min(MAX_TILE, GROUP_TILE)
-    else:  # an explicit GPU tile (tests/test_sm90.py asks for the GPU's configurations under the interpreter)
-        t = min(tile, GROUP_TILE)
-    hw = min(triton_next_pow2(pixels), t)
-    p = max(1, min(triton_next_pow2(N * C), t // hw))
-    return p, hw, (triton_cdiv(N * C, p), triton_cdiv(pixels, hw)), max(1, min(8, p * hw // 64))
-
-
-def _blocks(planes: int, pixels: int, tile: int):
-    hw = min(triton_next_pow2(pixels), tile)
-    # Several planes per program cost registers (per-plane filter vectors, 2-D indices): such programs take
-    # half a tile at 2 elements per thread, others 4 (the forward keeps six fp32 accumulators and many
-    # in-flight loads per element). ptxas for sm_90 (tests/test_sm90.py): no spills this way (the fp32
-    # whole-plane forward uses all 255 registers); packed programs at 4 elements per thread spilled.
-    p = max(1, min(triton_next_pow2(planes), tile // 2 // hw))
-    per_thread = 4 if p == 1 else 2
-    return p, hw, (triton_cdiv(planes, p), triton_cdiv(pixels, hw)), max(1, min(8, p * hw // (32 * per_thread)))
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
 
 KSIZE = (3, 5, 3, 5)  # filter size of each convolution branch: w3, w5, wd3, wd5
 MAX_EDGES = 8  # the stencil ops' edges per launch: a DARTS cell's edges leaving s0 and s1
@@ -161,11 +77,6 @@ def _check_edges(name: str, xs, lists, wss, x5=(), mean=(), rstd=(), pools: bool
         if mean and not (mean[e].shape == rstd[e].shape == (2, x.shape[1]) and mean[e].dtype == rstd[e].dtype
                          == torch.float32 and mean[e].is_contiguous() and rstd[e].is_contiguous()):
             raise ValueError(f"{name}: mean/rstd must be [2, C] fp32 contiguous")
-
-
-def _config(kernel: str, shape, stride: int, E: int):
-    """One edge takes the per-edge tiles; a group of edges picks its pointers per program, hence `group_config`."""
-    return launch_config(kernel, shape, stride) if E == 1 else group_config(shape, stride, kernel=kernel)
 
 
 def _ptrs(ts, default) -> tuple:
@@ -221,7 +132,7 @@ def stencil_fwd(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[torch.T
     E, x = len(xs), xs[0]
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
-    bp, bhw, grid, warps = _config("fwd", x.shape, stride, E)
+    bp, bhw, grid, warps = stencil_config("fwd", x.shape, stride, E)
     has = dict(HAS3=bool(w3), HAS5=bool(w5), HASD3=bool(wd3), HASD5=bool(wd5), HASMAX=pools, HASAVG=pools)
     meta = dict(X5=bool(x5), STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=E, num_warps=warps)
     if tile_stats is None:
@@ -272,7 +183,7 @@ def stencil_bwd_input(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[t
     N, C, H, W = x.shape
     dxs = [torch.empty_like(t) for t in xs]
     dx5s = [torch.empty_like(t) for t in x5]
-    bp, bhw, grid, warps = _config("bwd_input", x.shape, stride, E)
+    bp, bhw, grid, warps = stencil_config("bwd_input", x.shape, stride, E)
     _launch(K.stencil_bwd_input_kernel, (*grid, E), tuple(xs), _ptrs(x5, xs), *(_ptrs(w, xs) for w in wss),
             _ptrs(ymax if gss[4] or gss[5] else [], xs), *(_ptrs(g, xs) for g in gss),
             _ptrs([t.contiguous() for t in gacc], xs), tuple(dxs), _ptrs(dx5s, xs), _ptrs(mean, xs),
@@ -297,7 +208,7 @@ def stencil_bwd_weight(xs: list[torch.Tensor], g3: list[torch.Tensor], g5: list[
     x = xs[0]
     N, C, H, W = x.shape
     taps = sum(k * k for g, k in zip(gss, KSIZE) if g)
-    bp, bhw, grid, warps = _config("bwd_weight", x.shape, stride, E)
+    bp, bhw, grid, warps = stencil_config("bwd_weight", x.shape, stride, E)
     part = x.new_empty(E, grid[1] * N, C * taps, dtype=torch.float32)  # every program stores all its taps
     _launch(K.stencil_bwd_weight_kernel, (*grid, E), tuple(xs), _ptrs(x5, xs), *(_ptrs(g, xs) for g in gss), part,
             _ptrs(mean, xs), _ptrs(rstd, xs), N * C, C, H, W, out_size(H, stride), out_size(W, stride),
@@ -305,6 +216,29 @@ def stencil_bwd_weight(xs: list[torch.Tensor], g3: list[torch.Tensor], g5: list[
             NORM=bool(mean), STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=E, num_warps=warps)
     # Deterministic second stage: an ordered sum over pixel tiles and the batch, in fp32.
     return part.sum(dim=1)
+
+
+def _stencil_flops(x: torch.Tensor, stride: int, present) -> int:
+    """2 FLOPs per multiply-add of the computed convolution branches (`present`: w3, w5, wd3, wd5); the pools count
+    0, as torch.utils.flop_counter's do; the transposed stencils (backward) as many per given gradient."""
+    n, c, h, w = x.shape
+    return 2 * n * c * out_size(h, stride) * out_size(w, stride) * sum(k * k for k, p in zip(KSIZE, present) if p)
+
+
+@states_flops("milenas_fast::stencil_fwd")
+def _fwd_flops(xs, w3, w5, wd3, wd5, stride, *_) -> int:
+    return sum(_stencil_flops(x, stride, [bool(w) for w in (w3, w5, wd3, wd5)]) for x in xs)
+
+
+@states_flops("milenas_fast::stencil_bwd_input")
+def _bwd_input_flops(xs, w3, w5, wd3, wd5, ymax, g3, g5, gd3, gd5, gmax, gavg, stride, *_) -> int:
+    present = [bool(w) and bool(g) for w, g in zip((w3, w5, wd3, wd5), (g3, g5, gd3, gd5))]
+    return sum(_stencil_flops(x, stride, present) for x in xs)
+
+
+@states_flops("milenas_fast::stencil_bwd_weight")
+def _bwd_weight_flops(xs, g3, g5, gd3, gd5, stride, *_) -> int:
+    return sum(_stencil_flops(x, stride, [bool(g) for g in (g3, g5, gd3, gd5)]) for x in xs)
 
 
 def split_taps(dw: torch.Tensor, C: int, present) -> list:

@@ -91,7 +91,9 @@ class Cell(nn.Module):
         """State j as each MixedOp reading it gets it: fused cells hand out views whose gradients one launch sums
         (ops/fanout.py) where three or more edges read it; else h itself."""
         n = self._steps - max(0, j - 1)  # the nodes i >= j - 1 read state j
-        return iter(fanout(h, n, self._fan_ones, self._fan_zeros) if mixing is not None and n >= 3 else (h,) * n)
+        if mixing is None or n < 3:
+            return iter((h,) * n)
+        return iter(fanout(h, n, self._fan_ones, self._fan_zeros, kernels=self._ops[0].kernels))
 
     def _leave(self, js, feeds, views, ready, rows, mixing, group: bool) -> None:
         """Hands the states `js` to the edges that read them (`views`); with `group`, the fused ones among those

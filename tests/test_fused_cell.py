@@ -1,4 +1,4 @@
-"""A fused Cell runs the edges leaving the states that are ready as one group (ops/fused_mixed_op.py's `run`): one
+"""A fused Cell runs the edges leaving the states that are ready as one group (space/fused_mixed_op.py's `run`): one
 stencil launch for their first stages, one `pointwise` launch per 1×1 stage, one `bn_stats` launch for their last
 BatchNorms. Its forward is the per-edge path's bit for bit (each convolution and each statistic is computed by its
 own programs whichever launch it is in): outputs, running statistics; its gradients within rounding (autograd adds
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from milenas_fast import Network
-from milenas_fast.ops import fused_mixed_op as fmo
+from milenas_fast.space import fused_mixed_op as fmo
 from milenas_fast.ops import pointwise as pw
 from milenas_fast.ops import select
 from milenas_fast.ops import stencil as st

@@ -31,7 +31,7 @@ def test_info_shows_twin_warning_and_failed_selftest(capsys, monkeypatch):
     from milenas_fast.runtime import resolve_device
 
     from milenas_fast.ops import backends
-    fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
+    fmo = importlib.import_module("milenas_fast.space.fused_mixed_op")
     dev = resolve_device("auto")
     monkeypatch.setattr(selftest, "_results", {})
     monkeypatch.setattr(selftest, "_warned", set())

@@ -14,7 +14,7 @@ from milenas_fast.runtime import resolve_impl
 from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp
 
 pytestmark = pytest.mark.gpu_path
-fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
+fmo = importlib.import_module("milenas_fast.space.fused_mixed_op")
 er = importlib.import_module("milenas_fast.ops.edge_reduce")
 OVERRIDE, Kernels = backends.OVERRIDE, backends.Kernels
 DEV = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")

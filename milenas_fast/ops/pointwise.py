@@ -4,7 +4,7 @@
 
 ys[k] = conv2d(xs[k], ws[k]) in xs' dtype (fp32 accumulation; fp32 inputs use TF32 where cuDNN would:
 torch.backends.cudnn.allow_tf32). A mixed op's conv candidates (in a fused Cell, those of all the edges leaving
-the same states: ops/fused_mixed_op.py) run their 1×1 stages side by side: one launch instead of K in the forward,
+the same states: space/fused_mixed_op.py) run their 1×1 stages side by side: one launch instead of K in the forward,
 one for all input gradients and two (partials, their ordered sum) for all weight gradients. `pointwise_reference` is the plain-PyTorch twin.
 
 Registered ops (opaque custom ops: torch.compile calls them; its Triton tracing takes no tuple arguments):

@@ -6,7 +6,7 @@ weight receives a zero gradient from the sum, the same as multiplying by a zero 
 
 Two implementations of the same maths (milenas_fast.ops.select decides which):
 - reference: the candidate modules' own forwards, summed;
-- fused: milenas_fast.ops.fused_mixed_op (Triton multi-stencil + one edge_reduce with BN folded in).
+- fused: milenas_fast.space.fused_mixed_op (Triton multi-stencil + one edge_reduce with BN folded in).
 `MixedOp` follows $MILENAS_FAST_IMPL (auto|fused|reference, default auto); the subclasses
 `ReferenceMixedOp` / `FusedMixedOp` pin one (what the search CLI's --impl builds); `set_impl(model, impl)`
 re-pins every MixedOp of a model (`kernels=`: with those kernels, ops/backends.py). All have the same parameters, buffers and state_dict keys.
@@ -44,7 +44,7 @@ class MixedOp(nn.Module):
         decision = select.decide(self.impl, device)
         self._fused_index = None  # the fused path's mixing weights: a slice (a view) or an index on `device`
         if decision.impl == "fused":
-            from ..ops import fused_mixed_op, mixing_weights
+            from . import fused_mixed_op, mixing_weights
 
             why_not = fused_mixed_op.unsupported(self)
             if why_not:
@@ -69,7 +69,7 @@ class MixedOp(nn.Module):
         already taken (only the fused path reads it); `acc`, a tensor the output is added to (the fused path adds
         it in its last kernel: no separate add)."""
         if self._fused_index is not None and x.dtype in select.FUSED_DTYPES:
-            from ..ops.fused_mixed_op import fused_forward
+            from .fused_mixed_op import fused_forward
 
             return fused_forward(self, x, weights, mixing, acc)
         if self.decision.requested == "fused":  # explicit and impossible: never a silent fallback

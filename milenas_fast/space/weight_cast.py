@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..space.primitives import FactorizedReduce
+from .primitives import FactorizedReduce
 
 
 class CastAll(torch.autograd.Function):

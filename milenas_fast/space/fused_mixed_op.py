@@ -12,10 +12,10 @@
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
    Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, a list (no stack) in the module's (PRIMITIVES) order
    with `none` left out, so the mixing weights are a slice (`weights[1:]` for the DARTS list; its gradient one
-   cat, or none per edge when the Cell slices all its edges' rows at once: ops/mixing_weights.py). Identity
+   cat, or none per edge when the Cell slices all its edges' rows at once: space/mixing_weights.py). Identity
    (stride 1 skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as nn.BatchNorm2d
    does (momentum or cumulative average, unbiased variance, num_batches_tracked), for a whole Network forward at
-   once (ops/running_stats.py). The gradient flows through the batch statistics (bn_fold's written-out
+   once (space/running_stats.py). The gradient flows through the batch statistics (bn_fold's written-out
    backward), so every gradient is the reference's.
 
 The stages are an `Edge`'s methods, and `run` takes them for many edges at once: the supernet's fused Cell hands
@@ -33,12 +33,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..space.primitives import PRIMITIVES, FactorizedReduce
-from . import factorized_reduce, mixing_weights, select, weight_cast
-from .bn_fold import MAX_STATS, bn_stats, folded_reduce, running_rstd, stats_mask
-from .pointwise import MAX_K, pointwise, stats_tile as pointwise_stats_tile
+from ..ops import factorized_reduce, select
+from ..ops.bn_fold import MAX_STATS, bn_stats, folded_reduce, running_rstd, stats_mask
+from ..ops.pointwise import MAX_K, pointwise, stats_tile as pointwise_stats_tile
+from ..ops.stencil import MAX_EDGES, relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil_group
+from . import mixing_weights, weight_cast
+from .primitives import PRIMITIVES, FactorizedReduce
 from .running_stats import update as _update_running_stats
-from .stencil import MAX_EDGES, relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil_group
 
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")  # relu_depthwise_pair's order
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -66,7 +67,7 @@ def _last_bn(name: str, op: nn.Module) -> nn.BatchNorm2d | None:
     if name in ("max_pool_3x3", "avg_pool_3x3"):
         return op[1]
     if name.startswith(("sep_conv", "dil_conv")):
-        return op.op[-1]
+        return op.bn
     if isinstance(op, FactorizedReduce):
         return op.bn
     return None  # identity
@@ -89,7 +90,7 @@ def _pair_bn(seps: dict, h: torch.Tensor | None) -> bool:
     per channel, not compiled."""
     if len(seps) != 2 or torch.compiler.is_compiling() or h.shape[0] * h.shape[2] * h.shape[3] <= 1:
         return False
-    bns = [seps[n].op[3] for n in _SEP]
+    bns = [seps[n].bn1 for n in _SEP]
     return all(type(bn) is nn.BatchNorm2d and bn.training for bn in bns) and bns[0].eps == bns[1].eps
 
 
@@ -152,7 +153,7 @@ class Edge:
         filters: list = [None] * 4
         for name, op in zip(names, ops):
             if name.startswith(("sep_conv", "dil_conv")):
-                filters[_STENCIL_SLOT[name]] = op.op[1].weight
+                filters[_STENCIL_SLOT[name]] = (op.dw1 if name.startswith("sep") else op.dw).weight
         pools = any(n in ("max_pool_3x3", "avg_pool_3x3") for n in names)
         if not pools and all(f is None for f in filters):
             return None
@@ -173,7 +174,8 @@ class Edge:
         self.convs = [(name, op) for name, op in zip(names, ops) if name.startswith(("sep_conv", "dil_conv"))]
         self.seps = {name: op for name, op in self.convs if name.startswith("sep_conv")}
         self.fold = _pair_bn(self.seps, self.stage[_STENCIL_SLOT[_SEP[0]]] if self.seps else None)
-        return {name: (self.stage[_STENCIL_SLOT[name]], op.op[2]) for name, op in self.convs}
+        return {name: (self.stage[_STENCIL_SLOT[name]], op.pw1 if name.startswith("sep") else op.pw)
+                for name, op in self.convs}
 
     def folded_seps(self) -> tuple:
         """The first stage outputs whose tile statistics the pair needs (the inner BNs folded)."""
@@ -189,15 +191,15 @@ class Edge:
         h3, h5 = (first[n] for n in _SEP)
         (st, r3), (st5, r5) = (tiles[n] for n in _SEP)
         assert st is st5, "one launch's tile statistics for both sep convs (one shape and dtype)"
-        return (h3, seps[_SEP[0]].op[5].weight, h5, seps[_SEP[1]].op[5].weight, st, (r3, r5),
-                pointwise_stats_tile(h3), seps[_SEP[0]].op[3].eps)
+        return (h3, seps[_SEP[0]].dw2.weight, h5, seps[_SEP[1]].dw2.weight, st, (r3, r5),
+                pointwise_stats_tile(h3), seps[_SEP[0]].bn1.eps)
 
     def pair(self, first: dict, tiles: dict, counters: list, folded: tuple | None = None) -> dict:
         """The sep convs' second stages: ReLU → depthwise of both in one Triton launch (fp32 filters, as the
         first's); returns their 1×1 convolutions to run. `folded`: the folded pair's (y3, y5, mean, var) where a
         group call (`_pairs`) computed them."""
         self.first, seps = first, self.seps
-        f3, f5 = (seps[n].op[5].weight if n in seps else None for n in _SEP)
+        f3, f5 = (seps[n].dw2.weight if n in seps else None for n in _SEP)
         if self.fold:
             # both inner BNs in training mode: their statistics merged from the first pointwise's tile statistics
             # by the second stages' launch, which normalises as it loads (the BN outputs are never written);
@@ -206,11 +208,11 @@ class Edge:
                 args = self.pair_args(first, tiles)
                 folded = relu_depthwise_pair_bn_tiles(*([a] for a in args[:6]), *args[6:])[0]
             y3, y5, mean_i, var_i = folded
-            _update_running_stats([seps[n].op[3] for n in _SEP], mean_i, var_i, [])
+            _update_running_stats([seps[n].bn1 for n in _SEP], mean_i, var_i, [])
         else:
-            mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
+            mid = {name: _inner_bn(op.bn1, first[name], counters) for name, op in seps.items()}
             y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5)
-        return {name: (y, seps[name].op[6]) for name, y in zip(_SEP, (y3, y5)) if y is not None}
+        return {name: (y, seps[name].pw2) for name, y in zip(_SEP, (y3, y5)) if y is not None}
 
     def candidates(self, second: dict, counters: list) -> int:
         """The pre-BN candidate outputs (`self.ys`, in the module's order: the identity x, or x as the stencil's
@@ -354,7 +356,7 @@ def grouped(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor, mixing: torc
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                   mixing: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
     """`mixing`: weights[mod._fused_index] in fp32 when the caller has taken it already (the Cell, for all its
-    edges at once: ops/mixing_weights.py). `acc`: added to the output by edge_reduce (the Cell's node sum)."""
+    edges at once: space/mixing_weights.py). `acc`: added to the output by edge_reduce (the Cell's node sum)."""
     edge = Edge(mod, x, weights, mixing)
     if edge.why:
         return _reference(mod, x, weights, acc, edge.why)

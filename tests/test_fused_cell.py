@@ -159,13 +159,12 @@ def test_pointwise_stage_launches(monkeypatch):
                                                                   (1, False, (0, 1, 0, 0), False, False),
                                                                   (1, True, (1, 1, 1, 1), True, True)])
 def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, partial, device):
-    """stencil_group (one launch for E edges each way; odd shape, several programs per plane and per plane group)
-    against the reference twin per edge: outputs, the identity's pass-through, every input and filter gradient
+    """stencil_group (one launch for E edges each way; odd shape, one program per plane both ways: multi-program
+    planes are test_stencil's, with the same kernels) against the reference twin per edge: outputs, the identity's pass-through, every input and filter gradient
     (inputs shared between edges, as a source state's fan-out views are: their gradients add). `partial`: a frozen
     source and frozen filters, and outputs without a gradient, so that the edges' backward launches split by the
     branches they have."""
     from milenas_fast.ops.stencil import KSIZE, stencil_group, stencil_reference
-    from milenas_fast.ops.tiles import max_tile
 
     gen = torch.Generator().manual_seed(3)
     N, C, H, W = 2, 3, 7, 9
@@ -174,8 +173,7 @@ def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, p
     filters = [tuple((torch.randn(C, 1, k, k, generator=gen).to(device).requires_grad_(not (partial and e == 3 and
                                                                                              k == 5)) if p else None)
                      for k, p in zip(KSIZE, present)) for e in range(len(xs))]
-    with max_tile(16):
-        outs = stencil_group(xs, filters, stride, pools, identity)
+    outs = stencil_group(xs, filters, stride, pools, identity, max_tile=64)
     refs = [((x,) if identity else ()) + stencil_reference(x, *f, stride, pools) for x, f in zip(xs, filters)]
     leaves = [t for t in srcs + [w for f in filters for w in f if w is not None] if t.requires_grad]
     got, want = [], []
@@ -211,7 +209,6 @@ def test_pair_group_is_each_edges_pair(partial, device):
     pair's forward its own launch)."""
     from milenas_fast.ops.pointwise import stats_tile
     from milenas_fast.ops.stencil import relu_depthwise_pair_bn_reference, relu_depthwise_pair_bn_tiles
-    from milenas_fast.ops.tiles import max_tile
 
     gen = torch.Generator().manual_seed(8)
     E, N, C, H, W = 4, 2, 4, 5, 6
@@ -233,16 +230,15 @@ def test_pair_group_is_each_edges_pair(partial, device):
 
     st._launch = spy
     try:
-        with max_tile(16):
-            outs = relu_depthwise_pair_bn_tiles([hs[2 * p] for p in perm], [f[0] for f in filters],
-                                                [hs[2 * p + 1] for p in perm], [f[1] for f in filters],
-                                                [tiles] * E, [(2 * p, 2 * p + 1) for p in perm], stats_tile(hs[0]),
-                                                1e-5)
-            skip = {(1, 1)} if partial else set()  # (edge, output) without a gradient
-            got = [(outs[e][j], torch.randn(outs[e][j].shape, generator=gen).to(device))
-                   for e in range(E) for j in (0, 1) if (e, j) not in skip]
-            leaves = [t for t in hs + [w for f in filters for w in f] if t.requires_grad]
-            ga = torch.autograd.grad([y for y, _ in got], leaves, [g for _, g in got], allow_unused=True)
+        outs = relu_depthwise_pair_bn_tiles([hs[2 * p] for p in perm], [f[0] for f in filters],
+                                            [hs[2 * p + 1] for p in perm], [f[1] for f in filters],
+                                            [tiles] * E, [(2 * p, 2 * p + 1) for p in perm], stats_tile(hs[0]),
+                                            1e-5, max_tile=16)
+        skip = {(1, 1)} if partial else set()  # (edge, output) without a gradient
+        got = [(outs[e][j], torch.randn(outs[e][j].shape, generator=gen).to(device))
+               for e in range(E) for j in (0, 1) if (e, j) not in skip]
+        leaves = [t for t in hs + [w for f in filters for w in f] if t.requires_grad]
+        ga = torch.autograd.grad([y for y, _ in got], leaves, [g for _, g in got], allow_unused=True)
     finally:
         st._launch = real
     fwd = [n for n in launches if n[0] == "stencil_fwd_kernel"]
@@ -277,7 +273,7 @@ def test_pair_group_rejects_rows_outside_the_statistics():
     tiles = torch.zeros(6, 2, 2, 3)
     def fwd(groups, step):
         return torch.ops.milenas_fast.stencil_fwd([h] * 3, [w3] * 3, [w5] * 3, [], [], 1, False, [h] * 3, [], [], tiles,
-                                                  groups, step, 16, 1e-5)
+                                                  groups, step, 16, 1e-5, 0)
 
     ok = fwd([0, 1], 2)
     assert len(ok) == 15

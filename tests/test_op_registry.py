@@ -43,17 +43,16 @@ def samples():
     pw_g = [_t(N, 4, H, H) for _ in range(2)]
     er = (ys, w, m3, r3)
     return {
-        "stencil_fwd": [([x], [w3], [w5], [wd3], [wd5], 2, True, [], [], [], None, [], 0, 0, 0.0),
-                        ([x, x5], [], [w5, w5], [], [], 1, False, [], [], [], None, [], 0, 0, 0.0),
-                        ([x], [w3], [w5], [], [], 1, False, [x5], [mean], [rstd], None, [], 0, 0, 0.0),
+        "stencil_fwd": [([x], [w3], [w5], [wd3], [wd5], 2, True, [], [], [], None, [], 0, 0, 0.0, 0),
+                        ([x], [w3], [w5], [], [], 1, False, [x5], [mean], [rstd], None, [], 0, 0, 0.0, 0),
                         ([x.detach()], [w3.detach()], [w5.detach()], [], [], 1, False, [x5.detach()], [], [],
-                         tile_stats, [0, 1], 0, 16, 1e-5)],
+                         tile_stats, [0, 1], 0, 16, 1e-5, 0)],
         "stencil_bwd_input": [([x.detach()], [w3.detach()], [w5.detach()], [], [], [g[4]], [g[0]], [g[1]], [], [],
-                               [g[4]], [g[5]], 1, [g[2]], [], [], []),
+                               [g[4]], [g[5]], 1, [g[2]], [], [], [], 0),
                               ([x.detach()], [w3.detach()], [w5.detach()], [], [], [], [g[0]], [g[1]], [], [], [], [],
-                               1, [], [x5.detach()], [mean], [rstd])],
-        "stencil_bwd_weight": [([x.detach()], [g[0]], [g[1]], [g[2]], [g[3]], 1, [], [], []),
-                               ([x.detach()] * 2, [g[0]] * 2, [], [], [], 1, [], [], [])],
+                               1, [], [x5.detach()], [mean], [rstd], 16)],
+        "stencil_bwd_weight": [([x.detach()], [g[0]], [g[1]], [g[2]], [g[3]], 1, [], [], [], 0),
+                               ([x.detach()] * 2, [g[0]] * 2, [], [], [], 1, [], [], [], 16)],
         # every output's statistics: the rows of unnamed outputs are unspecified
         # every output's statistics: the rows of unnamed outputs are unspecified
         "pointwise": [(pw_x, pw_w, 0), ([t.detach() for t in pw_x], [t.detach() for t in pw_w], 0b11)],

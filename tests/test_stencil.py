@@ -3,7 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter, which must be switched on before triton or the
 kernel module is imported (hence the environment line above the imports).
 """
-import contextlib
+import functools
 import os
 
 import torch
@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 pytest.importorskip("triton")
 from milenas_fast.ops import stencil as stencil_mod  # noqa: E402
 from milenas_fast.ops import tiles  # noqa: E402
-from milenas_fast.ops.tiles import launch_config, max_tile  # noqa: E402
+from milenas_fast.ops.tiles import launch_config, stencil_config  # noqa: E402
 from milenas_fast.ops.stencil import (relu_depthwise, relu_depthwise_pair,  # noqa: E402
                                       relu_depthwise_pair_bn, relu_depthwise_pair_bn_reference,
                                       relu_depthwise_reference, stencil, stencil_reference, stencil_with_identity)
@@ -56,9 +56,9 @@ def grads_like(N, C, H, stride, gen, device, dtype=torch.float32):
     return [torch.randn(N, C, HO, HO, generator=gen).to(dtype).to(device) for _ in NAMES]
 
 
-def assert_matches(x, ws, stride, g, need=(True,) * 5, what=""):
+def assert_matches(x, ws, stride, g, need=(True,) * 5, what="", max_tile=0):
     """fp32: the six outputs and every requested gradient equal the reference's (tight tolerances)."""
-    ys, gs = run(stencil, x, ws, stride, g, need)
+    ys, gs = run(functools.partial(stencil, max_tile=max_tile), x, ws, stride, g, need)
     yr, gr = run(stencil_reference, x, ws, stride, g, need)
     for name, a, b in zip(NAMES, ys, yr):
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -97,15 +97,14 @@ def test_many_programs(C, tile, split, stride, device):
             assert bp == 1 and grid[0] == N * C and grid[1] > 1, (kernel, bp, bhw, grid)
         else:
             assert bp > 1 and grid[0] > 1 and (N * C) % bp, (kernel, bp, bhw, grid)
-    with max_tile(tile):
-        assert launch_config("fwd", x.shape, stride)[2] == launch_config("fwd", x.shape, stride, tile)[2]
-        assert_matches(x, ws, stride, grads_like(N, C, H, stride, gen, device), what=f"tile {tile}")
+    assert stencil_config("fwd", x.shape, stride, 1, tile) == launch_config("fwd", x.shape, stride, tile)
+    assert_matches(x, ws, stride, grads_like(N, C, H, stride, gen, device), what=f"tile {tile}", max_tile=tile)
 
 
 def test_max_tile_is_checked():
+    x, ws = make(1, 2, 4, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="power of two"):
-        with max_tile(24):
-            pass
+        stencil(x, *ws, 1, max_tile=24)
 
 
 @pytest.mark.gpu_path
@@ -218,13 +217,13 @@ def rd_inputs(N, C, H, W, k, dtype, gen, device):
     return x.to(device), w.to(device)
 
 
-def check_relu_depthwise(x, w, stride, tol):
+def check_relu_depthwise(x, w, stride, tol, max_tile=0):
     """relu_depthwise vs its twin: output, dx and dw, dtypes: x's for y and dx, the filter's for dw."""
     gen = torch.Generator().manual_seed(x.shape[2] * 10 + w.shape[-1])
     HO, WO = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
     g = torch.randn(x.shape[0], x.shape[1], HO, WO, generator=gen).to(x.device, x.dtype)
     inputs = [x.requires_grad_(), w.requires_grad_()]
-    (y,), (dx, dw) = grads_of(lambda x, w: (relu_depthwise(x, w, stride),), inputs, [g])
+    (y,), (dx, dw) = grads_of(lambda x, w: (relu_depthwise(x, w, stride, max_tile=max_tile),), inputs, [g])
     (yr,), (dxr, dwr) = grads_of(lambda x, w: (relu_depthwise_reference(x, w, stride),), inputs, [g])
     assert (y.dtype, dx.dtype, dw.dtype) == (x.dtype, x.dtype, w.dtype)
     assert y.shape == yr.shape and dw.shape == w.shape and dw.is_contiguous()
@@ -269,8 +268,7 @@ def test_relu_depthwise_many_programs(tile, split, k, device):
         bp, _, grid, _ = launch_config(kernel, (N, C, H, W), 1, tile)
         assert (grid[0] > 1 and grid[1] > 1) if split == "pixels" else (bp > 1 and (N * C) % bp), (kernel, grid)
     gen = torch.Generator().manual_seed(tile + k)
-    with max_tile(tile):
-        check_relu_depthwise(*rd_inputs(N, C, H, W, k, torch.float32, gen, device), 1, 1e-5)
+    check_relu_depthwise(*rd_inputs(N, C, H, W, k, torch.float32, gen, device), 1, 1e-5, max_tile=tile)
 
 
 @pytest.mark.gpu_path
@@ -306,13 +304,12 @@ def test_identity_gradient_joins_dx_in_the_input_gradient_kernel(stride, pools, 
     inputs = [x.requires_grad_(), *[w.requires_grad_() for w in ws]]
 
     def ours(x, *ws):
-        return stencil_with_identity(x, *ws, stride, pools=pools)
+        return stencil_with_identity(x, *ws, stride, pools=pools, max_tile=tile or 0)
 
     def twin(x, *ws):
         return (x, *stencil_reference(x, *ws, stride, pools=pools))
 
-    with max_tile(tile) if tile else contextlib.nullcontext():
-        ys, gs = grads_of(ours, inputs, g)
+    ys, gs = grads_of(ours, inputs, g)
     yr, gr = grads_of(twin, inputs, g)
     assert [name for name, _ in launches] == ["fwd", "bwd_input", "bwd_weight"]  # no add: not a launch of ours
     torch.testing.assert_close(ys[0], x.detach(), rtol=0, atol=0)
@@ -362,8 +359,7 @@ def test_relu_depthwise_pair_matches_two_calls(N, C, H, W, tile, device, launche
     inputs, g = pair_inputs(N, C, H, W, torch.float32, gen, device)
     for t in inputs:
         t.requires_grad_()
-    with max_tile(tile) if tile else contextlib.nullcontext():
-        ys, gs = grads_of(relu_depthwise_pair, inputs, g)
+    ys, gs = grads_of(functools.partial(relu_depthwise_pair, max_tile=tile or 0), inputs, g)
     yr, gr = grads_of(pair_reference, inputs, g)
     assert [name for name, _ in launches] == ["fwd", "bwd_input", "bwd_weight"]
     for name, a, b in zip(("y3", "y5", "dx3", "dw3", "dx5", "dw5"), ys + gs, yr + gr):
@@ -418,13 +414,13 @@ def test_relu_depthwise_pair_bf16(device):
         assert err(a, ref) <= bound, f"{name}: {err(a, ref):.3g} > {bound:.3g} (torch {err(lo, ref):.3g})"
 
 
-def pair_bn(h3, w3, h5, w5, eps=1e-5):
+def pair_bn(h3, w3, h5, w5, eps=1e-5, max_tile=0):
     """relu_depthwise_pair_bn with given statistics (bn_stats of both inputs; the fused MixedOp's form, with tile
     statistics, is tested below)."""
     from milenas_fast.ops.bn_fold import bn_stats
 
     mean, rstd, _ = bn_stats([h3.detach(), h5.detach()], 0b11, eps)
-    return relu_depthwise_pair_bn(h3, w3, h5, w5, mean, rstd, eps)
+    return relu_depthwise_pair_bn(h3, w3, h5, w5, mean, rstd, eps, max_tile=max_tile)
 
 
 def pair_bn_twin(h3, w3, h5, w5):
@@ -449,8 +445,7 @@ def test_relu_depthwise_pair_bn_matches_batch_norm_then_pair(N, C, H, W, tile, d
     inputs, g = bn_inputs(N, C, H, W, torch.float32, gen, device)
     for t in inputs:
         t.requires_grad_()
-    with max_tile(tile) if tile else contextlib.nullcontext():
-        ys, gs = grads_of(pair_bn, inputs, g)
+    ys, gs = grads_of(functools.partial(pair_bn, max_tile=tile or 0), inputs, g)
     yr, gr = grads_of(pair_bn_twin, inputs, g)
     assert [name for name, _ in launches] == ["fwd", "bwd_input", "bwd_weight"]
     for name, a, b in zip(("y3", "y5", "dh3", "dw3", "dh5", "dw5"), ys + gs, yr + gr):
@@ -502,8 +497,8 @@ def test_relu_depthwise_pair_bn_from_tile_statistics(pw_tile, tile, dtype, devic
     launches.clear()
 
     def ours(a3, v3, a5, v5):
-        with max_tile(tile) if tile else contextlib.nullcontext():
-            return relu_depthwise_pair_bn_tiles([a3], [v3], [a5], [v5], [st], [(0, 2)], stats_tile(h3), 1e-5)[0]
+        return relu_depthwise_pair_bn_tiles([a3], [v3], [a5], [v5], [st], [(0, 2)], stats_tile(h3), 1e-5,
+                                            max_tile=tile or 0)[0]
 
     inputs = [h3.requires_grad_(), w3.requires_grad_(), h5.requires_grad_(), w5.requires_grad_()]
     ys, gs = grads_of(ours, inputs, g + [None, None])
@@ -632,12 +627,12 @@ def test_filter_grads_land_contiguous_without_copies(N, C, tile, split, device):
     bp, _, grid, _ = launch_config("bwd_weight", x.shape, 1, tile)
     assert (bp == 1 and grid[1] > 1) if split == "pixels" else (bp > 1 and C % bp), (bp, grid)
     got, want = [[w.detach().clone().requires_grad_() for w in ws] for _ in range(2)]
-    for op, leaves in ((stencil, got), (stencil_reference, want)):
+    for op, leaves in ((functools.partial(stencil, max_tile=tile), got), (stencil_reference, want)):
         ys = op(x, *leaves, 1, pools=False)
         loss = sum((y * gi).sum() for y, gi in zip(ys, g))
-        with max_tile(tile), _Ops() as seen:
+        with _Ops() as seen:
             loss.backward()
-        if op is stencil:
+        if op is not stencil_reference:
             assert seen.names.count("stencil_bwd_weight") == 1 and not COPY_OPS & set(seen.names), seen.names
     assert all(w.grad.is_contiguous() for w in got)
     assert len({w.grad.untyped_storage().data_ptr() for w in got}) == 1

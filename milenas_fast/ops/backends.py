@@ -1,6 +1,6 @@
 """Which kernels the fused ops run on a device: one immutable value, resolved once and handed down.
 
-    kernels = Kernels.for_device("cuda")     # Kernels(device="cuda", edge_reduce="cpp", why="C++/CUDA kernels")
+    kernels = Kernels.for_device("cuda")     # Kernels("cuda", edge_reduce="cpp", why="C++/CUDA kernels", max_tile=0)
     twin = kernels.twin("C++ edge_reduce failed the self-test (...)")   # the Triton twin instead, or None
 
 edge_reduce: "cpp" (the extension's C++/CUDA kernels, primary), "triton" (its Triton twin: where the extension has
@@ -23,6 +23,7 @@ class Kernels:
     device: str  # device type: "cuda" | "cpu"
     edge_reduce: str  # "cpp" | "triton" | "" (none can run)
     why: str
+    max_tile: int = 0  # the stencils' largest tile (0: their launchers' own, ops/tiles.py)
 
     @staticmethod
     def for_device(device_type: str) -> "Kernels":

@@ -2,7 +2,8 @@
 
 `benchmarks/cost_model.py` reads them (`flops(name, args)`, and `launches` of the C++ ops, whose kernels it cannot
 see); the Triton kernels and their bytes it counts from the launches themselves (ops/triton_launch.py reports them
-to a dispatch mode that asks), the C++ ops' bytes from their inputs and outputs. Filled when the ops' modules are imported, as the ops are registered.
+to a dispatch mode that asks), the C++ ops' bytes from their inputs and outputs. Filled when the ops' modules are
+imported, as the ops are registered.
 """
 from __future__ import annotations
 

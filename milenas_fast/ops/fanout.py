@@ -34,9 +34,10 @@ class _Fanout(torch.autograd.Function):
 
 def fanout(x: torch.Tensor, n: int, ones: torch.Tensor, zeros: torch.Tensor, *, kernels: Kernels | None = None
            ) -> tuple[torch.Tensor, ...]:
-    """n views of x whose gradients are summed in one launch. `ones`/`zeros`: resident fp32 [≥ n, x.shape[1]] constants
-    on x's device (the caller's buffers: nothing is allocated per call). Falls back to x itself n times (autograd's
-    adds) where the constants do not fit or autograd is off. `kernels`: edge_reduce's (default: the device's)."""
+    """n views of x whose gradients are summed in one launch. `ones`/`zeros`: resident fp32 [≥ n, x.shape[1]]
+    constants on x's device (the caller's buffers: nothing is allocated per call). Falls back to x itself n times
+    (autograd's adds) where the constants do not fit or autograd is off. `kernels`: edge_reduce's (default: the
+    device's)."""
     ok = (2 <= n <= MAX_CANDIDATES and torch.is_grad_enabled() and x.requires_grad and x.dim() == 4
           and ones.dtype == zeros.dtype == torch.float32 and ones.device == x.device
           and ones.shape[0] >= n and ones.shape[1] == x.shape[1] and not torch.compiler.is_compiling())

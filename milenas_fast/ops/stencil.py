@@ -24,14 +24,16 @@ Registered ops, one per kernel and direction; each takes E edges as lists (a sin
 list is empty where its part is absent for every edge). Opaque custom ops: every kernel takes tuples of pointers,
 which torch.compile's Triton tracing does not take.
     milenas_fast::stencil_fwd(xs, w3s, w5s, wd3s, wd5s, stride, pools, x5s, means, rstds, tile_stats?, groups, step,
-        tile, eps) -> 6 per edge, or with tile_stats (y3, y5, mean, rstd, unbiased var) per edge
+        tile, eps, max_tile) -> 6 per edge, or with tile_stats (y3, y5, mean, rstd, unbiased var) per edge
     milenas_fast::stencil_bwd_input(xs, w3s, w5s, wd3s, wd5s, ymaxs, g3s, g5s, gd3s, gd5s, gmaxs, gavgs, stride,
-        gaccs, x5s, means, rstds) -> dx per edge (then dx5 per edge with x5)
-    milenas_fast::stencil_bwd_weight(xs, g3s, g5s, gd3s, gd5s, stride, x5s, means, rstds) -> dw [E, Σ C·k²]
+        gaccs, x5s, means, rstds, max_tile) -> dx per edge (then dx5 per edge with x5)
+    milenas_fast::stencil_bwd_weight(xs, g3s, g5s, gd3s, gd5s, stride, x5s, means, rstds, max_tile) -> dw [E, Σ C·k²]
         (fp32: the given gradients' branches' filter gradients one after another, w3 | w5 | wd3 | wd5, each [C, k²])
 The two backward halves are separate ops so that α-only passes (no filter gradients wanted) and
 frozen inputs skip the work they do not need. mean/rstd ([2, C] fp32, rows for x and x5; no pools): the inputs
-are normalised as loaded, and dx/dx5 are the gradients of the normalised values. `stencil_reference` and
+are normalised as loaded, and dx/dx5 are the gradients of the normalised values. max_tile: the largest tile of a
+program (0: the launcher's own, ops/tiles.py); the Python functions take it as a keyword and keep it for backward.
+`stencil_reference` and
 `relu_depthwise_reference` are the plain-PyTorch twins.
 """
 from __future__ import annotations
@@ -121,18 +123,18 @@ class FwdArgs(NamedTuple):
 def stencil_fwd(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[torch.Tensor], wd3: list[torch.Tensor],
                 wd5: list[torch.Tensor], stride: int, pools: bool, x5: list[torch.Tensor], mean: list[torch.Tensor],
                 rstd: list[torch.Tensor], tile_stats: Optional[torch.Tensor], groups: list[int], step: int, tile: int,
-                eps: float) -> list[torch.Tensor]:
+                eps: float, max_tile: int) -> list[torch.Tensor]:
     """The forward of E edges (a group; one edge is a group of one) in ONE launch. Without `tile_stats`: 6 outputs
     per edge (y3, y5, yd3, yd5, ymax, yavg; 0-element where absent). With it (the pairs: x = h3, x5 = h5, w3 and w5
     only, stride 1): BN(h3), BN(h5) with the statistics merged from `tile_stats` ([K, N·T, 2, C], the producing
     pointwise launch's; edge e's rows groups + e·step, tiles of `tile` pixels): (y3, y5, mean, rstd, unbiased var)
-    per edge, the last three [2, C] fp32."""
+    per edge, the last three [2, C] fp32. `max_tile`: the largest tile of a program (0: the launcher's own)."""
     wss = [w3, w5, wd3, wd5]
     _check_edges("stencil_fwd", xs, [*wss, x5, mean, rstd], wss, x5, mean, rstd, pools)
     E, x = len(xs), xs[0]
     N, C, H, W = x.shape
     HO, WO = out_size(H, stride), out_size(W, stride)
-    bp, bhw, grid, warps = stencil_config("fwd", x.shape, stride, E)
+    bp, bhw, grid, warps = stencil_config("fwd", x.shape, stride, E, max_tile)
     has = dict(HAS3=bool(w3), HAS5=bool(w5), HASD3=bool(wd3), HASD5=bool(wd5), HASMAX=pools, HASAVG=pools)
     meta = dict(X5=bool(x5), STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=E, num_warps=warps)
     if tile_stats is None:
@@ -167,7 +169,7 @@ def stencil_bwd_input(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[t
                       g3: list[torch.Tensor], g5: list[torch.Tensor], gd3: list[torch.Tensor],
                       gd5: list[torch.Tensor], gmax: list[torch.Tensor], gavg: list[torch.Tensor], stride: int,
                       gacc: list[torch.Tensor], x5: list[torch.Tensor], mean: list[torch.Tensor],
-                      rstd: list[torch.Tensor]) -> list[torch.Tensor]:
+                      rstd: list[torch.Tensor], max_tile: int) -> list[torch.Tensor]:
     """Each edge's dx (then, with x5, each one's dx5) from the given output gradients, in ONE launch. A list is empty
     where that part is absent for every edge (a gradient counts only with its filter; gmax/gavg with ymax; with x5,
     g5 goes to dx5 and must be given). `gacc` (x's shape): a gradient of x from elsewhere, added into dx."""
@@ -183,7 +185,7 @@ def stencil_bwd_input(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[t
     N, C, H, W = x.shape
     dxs = [torch.empty_like(t) for t in xs]
     dx5s = [torch.empty_like(t) for t in x5]
-    bp, bhw, grid, warps = stencil_config("bwd_input", x.shape, stride, E)
+    bp, bhw, grid, warps = stencil_config("bwd_input", x.shape, stride, E, max_tile)
     _launch(K.stencil_bwd_input_kernel, (*grid, E), tuple(xs), _ptrs(x5, xs), *(_ptrs(w, xs) for w in wss),
             _ptrs(ymax if gss[4] or gss[5] else [], xs), *(_ptrs(g, xs) for g in gss),
             _ptrs([t.contiguous() for t in gacc], xs), tuple(dxs), _ptrs(dx5s, xs), _ptrs(mean, xs),
@@ -197,7 +199,7 @@ def stencil_bwd_input(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[t
 @_register("milenas_fast::stencil_bwd_weight", traceable=False)  # tuples of pointers
 def stencil_bwd_weight(xs: list[torch.Tensor], g3: list[torch.Tensor], g5: list[torch.Tensor],
                        gd3: list[torch.Tensor], gd5: list[torch.Tensor], stride: int, x5: list[torch.Tensor],
-                       mean: list[torch.Tensor], rstd: list[torch.Tensor]) -> torch.Tensor:
+                       mean: list[torch.Tensor], rstd: list[torch.Tensor], max_tile: int) -> torch.Tensor:
     """fp32 filter gradients [E, Σ C·k²] of the branches whose output gradients are given, in ONE launch (and one
     ordered sum): row e edge e's, one contiguous [C, k²] block per branch in the order w3 | w5 | wd3 | wd5
     (`split_taps` parts them without a copy; the caller casts to the filters' dtype). The 5×5 branch reads x5 where
@@ -208,7 +210,7 @@ def stencil_bwd_weight(xs: list[torch.Tensor], g3: list[torch.Tensor], g5: list[
     x = xs[0]
     N, C, H, W = x.shape
     taps = sum(k * k for g, k in zip(gss, KSIZE) if g)
-    bp, bhw, grid, warps = stencil_config("bwd_weight", x.shape, stride, E)
+    bp, bhw, grid, warps = stencil_config("bwd_weight", x.shape, stride, E, max_tile)
     part = x.new_empty(E, grid[1] * N, C * taps, dtype=torch.float32)  # every program stores all its taps
     _launch(K.stencil_bwd_weight_kernel, (*grid, E), tuple(xs), _ptrs(x5, xs), *(_ptrs(g, xs) for g in gss), part,
             _ptrs(mean, xs), _ptrs(rstd, xs), N * C, C, H, W, out_size(H, stride), out_size(W, stride),
@@ -271,7 +273,8 @@ def _column(items, i: int) -> list:
     return [] if items[0][i] is None else [t[i] for t in items]
 
 
-def edge_grads(edges: list[Saved], stride: int, needs: list, grads: list, gaccs: list) -> list[list]:
+def edge_grads(edges: list[Saved], stride: int, needs: list, grads: list, gaccs: list, max_tile: int = 0
+               ) -> list[list]:
     """Gradients [dx, dw3, dw5, dwd3, dwd5, dx5] per edge of the stencils `edges`, for each edge's needs (x, w3, w5,
     wd3, wd5, x5), six output gradients and gacc (x's gradient from elsewhere, added in; None: none). Edges whose
     launches have the same parts present share one (usually all of them): one input-gradient and one filter-gradient
@@ -300,14 +303,14 @@ def edge_grads(edges: list[Saved], stride: int, needs: list, grads: list, gaccs:
     for items in wants_x.values():
         cols = [_column([p for _, p, _, _ in items], i) for i in range(15)]
         res = torch.ops.milenas_fast.stencil_bwd_input([edges[e].x for e, *_ in items], *cols[:11], stride,
-                                                       *cols[11:])
+                                                       *cols[11:], max_tile)
         E = len(items)
         for i, (e, _, want_x, want_x5) in enumerate(items):
             out[e][0] = res[i] if want_x else None
             out[e][5] = res[E + i] if want_x5 else None
     for items in wants_w.values():
         cols = [_column([p for _, p in items], i) for i in range(8)]
-        dw = torch.ops.milenas_fast.stencil_bwd_weight(*cols[:5], stride, *cols[5:])
+        dw = torch.ops.milenas_fast.stencil_bwd_weight(*cols[:5], stride, *cols[5:], max_tile)
         for row, (e, parts) in enumerate(items):
             ws = (edges[e].w3, edges[e].w5, edges[e].wd3, edges[e].wd5)
             for b, d in enumerate(split_taps(dw[row], edges[e].x.shape[1], _present(parts[1:5]))):
@@ -320,7 +323,7 @@ def _setup_context(ctx, inputs, output):
     E = len(xs)
     parts = [xs, w3, w5, wd3, wd5, [output[6 * e + 4] for e in range(E)] if pools and tile_stats is None else [],
              x5, mean, rstd]
-    ctx.E, ctx.stride, ctx.tiles = E, stride, tile_stats is not None
+    ctx.E, ctx.stride, ctx.tiles, ctx.max_tile = E, stride, tile_stats is not None, inputs[15]
     ctx.lens = [len(t) if isinstance(t, (list, tuple)) else None for t in inputs]  # the gradients' structure
     ctx.save_for_backward(*(p[e] if p else None for p in parts for e in range(E)))
     # Unused outputs (skipped branches' 0-element ones included) get None, not zero tensors to launch fills for:
@@ -338,7 +341,7 @@ def _backward(ctx, grads):
     E, saved, n = ctx.E, ctx.saved_tensors, ctx.needs_input_grad
     edges = [Saved(*(saved[p * E + e] for p in range(9))) for e in range(E)]
     needs = [[_needs(n[i], e) for i in (0, 1, 2, 3, 4, 7)] for e in range(E)]
-    res = edge_grads(edges, ctx.stride, needs, [grads[6 * e:6 * e + 6] for e in range(E)], [None] * E)
+    res = edge_grads(edges, ctx.stride, needs, [grads[6 * e:6 * e + 6] for e in range(E)], [None] * E, ctx.max_tile)
     by_input = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 7: 5}  # input -> position in edge_grads' rows
     return tuple(None if k is None else [res[e][by_input[i]] for e in range(k)] if i in by_input and k
                  else [None] * k for i, k in enumerate(ctx.lens))
@@ -347,10 +350,10 @@ def _backward(ctx, grads):
 torch.library.register_autograd("milenas_fast::stencil_fwd", _backward, setup_context=_setup_context)
 
 
-def _fwd(xs, wss, stride: int, pools: bool, x5=(), mean=(), rstd=()) -> list:
+def _fwd(xs, wss, stride: int, pools: bool, x5=(), mean=(), rstd=(), max_tile: int = 0) -> list:
     """stencil_fwd without tile statistics (wss: the four filters' lists, empty where absent)."""
     return torch.ops.milenas_fast.stencil_fwd(xs, *wss, stride, pools, list(x5), list(mean), list(rstd), None, [], 0,
-                                              0, 0.0)
+                                              0, 0.0, max_tile)
 
 
 class _WithIdentity(torch.autograd.Function):
@@ -358,34 +361,36 @@ class _WithIdentity(torch.autograd.Function):
     the input-gradient kernel adds into dx: no separate add per edge and backward pass."""
 
     @staticmethod
-    def forward(ctx, stride, pools, *args):
+    def forward(ctx, stride, pools, max_tile, *args):
         E = len(args) // 5
         xs, wss = list(args[:E]), [list(args[E * (b + 1):E * (b + 2)]) for b in range(4)]
-        ys = _fwd(xs, [[] if w[0] is None else w for w in wss], stride, pools)
-        ctx.stride, ctx.E = stride, E
+        ys = _fwd(xs, [[] if w[0] is None else w for w in wss], stride, pools, max_tile=max_tile)
+        ctx.stride, ctx.E, ctx.max_tile = stride, E, max_tile
         ctx.save_for_backward(*args, *(ys[6 * e + 4] if pools else None for e in range(E)))
         ctx.set_materialize_grads(False)
         return tuple(t for e in range(E) for t in (xs[e].view_as(xs[e]), *ys[6 * e:6 * e + 6]))
 
     @staticmethod
     def backward(ctx, *grads):
-        E, saved, n = ctx.E, ctx.saved_tensors, ctx.needs_input_grad[2:]
+        E, saved, n = ctx.E, ctx.saved_tensors, ctx.needs_input_grad[3:]
         edges = [Saved(*(saved[b * E + e] for b in range(6))) for e in range(E)]
         needs = [[n[b * E + e] for b in range(5)] + [False] for e in range(E)]
         res = edge_grads(edges, ctx.stride, needs, [grads[7 * e + 1:7 * e + 7] for e in range(E)],
-                         [grads[7 * e] for e in range(E)])
-        return (None, None, *(r[b] for b in range(5) for r in res))
+                         [grads[7 * e] for e in range(E)], ctx.max_tile)
+        return (None, None, None, *(r[b] for b in range(5) for r in res))
 
 
-def stencil_group(xs: list[torch.Tensor], filters: list[tuple], stride: int, pools: bool, identity: bool) -> list:
+def stencil_group(xs: list[torch.Tensor], filters: list[tuple], stride: int, pools: bool, identity: bool, *,
+                  max_tile: int = 0) -> list:
     """[stencil(x, *f, stride, pools) (with x first: `stencil_with_identity`) for x, f in zip(xs, filters)] in one
-    launch each way (inputs of one shape and dtype, up to MAX_EDGES; the same branches present in every edge)."""
+    launch each way (inputs of one shape and dtype, up to MAX_EDGES; the same branches present in every edge).
+    `max_tile`: the largest tile of a program, both ways (0: the launchers' own)."""
     xs = [x.contiguous() for x in xs]
     wss = [[_contiguous(f[b]) for f in filters] for b in range(4)]
     if identity and not torch.compiler.is_compiling():
-        out, per = _WithIdentity.apply(stride, pools, *xs, *(w for ws in wss for w in ws)), 7
+        out, per = _WithIdentity.apply(stride, pools, max_tile, *xs, *(w for ws in wss for w in ws)), 7
     else:  # compiled code (torch.compile) gets x itself: the compiler fuses the add
-        out, per = _fwd(xs, [[] if w[0] is None else w for w in wss], stride, pools), 6
+        out, per = _fwd(xs, [[] if w[0] is None else w for w in wss], stride, pools, max_tile=max_tile), 6
     return [((xs[e],) if identity and per == 6 else ()) + tuple(out[per * e:per * e + per - 6])
             + _outputs(out[per * e + per - 6:per * (e + 1)], filters[e], pools) for e in range(len(xs))]
 
@@ -400,35 +405,38 @@ def _outputs(ys, ws, pools: bool) -> tuple:
 
 
 def stencil_with_identity(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor],
-                          wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int, pools: bool = True):
+                          wd3: Optional[torch.Tensor], wd5: Optional[torch.Tensor], stride: int, pools: bool = True, *,
+                          max_tile: int = 0):
     """(x, *stencil(...)): x as an output of the op, so that its gradient joins dx inside the input-gradient
     kernel (a mixed op's identity candidate: stride 1, where tests/test_sm90.py checks that kernel for spills)."""
-    return stencil_group([x], [(w3, w5, wd3, wd5)], stride, pools, True)[0]
+    return stencil_group([x], [(w3, w5, wd3, wd5)], stride, pools, True, max_tile=max_tile)[0]
 
 
 def stencil(x: torch.Tensor, w3: Optional[torch.Tensor], w5: Optional[torch.Tensor], wd3: Optional[torch.Tensor],
-            wd5: Optional[torch.Tensor], stride: int, pools: bool = True):
+            wd5: Optional[torch.Tensor], stride: int, pools: bool = True, *, max_tile: int = 0):
     """The differentiable Triton op (gradients flow to x and the filters). A None filter (or pools=False) skips that
-    branch: its output is None."""
-    return stencil_group([x], [(w3, w5, wd3, wd5)], stride, pools, False)[0]
+    branch: its output is None. `max_tile`: the largest tile of a program, both ways (0: the launchers' own)."""
+    return stencil_group([x], [(w3, w5, wd3, wd5)], stride, pools, False, max_tile=max_tile)[0]
 
 
-def relu_depthwise(x: torch.Tensor, w: torch.Tensor, stride: int = 1) -> torch.Tensor:
+def relu_depthwise(x: torch.Tensor, w: torch.Tensor, stride: int = 1, *, max_tile: int = 0) -> torch.Tensor:
     """depthwise_conv(ReLU(x), w), w [C, 1, k, k] with k 3 or 5, padding k//2: `stencil` with one branch."""
     k = w.shape[-1]
     if k not in (3, 5):
         raise ValueError(f"relu_depthwise: filter size {k} (3 or 5 supported)")
     ws = (w, None) if k == 3 else (None, w)
-    return stencil(x, *ws, None, None, stride, pools=False)[0 if k == 3 else 1]
+    return stencil(x, *ws, None, None, stride, pools=False, max_tile=max_tile)[0 if k == 3 else 1]
 
 
 def relu_depthwise_pair(x3: Optional[torch.Tensor], w3: Optional[torch.Tensor], x5: Optional[torch.Tensor],
-                        w5: Optional[torch.Tensor]) -> tuple:
+                        w5: Optional[torch.Tensor], *, max_tile: int = 0) -> tuple:
     """(relu_depthwise(x3, w3), relu_depthwise(x5, w5)) in one launch each way (the stencil's 3×3 branch on x3,
     its 5×5 branch on x5); a None input (with its filter) gives None."""
     if x3 is None or x5 is None:
-        return (None if x3 is None else relu_depthwise(x3, w3)), (None if x5 is None else relu_depthwise(x5, w5))
-    y3, y5 = _fwd([x3.contiguous()], [[w3.contiguous()], [w5.contiguous()], [], []], 1, False, [x5.contiguous()])[:2]
+        return ((None if x3 is None else relu_depthwise(x3, w3, max_tile=max_tile)),
+                (None if x5 is None else relu_depthwise(x5, w5, max_tile=max_tile)))
+    y3, y5 = _fwd([x3.contiguous()], [[w3.contiguous()], [w5.contiguous()], [], []], 1, False, [x5.contiguous()],
+                  max_tile=max_tile)[:2]
     return y3, y5
 
 
@@ -439,13 +447,13 @@ class _PairBN(torch.autograd.Function):
     does). `stats` per pair: (mean, rstd), or (tile statistics, rows) to merge them from in the forward launch."""
 
     @staticmethod
-    def forward(ctx, eps, tile, stats, *args):
+    def forward(ctx, eps, tile, stats, max_tile, *args):
         E = len(stats)
         h3s, w3s, h5s, w5s = (list(args[b * E:(b + 1) * E]) for b in range(4))
         tiles = [st for st, _ in stats]
         if tile == 0:  # given statistics (one pair)
             means, rstds = [st for st, _ in stats], [r for _, r in stats]
-            ys = _fwd(h3s, [w3s, w5s, [], []], 1, False, h5s, means, rstds)
+            ys = _fwd(h3s, [w3s, w5s, [], []], 1, False, h5s, means, rstds, max_tile)
             res = [t for e in range(E) for t in (ys[6 * e], ys[6 * e + 1], means[e], rstds[e], None)]
         else:
             rows = [r for _, r in stats]
@@ -453,11 +461,11 @@ class _PairBN(torch.autograd.Function):
             if all(st is tiles[0] for st in tiles) and all(r == (rows[0][0] + e * step, rows[0][1] + e * step)
                                                            for e, r in enumerate(rows)):  # the fused cell's: one launch
                 res = torch.ops.milenas_fast.stencil_fwd(h3s, w3s, w5s, [], [], 1, False, h5s, [], [], tiles[0],
-                                                         list(rows[0]), step, tile, eps)
+                                                         list(rows[0]), step, tile, eps, max_tile)
             else:
                 res = [t for e in range(E) for t in torch.ops.milenas_fast.stencil_fwd(
                     [h3s[e]], [w3s[e]], [w5s[e]], [], [], 1, False, [h5s[e]], [], [], tiles[e], list(rows[e]), 0, tile,
-                    eps)]
+                    eps, max_tile)]
         outs, saved = [], []
         for e in range(E):
             y3, y5, mean, rstd, var = res[5 * e:5 * e + 5]
@@ -466,13 +474,13 @@ class _PairBN(torch.autograd.Function):
             if var is not None:
                 ctx.mark_non_differentiable(mean, var)
         ctx.save_for_backward(*saved)
-        ctx.E, ctx.eps, ctx.per = E, eps, 2 if tile == 0 else 4
+        ctx.E, ctx.eps, ctx.per, ctx.max_tile = E, eps, 2 if tile == 0 else 4, max_tile
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        E, saved, n = ctx.E, ctx.saved_tensors, ctx.needs_input_grad[3:]
+        E, saved, n = ctx.E, ctx.saved_tensors, ctx.needs_input_grad[4:]
         pairs = [saved[6 * e:6 * e + 6] for e in range(E)]
         needs = [tuple(n[b * E + e] for b in range(4)) for e in range(E)]
         g3s, g5s = grads[0::ctx.per], grads[1::ctx.per]
@@ -483,7 +491,7 @@ class _PairBN(torch.autograd.Function):
             h3, w3, w5, h5, mean, rstd = zip(*(pairs[e] for e in es))
             gm = torch.ops.milenas_fast.stencil_bwd_input(
                 list(h3), list(w3), list(w5), [], [], [], [g3s[e] for e in es], [g5s[e] for e in es], [], [], [], [],
-                1, [], list(h5), list(mean), list(rstd))
+                1, [], list(h5), list(mean), list(rstd), ctx.max_tile)
             E2 = len(es)
             out = torch.ops.milenas_fast.bn_backward(
                 [g for i in range(E2) for g in (gm[i], gm[E2 + i])], [h for i in range(E2) for h in (h3[i], h5[i])],
@@ -494,22 +502,24 @@ class _PairBN(torch.autograd.Function):
         if len(es) > 1:
             h3, _, _, h5, mean, rstd = zip(*(pairs[e] for e in es))
             d = torch.ops.milenas_fast.stencil_bwd_weight(
-                list(h3), [g3s[e] for e in es], [g5s[e] for e in es], [], [], 1, list(h5), list(mean), list(rstd))
+                list(h3), [g3s[e] for e in es], [g5s[e] for e in es], [], [], 1, list(h5), list(mean), list(rstd),
+                ctx.max_tile)
             for i, e in enumerate(es):
                 parts = split_taps(d[i], h3[0].shape[1], (True, True, False, False))
                 dw[e] = tuple(p.to(w.dtype) for p, w in zip(parts, pairs[e][1:3]))
-        grads_in = [_pair_grads(pairs[e], needs[e], g3s[e], g5s[e], ctx.eps, dh[e], dw[e]) for e in range(E)]
-        return (None, None, None, *(g[b] for b in range(4) for g in grads_in))
+        grads_in = [_pair_grads(pairs[e], needs[e], g3s[e], g5s[e], ctx.eps, dh[e], dw[e], ctx.max_tile)
+                    for e in range(E)]
+        return (None, None, None, None, *(g[b] for b in range(4) for g in grads_in))
 
 
-def _pair_grads(saved, n, g3, g5, eps: float, dh=None, dw=None) -> tuple:
+def _pair_grads(saved, n, g3, g5, eps: float, dh=None, dw=None, max_tile: int = 0) -> tuple:
     """A pair's gradients (h3, w3, h5, w5) for its saved (h3, w3, w5, h5, mean, rstd) and needs `n` (h3, w3, h5,
     w5); dh = (dh3, dh5) and dw = (gw3, gw5): the inputs' and the filters' gradients where a group's launches gave
     them already."""
     h3, w3, w5, h5, mean, rstd = saved
     needs = (n[0] and dh is None, n[1] and dw is None, n[3] and dw is None, False, False, n[2] and dh is None)
     gm3, gw3, gw5, _, _, gm5 = edge_grads([Saved(h3, w3, w5, None, None, None, h5, mean, rstd)], 1, [needs],
-                                          [(g3, g5, None, None, None, None)], [None])[0]
+                                          [(g3, g5, None, None, None, None)], [None], max_tile)[0]
     gw3, gw5 = dw or (gw3, gw5)
     if dh is not None:
         dh3, dh5 = dh
@@ -524,22 +534,22 @@ def _pair_grads(saved, n, g3, g5, eps: float, dh=None, dw=None) -> tuple:
 
 
 def relu_depthwise_pair_bn(h3: torch.Tensor, w3: torch.Tensor, h5: torch.Tensor, w5: torch.Tensor,
-                           mean: torch.Tensor, rstd: torch.Tensor, eps: float) -> tuple:
+                           mean: torch.Tensor, rstd: torch.Tensor, eps: float, *, max_tile: int = 0) -> tuple:
     """relu_depthwise_pair(BN(h3), w3, BN(h5), w5) for training-mode non-affine BatchNorms whose batch statistics
     are mean/rstd ([2, C] fp32: h3's row 0, h5's row 1; `bn_stats`), without writing BN(h): the kernels normalise
     as they load. The gradients flow through the statistics, as nn.BatchNorm2d's do."""
-    return _PairBN.apply(eps, 0, [(mean.contiguous(), rstd.contiguous())],
+    return _PairBN.apply(eps, 0, [(mean.contiguous(), rstd.contiguous())], max_tile,
                          *(t.contiguous() for t in (h3, w3, h5, w5)))
 
 
 def relu_depthwise_pair_bn_tiles(h3s: list, w3s: list, h5s: list, w5s: list, tile_stats: list, rows: list,
-                                 tile: int, eps: float) -> list[tuple]:
+                                 tile: int, eps: float, *, max_tile: int = 0) -> list[tuple]:
     """`relu_depthwise_pair_bn` of E pairs of one shape and dtype (a fused cell's group; one pair is a group of one),
     with the statistics merged by the forward launch from each pair's producer's tile statistics (`pointwise(...,
     stats=...)`, rows `rows[e]`, tiles of `tile` pixels): [(y3, y5, mean, unbiased var)] per pair, the last two
     [2, C] fp32 for the running statistics. No statistics launch; one launch each way for all pairs."""
     E = len(h3s)
-    out = _PairBN.apply(eps, tile, [(st, tuple(r)) for st, r in zip(tile_stats, rows)],
+    out = _PairBN.apply(eps, tile, [(st, tuple(r)) for st, r in zip(tile_stats, rows)], max_tile,
                         *(t.contiguous() for t in (*h3s, *w3s, *h5s, *w5s)))
     return [tuple(out[4 * e:4 * e + 4]) for e in range(E)]
 

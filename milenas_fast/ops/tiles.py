@@ -2,12 +2,12 @@
 
 Largest tiles (elements of one program): on the GPU 1024 covers a whole 32×32 plane with 4 warps (stencil,
 edge_reduce, bn_fold) and 4096 the larger operand of a pointwise program; the interpreter pays per program, so
-there one program takes (nearly) everything. $MILENAS_FAST_MAX_TILE (or `max_tile(n)`) forces smaller stencil
-tiles: tests use it to run many programs in both grid dimensions under the interpreter, as the GPU does.
+there one program takes (nearly) everything. The stencil ops take a smaller largest tile as an argument
+(`max_tile`, from Kernels.max_tile or $MILENAS_FAST_MAX_TILE): tests use it to run many programs in both grid
+dimensions under the interpreter, as the GPU does. Nothing here changes at run time.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -24,28 +24,18 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _tile_limit(value) -> int:
+def check_tile(value, what: str = "max_tile") -> int:
     n = int(value)
     if n < 4 or n & (n - 1):
-        raise ValueError(f"{_MAX_TILE_ENV}={value!r}: must be a power of two >= 4")
+        raise ValueError(f"{what}={value!r}: must be a power of two >= 4")
     return n
 
 
-MAX_TILE = _tile_limit(os.environ.get(_MAX_TILE_ENV, 1 << 16 if INTERPRET else GPU_MAX_TILE))  # the stencil's
+# the stencil's
+MAX_TILE = check_tile(os.environ.get(_MAX_TILE_ENV, 1 << 16 if INTERPRET else GPU_MAX_TILE), _MAX_TILE_ENV)
 PLANE_TILE = 1 << 16 if INTERPRET else GPU_MAX_TILE  # edge_reduce's and bn_fold's
 GPU_POINTWISE_TILE = 4096  # elements of the larger operand per pointwise program
 POINTWISE_TILE = 1 << 16 if INTERPRET else GPU_POINTWISE_TILE
-
-
-@contextlib.contextmanager
-def max_tile(n: int):
-    """Launch stencils with tiles of at most `n` elements inside the block (torch.compile bakes it in at trace)."""
-    global MAX_TILE
-    saved, MAX_TILE = MAX_TILE, _tile_limit(n)
-    try:
-        yield
-    finally:
-        MAX_TILE = saved
 
 
 # --- the stencil ---------------------------------------------------------------------------------------------
@@ -84,9 +74,11 @@ def group_config(shape, stride: int, tile: int | None = None, kernel: str = "fwd
     return p, hw, (cdiv(N * C, p), cdiv(pixels, hw)), max(1, min(8, p * hw // 64))
 
 
-def stencil_config(kernel: str, shape, stride: int, edges: int):
-    """One edge takes the per-edge tiles; a group of edges picks its pointers per program, hence `group_config`."""
-    return launch_config(kernel, shape, stride) if edges == 1 else group_config(shape, stride, kernel=kernel)
+def stencil_config(kernel: str, shape, stride: int, edges: int, max_tile: int = 0):
+    """One edge takes the per-edge tiles; a group of edges picks its pointers per program, hence `group_config`.
+    `max_tile` (0: MAX_TILE) limits the tile as the launchers' own limit does."""
+    tile = check_tile(max_tile) if max_tile else None
+    return launch_config(kernel, shape, stride, tile) if edges == 1 else group_config(shape, stride, tile, kernel)
 
 
 def _stencil_blocks(planes: int, pixels: int, tile: int):

@@ -206,12 +206,13 @@ class Edge:
             # running statistics with the others'
             if folded is None:
                 args = self.pair_args(first, tiles)
-                folded = relu_depthwise_pair_bn_tiles(*([a] for a in args[:6]), *args[6:])[0]
+                folded = relu_depthwise_pair_bn_tiles(*([a] for a in args[:6]), *args[6:],
+                                                      max_tile=self.mod.kernels.max_tile)[0]
             y3, y5, mean_i, var_i = folded
             _update_running_stats([seps[n].bn1 for n in _SEP], mean_i, var_i, [])
         else:
             mid = {name: _inner_bn(op.bn1, first[name], counters) for name, op in seps.items()}
-            y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5)
+            y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5, max_tile=self.mod.kernels.max_tile)
         return {name: (y, seps[name].pw2) for name, y in zip(_SEP, (y3, y5)) if y is not None}
 
     def candidates(self, second: dict, counters: list) -> int:
@@ -299,29 +300,32 @@ def _stencils(edges: list[Edge]) -> list:
 
     def kind(i):
         x, (filters, stride, pools, identity) = edges[i].x, calls[i]
-        return x.shape, x.dtype, x.requires_grad, stride, pools, identity, tuple(f is not None for f in filters)
+        return (x.shape, x.dtype, x.requires_grad, edges[i].mod.kernels.max_tile, stride, pools, identity,
+                tuple(f is not None for f in filters))
 
     out: list = [None] * len(edges)
-    for (*_, stride, pools, identity, _), chunk in _launches([i for i, c in enumerate(calls) if c], kind, MAX_EDGES):
+    for (*_, tile, stride, pools, identity, _), chunk in _launches([i for i, c in enumerate(calls) if c], kind,
+                                                                  MAX_EDGES):
         for i, o in zip(chunk, stencil_group([edges[i].x for i in chunk], [calls[i][0] for i in chunk],
-                                             stride, pools, identity)):
+                                             stride, pools, identity, max_tile=tile)):
             out[i] = o
     return out
 
 
-def _pairs(calls: list) -> list:
+def _pairs(calls: list, max_tiles: list) -> list:
     """The folded pairs' (y3, y5, mean, var) for the `Edge.pair_args` calls (None: not folded): one group call for
     the pairs of one shape and dtype, eps and tile (up to MAX_EDGES), apart for those that want no gradient (as in
-    `_pointwise`); None where a lone pair takes its own op (`Edge.pair`)."""
+    `_pointwise`); None where a lone pair takes its own op (`Edge.pair`). `max_tiles`: each edge's stencil tile."""
     def kind(i):
         h3, w3, h5, w5, _, _, tile, eps = calls[i]
-        return h3.shape, h3.dtype, any(t.requires_grad for t in (h3, w3, h5, w5)), tile, eps
+        return h3.shape, h3.dtype, any(t.requires_grad for t in (h3, w3, h5, w5)), max_tiles[i], tile, eps
 
     out: list = [None] * len(calls)
     for (*_, tile, eps), chunk in _launches([i for i, c in enumerate(calls) if c], kind, MAX_EDGES):
         if len(chunk) > 1:
             args = [calls[i] for i in chunk]
-            res = relu_depthwise_pair_bn_tiles(*([a[j] for a in args] for j in range(6)), tile, eps)
+            res = relu_depthwise_pair_bn_tiles(*([a[j] for a in args] for j in range(6)), tile, eps,
+                                               max_tile=max_tiles[chunk[0]])
             for i, r in zip(chunk, res):
                 out[i] = r
     return out
@@ -336,7 +340,8 @@ def run(edges: list[Edge]) -> None:
     counters = [[] for _ in edges]
     firsts = [{n: first[(i, n)] for n in f} for i, f in enumerate(firsts)]
     tiles = [{n: tiles[(i, n)] for n in e.folded_seps()} for i, e in enumerate(edges)]
-    folded = _pairs([e.pair_args(f, t) for e, f, t in zip(edges, firsts, tiles)])
+    folded = _pairs([e.pair_args(f, t) for e, f, t in zip(edges, firsts, tiles)],
+                    [e.mod.kernels.max_tile for e in edges])
     seconds = [e.pair(f, t, c, p) for e, f, t, c, p in zip(edges, firsts, tiles, counters, folded)]
     second = _pointwise({(i, n): v for i, s in enumerate(seconds) for n, v in s.items()})[0]
     batch = [e for i, (e, s, c) in enumerate(zip(edges, seconds, counters))

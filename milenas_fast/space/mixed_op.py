@@ -9,7 +9,8 @@ Two implementations of the same maths (milenas_fast.ops.select decides which):
 - fused: milenas_fast.space.fused_mixed_op (Triton multi-stencil + one edge_reduce with BN folded in).
 `MixedOp` follows $MILENAS_FAST_IMPL (auto|fused|reference, default auto); the subclasses
 `ReferenceMixedOp` / `FusedMixedOp` pin one (what the search CLI's --impl builds); `set_impl(model, impl)`
-re-pins every MixedOp of a model (`kernels=`: with those kernels, ops/backends.py). All have the same parameters, buffers and state_dict keys.
+re-pins every MixedOp of a model (`kernels=`: with those kernels, ops/backends.py). All have the same parameters,
+buffers and state_dict keys.
 
 The choice is resolved when the module is built and again whenever it is moved (`.to`, `.cuda`, …), never
 per call: forward stays free of environment reads, locks and caches, so torch.compile traces it whole.

@@ -212,7 +212,8 @@ class Edge:
             _update_running_stats([seps[n].bn1 for n in _SEP], mean_i, var_i, [])
         else:
             mid = {name: _inner_bn(op.bn1, first[name], counters) for name, op in seps.items()}
-            y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5, max_tile=self.mod.kernels.max_tile)
+            y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5,
+                                         max_tile=self.mod.kernels.max_tile)
         return {name: (y, seps[name].pw2) for name, y in zip(_SEP, (y3, y5)) if y is not None}
 
     def candidates(self, second: dict, counters: list) -> int:

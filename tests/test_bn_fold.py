@@ -4,7 +4,7 @@ The ops take the candidates as a list (`_inputs` builds them as one tensor's row
 import pytest
 import torch
 
-from milenas_fast.ops import bn_fold, edge_reduce_triton, select, tiles
+from milenas_fast.ops import edge_reduce_triton, select, tiles
 from milenas_fast.ops.bn_fold import (bn_backward, bn_backward_reference, bn_fold_grad, bn_fold_grad_reference, bn_stats,
                                       bn_stats_reference, folded_reduce, running_rstd, running_rstd_reference,
                                       stats_mask)

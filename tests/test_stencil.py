@@ -639,3 +639,19 @@ def test_filter_grads_land_contiguous_without_copies(N, C, tile, split, device):
     for name, a, b in zip(GRADS[1:], got, want):
         assert a.grad.dtype == b.grad.dtype
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=2e-5, msg=f"grad {name}")
+
+
+def test_launch_records_name_the_kernels_arguments():
+    """Each launch-argument record's fields are its kernel's run-time parameters, in order (constexprs by keyword)."""
+    import inspect
+
+    import triton.language as tl
+
+    from milenas_fast.kernels import stencil as K
+
+    for kernel, record in ((K.stencil_fwd_kernel, stencil_mod.FwdArgs), (K.stencil_bwd_input_kernel,
+                                                                       stencil_mod.BwdInputArgs),
+                           (K.stencil_bwd_weight_kernel, stencil_mod.BwdWeightArgs)):
+        params = inspect.signature(kernel.fn).parameters.values()
+        assert [p.name for p in params if p.annotation is not tl.constexpr and p.annotation != "tl.constexpr"] == \
+            list(record._fields), kernel.fn.__name__

@@ -103,7 +103,7 @@ class FwdArgs(NamedTuple):
     means: tuple
     rstds: tuple
     uvars: tuple
-    st: torch.Tensor  # tile statistics (NORM 2), else any tensor
+    st_ptr: torch.Tensor  # tile statistics (NORM 2), else any tensor
     P: int
     C: int
     H: int
@@ -117,6 +117,53 @@ class FwdArgs(NamedTuple):
     G5: int = 0
     GS: int = 0
     eps: float = 0.0
+
+
+class BwdInputArgs(NamedTuple):
+    """stencil_bwd_input_kernel's run-time arguments (tuples of E pointers, then sizes)."""
+    xs: tuple
+    x5s: tuple
+    w3s: tuple
+    w5s: tuple
+    wd3s: tuple
+    wd5s: tuple
+    ymaxs: tuple
+    g3s: tuple
+    g5s: tuple
+    gd3s: tuple
+    gd5s: tuple
+    gmaxs: tuple
+    gavgs: tuple
+    gaccs: tuple
+    dxs: tuple
+    dx5s: tuple
+    means: tuple
+    rstds: tuple
+    P: int
+    C: int
+    H: int
+    W: int
+    HO: int
+    WO: int
+
+
+class BwdWeightArgs(NamedTuple):
+    """stencil_bwd_weight_kernel's run-time arguments (tuples of E pointers, the partial sums, then sizes)."""
+    xs: tuple
+    x5s: tuple
+    g3s: tuple
+    g5s: tuple
+    gd3s: tuple
+    gd5s: tuple
+    part_ptr: torch.Tensor
+    means: tuple
+    rstds: tuple
+    P: int
+    C: int
+    H: int
+    W: int
+    HO: int
+    WO: int
 
 
 @_register("milenas_fast::stencil_fwd", traceable=False)  # tuples of pointers
@@ -186,10 +233,11 @@ def stencil_bwd_input(xs: list[torch.Tensor], w3: list[torch.Tensor], w5: list[t
     dxs = [torch.empty_like(t) for t in xs]
     dx5s = [torch.empty_like(t) for t in x5]
     bp, bhw, grid, warps = stencil_config("bwd_input", x.shape, stride, E, max_tile)
-    _launch(K.stencil_bwd_input_kernel, (*grid, E), tuple(xs), _ptrs(x5, xs), *(_ptrs(w, xs) for w in wss),
-            _ptrs(ymax if gss[4] or gss[5] else [], xs), *(_ptrs(g, xs) for g in gss),
-            _ptrs([t.contiguous() for t in gacc], xs), tuple(dxs), _ptrs(dx5s, xs), _ptrs(mean, xs),
-            _ptrs(rstd, xs), N * C, C, H, W, out_size(H, stride), out_size(W, stride),
+    args = BwdInputArgs(tuple(xs), _ptrs(x5, xs), *(_ptrs(w, xs) for w in wss),
+                        _ptrs(ymax if gss[4] or gss[5] else [], xs), *(_ptrs(g, xs) for g in gss),
+                        _ptrs([t.contiguous() for t in gacc], xs), tuple(dxs), _ptrs(dx5s, xs), _ptrs(mean, xs),
+                        _ptrs(rstd, xs), N * C, C, H, W, out_size(H, stride), out_size(W, stride))
+    _launch(K.stencil_bwd_input_kernel, (*grid, E), *args,
             HAS3=bool(gss[0]), HAS5=bool(gss[1]), HASD3=bool(gss[2]), HASD5=bool(gss[3]), HASMAX=bool(gss[4]),
             HASAVG=bool(gss[5]), X5=bool(x5), HASACC=bool(gacc), NORM=bool(mean), STRIDE=stride, BLOCK_P=bp,
             BLOCK_HW=bhw, E=E, num_warps=warps)
@@ -212,8 +260,9 @@ def stencil_bwd_weight(xs: list[torch.Tensor], g3: list[torch.Tensor], g5: list[
     taps = sum(k * k for g, k in zip(gss, KSIZE) if g)
     bp, bhw, grid, warps = stencil_config("bwd_weight", x.shape, stride, E, max_tile)
     part = x.new_empty(E, grid[1] * N, C * taps, dtype=torch.float32)  # every program stores all its taps
-    _launch(K.stencil_bwd_weight_kernel, (*grid, E), tuple(xs), _ptrs(x5, xs), *(_ptrs(g, xs) for g in gss), part,
-            _ptrs(mean, xs), _ptrs(rstd, xs), N * C, C, H, W, out_size(H, stride), out_size(W, stride),
+    args = BwdWeightArgs(tuple(xs), _ptrs(x5, xs), *(_ptrs(g, xs) for g in gss), part, _ptrs(mean, xs),
+                         _ptrs(rstd, xs), N * C, C, H, W, out_size(H, stride), out_size(W, stride))
+    _launch(K.stencil_bwd_weight_kernel, (*grid, E), *args,
             HAS3=bool(gss[0]), HAS5=bool(gss[1]), HASD3=bool(gss[2]), HASD5=bool(gss[3]), X5=bool(x5) and bool(g5),
             NORM=bool(mean), STRIDE=stride, BLOCK_P=bp, BLOCK_HW=bhw, E=E, num_warps=warps)
     # Deterministic second stage: an ordered sum over pixel tiles and the batch, in fp32.

@@ -11,7 +11,7 @@ For each shape of the default supernet (N=64; C=16 at 32², 32 at 16², 64 at 8�
 - relu_depthwise_pair  both sep convs' second stages in one launch each way vs two reference calls
 - pointwise       the four first 1×1 convolutions of the conv candidates in one grouped launch each way vs
                   four F.conv2d (NCHW and channels_last)
-- edge_reduce     the C++/CUDA op ("fused") and its Triton twin vs `edge_reduce_reference` (K=7 candidates,
+- edge_reduce     the C++/CUDA op ("fused") and its Triton kernels vs `edge_reduce_reference` (K=7 candidates,
                   the stride's output size)
 - mixed_op        FusedMixedOp vs ReferenceMixedOp (NCHW and channels_last), train mode, full backward
                   and the α-only backward of the search's α passes
@@ -240,21 +240,21 @@ def edge_reduce_cases(N, C, H, s, dtype, dev):
     cases = {}
     for name, fn in (("eager NCHW", edge_reduce_reference), ("fused", edge_reduce)):
         cases[name] = _edge_reduce_case(fn, y, w, mean, rstd)
-    cases.update(edge_reduce_twin_case(y, w, mean, rstd))
+    cases.update(edge_reduce_triton_case(y, w, mean, rstd))
     el = torch.finfo(dtype).bits // 8
     o = N * C * HO * HO
     return cases, {"fwd": (K_EDGE + 1) * o * el, "bwd": (2 * K_EDGE + 1) * o * el}
 
 
-def edge_reduce_twin_case(y, w, mean, rstd) -> dict:
-    """edge_reduce's Triton twin (what runs on GPUs where the extension has no CUDA kernels), next to the
+def edge_reduce_triton_case(y, w, mean, rstd) -> dict:
+    """edge_reduce's Triton kernels (what runs on GPUs where the extension has no CUDA kernels), next to the
     C++/CUDA op ("fused"); {} where Triton cannot import it."""
     try:
         from milenas_fast.ops.edge_reduce_triton import edge_reduce_triton
     except Exception as e:  # noqa: BLE001 - a missing/broken Triton just drops the row
-        print(f"edge_reduce Triton twin skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"edge_reduce Triton edge_reduce skipped: {type(e).__name__}: {e}", file=sys.stderr)
         return {}
-    return {"Triton twin": _edge_reduce_case(edge_reduce_triton, y, w, mean, rstd)}
+    return {"Triton edge_reduce": _edge_reduce_case(edge_reduce_triton, y, w, mean, rstd)}
 
 
 def _edge_reduce_case(fn, y, w, mean, rstd):

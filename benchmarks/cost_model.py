@@ -9,12 +9,12 @@ no compute. A TorchDispatchMode records every dispatched op and counts, per iter
                slice_backward, select_backward and constant_pad_nd two (a fill and a copy),
                a foreach op launches as many as CUDA's multi_tensor_apply needs (≤ 110/64/48/36/30
                tensors for 1-5 lists, ≤ 320 blocks of 65536 elements per launch), one of our Triton
-               ops is decomposed into its Triton launches (one each, seen through ops/triton_launch.py's
-               fake_launch_hook) and the ATen ops its body runs (partial sums, casts), and the C++ edge_reduce
-               ops count the launches of csrc/cuda/edge_reduce.cu.
+               ops is decomposed into its Triton launches (one each, reported by ops/triton_launch.py to this
+               dispatch mode) and the ATen ops its body runs (partial sums, casts), and the C++ edge_reduce
+               ops count the launches they state (ops/costs.py: csrc/cuda/edge_reduce.cu's).
                cuDNN and ATen's BatchNorm may launch several kernels per op: eager counts are low estimates.
-  gflop        torch.utils.flop_counter's formulas (convolutions and matmuls) plus ours for the custom ops
-               and for grouped convolutions' backward (flop_counter counts their weight gradient
+  gflop        torch.utils.flop_counter's formulas (convolutions and matmuls) plus what each custom op states
+               (ops/costs.py) and ours for grouped convolutions' backward (flop_counter counts their weight gradient
                `groups` times too high: 628 instead of 258 GFLOP for eager-fp32).
   gbytes       each kernel's inputs + outputs, no credit for caches: an upper estimate of HBM traffic
                (a Triton launch counts each buffer it is passed once).
@@ -75,6 +75,7 @@ from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from milenas_fast.ops import costs  # noqa: E402
 from milenas_fast.precision import Precision  # noqa: E402
 from milenas_fast.search.step import StepRule, fused_search_step, search_step  # noqa: E402
 from milenas_fast.space import primitives  # noqa: E402
@@ -153,55 +154,6 @@ def _storage_key(t: torch.Tensor):
     return t.untyped_storage()._cdata
 
 
-# --- FLOPs of our custom ops (the ATen ones come from torch.utils.flop_counter) ---------------------------
-def _stencil_flops(x: torch.Tensor, stride: int, present) -> int:
-    """2 FLOPs per MAC of the computed convolution branches (`present`: w3, w5, wd3, wd5); the pools count
-    0, as flop_counter's do. relu_depthwise is the stencil with one branch."""
-    from milenas_fast.ops.stencil import KSIZE
-
-    n, c, h, w = x.shape
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    return 2 * n * c * ho * wo * sum(k * k for k, p in zip(KSIZE, present) if p)
-
-
-def _custom_flops(name: str, args) -> int:
-    if name == "milenas_fast::stencil_fwd":
-        return _stencil_flops(args[0], args[5], [w is not None for w in args[1:5]])
-    if name == "milenas_fast::stencil_bwd_input":  # the transposed stencils: as many MACs per given gradient
-        return _stencil_flops(args[0], args[12], [w is not None and g is not None
-                                                  for w, g in zip(args[1:5], args[6:10])])
-    if name == "milenas_fast::stencil_bwd_weight":
-        return _stencil_flops(args[0], args[5], [g is not None for g in args[1:5]])
-    if name == "milenas_fast::stencil_fwd_group":  # stencil_fwd per input (filter lists: empty where absent)
-        return sum(_stencil_flops(x, args[5], [bool(w) for w in args[1:5]]) for x in args[0])
-    if name == "milenas_fast::stencil_bwd_input_group":  # stencil_bwd_input per input (lists: empty where absent)
-        return sum(_stencil_flops(x, args[12], [bool(w) and bool(g) for w, g in zip(args[1:5], args[6:10])])
-                   for x in args[0])
-    if name == "milenas_fast::stencil_bwd_weight_group":
-        return sum(_stencil_flops(x, args[5], [bool(g) for g in args[1:5]]) for x in args[0])
-    if name == "milenas_fast::stencil_fwd_bn":  # the pair (3×3 and 5×5) on the normalised inputs
-        return _stencil_flops(args[0], 1, [True, True, False, False])
-    if name == "milenas_fast::stencil_fwd_bn_group":
-        return sum(_stencil_flops(h, 1, [True, True, False, False]) for h in args[0])
-    if name.startswith("milenas_fast::pointwise"):  # 2·N·HW·CO·C per convolution, each way
-        forward = name in ("milenas_fast::pointwise", "milenas_fast::pointwise_with_stats")
-        dim = 0 if forward else 1  # forward: (x, w [CO, C]); else (g or x, w or g)
-        return sum(2 * a.numel() * b.shape[dim] for a, b in zip(args[0], args[1]))
-    if name == "milenas_fast::bn_backward":  # sums of g and g·(h − mean), then rstd·(g − a − (h − mean)·b)
-        return 9 * sum(h.numel() for h in args[1])
-    if name == "milenas_fast::bn_fold_grad":
-        return 5 * sum(y.numel() for y in args[1])  # gy = a·g + b·y + d per candidate element
-    if name.endswith("edge_reduce_partials") or name.endswith("edge_reduce_triton_partials"):
-        return 3 * sum(y.numel() for y in args[1]) + args[0].numel()  # g·(y − mean) summed, and g summed
-    if name == "milenas_fast::bn_fold_grad_partials":
-        return 5 * sum(y.numel() for y in args[1])  # as bn_fold_grad (the partials' sums are small)
-    if name.startswith("milenas_fast::edge_reduce"):
-        ys = args[1] if "backward" in name else args[0]  # the candidates (a list)
-        # forward: subtract, scale, accumulate per candidate; backward: grad_y plus the dot products
-        return (6 if "backward" in name else 3) * sum(y.numel() for y in ys)
-    return 0
-
-
 def _aten_flops(func, args, kwargs, out) -> int:
     if func is _aten.convolution_backward.default and args[-2] > 1:
         # flop_counter's weight-gradient formula ignores `groups` (it counts a depthwise weight gradient
@@ -211,15 +163,6 @@ def _aten_flops(func, args, kwargs, out) -> int:
         return fwd * sum(bool(m) for m in args[-1][:2])
     fc = flop_registry.get(func._overloadpacket)
     return fc(*args, **kwargs, out_val=out) if fc is not None else 0
-
-
-def _edge_reduce_launches(name: str, args) -> int:
-    """csrc/cuda/edge_reduce.cu: forward one kernel; backward a partial kernel + a final one for the sums; the
-    partials alone one."""
-    if name.endswith("edge_reduce_backward"):
-        mask = args[5]
-        return (1 if any(mask) else 0) + (1 if any(mask[1:]) else 0)
-    return 1
 
 
 def _foreach_launches(args, out) -> int:
@@ -361,32 +304,21 @@ class Recorder(TorchDispatchMode):
     def _custom_op(self, name, func, args, kwargs):
         from torch._library.custom_ops import OPDEFS
 
-        flops = _custom_flops(name, args)
+        flops = costs.flops(name, args, kwargs)  # each op states its own
         self._custom.append(name)
         try:
             if name in OPDEFS:
                 # one of our Triton ops: run its Python body under this mode, so that its ATen ops and its
-                # launches (ops/triton_launch.py's fake_launch_hook) are counted one by one; the op's FLOPs
-                # go with its first launch
+                # launches (ops/triton_launch.py reports them to `record_triton_launch`) are counted one by one;
+                # the op's FLOPs go with its first launch
                 self._pending_flops = flops
-                with self, _launch_hook(self.record_triton_launch):
+                with self:
                     return OPDEFS[name]._init_fn(*args, **kwargs)
             out = func(*args, **kwargs)  # a C++ op: its registered fake kernel gives the output shapes
-            self._record(func, args, _edge_reduce_launches(name, args), flops, [*_tensors(args), *_tensors(out)])
+            self._record(func, args, costs.launches(name, args, kwargs), flops, [*_tensors(args), *_tensors(out)])
             return out
         finally:
             self._custom.pop()
-
-
-@contextlib.contextmanager
-def _launch_hook(hook):
-    from milenas_fast.ops import triton_launch
-
-    saved, triton_launch.fake_launch_hook = triton_launch.fake_launch_hook, hook
-    try:
-        yield
-    finally:
-        triton_launch.fake_launch_hook = saved
 
 
 class SavedBytes:

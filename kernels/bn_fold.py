@@ -3,7 +3,7 @@ statistics are their batch statistics: bit k set for candidate k. The other cand
 (running statistics, or the identity's 0 and 1), wherever they sit, so candidates stay in PRIMITIVES order.
 
 The K ≤ 8 candidates are read where they are: one pointer argument each (y0_ptr … y7_ptr, the unused ones
-aliased), K a constexpr, and edge_reduce's `_cand` picks candidate k's pointer at compile time.
+aliased), K a constexpr, and `pick` (kernels/pointers.py) takes candidate k's pointer at compile time.
 
 bn_stats: train mode's statistics of the STATS rows. running_rstd: eval mode's rstd of the STATS rows from their
 running variances.
@@ -11,8 +11,9 @@ running variances.
 bn_fold_grad: the candidates' gradient of edge_reduce; for batch-statistics rows it also flows through mean
 and rstd.
 
-bn_backward: training-mode non-affine BatchNorm's input gradient for up to two inputs at once (the sep convs'
-inner BNs, whose outputs the stencil never writes): dh = rstd·(g − mean(g) − x̂·mean(g·x̂)), x̂ = (h − mean)·rstd.
+bn_backward: training-mode non-affine BatchNorm's input gradient for up to MAX_BN (16) inputs at once (the sep
+convs' inner BNs of a group of edges, whose outputs the stencil never writes):
+dh = rstd·(g − mean(g) − x̂·mean(g·x̂)), x̂ = (h − mean)·rstd.
 
 Each y_k is viewed as [P, HW] (P = N·C planes), g (the edge output's gradient) too; with c = p mod C,
 a = w_k·rstd_k, and for batch-statistics rows (bit k of STATS) the statistics' share
@@ -28,8 +29,7 @@ launch of its own.
 import triton
 import triton.language as tl
 
-from milenas_fast.kernels.edge_reduce import _cand  # absolute: tests load this file on its own
-from milenas_fast.kernels.pointwise import _pick
+from milenas_fast.kernels.pointers import pick  # absolute: tests load this file on its own
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def bn_fold_grad_kernel(
             gmv, grv = _stat_grads(k, ch, pm, r, sg, w_ptr, gm_ptr, gr_ptr, part_gy_ptr, C, S, PARTS, BLOCK_P)
             b = -grv * r * r * r * inv_n
             d = gmv * inv_n - b * mu
-            yk = _cand(k, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr)
+            yk = pick((y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr), k, 8)
             v = tl.load(yk + offs, mask=m, other=0.0).to(tl.float32)
             gy += v * b[:, None] + d[:, None]
         tl.store(gyk, gy.to(gy_ptr.dtype.element_ty), mask=m)
@@ -144,7 +144,7 @@ def bn_stats_kernel(
     k = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
-    yk = _pick(ys, k, K)
+    yk = pick(ys, k, K)
     if ((STATS >> k.to(tl.int64)) & 1) != 0:  # int64: a group's bitmask has rows past 31
         _row_stats(yk, mean_ptr + k * C, rstd_ptr + k * C, uvar_ptr + k * C, ch, cm, N, C, HW, eps,
                    BLOCK_C, BLOCK_HW)
@@ -180,9 +180,9 @@ def bn_backward_kernel(
     k = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
-    g_ptr, h_ptr, dh_ptr = _pick(gs, k, K), _pick(hs, k, K), _pick(dhs, k, K)
-    mu = tl.load(_pick(means, k, K) + ch, mask=cm, other=0.0)
-    rs = tl.load(_pick(rstds, k, K) + ch, mask=cm, other=0.0)
+    g_ptr, h_ptr, dh_ptr = pick(gs, k, K), pick(hs, k, K), pick(dhs, k, K)
+    mu = tl.load(pick(means, k, K) + ch, mask=cm, other=0.0)
+    rs = tl.load(pick(rstds, k, K) + ch, mask=cm, other=0.0)
     pix = tl.arange(0, BLOCK_HW)
     cnt = N * HW * 1.0
     plane = ch[:, None].to(tl.int64) * HW

@@ -1,7 +1,7 @@
-"""Triton twin of the C++/CUDA `edge_reduce` (used on GPUs where the extension has no CUDA kernels).
+"""Triton version of the C++/CUDA `edge_reduce` (used on GPUs where the extension has no CUDA kernels).
 
 The K ≤ 8 candidates y_k are read where they are: one pointer argument each (y0_ptr … y7_ptr, the unused
-ones aliased to y0_ptr), K a constexpr, so the candidate loop is unrolled and `_cand` picks each pointer at
+ones aliased to y0_ptr), K a constexpr, so the candidate loop is unrolled and `pick` picks each pointer at
 compile time. Each y_k is viewed as [P, HW] (P = N·C planes, HW = H·W pixels), like out:
     out[p, i] = Σ_k (y_k[p, i] − mean[k, c]) · w[k] · rstd[k, c],   c = p mod C.
 
@@ -13,26 +13,7 @@ ordered torch sum, or hands them on (`edge_reduce_partials`; deterministic, no a
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _cand(k: tl.constexpr, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr):
-    """Candidate k's pointer, chosen at compile time (k is a static_range index)."""
-    p = y0_ptr
-    if k == 1:
-        p = y1_ptr
-    if k == 2:
-        p = y2_ptr
-    if k == 3:
-        p = y3_ptr
-    if k == 4:
-        p = y4_ptr
-    if k == 5:
-        p = y5_ptr
-    if k == 6:
-        p = y6_ptr
-    if k == 7:
-        p = y7_ptr
-    return p
+from milenas_fast.kernels.pointers import pick  # absolute: tests load this file on its own
 
 
 @triton.jit
@@ -60,7 +41,7 @@ def edge_reduce_fwd_kernel(
     for k in tl.static_range(K):
         a = tl.load(w_ptr + k) * tl.load(rstd_ptr + k * C + ch, mask=pm, other=0.0)
         mu = tl.load(mean_ptr + k * C + ch, mask=pm, other=0.0)
-        yk = _cand(k, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr)
+        yk = pick((y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr), k, 8)
         v = tl.load(yk + offs, mask=m, other=0.0).to(tl.float32)
         acc += (v - mu[:, None]) * a[:, None]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
@@ -91,7 +72,7 @@ def edge_reduce_bwd_kernel(
             tl.store(gyk, (g * a[:, None]).to(gy_ptr.dtype.element_ty), mask=m)
         if SUMS:
             mu = tl.load(mean_ptr + k * C + ch, mask=pm, other=0.0)
-            yk = _cand(k, y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr)
+            yk = pick((y0_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, y5_ptr, y6_ptr, y7_ptr), k, 8)
             v = tl.load(yk + offs, mask=m, other=0.0).to(tl.float32)
             d = tl.where(m, v - mu[:, None], 0.0)
             tl.store(part_gy_ptr + (k * C + ch) * S + split, tl.sum(g * d, axis=1), mask=pm)

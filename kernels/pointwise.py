@@ -19,15 +19,7 @@ and the launcher sums the partials over (n, t) with an ordered torch sum.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _pick(ptrs, k, K: tl.constexpr):
-    """Pointer k of the tuple `ptrs` (K long), by run-time branches per program (k = program_id(0))."""
-    p = ptrs[0]
-    for i in tl.static_range(1, K):
-        if k == i:
-            p = ptrs[i]
-    return p
+from milenas_fast.kernels.pointers import pick  # absolute: tests load this file on its own
 
 
 @triton.jit
@@ -41,9 +33,9 @@ def pointwise_kernel(
     pix = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     a = tl.arange(0, BLOCK_A)
     b = tl.arange(0, BLOCK_B)
-    inp = _pick(ins, k, K)
-    w_ptr = _pick(ws, k, K)
-    out = _pick(outs, k, K)
+    inp = pick(ins, k, K)
+    w_ptr = pick(ws, k, K)
+    out = pick(outs, k, K)
     pm = pix < HW
     x = tl.load(inp + n * B * HW + b[:, None] * HW + pix[None, :], mask=(b < B)[:, None] & pm[None, :], other=0.0)
     w = tl.load(w_ptr + a[:, None] * SA + b[None, :] * SB, mask=(a < A)[:, None] & (b < B)[None, :], other=0.0)
@@ -77,8 +69,8 @@ def pointwise_wgrad_kernel(
     pix = t * BLOCK_P + tl.arange(0, BLOCK_P)
     a = tl.arange(0, BLOCK_A)
     b = tl.arange(0, BLOCK_B)
-    xk = _pick(xs, k, K)
-    gk = _pick(gs, k, K)
+    xk = pick(xs, k, K)
+    gk = pick(gs, k, K)
     pm = pix < HW
     n64 = n.to(tl.int64)
     x = tl.load(xk + n64 * B * HW + b[None, :] * HW + pix[:, None], mask=pm[:, None] & (b < B)[None, :], other=0.0)

@@ -37,7 +37,7 @@ parts into contiguous filter gradients with no copy.
 import triton
 import triton.language as tl
 
-from milenas_fast.kernels.pointwise import _pick  # absolute: tests load this file on its own
+from milenas_fast.kernels.pointers import pick  # absolute: tests load this file on its own
 
 
 @triton.jit
@@ -113,9 +113,9 @@ def stencil_fwd_kernel(
     """Every pointer but st_ptr is a tuple of E: program (planes, pixels, e) computes edge e (a fused cell's group
     of edges of one shape: one launch for all); with NORM == 2 edge e's statistics rows are G3 + e·GS, G5 + e·GS."""
     e = tl.program_id(2)
-    x_ptr, x5_ptr = _pick(xs, e, E), _pick(x5s, e, E)
-    w3_ptr, w5_ptr, wd3_ptr, wd5_ptr = _pick(w3s, e, E), _pick(w5s, e, E), _pick(wd3s, e, E), _pick(wd5s, e, E)
-    mean_ptr, rstd_ptr, uvar_ptr = _pick(means, e, E), _pick(rstds, e, E), _pick(uvars, e, E)
+    x_ptr, x5_ptr = pick(xs, e, E), pick(x5s, e, E)
+    w3_ptr, w5_ptr, wd3_ptr, wd5_ptr = pick(w3s, e, E), pick(w5s, e, E), pick(wd3s, e, E), pick(wd5s, e, E)
+    mean_ptr, rstd_ptr, uvar_ptr = pick(means, e, E), pick(rstds, e, E), pick(uvars, e, E)
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     ch = planes % C
     mu, rs, mu5, rs5 = _norm_fwd(mean_ptr, rstd_ptr, uvar_ptr, st_ptr, planes, ch, pm, C, H * W, R, T, TB,
@@ -187,8 +187,8 @@ def stencil_fwd_kernel(
     om = pm[:, None] & sm[None, :]
     dt = xs[0].dtype.element_ty  # every output has x's dtype
     # the outputs' pointers picked here, not live through the loop (ptxas spilled for E = 8 otherwise)
-    y3_ptr, y5_ptr, yd3_ptr, yd5_ptr = _pick(y3s, e, E), _pick(y5s, e, E), _pick(yd3s, e, E), _pick(yd5s, e, E)
-    ymax_ptr, yavg_ptr = _pick(ymaxs, e, E), _pick(yavgs, e, E)
+    y3_ptr, y5_ptr, yd3_ptr, yd5_ptr = pick(y3s, e, E), pick(y5s, e, E), pick(yd3s, e, E), pick(yd5s, e, E)
+    ymax_ptr, yavg_ptr = pick(ymaxs, e, E), pick(yavgs, e, E)
     if HAS3:
         tl.store(y3_ptr + out, acc3.to(dt), mask=om)
     if HAS5:
@@ -239,11 +239,11 @@ def stencil_bwd_input_kernel(
     goes to dx5 = relu'(x5)·its conv grad; with NORM, x and x5 normalised: the gradients are the normalised
     values'). Every pointer is a tuple of E: program (planes, pixels, e) computes edge e."""
     e = tl.program_id(2)
-    x_ptr, x5_ptr, ymax_ptr = _pick(xs, e, E), _pick(x5s, e, E), _pick(ymaxs, e, E)
-    w3_ptr, w5_ptr, wd3_ptr, wd5_ptr = _pick(w3s, e, E), _pick(w5s, e, E), _pick(wd3s, e, E), _pick(wd5s, e, E)
-    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr = _pick(g3s, e, E), _pick(g5s, e, E), _pick(gd3s, e, E), _pick(gd5s, e, E)
-    gmax_ptr, gavg_ptr = _pick(gmaxs, e, E), _pick(gavgs, e, E)
-    mean_ptr, rstd_ptr = _pick(means, e, E), _pick(rstds, e, E)
+    x_ptr, x5_ptr, ymax_ptr = pick(xs, e, E), pick(x5s, e, E), pick(ymaxs, e, E)
+    w3_ptr, w5_ptr, wd3_ptr, wd5_ptr = pick(w3s, e, E), pick(w5s, e, E), pick(wd3s, e, E), pick(wd5s, e, E)
+    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr = pick(g3s, e, E), pick(g5s, e, E), pick(gd3s, e, E), pick(gd5s, e, E)
+    gmax_ptr, gavg_ptr = pick(gmaxs, e, E), pick(gavgs, e, E)
+    mean_ptr, rstd_ptr = pick(means, e, E), pick(rstds, e, E)
     planes, pix, pm, sm, ih, iw = _tile(P, H * W, W, BLOCK_P, BLOCK_HW)
     ch = planes % C
     mu, rs, mu5, rs5 = _norm(mean_ptr, rstd_ptr, ch, pm, C, NORM)
@@ -265,7 +265,7 @@ def stencil_bwd_input_kernel(
         x5v = x5v.to(tl.float32)
         if NORM:
             x5v = (x5v - mu5[:, None]) * rs5[:, None]
-        dx5_ptr = _pick(dx5s, e, E)
+        dx5_ptr = pick(dx5s, e, E)
         tl.store(dx5_ptr + planes[:, None].to(tl.int64) * (H * W) + ih * W + iw,
                  tl.where(x5v > 0.0, acc5, 0.0).to(dx5_ptr.dtype.element_ty), mask=xm)
     if HAS5 and X5 == 0:
@@ -308,9 +308,9 @@ def stencil_bwd_input_kernel(
                 acc += g / tl.maximum(cnt, 1).to(tl.float32)
 
     offs = planes[:, None].to(tl.int64) * (H * W) + ih * W + iw
-    dx_ptr = _pick(dxs, e, E)
+    dx_ptr = pick(dxs, e, E)
     if HASACC:
-        gacc_ptr = _pick(gaccs, e, E)
+        gacc_ptr = pick(gaccs, e, E)
         acc += tl.load(gacc_ptr + offs, mask=xm, other=0.0).to(tl.float32)
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=xm)
 
@@ -327,8 +327,8 @@ def stencil_bwd_weight_kernel(
     docstring for the layout). Every pointer but part_ptr is a tuple of E: program (planes, pixels, e) computes
     edge e."""
     e = tl.program_id(2)
-    x_ptr, x5_ptr, mean_ptr, rstd_ptr = _pick(xs, e, E), _pick(x5s, e, E), _pick(means, e, E), _pick(rstds, e, E)
-    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr = _pick(g3s, e, E), _pick(g5s, e, E), _pick(gd3s, e, E), _pick(gd5s, e, E)
+    x_ptr, x5_ptr, mean_ptr, rstd_ptr = pick(xs, e, E), pick(x5s, e, E), pick(means, e, E), pick(rstds, e, E)
+    g3_ptr, g5_ptr, gd3_ptr, gd5_ptr = pick(g3s, e, E), pick(g5s, e, E), pick(gd3s, e, E), pick(gd5s, e, E)
     planes, pix, pm, sm, oh, ow = _tile(P, HO * WO, WO, BLOCK_P, BLOCK_HW)
     om = pm[:, None] & sm[None, :]
     out = planes[:, None].to(tl.int64) * (HO * WO) + pix[None, :]

@@ -83,7 +83,7 @@ def _impl_choices(device) -> dict[str, str]:
     out = {}
     for requested in ("auto", "fused", "reference"):
         try:
-            cls, why = resolve_mixed_op(requested, device)
+            cls, why, _ = resolve_mixed_op(requested, device)
             out[requested] = f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', cls)} ({why})"
         except Exception as e:  # noqa: BLE001 - ConfigError for an impossible request, anything from a rewrite
             out[requested] = f"refused: {e}"
@@ -91,7 +91,7 @@ def _impl_choices(device) -> dict[str, str]:
 
 
 def _edge_reduce(device) -> str:
-    """Which edge_reduce kernels the fused path uses on `device`: the C++ op, its Triton twin, or none."""
+    """Which edge_reduce kernels the fused path uses on `device`: the C++ op, its Triton kernels, or none."""
     from .ops import select
 
     try:
@@ -149,10 +149,10 @@ def collect() -> dict:
             "loader --loader auto": _loader_choice(device),
             "search plan (default flags)": _plan(device),
         }
-    from .ops.select import twin_notice
+    from .ops.backends import Kernels
 
     seen = []
-    for text in [str(w.message) for w in caught] + [twin_notice(device.type)]:  # the twin's even if said before
+    for text in [str(w.message) for w in caught] + [Kernels.for_device(device.type).notice()]:  # even if said before
         if text and text not in seen:
             seen.append(text)
     info["warnings"] = seen

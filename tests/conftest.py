@@ -30,7 +30,8 @@ def device(request):
 # version changes (interpreter semantics, schema/fake/autograd registration). Their fast tests are also `stack`
 # tests, which CI reruns on the GPU machine's stack; tests marked `stack` by hand add the slow ones that must.
 # (test_mixed_op composes these ops in Python: the same on every stack.)
-STACK_MODULES = {"test_stencil", "test_pointwise", "test_bn_fold", "test_edge_reduce", "test_fanout", "test_fused_cell"}
+STACK_MODULES = {"test_stencil", "test_pointwise", "test_bn_fold", "test_edge_reduce", "test_fanout", "test_fused_cell",
+                 "test_op_registry"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,7 @@ The ops take the candidates as a list (`_inputs` builds them as one tensor's row
 import pytest
 import torch
 
-from milenas_fast.ops import bn_fold, edge_reduce_triton, select
+from milenas_fast.ops import edge_reduce_triton, select, tiles
 from milenas_fast.ops.bn_fold import (bn_backward, bn_backward_reference, bn_fold_grad, bn_fold_grad_reference, bn_stats,
                                       bn_stats_reference, folded_reduce, running_rstd, running_rstd_reference,
                                       stats_mask)
@@ -70,7 +70,7 @@ def test_bn_fold_grad_matches_twin(rows, tile, dtype, dev, monkeypatch):
     """Row 1 (the identity) in the middle takes no statistics' share; tile 16 spreads the 2·3 planes of
     5×7 pixels over a 2×3 grid of programs."""
     if tile:
-        monkeypatch.setattr(edge_reduce_triton, "MAX_TILE", tile)
+        monkeypatch.setattr(tiles, "PLANE_TILE", tile)
     K = 4
     ys, w, grad = _inputs(K, 2, 3, 5, 7, dev, seed=9, dtype=dtype)
     g = torch.Generator().manual_seed(3)
@@ -99,7 +99,7 @@ def test_bn_stats_matches_twin(rows, K, shape, tile, dtype, dev, monkeypatch):
     the middle) exactly 0 / 1 / 0; an offset mean (0.7 vs std 1.5) checks the centred second pass; tile 16
     makes the pixel loop run 3 times; 40 candidates (a fused cell's group of edges: rows past bit 31)."""
     if tile:
-        monkeypatch.setattr(bn_fold, "MAX_TILE", tile)
+        monkeypatch.setattr(tiles, "PLANE_TILE", tile)
     ys, _, _ = _inputs(K, *shape, dev, seed=5, dtype=dtype)
     got = bn_stats(list(ys), stats_mask(rows), 1e-5)
     want = bn_stats_reference(list(ys.double()), stats_mask(rows), 1e-5)
@@ -125,14 +125,14 @@ def test_bn_fold_grad_partials_match_the_two_step_path(rows, K, shape, tile, dty
     from milenas_fast.ops.edge_reduce import edge_reduce_backward
 
     if tile:
-        monkeypatch.setattr(edge_reduce_triton, "MAX_TILE", tile)
+        monkeypatch.setattr(tiles, "PLANE_TILE", tile)
     ys, w, grad = _inputs(K, *shape, dev, seed=9, dtype=dtype)
     ys = list(ys)
     stats = stats_mask(rows)
     mean, rstd, _ = bn_stats(ys, stats, 1e-5)
     _, gw0, gm0, gr0 = edge_reduce_backward(grad, ys, w, mean, rstd, [False, True, True, True])
     gy0 = bn_fold_grad(grad, ys, w, mean, rstd, gm0, gr0, stats)
-    parts = [torch.ops.milenas_fast.edge_reduce_triton_partials(grad, ys, w, mean, rstd)]
+    parts = [edge_reduce_triton.partials(grad, ys, w, mean, rstd)]
     if dev == "cpu":
         parts.append(torch.ops.milenas_fast.edge_reduce_partials(grad, ys, w, mean, rstd))
     for p in parts:
@@ -154,7 +154,7 @@ def test_bn_backward_matches_batchnorm(shape, tile, dtype, dev, monkeypatch):
     F.batch_norm computes them in float64: fp32 within 1e-5, bf16 within 2× aten's own bf16 error + eps; tile 16
     runs the pixel loop several times; a 1×1 plane over 2 images (the smallest BN with a defined variance)."""
     if tile:
-        monkeypatch.setattr(bn_fold, "MAX_TILE", tile)
+        monkeypatch.setattr(tiles, "PLANE_TILE", tile)
     gen = torch.Generator().manual_seed(sum(shape))
     hs = [(torch.randn(*shape, generator=gen) * (1 + k) + 0.5 - k).to(dev, dtype) for k in range(2)]
     gs = [torch.randn(*shape, generator=gen).to(dev, dtype) for _ in range(2)]
@@ -192,7 +192,7 @@ def test_running_rstd_matches_twin(rows, tile, dtype, dev, monkeypatch):
     middle) exactly 1 whatever it holds (here -1: NaN if it were used); tile 2 splits 5 channels over 3
     programs per row."""
     if tile:
-        monkeypatch.setattr(bn_fold, "MAX_TILE", tile)
+        monkeypatch.setattr(tiles, "PLANE_TILE", tile)
     g = torch.Generator().manual_seed(8)
     var = (torch.rand(4, 5, generator=g) * 2 + 0.01).to(dev, dtype)
     var[[k for k in range(4) if k not in rows]] = -1

@@ -54,7 +54,8 @@ def test_fused_cells_slice_the_mixing_weights_once(device, monkeypatch):
     """Fused MixedOps get their candidates' weights from ONE slice of the cell's rows (backward: one cat per cell,
     none per edge); the α gradients are those of each edge slicing its own row, bit for bit (nodes summed by
     separate adds in both runs)."""
-    from milenas_fast.ops import mixing_weights, select
+    from milenas_fast.ops import select
+    from milenas_fast.space import mixing_weights
     from milenas_fast.space.mixed_op import FusedMixedOp
 
     import milenas_fast.space.supernet as supernet
@@ -80,7 +81,7 @@ def test_fused_cells_slice_the_mixing_weights_once(device, monkeypatch):
 
 def test_candidate_rows_needs_every_op_fused_alike():
     """A mixed cell (some ops not fused, or another slice) keeps the per-edge path: None."""
-    from milenas_fast.ops.mixing_weights import candidate_rows
+    from milenas_fast.space.mixing_weights import candidate_rows
 
     net = Network(C=4, num_classes=3, layers=3, steps=2, multiplier=2, mixed_op=ReferenceMixedOp)
     assert candidate_rows(torch.rand(5, 8), net.cells[0]._ops) is None

@@ -163,7 +163,8 @@ def test_hand_count_relu_depthwise(k):
     bytes); bwd_input reads x, w, g, writes dx: ONE launch each. bwd_weight is TWO: the launch reads x and
     g and writes fp32 partials [tiles·N, C·k²], then their ordered sum writes dw [C·k²]. FLOPs: 2·E·k² each
     (with the first launch). Unused outputs get no zero-filled gradients (no fill kernels)."""
-    from milenas_fast.ops.stencil import launch_config, relu_depthwise
+    from milenas_fast.ops.stencil import relu_depthwise
+    from milenas_fast.ops.tiles import launch_config
 
     counts = _phases(relu_depthwise, lambda: (torch.randn(N, C, H, W), torch.randn(C, 1, k, k),
                                               torch.randn(N, C, H, W)))
@@ -183,7 +184,8 @@ def test_hand_count_pointwise():
     and weights and writing both outputs; the inputs' gradients (weights frozen) ONE; the weights' gradients
     (inputs frozen) TWO: fp32 partials [2, N·tiles, C, C], then their ordered sum [2, C, C]. FLOPs 2·E·C per
     convolution each way, all in the pointwise class."""
-    from milenas_fast.ops.pointwise import _blocks, pointwise
+    from milenas_fast.ops.pointwise import pointwise
+    from milenas_fast.ops.tiles import pointwise_blocks
 
     counts = _phases(pointwise, lambda: ([torch.randn(N, C, H, W) for _ in range(2)],
                                          [torch.randn(C, C, 1, 1) for _ in range(2)],
@@ -191,7 +193,7 @@ def test_hand_count_pointwise():
     fwd, dx, dw = counts["fwd"], counts["dx"], counts["dw"]
     assert (fwd.kernels, dx.kernels, dw.kernels) == (1, 1, 2)
     assert fwd.bytes == dx.bytes == 4 * (4 * E + 2 * C * C)
-    tiles = -(-(H * W) // _blocks(C, C, H * W)[2])
+    tiles = -(-(H * W) // pointwise_blocks(C, C, H * W)[2])
     partials = 2 * N * tiles * C * C
     assert dw.bytes == 4 * (4 * E + partials + partials + 2 * C * C)
     assert fwd.flops == dx.flops == dw.flops == 2 * 2 * E * C

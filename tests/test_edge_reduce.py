@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from milenas_fast.ops import edge_reduce, edge_reduce_reference, extension
+from milenas_fast.ops import edge_reduce, edge_reduce_reference, extension, tiles
 er_module = importlib.import_module("milenas_fast.ops.edge_reduce")  # the package attribute is the function
 
 cuda = pytest.mark.cuda
@@ -19,10 +19,10 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.fixture(scope="module", autouse=True)
 def ext():
     t = time.perf_counter()
-    er_module.register()  # fails (not skips) when the extension cannot be built: that is a bug here
-    from milenas_fast.ops import select
+    extension.require()  # fails (not skips) when the extension cannot be built: that is a bug here
+    from milenas_fast.ops.backends import Kernels
 
-    assert select.edge_reduce_impl("cpu")[0] == "cpp"  # cached before any torch.compile trace
+    assert Kernels.for_device("cpu").edge_reduce == "cpp"  # resolved before any torch.compile trace
     print(f"\nextension: {extension.describe()} ({time.perf_counter() - t:.1f} s)")
 
 
@@ -132,7 +132,7 @@ def test_empty_batch():
 
 
 def bad_cases(inputs, grad):
-    """(op, args, message): what the C++ op and its twin reject, with the same messages."""
+    """(op, args, message): what the C++ op and the Triton edge_reduce reject, with the same messages."""
     y, w, mean, rstd = inputs
     ys, k = list(y.unbind(0)), y.shape[0]
     fwd = [((ys, w.double(), mean, rstd), "float32"), ((ys, w[:2], mean, rstd), rf"\[K={k}"),
@@ -152,32 +152,31 @@ def bad_cases(inputs, grad):
     return [("fwd", a, m) for a, m in fwd] + [("bwd", a, m) for a, m in bwd]
 
 
-@pytest.mark.parametrize("impl", ["cpp", pytest.param("twin", marks=pytest.mark.gpu_path)])
+@pytest.mark.parametrize("impl", ["cpp", pytest.param("triton", marks=pytest.mark.gpu_path)])
 def test_rejects_bad_inputs(impl):
     """Wrong w/mean/rstd, candidates of the wrong rank or dtype, more than 8 or none, list entries that do not
     match the first (shape, dtype), a grad_out unlike the candidates: one clear error each."""
-    dev = "cpu" if impl == "cpp" else TWIN_DEV
+    dev = "cpu" if impl == "cpp" else TRITON_DEV
     inputs, grad = make_inputs(4, N=2, C=3, H=5, W=5)
     ops = {"cpp": (torch.ops.milenas_fast.edge_reduce, torch.ops.milenas_fast.edge_reduce_backward),
-           "twin": (lambda *a: torch.ops.milenas_fast.edge_reduce_triton(*a),
-                    lambda *a: torch.ops.milenas_fast.edge_reduce_triton_backward(*a))}[impl]
-    if impl == "twin":
+           "triton": (lambda *a: torch.ops.milenas_fast.edge_reduce_triton(*a),
+                    lambda *a: torch.ops.milenas_fast.edge_reduce_triton_backward(*a, False))}[impl]
+    if impl == "triton":
         importlib.import_module("milenas_fast.ops.edge_reduce_triton")
     for which, args, match in bad_cases([t.to(dev) for t in inputs], grad.to(dev)):
         with pytest.raises(RuntimeError, match=match):
             ops[which == "bwd"](*args)
 
 
-@pytest.mark.parametrize("impl", ["cpp", pytest.param("twin", marks=pytest.mark.gpu_path)])
+@pytest.mark.parametrize("impl", ["cpp", pytest.param("triton", marks=pytest.mark.gpu_path)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K", [1, 7])
 def test_separate_candidates(impl, dtype, K, monkeypatch):
     """Candidates in separate storages (as the fused MixedOp's are), some not requiring grad: each gets its own
-    gradient (a row of the op's one grad_y buffer) and the rest None; the twin on a multi-program grid."""
-    er_twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
-    monkeypatch.setattr(er_twin, "MAX_TILE", 16)
-    dev = "cpu" if impl == "cpp" else TWIN_DEV
-    fn = edge_reduce if impl == "cpp" else twin_fn
+    gradient (a row of the op's one grad_y buffer) and the rest None; the Triton edge_reduce on a multi-program grid."""
+    monkeypatch.setattr(tiles, "PLANE_TILE", 16)
+    dev = "cpu" if impl == "cpp" else TRITON_DEV
+    fn = edge_reduce if impl == "cpp" else triton_fn
     (y, w, mean, rstd), grad = make_inputs(K, N=2, C=3, H=5, W=7, dtype=dtype, seed=K)
     ys = [y[k].clone().to(dev).requires_grad_(k % 3 != 1) for k in range(K)]
     assert len({t.data_ptr() for t in ys}) == K
@@ -199,14 +198,13 @@ def test_separate_candidates(impl, dtype, K, monkeypatch):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), msg=lambda m: f"input {i}: {m}")
 
 
-@pytest.mark.parametrize("impl", ["cpp", pytest.param("twin", marks=pytest.mark.gpu_path)])
+@pytest.mark.parametrize("impl", ["cpp", pytest.param("triton", marks=pytest.mark.gpu_path)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_acc_is_added(impl, dtype, monkeypatch):
     """acc (a node's running sum) is added to the output in fp32 before the one rounding; its gradient is the
-    output's; the candidates' and w's gradients are unchanged by it. The twin on a multi-program grid."""
-    er_twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
-    monkeypatch.setattr(er_twin, "MAX_TILE", 16)
-    dev = "cpu" if impl == "cpp" else TWIN_DEV
+    output's; the candidates' and w's gradients are unchanged by it. The Triton edge_reduce on a multi-program grid."""
+    monkeypatch.setattr(tiles, "PLANE_TILE", 16)
+    dev = "cpu" if impl == "cpp" else TRITON_DEV
     fn = edge_reduce if impl == "cpp" else (lambda *a: torch.ops.milenas_fast.edge_reduce_triton(*a))
     (y, w, mean, rstd), grad = make_inputs(5, N=2, C=3, H=5, W=7, dtype=dtype, seed=11)
     acc = (4 * torch.randn(y.shape[1:], generator=torch.Generator().manual_seed(12))).to(dtype)
@@ -227,20 +225,19 @@ def test_acc_is_added(impl, dtype, monkeypatch):
     assert not torch.equal(out.detach(), without)  # acc was read
 
 
-@pytest.mark.parametrize("impl", ["cpp", pytest.param("twin", marks=pytest.mark.gpu_path)])
+@pytest.mark.parametrize("impl", ["cpp", pytest.param("triton", marks=pytest.mark.gpu_path)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_partials_sum_to_the_backward_reductions(impl, dtype, monkeypatch):
     """edge_reduce_partials: [K, C, S] sums of g·(y_k − mean_k) and [C, S] sums of g whose totals over S are the
-    backward's (fp64 oracle); S = 1 on the CPU, pixel tiles × images for the twin (a multi-program grid)."""
-    er_twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
-    monkeypatch.setattr(er_twin, "MAX_TILE", 16)
-    dev = "cpu" if impl == "cpp" else TWIN_DEV
+    backward's (fp64 oracle); S = 1 on the CPU, pixel tiles × images for the Triton edge_reduce (a multi-program grid)."""
+    monkeypatch.setattr(tiles, "PLANE_TILE", 16)
+    dev = "cpu" if impl == "cpp" else TRITON_DEV
     op = (torch.ops.milenas_fast.edge_reduce_partials if impl == "cpp"
-          else torch.ops.milenas_fast.edge_reduce_triton_partials)
+          else importlib.import_module("milenas_fast.ops.edge_reduce_triton").partials)
     (y, w, mean, rstd), grad = make_inputs(4, N=3, C=5, H=5, W=7, dtype=dtype, seed=21)
     ys = [t.to(dev) for t in y.unbind(0)]
     pgy, pg = op(grad.to(dev), ys, w.to(dev), mean.to(dev), rstd.to(dev))
-    s = 1 if impl == "cpp" else er_twin.launch_config(3 * 5, 5 * 7)[2][1] * 3
+    s = 1 if impl == "cpp" else tiles.plane_config(3 * 5, 5 * 7)[2][1] * 3
     assert pgy.shape == (4, 5, s) and pg.shape == (5, s) and pgy.dtype == pg.dtype == torch.float32
     want = er_module.edge_reduce_partials_reference(grad.double(), list(y.double().unbind(0)), w, mean, rstd)
     for a, b in zip((pgy, pg), want):
@@ -308,11 +305,11 @@ def test_torch_compile_inductor_cpu():
 @needs_gpu
 @pytest.mark.parametrize("shape", [dict(K=1, N=3, C=5, H=7), dict(K=7, N=3, C=5, H=9), dict(K=8, N=64, C=16, H=32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("impl", ["cpp", "twin"])
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
 def test_cuda_matches_reference(shape, dtype, impl):
     if impl == "cpp":
         if extension.cuda_home() is None:
-            pytest.skip("no nvcc here: the extension has no CUDA kernels (the twin's case)")
+            pytest.skip("no nvcc here: the extension has no CUDA kernels (the Triton edge_reduce's case)")
         assert torch._C._dispatch_has_kernel_for_dispatch_key("milenas_fast::edge_reduce", "CUDA"), \
             extension.describe()
         fn = torch.ops.milenas_fast.edge_reduce
@@ -371,72 +368,72 @@ def test_cuda_opcheck_and_graph_capture():
         assert torch.equal(a, b), name
 
 
-# ---- the Triton twin (milenas_fast/ops/edge_reduce_triton.py): on the GPU, else through the interpreter ----
+# ---- the Triton edge_reduce (milenas_fast/ops/edge_reduce_triton.py): on the GPU, else through the interpreter ----
 
 gpu_path = pytest.mark.gpu_path
-TWIN_DEV = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETING = TWIN_DEV == "cpu"
-TWIN_SHAPES = [dict(K=1, N=3, C=5, H=7, W=9), dict(K=2, N=1, C=3, H=5, W=3), dict(K=5, N=3, C=1, H=3, W=5),
+TRITON_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETING = TRITON_DEV == "cpu"
+TRITON_SHAPES = [dict(K=1, N=3, C=5, H=7, W=9), dict(K=2, N=1, C=3, H=5, W=3), dict(K=5, N=3, C=1, H=3, W=5),
                dict(K=8, N=1, C=7, H=1, W=1), dict(K=3, N=5, C=3, H=9, W=7)]
 
 
 @pytest.fixture
-def twin(monkeypatch):
-    """The twin's module with tiles of at most 16 elements: multi-program grids in both dimensions."""
-    t = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
-    monkeypatch.setattr(t, "MAX_TILE", 16)
-    return t
+def triton_er(monkeypatch):
+    """The Triton edge_reduce's module with tiles of at most 16 elements: multi-program grids in both dimensions."""
+    monkeypatch.setattr(tiles, "PLANE_TILE", 16)
+    return importlib.import_module("milenas_fast.ops.edge_reduce_triton")
 
 
-def twin_fn(ys, w, mean, rstd):
+def triton_fn(ys, w, mean, rstd):
     return torch.ops.milenas_fast.edge_reduce_triton(ys, w, mean, rstd)
 
 
 def on_dev(*ts):
-    return [t.to(TWIN_DEV) for t in ts]
+    return [t.to(TRITON_DEV) for t in ts]
 
 
 def to_cpu(ts):
     return [t.cpu() if t is not None else None for t in ts]
 
 
-def run_twin(inputs, grad, requires=(True, True, True, True), fn=twin_fn):
-    """`run` on TWIN_DEV, results back on the CPU."""
-    return to_cpu(run(fn, on_dev(*inputs), grad.to(TWIN_DEV), requires))
+def run_triton(inputs, grad, requires=(True, True, True, True), fn=triton_fn):
+    """`run` on TRITON_DEV, results back on the CPU."""
+    return to_cpu(run(fn, on_dev(*inputs), grad.to(TRITON_DEV), requires))
 
 
 @gpu_path
-@pytest.mark.parametrize("shape", TWIN_SHAPES, ids=lambda s: "K{K}N{N}C{C}H{H}W{W}".format(**s))
-def test_twin_fp32_matches_reference(twin, shape):
-    bp, bhw, grid, _ = twin.launch_config(shape["N"] * shape["C"], shape["H"] * shape["W"])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "K{K}N{N}C{C}H{H}W{W}".format(**s))
+def test_triton_fp32_matches_reference(triton_er, shape):
+    bp, bhw, grid, _ = tiles.plane_config(shape["N"] * shape["C"], shape["H"] * shape["W"])
     inputs, grad = make_inputs(**shape, seed=shape["K"])
-    got, want = run_twin(inputs, grad), oracle(inputs, grad)
+    got, want = run_triton(inputs, grad), oracle(inputs, grad)
     for name, a, b in zip(NAMES, got, want):
         assert a.dtype == (torch.float32 if name not in ("out", "grad_y") else inputs[0].dtype), name
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} {grid}: {m}")
 
 
 @gpu_path
-def test_twin_uses_many_programs(twin):
-    assert twin.launch_config(3 * 5, 7 * 9)[2] == (15, 4)  # one plane × 16 pixels per program
-    assert twin.launch_config(5 * 3, 1)[2] == (1, 1)  # 16 one-pixel planes in one program
+def test_triton_uses_many_programs(triton_er):
+    assert tiles.plane_config(3 * 5, 7 * 9)[2] == (15, 4)  # one plane × 16 pixels per program
+    assert tiles.plane_config(5 * 3, 1)[2] == (1, 1)  # 16 one-pixel planes in one program
 
 
 @gpu_path
-def test_twin_matches_cpp_op(twin):
-    """The twin vs the C++ op (CPU kernels here; on a GPU whatever edge_reduce runs there)."""
+def test_triton_matches_cpp_op(triton_er):
+    """The Triton edge_reduce vs the C++ op (CPU kernels here; on a GPU whatever edge_reduce runs there)."""
     inputs, grad = make_inputs(7, N=3, C=5, H=5, W=7, seed=11)
-    for name, a, b in zip(NAMES, run_twin(inputs, grad), run_twin(inputs, grad, fn=edge_reduce)):
+    for name, a, b in zip(NAMES, run_triton(inputs, grad), run_triton(inputs, grad, fn=edge_reduce)):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=lambda m: f"{name}: {m}")
 
 
 @gpu_path
 @pytest.mark.parametrize("mask", [[bool(i >> j & 1) for j in range(4)] for i in range(16)],
                          ids=lambda m: "".join("1" if b else "0" for b in m))
-def test_twin_output_mask(twin, mask):
+def test_triton_output_mask(triton_er, mask):
     inputs, grad = make_inputs(3, N=3, C=3, H=5, W=3, seed=2)
     want = oracle(inputs, grad)
-    outs = to_cpu(torch.ops.milenas_fast.edge_reduce_triton_backward(grad.to(TWIN_DEV), *split(on_dev(*inputs)), mask))
+    outs = to_cpu(torch.ops.milenas_fast.edge_reduce_triton_backward(grad.to(TRITON_DEV), *split(on_dev(*inputs)), mask,
+                                                                     False))
     for m, o, b, name in zip(mask, outs, want[1:], NAMES[1:]):
         if m:
             torch.testing.assert_close(o.double(), b, atol=1e-5, rtol=1e-5, msg=lambda s: f"{name}: {s}")
@@ -447,10 +444,10 @@ def test_twin_output_mask(twin, mask):
 @gpu_path
 @pytest.mark.parametrize("requires", [(False, True, False, False), (True, False, False, False),
                                       (False, False, True, True), (True, True, True, False)])
-def test_twin_autograd_asks_only_for_needed_grads(twin, requires):
+def test_triton_autograd_asks_only_for_needed_grads(triton_er, requires):
     inputs, grad = make_inputs(3, N=2, C=3, H=3, W=5, seed=4)
     want = oracle(inputs, grad)
-    got = run_twin(inputs, grad, requires=requires)
+    got = run_triton(inputs, grad, requires=requires)
     for r, a, b, name in zip(requires, got[1:], want[1:], NAMES[1:]):
         if r:
             torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda s: f"{name}: {s}")
@@ -461,9 +458,9 @@ def test_twin_autograd_asks_only_for_needed_grads(twin, requires):
 @gpu_path
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K", [1, 6])
-def test_twin_low_precision_relative_rule(twin, dtype, K):
+def test_triton_low_precision_relative_rule(triton_er, dtype, K):
     inputs, grad = make_inputs(K, N=3, C=3, H=7, W=5, dtype=dtype, seed=K)
-    got, want = run_twin(inputs, grad), oracle(inputs, grad)
+    got, want = run_triton(inputs, grad), oracle(inputs, grad)
     naive = run(naive_low_precision, inputs, grad)
     for name, a, b, c in zip(NAMES, got, want, naive):
         assert a.dtype == (dtype if name in ("out", "grad_y") else torch.float32), name
@@ -475,32 +472,32 @@ def test_twin_low_precision_relative_rule(twin, dtype, K):
 
 
 @gpu_path
-def test_twin_deterministic_and_empty(twin):
+def test_triton_deterministic_and_empty(triton_er):
     inputs, grad = make_inputs(4, N=3, C=3, H=5, W=5, seed=9)
-    for name, a, b in zip(NAMES, run_twin(inputs, grad), run_twin(inputs, grad)):
+    for name, a, b in zip(NAMES, run_triton(inputs, grad), run_triton(inputs, grad)):
         assert torch.equal(a, b), name
     empty, egrad = make_inputs(3, N=0, H=1)
-    out, gy, gw, gm, gr = run_twin(empty, egrad)
+    out, gy, gw, gm, gr = run_triton(empty, egrad)
     assert out.shape == (0, 5, 1, 1) and gy.shape == empty[0].shape
     assert not gw.any() and not gm.any() and not gr.any()
 
 
 @gpu_path
-def test_twin_opcheck(twin):
+def test_triton_opcheck(triton_er):
     """Schema, autograd registration and the fake kernels (AOT dispatch needs a GPU: the interpreter
     cannot run under functionalization)."""
     inputs, grad = make_inputs(3, N=2, C=3, H=3, W=5)
-    inputs, grad = on_dev(*inputs), grad.to(TWIN_DEV)
+    inputs, grad = on_dev(*inputs), grad.to(TRITON_DEV)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton.default,
                           split([t.clone().requires_grad_() for t in inputs]), test_utils=utils)
     for mask in ([True, True, True, True], [False, True, False, True], [False] * 4):
-        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default, [grad, *split(inputs), mask],
-                              test_utils=utils)
+        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default,
+                              [grad, *split(inputs), mask, False], test_utils=utils)
 
 
 @gpu_path
-def test_twin_registers_as_triton_ops_as_on_the_gpu(twin, monkeypatch):
+def test_triton_registers_as_triton_ops_as_on_the_gpu(triton_er, monkeypatch):
     """The GPU's registration (triton_op: its schema inferred from the annotations, as torch 2.11 ignores an
     explicit one) and launches (wrap_triton), here too. torch < 2.12's wrap_triton rejects interpreted
     kernels: there only the registration and schemas are checked."""
@@ -512,50 +509,68 @@ def test_twin_registers_as_triton_ops_as_on_the_gpu(twin, monkeypatch):
 
     monkeypatch.setattr(triton_launch, "INTERPRET", False)
     ns = f"milenas_fast_test_{uuid.uuid4().hex[:8]}"
-    fwd = triton_launch.register(f"{ns}::fwd")(twin.edge_reduce_triton._init_fn)
-    bwd = triton_launch.register(f"{ns}::bwd")(twin.edge_reduce_triton_backward._init_fn)
+    fwd = triton_launch.register(f"{ns}::fwd")(triton_er.edge_reduce_triton._init_fn)
+    bwd = triton_launch.register(f"{ns}::bwd")(triton_er.edge_reduce_triton_backward._init_fn)
     assert str(fwd._opoverload._schema) == (
         f"{ns}::fwd(Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, Tensor? acc=None) -> Tensor")
     assert str(bwd._opoverload._schema) == (
-        f"{ns}::bwd(Tensor grad_out, Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, bool[] output_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor)")
+        f"{ns}::bwd(Tensor grad_out, Tensor[] ys, Tensor w, Tensor mean, Tensor rstd, bool[] output_mask, "
+        "bool partials) -> (Tensor, Tensor, Tensor, Tensor)")
     try:
-        torch.library.wrap_triton(twin.K.edge_reduce_fwd_kernel)
+        torch.library.wrap_triton(triton_er.K.edge_reduce_fwd_kernel)
     except RuntimeError:
-        assert not isinstance(twin.K.edge_reduce_fwd_kernel, JITFunction)  # refused only when interpreted
+        assert not isinstance(triton_er.K.edge_reduce_fwd_kernel, JITFunction)  # refused only when interpreted
         return
     inputs, grad = make_inputs(3, N=2, C=3, H=5, W=3, seed=6)
     want = oracle(inputs, grad)
     args = split(on_dev(*inputs))
-    got = to_cpu([fwd(*args), *bwd(grad.to(TWIN_DEV), *args, [True, False, True, True])])
+    got = to_cpu([fwd(*args), *bwd(grad.to(TRITON_DEV), *args, [True, False, True, True], False)])
     for name, a, b in zip(("out", "grad_y", "grad_mean", "grad_rstd"), got[:2] + got[3:], want[:2] + want[3:]):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     assert got[2] is None
 
 
 @gpu_path
-def test_select_falls_back_to_twin_with_one_warning(monkeypatch):
-    from milenas_fast.ops import select
+def test_select_falls_back_to_triton_with_one_warning(monkeypatch):
+    from milenas_fast.ops import backends, select
 
-    monkeypatch.setattr(er_module, "IMPL", {})
-    monkeypatch.setattr(select, "_extension_problem", lambda dt: "C++ extension has no CUDA kernels (no nvcc)")
-    notice = r"edge_reduce on cuda: Triton twin, because .*no nvcc.*info --rebuild"
-    with pytest.warns(RuntimeWarning, match=notice) as rec:
-        assert select.edge_reduce_impl("cuda")[0] == "triton"
-        assert select.edge_reduce_impl("cuda")[0] == "triton"
-    assert len([w for w in rec if "Triton twin" in str(w.message)]) == 1
-    assert select.twin_notice("cuda") == str(rec[0].message) and select.twin_notice("cpu") == ""
-    monkeypatch.setattr(select, "_triton_edge_reduce_problem", lambda: "Triton twin unavailable (no triton)")
-    monkeypatch.setattr(er_module, "IMPL", {})
-    impl, why = select.edge_reduce_impl("cuda")
-    assert impl == "" and "no nvcc" in why and "no triton" in why
-    monkeypatch.setattr(select, "_triton_edge_reduce_problem", lambda: "")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors and no interpreter: the twin cannot stand in
-    impl, why = select.edge_reduce_impl("cpu")
-    assert impl == "" and "no nvcc" in why and "through the interpreter" in why
-    monkeypatch.setitem(er_module.IMPL, "cpu", ("", "no kernels at all"))
+    def fresh():  # the resolution is made once per process: undo it for the test
+        monkeypatch.setattr(backends, "_RESOLVED", {})
+
+    monkeypatch.setattr(backends, "extension_problem", lambda dt: "C++ extension has no CUDA kernels (no nvcc)")
+    fresh()
+    notice = r"edge_reduce on cuda: Triton kernels, because .*no nvcc.*info --rebuild"
+    try:
+        with pytest.warns(RuntimeWarning, match=notice) as rec:
+            assert select.edge_reduce_impl("cuda")[0] == "triton"
+            assert backends.Kernels.for_device("cuda").edge_reduce == "triton"
+        assert len([w for w in rec if "Triton kernels, because" in str(w.message)]) == 1
+        assert backends.Kernels.for_device("cuda").notice() == str(rec[0].message)
+        monkeypatch.setattr(backends, "triton_edge_reduce_problem", lambda: "Triton edge_reduce unavailable (no triton)")
+        fresh()
+        impl, why = select.edge_reduce_impl("cuda")
+        assert impl == "" and "no nvcc" in why and "no triton" in why
+        monkeypatch.setattr(backends, "triton_edge_reduce_problem", lambda: "")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors and no interpreter: the Triton edge_reduce cannot stand in
+        fresh()
+        impl, why = select.edge_reduce_impl("cpu")
+        assert impl == "" and "no nvcc" in why and "through the interpreter" in why
+    finally:
+        monkeypatch.undo()
+    assert backends.Kernels.for_device("cpu").notice() == ""
     with pytest.raises(RuntimeError, match="cannot run on cpu: no kernels at all"):
-        edge_reduce(*split(make_inputs(2)[0]))
+        edge_reduce(*split(make_inputs(2)[0]), kernels=backends.Kernels("cpu", "", "no kernels at all"))
+
+
+def test_triton_kernels():
+    """Kernels.with_triton: the C++ op's kernels with the Triton edge_reduce instead (a new value), None where not in use."""
+    from milenas_fast.ops.backends import Kernels
+
+    cpp = Kernels("cuda", "cpp", "C++/CUDA kernels")
+    other = cpp.with_triton("C++ edge_reduce failed")
+    assert other == Kernels("cuda", "triton", "Triton kernels, because the C++ edge_reduce failed") and cpp.edge_reduce == "cpp"
+    assert other.with_triton("again") is None and Kernels("cpu", "", "none").with_triton("x") is None
+    assert "edge_reduce on cuda: Triton kernels, because" in other.notice() and cpp.notice() == ""
 
 
 # The launcher's configurations at the supernet's planes (32², 16², 8², and 4² after the last reduction).
@@ -587,10 +602,9 @@ print(json.dumps(res))
 
 
 def _sm90_cases():
-    t = importlib.import_module("milenas_fast.ops.edge_reduce_triton")
     cases = []
     for hw in (1024, 256, 64, 16):
-        bp, bhw, _, warps = t.launch_config(64 * 16, hw, max_tile=1024)
+        bp, bhw, _, warps = tiles.plane_config(64 * 16, hw, 1024)
         blocks = dict(K=7, BLOCK_P=bp, BLOCK_HW=bhw)  # the DARTS list without `none`
         dtypes = ("fp32", "bf16", "fp16") if hw == 1024 else ("bf16",)
         for dt in dtypes:
@@ -608,7 +622,7 @@ def _sm90_cases():
 @pytest.mark.stack  # compiled against this stack's torch/Triton
 @pytest.mark.slow  # ptxas for sm_90
 @gpu_path
-def test_twin_compiles_for_sm90():
+def test_triton_compiles_for_sm90():
     """Every kernel lowers to sm_90 cubin at the configurations the launcher picks on a GPU."""
     import json
     import subprocess
@@ -626,20 +640,21 @@ def test_twin_compiles_for_sm90():
 
 @cuda
 @needs_gpu
-def test_cuda_twin_opcheck_compile_and_determinism():
-    twin = importlib.import_module("milenas_fast.ops.edge_reduce_triton").edge_reduce_triton
+def test_cuda_triton_opcheck_compile_and_determinism():
+    fn = importlib.import_module("milenas_fast.ops.edge_reduce_triton").edge_reduce_triton
     inputs, grad = make_inputs(3, N=4, C=6, H=8, device="cuda")
     torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton.default,
                           split([t.clone().requires_grad_() for t in inputs]))
     for mask in ([True] * 4, [False, True, False, True]):
-        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default, [grad, *split(inputs), mask])
+        torch.library.opcheck(torch.ops.milenas_fast.edge_reduce_triton_backward.default,
+                              [grad, *split(inputs), mask, False])
     big, bgrad = make_inputs(8, N=64, C=16, H=16, dtype=torch.bfloat16, device="cuda", seed=5)
-    first, second = run(twin, big, bgrad), run(twin, big, bgrad)
+    first, second = run(fn, big, bgrad), run(fn, big, bgrad)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
 
     def f(ys, w, mean, rstd):
-        return torch.relu(twin(ys, w, mean, rstd)) * 2.0
+        return torch.relu(fn(ys, w, mean, rstd)) * 2.0
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)

@@ -17,7 +17,7 @@ def test_gradients_are_summed_in_one_launch(dtype, monkeypatch):
     views give none."""
     calls = []
     real = fanout_mod.edge_reduce
-    monkeypatch.setattr(fanout_mod, "edge_reduce", lambda ys, *a: calls.append(len(ys)) or real(ys, *a))
+    monkeypatch.setattr(fanout_mod, "edge_reduce", lambda ys, *a, **k: calls.append(len(ys)) or real(ys, *a, **k))
     x = torch.randn(2, 3, 4, 5).to(dtype).requires_grad_()
     views = fanout(x, 4, *_consts(4, 3))
     assert len(views) == 4 and all(torch.equal(v, x) for v in views)
@@ -61,7 +61,7 @@ def test_fused_cells_fan_out_their_states(device, monkeypatch):
     wrt = [net.alphas_reduce, *net.stem.parameters()]
     got = torch.autograd.grad(net._loss(x, y), wrt)
     assert seen == [3, 3] * len(net.cells)  # steps 3: s0 and s1 feed three edges, n0 two
-    monkeypatch.setattr(supernet, "fanout", lambda h, n, *a: (h,) * n)
+    monkeypatch.setattr(supernet, "fanout", lambda h, n, *a, **k: (h,) * n)
     want = torch.autograd.grad(net._loss(x, y), wrt)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

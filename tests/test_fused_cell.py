@@ -1,4 +1,4 @@
-"""A fused Cell runs the edges leaving the states that are ready as one group (ops/fused_mixed_op.py's `run`): one
+"""A fused Cell runs the edges leaving the states that are ready as one group (space/fused_mixed_op.py's `run`): one
 stencil launch for their first stages, one `pointwise` launch per 1×1 stage, one `bn_stats` launch for their last
 BatchNorms. Its forward is the per-edge path's bit for bit (each convolution and each statistic is computed by its
 own programs whichever launch it is in): outputs, running statistics; its gradients within rounding (autograd adds
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from milenas_fast import Network
-from milenas_fast.ops import fused_mixed_op as fmo
+from milenas_fast.space import fused_mixed_op as fmo
 from milenas_fast.ops import pointwise as pw
 from milenas_fast.ops import select
 from milenas_fast.ops import stencil as st
@@ -159,12 +159,12 @@ def test_pointwise_stage_launches(monkeypatch):
                                                                   (1, False, (0, 1, 0, 0), False, False),
                                                                   (1, True, (1, 1, 1, 1), True, True)])
 def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, partial, device):
-    """stencil_group (one launch for E edges each way; odd shape, several programs per plane and per plane group)
-    against the reference twin per edge: outputs, the identity's pass-through, every input and filter gradient
+    """stencil_group (one launch for E edges each way; odd shape, one program per plane both ways: multi-program
+    planes are test_stencil's, with the same kernels) against the reference twin per edge: outputs, the identity's pass-through, every input and filter gradient
     (inputs shared between edges, as a source state's fan-out views are: their gradients add). `partial`: a frozen
     source and frozen filters, and outputs without a gradient, so that the edges' backward launches split by the
     branches they have."""
-    from milenas_fast.ops.stencil import KSIZE, max_tile, stencil_group, stencil_reference
+    from milenas_fast.ops.stencil import KSIZE, stencil_group, stencil_reference
 
     gen = torch.Generator().manual_seed(3)
     N, C, H, W = 2, 3, 7, 9
@@ -173,8 +173,7 @@ def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, p
     filters = [tuple((torch.randn(C, 1, k, k, generator=gen).to(device).requires_grad_(not (partial and e == 3 and
                                                                                              k == 5)) if p else None)
                      for k, p in zip(KSIZE, present)) for e in range(len(xs))]
-    with max_tile(16):
-        outs = stencil_group(xs, filters, stride, pools, identity)
+    outs = stencil_group(xs, filters, stride, pools, identity, max_tile=64)
     refs = [((x,) if identity else ()) + stencil_reference(x, *f, stride, pools) for x, f in zip(xs, filters)]
     leaves = [t for t in srcs + [w for f in filters for w in f if w is not None] if t.requires_grad]
     got, want = [], []
@@ -203,13 +202,13 @@ def test_stencil_group_is_each_edges_stencil(stride, identity, present, pools, p
 @pytest.mark.gpu_path
 @pytest.mark.parametrize("partial", [pytest.param(False, marks=pytest.mark.slow), True])  # True: every path too
 def test_pair_group_is_each_edges_pair(partial, device):
-    """relu_depthwise_pair_bn_tiles_group (the pairs of a group of edges: statistics merged from one pointwise launch's
+    """relu_depthwise_pair_bn_tiles of a group (the pairs of a group of edges: statistics merged from one pointwise launch's
     tile statistics, one input- and one filter-gradient launch for all) against the plain-PyTorch pair per edge:
     outputs, batch statistics, every gradient. `partial`: an edge without y5's gradient and one with a frozen
     filter, which take their own backward launches beside the group's, and statistics rows out of order (each
     pair's forward its own launch)."""
     from milenas_fast.ops.pointwise import stats_tile
-    from milenas_fast.ops.stencil import max_tile, relu_depthwise_pair_bn_reference, relu_depthwise_pair_bn_tiles_group
+    from milenas_fast.ops.stencil import relu_depthwise_pair_bn_reference, relu_depthwise_pair_bn_tiles
 
     gen = torch.Generator().manual_seed(8)
     E, N, C, H, W = 4, 2, 4, 5, 6
@@ -231,16 +230,15 @@ def test_pair_group_is_each_edges_pair(partial, device):
 
     st._launch = spy
     try:
-        with max_tile(16):
-            outs = relu_depthwise_pair_bn_tiles_group([hs[2 * p] for p in perm], [f[0] for f in filters],
-                                                      [hs[2 * p + 1] for p in perm], [f[1] for f in filters],
-                                                      [tiles] * E, [(2 * p, 2 * p + 1) for p in perm],
-                                                      stats_tile(hs[0]), 1e-5)
-            skip = {(1, 1)} if partial else set()  # (edge, output) without a gradient
-            got = [(outs[e][j], torch.randn(outs[e][j].shape, generator=gen).to(device))
-                   for e in range(E) for j in (0, 1) if (e, j) not in skip]
-            leaves = [t for t in hs + [w for f in filters for w in f] if t.requires_grad]
-            ga = torch.autograd.grad([y for y, _ in got], leaves, [g for _, g in got], allow_unused=True)
+        outs = relu_depthwise_pair_bn_tiles([hs[2 * p] for p in perm], [f[0] for f in filters],
+                                            [hs[2 * p + 1] for p in perm], [f[1] for f in filters],
+                                            [tiles] * E, [(2 * p, 2 * p + 1) for p in perm], stats_tile(hs[0]),
+                                            1e-5, max_tile=16)
+        skip = {(1, 1)} if partial else set()  # (edge, output) without a gradient
+        got = [(outs[e][j], torch.randn(outs[e][j].shape, generator=gen).to(device))
+               for e in range(E) for j in (0, 1) if (e, j) not in skip]
+        leaves = [t for t in hs + [w for f in filters for w in f] if t.requires_grad]
+        ga = torch.autograd.grad([y for y, _ in got], leaves, [g for _, g in got], allow_unused=True)
     finally:
         st._launch = real
     fwd = [n for n in launches if n[0] == "stencil_fwd_kernel"]
@@ -273,9 +271,12 @@ def test_pair_group_rejects_rows_outside_the_statistics():
     """Every pair's rows (groups + e·step) must lie inside tile_stats: an error, not a read past its end."""
     h, w3, w5 = torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3), torch.randn(3, 1, 5, 5)
     tiles = torch.zeros(6, 2, 2, 3)
-    ok = torch.ops.milenas_fast.stencil_fwd_bn_group([h] * 3, [w3] * 3, [h] * 3, [w5] * 3, tiles, [0, 1], 2, 16, 1e-5)
+    def fwd(groups, step):
+        return torch.ops.milenas_fast.stencil_fwd([h] * 3, [w3] * 3, [w5] * 3, [], [], 1, False, [h] * 3, [], [], tiles,
+                                                  groups, step, 16, 1e-5, 0)
+
+    ok = fwd([0, 1], 2)
     assert len(ok) == 15
     for groups, step in (([0, 1], 3), ([4, 5], -3), ([-1, 0], 1)):
         with pytest.raises(ValueError, match="groups two of its rows"):
-            torch.ops.milenas_fast.stencil_fwd_bn_group([h] * 3, [w3] * 3, [h] * 3, [w5] * 3, tiles, groups, step, 16,
-                                                        1e-5)
+            fwd(groups, step)

@@ -28,34 +28,33 @@ def test_info_prints_versions_and_decisions(capsys):
 
 
 @pytest.mark.gpu_path
-def test_info_shows_twin_warning_and_failed_selftest(capsys, monkeypatch):
-    """A machine where edge_reduce runs its Triton twin and the fused kernels fail their self-test."""
+def test_info_shows_triton_warning_and_failed_selftest(capsys, monkeypatch):
+    """A machine where edge_reduce runs its Triton kernels and the fused kernels fail their self-test."""
     from milenas_fast.space import selftest
     from milenas_fast.ops import select
     from milenas_fast.runtime import resolve_device
 
-    er = importlib.import_module("milenas_fast.ops.edge_reduce")
-    fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
+    from milenas_fast.ops import backends
+    fmo = importlib.import_module("milenas_fast.space.fused_mixed_op")
     dev = resolve_device("auto")
     monkeypatch.setattr(selftest, "_results", {})
     monkeypatch.setattr(selftest, "_warned", set())
-    why = "Triton twin, because the C++ extension has no kernels (injected)"
-    monkeypatch.setitem(er.IMPL, dev.type, ("triton", why))
+    why = "Triton kernels, because the C++ extension has no kernels (injected)"
+    monkeypatch.setitem(backends._RESOLVED, dev.type, backends.Kernels(dev.type, "triton", why))
     def broken(*a, **k):
         raise RuntimeError("injected launch failure")
 
-    monkeypatch.setattr(fmo, "stencil", broken)
-    monkeypatch.setattr(fmo, "stencil_with_identity", broken)  # the stride-1 launch (its identity candidate)
+    monkeypatch.setattr(fmo, "stencil_group", broken)
     monkeypatch.delenv(select.ENV, raising=False)
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert f"edge_reduce ({dev.type}): triton ({why})" in out
-    assert f"WARNING: milenas_fast: edge_reduce on {dev.type}: Triton twin" in out
+    assert f"WARNING: milenas_fast: edge_reduce on {dev.type}: Triton kernels, because" in out
     assert "fused self-test: " in out and "FAILED: stride 1: RuntimeError: injected launch failure" in out
     assert "refused: --impl fused: the fused MixedOp failed its self-test" in out
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert [w for w in info["warnings"] if f"edge_reduce on {dev.type}: Triton twin" in w]
+    assert [w for w in info["warnings"] if f"edge_reduce on {dev.type}: Triton kernels, because" in w]
     assert "float32: FAILED" in info["fused self-test"]
 
 

@@ -13,13 +13,14 @@ import torch.nn as nn
 
 from milenas_fast import MixedOp, Network
 from milenas_fast.errors import ConfigError
-from milenas_fast.ops import mixing_weights, select, weight_cast
+from milenas_fast.ops import select
 from milenas_fast.search.plan import resolve_mixed_op
+from milenas_fast.space import mixing_weights, weight_cast
 from milenas_fast.space import supernet
 from milenas_fast.space.mixed_op import FusedMixedOp, ReferenceMixedOp, set_impl
 from milenas_fast.space.primitives import PRIMITIVES
 
-fmo = importlib.import_module("milenas_fast.ops.fused_mixed_op")
+fmo = importlib.import_module("milenas_fast.space.fused_mixed_op")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -374,7 +375,7 @@ def test_auto_is_reference_on_cpu(monkeypatch):
     monkeypatch.delenv(select.ENV, raising=False)
     d = select.decide(None, "cpu")
     assert d.impl == "reference" and d.ok and d.reasons
-    cls, why = resolve_mixed_op("auto", torch.device("cpu"))
+    cls, why, kernels = resolve_mixed_op("auto", torch.device("cpu"))
     assert cls is ReferenceMixedOp and "reference" in why
     assert resolve_mixed_op("reference", torch.device("cpu"))[0] is ReferenceMixedOp
 
@@ -396,7 +397,7 @@ def test_fused_that_cannot_run_raises(monkeypatch):
 
 def test_a_primitive_listed_twice_is_not_fused():
     """The stencil has one branch per conv primitive: a list naming one twice takes the reference twin."""
-    from milenas_fast.ops import fused_mixed_op
+    from milenas_fast.space import fused_mixed_op
 
     m = ReferenceMixedOp(4, 1, primitives=("sep_conv_3x3", "skip_connect", "sep_conv_3x3"))
     assert fused_mixed_op.unsupported(m) == "primitives listed twice (sep_conv_3x3)"
@@ -481,7 +482,7 @@ def test_cuda_bf16_autocast_alpha_grad(stride):
 @pytest.mark.cuda
 def test_cuda_network_auto_uses_fused(monkeypatch):
     monkeypatch.delenv(select.ENV, raising=False)
-    cls, why = resolve_mixed_op("auto", torch.device("cuda"))
+    cls, why, kernels = resolve_mixed_op("auto", torch.device("cuda"))
     assert cls is FusedMixedOp, why
 
 
@@ -535,3 +536,17 @@ def test_a_call_the_kernels_cannot_take_is_the_reference_under_auto_and_an_error
     # nothing ran twice: the running statistics and counters are the twin's
     for (name, a), b in zip(op.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_conv_candidates_name_their_stages_and_keep_their_state_dict_keys():
+    """SepConv/DilConv stages by name (what the fused path reads) are the Sequential's entries, whose indices stay
+    the state_dict keys (DARTS checkpoints)."""
+    from milenas_fast.space.primitives import DilConv, SepConv
+
+    sep, dil = SepConv(4, 4, 3, 1, 1, affine=False), DilConv(4, 4, 3, 2, 2, 2, affine=False)
+    assert [sep.dw1, sep.pw1, sep.bn1, sep.dw2, sep.pw2, sep.bn] == [sep.op[i] for i in (1, 2, 3, 5, 6, 7)]
+    assert [dil.dw, dil.pw, dil.bn] == [dil.op[i] for i in (1, 2, 3)]
+    bn = ["running_mean", "running_var", "num_batches_tracked"]
+    assert list(sep.state_dict()) == (["op.1.weight", "op.2.weight"] + [f"op.3.{k}" for k in bn]
+                                      + ["op.5.weight", "op.6.weight"] + [f"op.7.{k}" for k in bn])
+    assert list(dil.state_dict()) == ["op.1.weight", "op.2.weight"] + [f"op.3.{k}" for k in bn]

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
-from milenas_fast.ops import pointwise as pw  # noqa: E402
+from milenas_fast.ops import pointwise as pw, tiles as tile_policy  # noqa: E402
 from milenas_fast.ops.pointwise import pointwise, pointwise_reference  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def test_fp32_matches_reference(k, N, C, CO, H, W, tile, device, launches, monke
     """Odd shapes, channels below and above tl.dot's 16, and (tile 256) several pixel tiles per image: outputs and
     every input and weight gradient are the reference's; one launch each way (weights: partials + a sum)."""
     if tile:
-        monkeypatch.setattr(pw, "_TILE", tile)
+        monkeypatch.setattr(tile_policy, "POINTWISE_TILE", tile)
     xs, ws, gs = make(k, N, C, CO, H, W, torch.float32, seed=k * 10 + C, device=device)
     ys, gr = grads(pointwise, xs, ws, gs)
     yr, grr = grads(pointwise_reference, xs, ws, gs)
@@ -83,7 +83,7 @@ def test_tile_statistics_merge_to_the_outputs_statistics(k, stats, tile, dtype, 
     outputs' batch mean and variance (float64 oracle); several tiles per image (tile 256), a partial last tile;
     one launch; the statistics take no gradient."""
     if tile:
-        monkeypatch.setattr(pw, "_TILE", tile)
+        monkeypatch.setattr(tile_policy, "POINTWISE_TILE", tile)
     xs, ws, gs = make(k, 3, 16, 16, 7, 9, dtype, seed=31, device=device)
     xs = [x * (1 + i % 5) + i for i, x in enumerate(xs)]  # offsets and scales: the merge must centre
     outs = pointwise(xs, ws, stats)

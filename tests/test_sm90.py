@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-from milenas_fast.ops.stencil import GPU_MAX_TILE, group_config, launch_config  # noqa: E402
+from milenas_fast.ops.tiles import GPU_MAX_TILE, group_config, launch_config  # noqa: E402
 
 KERNELS = {"fwd": "stencil_fwd_kernel", "bwd_input": "stencil_bwd_input_kernel",
            "bwd_weight": "stencil_bwd_weight_kernel"}
@@ -64,9 +64,10 @@ def jobs() -> list[dict]:
                 out.append({**base, "has": ["HAS3", "HAS5"], "consts": {**consts, "X5": True, "HASACC": False,
                                                                         "NORM": 2 if kernel == "fwd" else 1},
                             "key": f"{kernel} pair group P{bp} HW{bhw} w{warps} E8"})
-    from milenas_fast.ops.pointwise import GPU_TILE, _blocks, stats_warps
+    from milenas_fast.ops.pointwise import stats_warps
+    from milenas_fast.ops.tiles import GPU_POINTWISE_TILE, pointwise_blocks
     for N, C, H in SEARCH_SHAPES:
-        ba, bb, bp = _blocks(C, C, H * H, GPU_TILE)
+        ba, bb, bp = pointwise_blocks(C, C, H * H, GPU_POINTWISE_TILE)
         # K: one edge's four conv candidates, and the fused Cell's largest group (8 edges' first stages, the sep
         # convs' 16 outputs with tile statistics)
         for name, k, stats in (("pointwise_kernel", 4, 0), ("pointwise_kernel", 4, 3),

@@ -3,7 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter, which must be switched on before triton or the
 kernel module is imported (hence the environment line above the imports).
 """
-import contextlib
+import functools
 import os
 
 import torch
@@ -16,7 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 pytest.importorskip("triton")
 from milenas_fast.ops import stencil as stencil_mod  # noqa: E402
-from milenas_fast.ops.stencil import (launch_config, max_tile, relu_depthwise, relu_depthwise_pair,  # noqa: E402
+from milenas_fast.ops import tiles  # noqa: E402
+from milenas_fast.ops.tiles import launch_config, stencil_config  # noqa: E402
+from milenas_fast.ops.stencil import (relu_depthwise, relu_depthwise_pair,  # noqa: E402
                                       relu_depthwise_pair_bn, relu_depthwise_pair_bn_reference,
                                       relu_depthwise_reference, stencil, stencil_reference, stencil_with_identity)
 
@@ -54,9 +56,9 @@ def grads_like(N, C, H, stride, gen, device, dtype=torch.float32):
     return [torch.randn(N, C, HO, HO, generator=gen).to(dtype).to(device) for _ in NAMES]
 
 
-def assert_matches(x, ws, stride, g, need=(True,) * 5, what=""):
+def assert_matches(x, ws, stride, g, need=(True,) * 5, what="", max_tile=0):
     """fp32: the six outputs and every requested gradient equal the reference's (tight tolerances)."""
-    ys, gs = run(stencil, x, ws, stride, g, need)
+    ys, gs = run(functools.partial(stencil, max_tile=max_tile), x, ws, stride, g, need)
     yr, gr = run(stencil_reference, x, ws, stride, g, need)
     for name, a, b in zip(NAMES, ys, yr):
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -95,15 +97,14 @@ def test_many_programs(C, tile, split, stride, device):
             assert bp == 1 and grid[0] == N * C and grid[1] > 1, (kernel, bp, bhw, grid)
         else:
             assert bp > 1 and grid[0] > 1 and (N * C) % bp, (kernel, bp, bhw, grid)
-    with max_tile(tile):
-        assert launch_config("fwd", x.shape, stride)[2] == launch_config("fwd", x.shape, stride, tile)[2]
-        assert_matches(x, ws, stride, grads_like(N, C, H, stride, gen, device), what=f"tile {tile}")
+    assert stencil_config("fwd", x.shape, stride, 1, tile) == launch_config("fwd", x.shape, stride, tile)
+    assert_matches(x, ws, stride, grads_like(N, C, H, stride, gen, device), what=f"tile {tile}", max_tile=tile)
 
 
 def test_max_tile_is_checked():
+    x, ws = make(1, 2, 4, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="power of two"):
-        with max_tile(24):
-            pass
+        stencil(x, *ws, 1, max_tile=24)
 
 
 @pytest.mark.gpu_path
@@ -162,7 +163,7 @@ def launches(monkeypatch):
     real = stencil_mod._launch
 
     def spy(kernel, grid, *args, **meta):
-        flags = [a for a in args if isinstance(a, bool)]
+        flags = [meta[k] for k in ("HAS3", "HAS5", "HASD3", "HASD5", "HASMAX", "HASAVG") if k in meta]
         seen.append((kernel.fn.__name__.removeprefix("stencil_").removesuffix("_kernel"), flags))
         return real(kernel, grid, *args, **meta)
 
@@ -216,13 +217,13 @@ def rd_inputs(N, C, H, W, k, dtype, gen, device):
     return x.to(device), w.to(device)
 
 
-def check_relu_depthwise(x, w, stride, tol):
+def check_relu_depthwise(x, w, stride, tol, max_tile=0):
     """relu_depthwise vs its twin: output, dx and dw, dtypes: x's for y and dx, the filter's for dw."""
     gen = torch.Generator().manual_seed(x.shape[2] * 10 + w.shape[-1])
     HO, WO = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
     g = torch.randn(x.shape[0], x.shape[1], HO, WO, generator=gen).to(x.device, x.dtype)
     inputs = [x.requires_grad_(), w.requires_grad_()]
-    (y,), (dx, dw) = grads_of(lambda x, w: (relu_depthwise(x, w, stride),), inputs, [g])
+    (y,), (dx, dw) = grads_of(lambda x, w: (relu_depthwise(x, w, stride, max_tile=max_tile),), inputs, [g])
     (yr,), (dxr, dwr) = grads_of(lambda x, w: (relu_depthwise_reference(x, w, stride),), inputs, [g])
     assert (y.dtype, dx.dtype, dw.dtype) == (x.dtype, x.dtype, w.dtype)
     assert y.shape == yr.shape and dw.shape == w.shape and dw.is_contiguous()
@@ -267,8 +268,7 @@ def test_relu_depthwise_many_programs(tile, split, k, device):
         bp, _, grid, _ = launch_config(kernel, (N, C, H, W), 1, tile)
         assert (grid[0] > 1 and grid[1] > 1) if split == "pixels" else (bp > 1 and (N * C) % bp), (kernel, grid)
     gen = torch.Generator().manual_seed(tile + k)
-    with max_tile(tile):
-        check_relu_depthwise(*rd_inputs(N, C, H, W, k, torch.float32, gen, device), 1, 1e-5)
+    check_relu_depthwise(*rd_inputs(N, C, H, W, k, torch.float32, gen, device), 1, 1e-5, max_tile=tile)
 
 
 @pytest.mark.gpu_path
@@ -304,13 +304,12 @@ def test_identity_gradient_joins_dx_in_the_input_gradient_kernel(stride, pools, 
     inputs = [x.requires_grad_(), *[w.requires_grad_() for w in ws]]
 
     def ours(x, *ws):
-        return stencil_with_identity(x, *ws, stride, pools=pools)
+        return stencil_with_identity(x, *ws, stride, pools=pools, max_tile=tile or 0)
 
     def twin(x, *ws):
         return (x, *stencil_reference(x, *ws, stride, pools=pools))
 
-    with max_tile(tile) if tile else contextlib.nullcontext():
-        ys, gs = grads_of(ours, inputs, g)
+    ys, gs = grads_of(ours, inputs, g)
     yr, gr = grads_of(twin, inputs, g)
     assert [name for name, _ in launches] == ["fwd", "bwd_input", "bwd_weight"]  # no add: not a launch of ours
     torch.testing.assert_close(ys[0], x.detach(), rtol=0, atol=0)
@@ -360,8 +359,7 @@ def test_relu_depthwise_pair_matches_two_calls(N, C, H, W, tile, device, launche
     inputs, g = pair_inputs(N, C, H, W, torch.float32, gen, device)
     for t in inputs:
         t.requires_grad_()
-    with max_tile(tile) if tile else contextlib.nullcontext():
-        ys, gs = grads_of(relu_depthwise_pair, inputs, g)
+    ys, gs = grads_of(functools.partial(relu_depthwise_pair, max_tile=tile or 0), inputs, g)
     yr, gr = grads_of(pair_reference, inputs, g)
     assert [name for name, _ in launches] == ["fwd", "bwd_input", "bwd_weight"]
     for name, a, b in zip(("y3", "y5", "dx3", "dw3", "dx5", "dw5"), ys + gs, yr + gr):
@@ -416,13 +414,13 @@ def test_relu_depthwise_pair_bf16(device):
         assert err(a, ref) <= bound, f"{name}: {err(a, ref):.3g} > {bound:.3g} (torch {err(lo, ref):.3g})"
 
 
-def pair_bn(h3, w3, h5, w5, eps=1e-5):
+def pair_bn(h3, w3, h5, w5, eps=1e-5, max_tile=0):
     """relu_depthwise_pair_bn with given statistics (bn_stats of both inputs; the fused MixedOp's form, with tile
     statistics, is tested below)."""
     from milenas_fast.ops.bn_fold import bn_stats
 
     mean, rstd, _ = bn_stats([h3.detach(), h5.detach()], 0b11, eps)
-    return relu_depthwise_pair_bn(h3, w3, h5, w5, mean, rstd, eps)
+    return relu_depthwise_pair_bn(h3, w3, h5, w5, mean, rstd, eps, max_tile=max_tile)
 
 
 def pair_bn_twin(h3, w3, h5, w5):
@@ -447,8 +445,7 @@ def test_relu_depthwise_pair_bn_matches_batch_norm_then_pair(N, C, H, W, tile, d
     inputs, g = bn_inputs(N, C, H, W, torch.float32, gen, device)
     for t in inputs:
         t.requires_grad_()
-    with max_tile(tile) if tile else contextlib.nullcontext():
-        ys, gs = grads_of(pair_bn, inputs, g)
+    ys, gs = grads_of(functools.partial(pair_bn, max_tile=tile or 0), inputs, g)
     yr, gr = grads_of(pair_bn_twin, inputs, g)
     assert [name for name, _ in launches] == ["fwd", "bwd_input", "bwd_weight"]
     for name, a, b in zip(("y3", "y5", "dh3", "dw3", "dh5", "dw5"), ys + gs, yr + gr):
@@ -489,7 +486,7 @@ def test_relu_depthwise_pair_bn_from_tile_statistics(pw_tile, tile, dtype, devic
     from milenas_fast.ops.stencil import relu_depthwise_pair_bn_tiles
 
     if pw_tile:
-        monkeypatch.setattr(pw, "_TILE", pw_tile)
+        monkeypatch.setattr(tiles, "POINTWISE_TILE", pw_tile)
     gen = torch.Generator().manual_seed(41 + bool(tile))
     N, C, H, W = 3, 16, 7, 9
     zs = [(torch.randn(N, C, H, W, generator=gen) * 2 + 1).to(device, dtype) for _ in range(3)]
@@ -500,8 +497,8 @@ def test_relu_depthwise_pair_bn_from_tile_statistics(pw_tile, tile, dtype, devic
     launches.clear()
 
     def ours(a3, v3, a5, v5):
-        with max_tile(tile) if tile else contextlib.nullcontext():
-            return relu_depthwise_pair_bn_tiles(a3, v3, a5, v5, st, (0, 2), stats_tile(h3), 1e-5)
+        return relu_depthwise_pair_bn_tiles([a3], [v3], [a5], [v5], [st], [(0, 2)], stats_tile(h3), 1e-5,
+                                            max_tile=tile or 0)[0]
 
     inputs = [h3.requires_grad_(), w3.requires_grad_(), h5.requires_grad_(), w5.requires_grad_()]
     ys, gs = grads_of(ours, inputs, g + [None, None])
@@ -598,18 +595,6 @@ def test_cuda_real_shapes_bf16(C, H, stride):
     check_low_precision(64, C, H, stride, torch.bfloat16, seed=C + stride)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_opcheck():
-    """Schema, fake-tensor and autograd registration (fake tracing cannot run in the interpreter)."""
-    gen = torch.Generator().manual_seed(0)
-    x, ws = make(2, 16, 9, torch.float32, gen)
-    torch.library.opcheck(torch.ops.milenas_fast.stencil_fwd.default,
-                          (x.requires_grad_(), *[w.requires_grad_() for w in ws], 2))
-    # relu_depthwise's form: one filter, the other branches and the pools skipped
-    torch.library.opcheck(torch.ops.milenas_fast.stencil_fwd.default, (x, None, ws[1], None, None, 1, False))
-
-
 # --- filter gradients: contiguous views of one ordered sum, no copy ---------------------------------
 
 class _Ops(TorchDispatchMode):
@@ -642,15 +627,31 @@ def test_filter_grads_land_contiguous_without_copies(N, C, tile, split, device):
     bp, _, grid, _ = launch_config("bwd_weight", x.shape, 1, tile)
     assert (bp == 1 and grid[1] > 1) if split == "pixels" else (bp > 1 and C % bp), (bp, grid)
     got, want = [[w.detach().clone().requires_grad_() for w in ws] for _ in range(2)]
-    for op, leaves in ((stencil, got), (stencil_reference, want)):
+    for op, leaves in ((functools.partial(stencil, max_tile=tile), got), (stencil_reference, want)):
         ys = op(x, *leaves, 1, pools=False)
         loss = sum((y * gi).sum() for y, gi in zip(ys, g))
-        with max_tile(tile), _Ops() as seen:
+        with _Ops() as seen:
             loss.backward()
-        if op is stencil:
+        if op is not stencil_reference:
             assert seen.names.count("stencil_bwd_weight") == 1 and not COPY_OPS & set(seen.names), seen.names
     assert all(w.grad.is_contiguous() for w in got)
     assert len({w.grad.untyped_storage().data_ptr() for w in got}) == 1
     for name, a, b in zip(GRADS[1:], got, want):
         assert a.grad.dtype == b.grad.dtype
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=2e-5, msg=f"grad {name}")
+
+
+def test_launch_records_name_the_kernels_arguments():
+    """Each launch-argument record's fields are its kernel's run-time parameters, in order (constexprs by keyword)."""
+    import inspect
+
+    import triton.language as tl
+
+    from milenas_fast.kernels import stencil as K
+
+    for kernel, record in ((K.stencil_fwd_kernel, stencil_mod.FwdArgs), (K.stencil_bwd_input_kernel,
+                                                                       stencil_mod.BwdInputArgs),
+                           (K.stencil_bwd_weight_kernel, stencil_mod.BwdWeightArgs)):
+        params = inspect.signature(kernel.fn).parameters.values()
+        assert [p.name for p in params if p.annotation is not tl.constexpr and p.annotation != "tl.constexpr"] == \
+            list(record._fields), kernel.fn.__name__

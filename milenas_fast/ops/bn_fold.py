@@ -15,13 +15,18 @@ and the mixing weights' gradient. `bn_stats_reference`, `bn_fold_grad_reference`
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from milenas_fast.kernels import bn_fold as K
 
+from .backends import Kernels
+from .costs import states_flops
 from .edge_reduce import edge_reduce, edge_reduce_backward, edge_reduce_partials
-from .edge_reduce_triton import MAX_TILE, _pow2, check_candidates, launch_config, pointers
-from .triton_launch import INTERPRET, launch, register
+from .edge_reduce_meta import MAX_CANDIDATES, check_candidates
+from .tiles import PLANE_TILE, cdiv, channel_config, plane_config, pow2
+from .triton_launch import launch, pointers, register
 
 
 MAX_STATS = 64  # bn_stats' candidates per launch: a DARTS cell's 8 edges leaving s0 and s1, 7 candidates each
@@ -60,9 +65,8 @@ def bn_stats(ys: list[torch.Tensor], stats: int, eps: float) -> tuple[torch.Tens
     kt, (n, c, h, wd) = len(ys), ys[0].shape
     mean = ys[0].new_empty(kt, c, dtype=torch.float32)
     rstd, uvar = torch.empty_like(mean), torch.empty_like(mean)
-    bhw = min(_pow2(h * wd), MAX_TILE)
-    bc = _pow2(c) if INTERPRET else max(1, min(_pow2(c), MAX_TILE // bhw // 4))  # the interpreter pays per program
-    launch(K.bn_stats_kernel, (kt, -(-c // bc)), tuple(y.contiguous() for y in ys), mean, rstd, uvar, n, c,
+    bc, bhw = channel_config(c, h * wd)
+    launch(K.bn_stats_kernel, (kt, cdiv(c, bc)), tuple(y.contiguous() for y in ys), mean, rstd, uvar, n, c,
            h * wd, eps, K=kt, STATS=stats, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
     return mean, rstd, uvar
 
@@ -87,8 +91,8 @@ def running_rstd(var: torch.Tensor, stats: int, eps: float) -> torch.Tensor:
     var = var.contiguous()
     rstd = var.new_empty(k, c, dtype=torch.float32)
     if var.numel():
-        bc = min(_pow2(c), MAX_TILE)
-        launch(K.running_rstd_kernel, (k, -(-c // bc)), var, rstd, c, eps, STATS=stats, BLOCK_C=bc, num_warps=1)
+        bc = min(pow2(c), PLANE_TILE)
+        launch(K.running_rstd_kernel, (k, cdiv(c, bc)), var, rstd, c, eps, STATS=stats, BLOCK_C=bc, num_warps=1)
     return rstd
 
 
@@ -99,40 +103,55 @@ def running_rstd_reference(var: torch.Tensor, stats: int, eps: float) -> torch.T
 
 
 @register("milenas_fast::bn_fold_grad")
-def bn_fold_grad(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                 gmean: torch.Tensor, grstd: torch.Tensor, stats: int) -> torch.Tensor:
-    """Every candidate's input gradient, in ONE [K, N, C, H, W] buffer (autograd hands out its rows)."""
+def bn_fold_grad_op(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                    gmean: Optional[torch.Tensor], grstd: Optional[torch.Tensor], part_gy: Optional[torch.Tensor],
+                    part_g: Optional[torch.Tensor], stats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every candidate's input gradient in ONE [K, N, C, H, W] buffer (autograd hands out its rows), from the
+    statistics' gradients gmean/grstd [K, C], or (gy, gw) finishing edge_reduce's partial sums itself
+    (`edge_reduce_partials`: part_gy [K, C, S], part_g [C, S]) and also the mixing weights' gradient gw [K]: ONE
+    launch either way. Without the partials gw is 0-element."""
     _check_list(ys, stats)
     k, (n, c, h, wd) = len(ys), ys[0].shape
+    parts = part_gy is not None
+    if parts == (gmean is not None) or (gmean is None) != (grstd is None) or (part_gy is None) != (part_g is None):
+        raise ValueError("bn_fold_grad: either gmean and grstd or part_gy and part_g")
+    if parts and (part_gy.dim() != 3 or part_gy.shape[:2] != (k, c) or part_g.shape != (c, part_gy.shape[2])):
+        raise ValueError(f"bn_fold_grad: partials must be [K={k}, C={c}, S] and [C, S], got "
+                         f"{list(part_gy.shape)} and {list(part_g.shape)}")
     g = g.contiguous()
     gy = ys[0].new_empty(k, n, c, h, wd)
+    gw = w.new_empty(0) if not parts else w.new_zeros(k) if not gy.numel() else w.new_empty(k)
     if gy.numel():
-        bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys), w, mean, rstd, gmean, grstd, gy, w, w, w,
-               1.0 / (n * h * wd), n * c, c, h * wd, 1, K=k, STATS=stats, PARTS=False, BLOCK_P=bp, BLOCK_HW=bhw,
+        bp, bhw, grid, warps = plane_config(n * c, h * wd)
+        part_gy, part_g = (part_gy.contiguous(), part_g.contiguous()) if parts else (w, w)
+        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys, MAX_CANDIDATES), w, mean, rstd, w if parts else gmean,
+               w if parts else grstd, gy, part_gy, part_g, gw if parts else w, 1.0 / (n * h * wd), n * c, c, h * wd,
+               part_gy.shape[2] if parts else 1, K=k, STATS=stats, PARTS=parts, BLOCK_P=bp, BLOCK_HW=bhw,
                num_warps=warps)
-    return gy
+    return gy, gw
 
 
-@register("milenas_fast::bn_fold_grad_partials")
+@states_flops("milenas_fast::bn_fold_grad")
+def _fold_grad_flops(g, ys, *_) -> int:
+    return 5 * sum(y.numel() for y in ys)  # gy = a·g + b·y + d per candidate element (the partials' sums are small)
+
+
+@states_flops("milenas_fast::bn_backward")
+def _bn_backward_flops(gs, hs, *_) -> int:
+    return 9 * sum(h.numel() for h in hs)  # sums of g and g·(h − mean), then rstd·(g − a − (h − mean)·b)
+
+
+def bn_fold_grad(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                 gmean: torch.Tensor, grstd: torch.Tensor, stats: int) -> torch.Tensor:
+    """Every candidate's input gradient [K, N, C, H, W] from the statistics' gradients gmean/grstd."""
+    return torch.ops.milenas_fast.bn_fold_grad(g, ys, w, mean, rstd, gmean, grstd, None, None, stats)[0]
+
+
 def bn_fold_grad_partials(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor,
                           rstd: torch.Tensor, part_gy: torch.Tensor, part_g: torch.Tensor, stats: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`bn_fold_grad` that finishes edge_reduce's partial sums itself (`edge_reduce_partials`: part_gy [K, C, S],
-    part_g [C, S]) and also returns the mixing weights' gradient gw [K]: (gy [K, N, C, H, W], gw), ONE launch."""
-    _check_list(ys, stats)
-    k, (n, c, h, wd) = len(ys), ys[0].shape
-    if part_gy.dim() != 3 or part_gy.shape[:2] != (k, c) or part_g.shape != (c, part_gy.shape[2]):
-        raise ValueError(f"bn_fold_grad_partials: partials must be [K={k}, C={c}, S] and [C, S], got "
-                         f"{list(part_gy.shape)} and {list(part_g.shape)}")
-    g, part_gy, part_g = g.contiguous(), part_gy.contiguous(), part_g.contiguous()
-    gy = ys[0].new_empty(k, n, c, h, wd)
-    gw = w.new_zeros(k) if not gy.numel() else w.new_empty(k)
-    if gy.numel():
-        bp, bhw, grid, warps = launch_config(n * c, h * wd)
-        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys), w, mean, rstd, w, w, gy, part_gy, part_g, gw,
-               1.0 / (n * h * wd), n * c, c, h * wd, part_gy.shape[2], K=k, STATS=stats, PARTS=True, BLOCK_P=bp,
-               BLOCK_HW=bhw, num_warps=warps)
+    """`bn_fold_grad` that finishes edge_reduce's partial sums itself: (gy [K, N, C, H, W], gw [K])."""
+    gy, gw = torch.ops.milenas_fast.bn_fold_grad(g, ys, w, mean, rstd, None, None, part_gy, part_g, stats)
     return gy, gw
 
 
@@ -154,11 +173,11 @@ def bn_fold_grad_reference(g, ys: list[torch.Tensor], w, mean, rstd, gmean, grst
     return (g.float() * v(w[:, None] * rstd) + y.float() * v(b) + v(d)).to(y.dtype)
 
 
-MAX_BN = 16  # bn_backward_group's BatchNorms per launch: the pairs of a fused cell's group of 8 edges
+MAX_BN = 16  # bn_backward's BatchNorms per launch: the pairs of a fused cell's group of 8 edges
 
 
 @register("milenas_fast::bn_backward", traceable=False)  # tuples of pointers
-def bn_backward_group(gs: list[torch.Tensor], hs: list[torch.Tensor], means: list[torch.Tensor],
+def bn_backward_op(gs: list[torch.Tensor], hs: list[torch.Tensor], means: list[torch.Tensor],
                       rstds: list[torch.Tensor]) -> list[torch.Tensor]:
     """ONE kernel for the input gradients of K ≤ MAX_BN training-mode non-affine BatchNorms (inputs hs [N, C, H, W],
     one shape and dtype; output gradients gs of that dtype; means/rstds [C] fp32 their batch statistics): the
@@ -176,16 +195,15 @@ def bn_backward_group(gs: list[torch.Tensor], hs: list[torch.Tensor], means: lis
     gs, hs, means, rstds = ([t.contiguous() for t in ts] for ts in (gs, hs, means, rstds))
     dhs = [torch.empty_like(t) for t in hs]
     if h0.numel():
-        bhw = min(_pow2(h * wd), MAX_TILE)
-        bc = _pow2(c) if INTERPRET else max(1, min(_pow2(c), MAX_TILE // bhw // 4))  # as bn_stats
-        launch(K.bn_backward_kernel, (len(hs), -(-c // bc)), *map(tuple, (gs, hs, dhs, means, rstds)), n, c, h * wd,
+        bc, bhw = channel_config(c, h * wd)
+        launch(K.bn_backward_kernel, (len(hs), cdiv(c, bc)), *map(tuple, (gs, hs, dhs, means, rstds)), n, c, h * wd,
                K=len(hs), BLOCK_C=bc, BLOCK_HW=bhw, num_warps=4)
     return dhs
 
 
 def bn_backward(g0: torch.Tensor, g1: torch.Tensor, h0: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor,
                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`bn_backward_group` of two BatchNorms whose statistics are the rows of mean/rstd [2, C] (fp32)."""
+    """`bn_backward_op` of two BatchNorms whose statistics are the rows of mean/rstd [2, C] (fp32)."""
     c = h0.shape[1]
     if mean.shape != (2, c) or rstd.shape != (2, c) or mean.dtype != torch.float32 or rstd.dtype != torch.float32:
         raise ValueError(f"bn_backward: mean and rstd must be float32 [2, {c}]")
@@ -204,35 +222,36 @@ class _FoldedReduce(torch.autograd.Function):
     """Candidates as trailing arguments: autograd tracks tensors given directly, not inside a list."""
 
     @staticmethod
-    def forward(ctx, w, mean, rstd, stats, acc, *ys):
+    def forward(ctx, w, mean, rstd, stats, kernels, acc, *ys):
         ctx.save_for_backward(w, mean, rstd, *ys)
-        ctx.stats = stats
-        return edge_reduce(list(ys), w, mean, rstd, acc)  # no graph: autograd is off in here
+        ctx.stats, ctx.kernels = stats, kernels
+        return edge_reduce(list(ys), w, mean, rstd, acc, kernels=kernels)  # no graph: autograd is off in here
 
     @staticmethod
     def backward(ctx, grad):
         w, mean, rstd, *ys = ctx.saved_tensors
-        need_w, need_acc, need_ys = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5:]
+        need_w, need_acc, need_ys = ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6:]
         need_y = any(need_ys)
         grad = grad.contiguous()
         through = need_y and ctx.stats != 0  # the gradient flows through some batch statistics
         gys = [None] * len(ys)
         if need_y and (need_w or through):  # the sums finished by bn_fold_grad's launch: two launches in all
-            part_gy, part_g = edge_reduce_partials(grad, ys, w, mean, rstd)
-            gy, gw = torch.ops.milenas_fast.bn_fold_grad_partials(grad, ys, w, mean, rstd, part_gy, part_g,
-                                                                  ctx.stats)
+            part_gy, part_g = edge_reduce_partials(grad, ys, w, mean, rstd, kernels=ctx.kernels)
+            gy, gw = bn_fold_grad_partials(grad, ys, w, mean, rstd, part_gy, part_g, ctx.stats)
             gw = gw if need_w else None
         else:
-            _, gw, _, _ = edge_reduce_backward(grad, ys, w, mean, rstd, [False, need_w, False, False])
-            gy = torch.ops.milenas_fast.bn_fold_grad(grad, ys, w, mean, rstd, mean, rstd, 0) if need_y else None
+            _, gw, _, _ = edge_reduce_backward(grad, ys, w, mean, rstd, [False, need_w, False, False],
+                                               kernels=ctx.kernels)
+            gy = bn_fold_grad(grad, ys, w, mean, rstd, mean, rstd, 0) if need_y else None
         if need_y:
             gys = [t if n else None for t, n in zip(gy.unbind(0), need_ys)]
-        return gw, None, None, None, grad if need_acc else None, *gys
+        return gw, None, None, None, None, grad if need_acc else None, *gys
 
 
 def folded_reduce(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, stats: int,
-                  acc: torch.Tensor | None = None):
+                  acc: torch.Tensor | None = None, kernels: Kernels | None = None):
     """(acc +) Σ_k w_k (ys_k − mean_k) rstd_k over the candidates ys (a list, read where they are), differentiable
     in ys, w and acc (a node's running sum, added in the same launch); the rows named by the bitmask `stats` have
-    their batch statistics as mean/rstd (constants otherwise: running statistics, the identity's 0 and 1)."""
-    return _FoldedReduce.apply(w, mean.detach(), rstd.detach(), stats, acc, *ys)
+    their batch statistics as mean/rstd (constants otherwise: running statistics, the identity's 0 and 1). `kernels`:
+    edge_reduce's implementation (default: the device's)."""
+    return _FoldedReduce.apply(w, mean.detach(), rstd.detach(), stats, kernels, acc, *ys)

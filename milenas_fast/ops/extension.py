@@ -282,13 +282,16 @@ def load():
             except Exception as e:  # noqa: BLE001 - compiler errors come in many types
                 errors.append(f"JIT build failed: {type(e).__name__}: {str(e).strip()[-2000:]}")
         if how:
+            from .edge_reduce_meta import register_cpp
+
+            register_cpp()  # with the load, under the lock: a loaded library is complete
             has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("milenas_fast::edge_reduce", "CUDA")
             cuda = "yes" if has_cuda else "no" + ("" if how.startswith("JIT") else " (built without nvcc)")
             _state.update(ops=torch.ops.milenas_fast, why="", how=f"{how}; CUDA kernels: {cuda}")
         else:
             _state["why"] = "; ".join(errors)
             warnings.warn(
-                f"milenas_fast: C++/CUDA extension unavailable (the Triton twin or the PyTorch reference stands in): "
+                f"milenas_fast: C++/CUDA extension unavailable (the Triton edge_reduce or the PyTorch reference stands in): "
                 f"{_state['why']}",
                 RuntimeWarning,
                 stacklevel=2,

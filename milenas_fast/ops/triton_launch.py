@@ -8,30 +8,41 @@ and kernels are launched directly. One code path for every supported torch.
 Kernels that take tuples of pointers (the grouped pointwise's K inputs) are the exception: torch.compile's Triton
 tracing takes no tuple arguments (torch ≤ 2.14), so their ops are opaque custom ops everywhere
 (`register(name, traceable=False)`) and launch their kernels directly.
+
+On fake tensors nothing launches; a TorchDispatchMode with a `record_triton_launch(args)` method (the cost model's,
+benchmarks/cost_model.py) is told of each launch instead: our kernels are invisible to torch's dispatcher.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Set by benchmarks/cost_model.py while it counts: called with a launch's arguments on fake tensors
-# instead of launching (the kernels of our ops go through here, where torch cannot see them).
-fake_launch_hook = None
+from .tiles import INTERPRET
+
+__all__ = ["INTERPRET", "launch", "pointers", "register"]
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """Launch `kernel` on `grid`; nothing on fake tensors under the interpreter, where the op's fake
+    """Launch `kernel` on `grid`; nothing on fake tensors (see the module docstring), where the op's fake
     implementation may be its own body (see `register`)."""
     first = args[0][0] if isinstance(args[0], tuple) else args[0]  # a tuple of pointers: its first
-    if fake_launch_hook is not None and torch._subclasses.fake_tensor.is_fake(first):
-        fake_launch_hook(args)
-        return
+    fake = torch._subclasses.fake_tensor.is_fake(first)
+    if fake:
+        recorders = [m for m in _get_current_dispatch_mode_stack() if hasattr(m, "record_triton_launch")]
+        if recorders:
+            recorders[-1].record_triton_launch(args)
+            return
     if not INTERPRET and first is args[0]:
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
-    elif not torch._subclasses.fake_tensor.is_fake(first):
+    elif not fake:
         kernel[grid](*args, **meta)
+
+
+def pointers(ts: list[torch.Tensor], slots: int) -> list[torch.Tensor]:
+    """A kernel's `slots` pointer arguments (one per candidate): ts (contiguous), the unused slots aliased to ts[0]
+    (never read)."""
+    ts = [t.contiguous() for t in ts]
+    return ts + [ts[0]] * (slots - len(ts))
 
 
 def register(name: str, traceable: bool = True):

@@ -18,6 +18,7 @@ from ..config import SearchConfig
 from ..data import resolve_loader
 from ..errors import ConfigError
 from ..ops import select
+from ..ops.backends import Kernels
 from ..precision import Precision
 from ..space import selftest
 from ..space.mixed_op import FusedMixedOp, ReferenceMixedOp
@@ -33,7 +34,7 @@ class Plan:
     loader_why: str
     mixed_op: type             # the MixedOp class the supernet is built with
     mixed_op_why: str
-    edge_reduce: str           # the fused MixedOp's edge_reduce kernels: "cpp" | "triton" ("" unfused)
+    kernels: Kernels | None    # the fused MixedOp's kernels (edge_reduce: C++ or Triton); None unfused
     graphs: bool               # the CUDA-graph iteration
     graphs_why: str
     compile: bool
@@ -51,7 +52,7 @@ class Plan:
         if component == "torch.compile":
             return replace(self, compile=False)
         if component == "fused MixedOp":
-            return replace(self, mixed_op=ReferenceMixedOp, mixed_op_why=f"reference ({why})", edge_reduce="")
+            return replace(self, mixed_op=ReferenceMixedOp, mixed_op_why=f"reference ({why})", kernels=None)
         raise ValueError(f"no fast component {component!r}")
 
     def log_lines(self) -> list[str]:
@@ -65,7 +66,8 @@ class Plan:
         return {"device": str(self.device), "precision": self.precision,
                 "loader": f"{self.loader} ({self.loader_why})",
                 "MixedOp": f"{self.mixed_op.__name__} ({self.mixed_op_why})",
-                "edge_reduce": self.edge_reduce or "unused", "CUDA graphs": self.graphs_why,
+                "edge_reduce": f"{self.kernels.edge_reduce} ({self.kernels.why})" if self.kernels else "unused",
+                "CUDA graphs": self.graphs_why,
                 "torch.compile": self.compile, "shared train pass": self.shared_train_pass,
                 "warnings": list(self.warnings)}
 
@@ -86,19 +88,18 @@ def resolve(cfg: SearchConfig, device: torch.device, graphs=None) -> Plan:
         on, graphs_why = False, f"off: the capture self-test failed ({why}); eager loop"
         warnings.append(f"CUDA graph capture self-test failed ({why}); using the eager loop")
     if cfg.sampler == "gumbel":
-        mixed_op, mixed_op_why = HardSampledMixedOp, "the sampled candidate only (--sampler gumbel)"
+        mixed_op, mixed_op_why, kernels = HardSampledMixedOp, "the sampled candidate only (--sampler gumbel)", None
     else:
-        mixed_op, mixed_op_why = resolve_mixed_op(cfg.impl, device)
-    edge_reduce = select.edge_reduce_impl(device.type)[0] if mixed_op is FusedMixedOp else ""
-    return Plan(device, Precision(device, cfg.amp).note, loader, loader_why, mixed_op, mixed_op_why, edge_reduce,
+        mixed_op, mixed_op_why, kernels = resolve_mixed_op(cfg.impl, device)
+    return Plan(device, Precision(device, cfg.amp).note, loader, loader_why, mixed_op, mixed_op_why, kernels,
                 on, graphs_why, cfg.compile, cfg.shared_train_pass, tuple(warnings))
 
 
 def resolve_mixed_op(requested: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """(MixedOp class, why) for `--impl` auto|fused|reference on `device` (milenas_fast.ops.select decides).
-    A fused choice must first pass the start-up self-test on `device` (space/selftest.py): if it fails,
-    `auto` warns once and takes the reference; an explicit `fused` that cannot run or fails raises
-    ConfigError with the reasons."""
+    """(MixedOp class, why, Kernels or None) for `--impl` auto|fused|reference on `device` (ops/select.py
+    decides). A fused choice must first pass the start-up self-test on `device` (space/selftest.py), which
+    also says with which kernels: if it fails, `auto` warns once and takes the reference; an explicit `fused`
+    that cannot run or fails raises ConfigError with the reasons."""
     try:
         decision = select.decide(requested, device)
     except ValueError as e:
@@ -107,13 +108,13 @@ def resolve_mixed_op(requested: str, device: torch.device, dtype: torch.dtype = 
         raise ConfigError(f"--impl fused cannot run on {device}: {'; '.join(decision.reasons)}; "
                           "use --impl reference or auto")
     if decision.impl != "fused":
-        return ReferenceMixedOp, decision.why()
-    problem = selftest.fused_mixed_op(device, dtype)
+        return ReferenceMixedOp, decision.why(), None
+    kernels, problem = selftest.fused_mixed_op(device, dtype)
     if not problem:
-        return FusedMixedOp, f"{decision.why()}; self-test passed on {device}"
+        return FusedMixedOp, f"{decision.why()}; self-test passed on {device} ({kernels.why})", kernels
     if decision.requested == "fused":
         raise ConfigError(f"--impl fused: the fused MixedOp failed its self-test on {device} ({problem}); "
                           "use --impl reference or auto")
     selftest.warn_disabled(device, dtype, problem)
     return ReferenceMixedOp, (f"{decision.requested}: reference (the fused MixedOp failed its self-test on "
-                              f"{device}: {problem})")
+                              f"{device}: {problem})"), None

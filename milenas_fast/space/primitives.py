@@ -97,6 +97,11 @@ class DilConv(nn.Module):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
+    # Named stages (the Sequential stays: its indices are the state_dict keys DARTS checkpoints use)
+    dw = property(lambda self: self.op[1], doc="the depthwise convolution")
+    pw = property(lambda self: self.op[2], doc="the 1×1 convolution")
+    bn = property(lambda self: self.op[3], doc="the BatchNorm")
+
     def forward(self, x):
         return self.op(x)
 
@@ -116,6 +121,14 @@ class SepConv(nn.Module):
             nn.Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
+
+    # Named stages (the Sequential stays: its indices are the state_dict keys DARTS checkpoints use)
+    dw1 = property(lambda self: self.op[1], doc="the first (strided) depthwise convolution")
+    pw1 = property(lambda self: self.op[2], doc="the first 1×1 convolution")
+    bn1 = property(lambda self: self.op[3], doc="the inner BatchNorm")
+    dw2 = property(lambda self: self.op[5], doc="the second depthwise convolution")
+    pw2 = property(lambda self: self.op[6], doc="the second 1×1 convolution")
+    bn = property(lambda self: self.op[7], doc="the last BatchNorm")
 
     def forward(self, x):
         return self.op(x)

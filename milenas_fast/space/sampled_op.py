@@ -24,7 +24,7 @@ class HardSampledMixedOp(MixedOp):
     impl = "reference"
 
     def _resolve(self) -> None:
-        self._fused_index = None
+        self._fused_index = self.kernels = None
         self.decision = select.Decision("reference", "reference", ("one sampled candidate per edge",))
 
     def forward(self, x, weights, index: int | None = None):

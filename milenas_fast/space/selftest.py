@@ -1,10 +1,11 @@
 """Start-up self-test of the fused MixedOp on the device it is about to run on.
 
 Kernels that compile are not kernels that are right on this GPU, driver and Triton version: before a run
-commits to the fused MixedOp (search.plan.resolve_mixed_op), one small random MixedOp per stride runs forward and
+commits to the fused MixedOp (search/plan.py), one small random MixedOp per stride runs forward and
 backward fused and reference, and the output, input gradient, every weight gradient and the mixing-weight
-gradient must agree. The result is cached per (device, dtype) for the life of the process; the global RNG
-is left untouched, so a run's initialisation does not depend on whether the test ran.
+gradient must agree. The result, with the kernels it passed with, is cached per (device, dtype) for the
+life of the process; the global RNG is left untouched, so a run's initialisation does not depend on whether
+the test ran.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import warnings
 
 import torch
 
-_results: dict[tuple[str, torch.dtype], str] = {}
+from ..ops.backends import Kernels
+from .mixed_op import FusedMixedOp, ReferenceMixedOp, set_impl
+
+_results: dict[tuple[str, torch.dtype], tuple[Kernels | None, str]] = {}
 _warned: set[tuple[str, torch.dtype]] = set()
 # Largest error allowed, relative to the largest reference value of each tensor. The fused path sums in
 # another order (and in fp32 where the reference may use TF32 convolutions); a wrong kernel is off by O(1).
@@ -21,42 +25,39 @@ TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 SHAPE = dict(N=2, C=4, H=7)  # odd planes exercise every edge mask; C even for the stride-2 skip
 
 
-def fused_mixed_op(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
-    """"" when the fused MixedOp matches the reference on `device` in `dtype`, else why it does not."""
+def fused_mixed_op(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[Kernels | None, str]:
+    """(the kernels with which the fused MixedOp matches the reference on `device` in `dtype`, "") or
+    (None, why it does not)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (str(device), dtype)
     if key not in _results:
-        _results[key] = _run_or_use_twin(device, dtype)
+        _results[key] = _run_or_use_triton(device, dtype)
     return _results[key]
 
 
-def _run_or_use_twin(device: torch.device, dtype: torch.dtype) -> str:
-    """A failure with the C++ edge_reduce is retried with its Triton twin: if that passes, the twin stays
-    (one warning); if not, the C++ choice is restored and both reasons are reported."""
-    from ..ops import select
-
-    problem = _run(device, dtype)
+def _run_or_use_triton(device: torch.device, dtype: torch.dtype) -> tuple[Kernels | None, str]:
+    """A failure with the C++ edge_reduce is retried with its Triton backend: if that passes, those are the
+    kernels to run (one warning); if not, both reasons are reported."""
+    kernels = Kernels.for_device(device.type)
+    problem = _run(device, dtype, kernels)
     if not problem:
-        return ""
-    previous = select.switch_to_twin(device.type, f"C++ edge_reduce failed the fused self-test ({problem})")
-    if previous is None:
-        return problem
-    again = _run(device, dtype)
+        return kernels, ""
+    triton = kernels.with_triton(f"C++ edge_reduce failed the fused self-test ({problem})")
+    if triton is None:
+        return None, problem
+    again = _run(device, dtype, triton)
     if again:
-        from ..ops.edge_reduce import IMPL
-
-        IMPL[device.type] = previous
-        return f"{problem}; with the Triton edge_reduce too: {again}"
-    warnings.warn(select.twin_notice(device.type), RuntimeWarning, stacklevel=3)
-    return ""
+        return None, f"{problem}; with the Triton edge_reduce too: {again}"
+    warnings.warn(triton.notice(), RuntimeWarning, stacklevel=3)
+    return triton, ""
 
 
 def results() -> dict[str, str]:
     """Every self-test run in this process: "device dtype" -> "passed" or "FAILED: why" (for `info`)."""
-    return {f"{d} {str(t).removeprefix('torch.')}": (f"FAILED: {r}" if r else "passed")
-            for (d, t), r in _results.items()}
+    return {f"{d} {str(t).removeprefix('torch.')}": (f"FAILED: {r}" if r else f"passed ({k.why})")
+            for (d, t), (k, r) in _results.items()}
 
 
 def warn_disabled(device: torch.device | str, dtype: torch.dtype, problem: str) -> None:
@@ -68,13 +69,13 @@ def warn_disabled(device: torch.device | str, dtype: torch.dtype, problem: str) 
                       f"({problem}); using the reference MixedOp", RuntimeWarning, stacklevel=3)
 
 
-def _run(device: torch.device, dtype: torch.dtype) -> str:
+def _run(device: torch.device, dtype: torch.dtype, kernels: Kernels) -> str:
     cuda = [device.index] if device.type == "cuda" else []
     stride = 1
     try:
         with torch.random.fork_rng(devices=cuda), torch.enable_grad():
             for stride in (1, 2):
-                problem = _compare(stride, device, dtype)
+                problem = _compare(stride, device, dtype, kernels)
                 if problem:
                     return f"stride {stride}: {problem}"
     except Exception as e:  # noqa: BLE001 - a kernel can fail in any way; the reason is what matters
@@ -83,9 +84,7 @@ def _run(device: torch.device, dtype: torch.dtype) -> str:
     return ""
 
 
-def _compare(stride: int, device: torch.device, dtype: torch.dtype) -> str:
-    from .mixed_op import FusedMixedOp, ReferenceMixedOp
-
+def _compare(stride: int, device: torch.device, dtype: torch.dtype, kernels: Kernels) -> str:
     n, c, h = SHAPE["N"], SHAPE["C"], SHAPE["H"]
     torch.manual_seed(stride)
     ref = ReferenceMixedOp(c, stride).to(device)
@@ -100,6 +99,8 @@ def _compare(stride: int, device: torch.device, dtype: torch.dtype) -> str:
     got = {}
     for name, (cls, dt) in runs.items():
         mod = cls(c, stride).to(device)
+        if cls is FusedMixedOp:
+            set_impl(mod, "fused", kernels)
         mod.load_state_dict(ref.state_dict())
         xi, ai = x.clone().requires_grad_(), alpha.clone().requires_grad_()
         with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):

@@ -10,11 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.fanout import fanout
-from ..ops.mixing_weights import candidate_rows
-from ..ops.running_stats import batched_running_stats
-from ..ops.weight_cast import cast_once, conv_modules
 from . import genotype as gt
 from .mixed_op import MixedOp
+from .mixing_weights import candidate_rows
+from .running_stats import batched_running_stats
+from .weight_cast import cast_once, conv_modules
 from .primitives import PRIMITIVES, FactorizedReduce, ReLUConvBN
 
 
@@ -56,7 +56,7 @@ class Cell(nn.Module):
         mixing = candidate_rows(weights, self._ops) if indices is None else None
         feeds = [self._feed(h, j, mixing) for j, h in enumerate(states)]
         # Fused cells take the edges leaving the states that are ready (s0 and s1, then each new node) as one group:
-        # one launch per stage for all of them (ops/fused_mixed_op.py's `run`), each edge's last kernel later.
+        # one launch per stage for all of them (space/fused_mixed_op.py's `run`), each edge's last kernel later.
         group = mixing is not None and not torch.compiler.is_compiling()
         views, ready = {}, {}  # edge -> its input (a fan-out view); edge -> its last stage (grouped fused edges)
         self._leave((0, 1), feeds, views, ready, rows, mixing, group)
@@ -91,7 +91,9 @@ class Cell(nn.Module):
         """State j as each MixedOp reading it gets it: fused cells hand out views whose gradients one launch sums
         (ops/fanout.py) where three or more edges read it; else h itself."""
         n = self._steps - max(0, j - 1)  # the nodes i >= j - 1 read state j
-        return iter(fanout(h, n, self._fan_ones, self._fan_zeros) if mixing is not None and n >= 3 else (h,) * n)
+        if mixing is None or n < 3:
+            return iter((h,) * n)
+        return iter(fanout(h, n, self._fan_ones, self._fan_zeros, kernels=self._ops[0].kernels))
 
     def _leave(self, js, feeds, views, ready, rows, mixing, group: bool) -> None:
         """Hands the states `js` to the edges that read them (`views`); with `group`, the fused ones among those
@@ -103,13 +105,13 @@ class Cell(nn.Module):
                 views[k] = next(feeds[j])
                 op = self._ops[k]
                 if group and type(op).forward is MixedOp.forward and not _hooked(op):
-                    from ..ops import fused_mixed_op  # fused cells only: it imports the Triton kernels
+                    from . import fused_mixed_op  # fused cells only: it imports the Triton kernels
                     edge = fused_mixed_op.grouped(op, views[k], rows[k], mixing[k])
                     if edge is not None:
                         edges.append(edge)
                         keys.append(k)
         if edges:
-            from ..ops.fused_mixed_op import run
+            from .fused_mixed_op import run
 
             run(edges)
             for k, edge in zip(keys, edges):
@@ -217,7 +219,7 @@ class Network(nn.Module):
         return self.classifier(out.flatten(1))
 
     def _fused_convs(self) -> list[nn.Conv2d]:
-        """The 1×1 convolutions that the fused MixedOps run through cuDNN (ops/weight_cast.py)."""
+        """The 1×1 convolutions that the fused MixedOps run through cuDNN (space/weight_cast.py)."""
         return [c for cell in self.cells for op in cell._ops if getattr(op, "_fused_index", None) is not None
                 for c in conv_modules(op._ops)]
 

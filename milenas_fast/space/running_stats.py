@@ -49,6 +49,9 @@ def _apply(updates: list) -> None:
             torch._foreach_lerp_(stats, [n.to(r.dtype) for n, r in zip(new, stats)], factor)
 
 
+# Why a module-level collector and not an argument: Network.forward opens it around its cells, and the MixedOps it
+# serves are called as DARTS calls them, op(x, weights), by code (patched models, hooks) that cannot hand it on.
+# It is open only inside one forward (the `with` restores it), so no choice leaks into later calls.
 class _Batch:
     updates: list | None = None  # collected by an open batched_running_stats
     bns: set = set()

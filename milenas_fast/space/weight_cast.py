@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..space.primitives import FactorizedReduce
+from .primitives import FactorizedReduce
 
 
 class CastAll(torch.autograd.Function):
@@ -46,6 +46,8 @@ def conv_modules(ops) -> list[nn.Conv2d]:
     return [c for op in ops if isinstance(op, FactorizedReduce) for c in (op.conv_1, op.conv_2)]
 
 
+# Why a module-level value and not an argument: as running_stats' collector, open only inside one Network.forward,
+# for MixedOps called as op(x, weights) (the DARTS drop-in signature cannot carry it).
 class _Open:
     weights: dict | None = None  # id(conv) -> its cast weight, while a cast_once is open
     dtype: torch.dtype | None = None

@@ -12,10 +12,10 @@
    kernel) or running statistics (eval) become `mean`/`rstd`, and ONE `edge_reduce` computes
    Σ_k w_k (y_k − mean_k) rstd_k over the pre-BN outputs, a list (no stack) in the module's (PRIMITIVES) order
    with `none` left out, so the mixing weights are a slice (`weights[1:]` for the DARTS list; its gradient one
-   cat, or none per edge when the Cell slices all its edges' rows at once: ops/mixing_weights.py). Identity
+   cat, or none per edge when the Cell slices all its edges' rows at once: space/mixing_weights.py). Identity
    (stride 1 skip) enters in its own row with mean 0, rstd 1. Running statistics are updated as nn.BatchNorm2d
    does (momentum or cumulative average, unbiased variance, num_batches_tracked), for a whole Network forward at
-   once (ops/running_stats.py). The gradient flows through the batch statistics (bn_fold's written-out
+   once (space/running_stats.py). The gradient flows through the batch statistics (bn_fold's written-out
    backward), so every gradient is the reference's.
 
 The stages are an `Edge`'s methods, and `run` takes them for many edges at once: the supernet's fused Cell hands
@@ -33,13 +33,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..space.primitives import PRIMITIVES, FactorizedReduce
-from . import factorized_reduce, mixing_weights, select, weight_cast
-from .bn_fold import MAX_STATS, bn_stats, folded_reduce, running_rstd, stats_mask
-from .pointwise import MAX_K, pointwise, stats_tile as pointwise_stats_tile
+from ..ops import factorized_reduce, select
+from ..ops.bn_fold import MAX_STATS, bn_stats, folded_reduce, running_rstd, stats_mask
+from ..ops.pointwise import MAX_K, pointwise, stats_tile as pointwise_stats_tile
+from ..ops.stencil import MAX_EDGES, relu_depthwise_pair, relu_depthwise_pair_bn_tiles, stencil_group
+from . import mixing_weights, weight_cast
+from .primitives import PRIMITIVES, FactorizedReduce
 from .running_stats import update as _update_running_stats
-from .stencil import (MAX_EDGES, relu_depthwise_pair, relu_depthwise_pair_bn_tiles,
-                      relu_depthwise_pair_bn_tiles_group, stencil, stencil_group, stencil_with_identity)
 
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")  # relu_depthwise_pair's order
 _STENCIL_SLOT = {"sep_conv_3x3": 0, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 3,
@@ -67,7 +67,7 @@ def _last_bn(name: str, op: nn.Module) -> nn.BatchNorm2d | None:
     if name in ("max_pool_3x3", "avg_pool_3x3"):
         return op[1]
     if name.startswith(("sep_conv", "dil_conv")):
-        return op.op[-1]
+        return op.bn
     if isinstance(op, FactorizedReduce):
         return op.bn
     return None  # identity
@@ -90,7 +90,7 @@ def _pair_bn(seps: dict, h: torch.Tensor | None) -> bool:
     per channel, not compiled."""
     if len(seps) != 2 or torch.compiler.is_compiling() or h.shape[0] * h.shape[2] * h.shape[3] <= 1:
         return False
-    bns = [seps[n].op[3] for n in _SEP]
+    bns = [seps[n].bn1 for n in _SEP]
     return all(type(bn) is nn.BatchNorm2d and bn.training for bn in bns) and bns[0].eps == bns[1].eps
 
 
@@ -153,7 +153,7 @@ class Edge:
         filters: list = [None] * 4
         for name, op in zip(names, ops):
             if name.startswith(("sep_conv", "dil_conv")):
-                filters[_STENCIL_SLOT[name]] = op.op[1].weight
+                filters[_STENCIL_SLOT[name]] = (op.dw1 if name.startswith("sep") else op.dw).weight
         pools = any(n in ("max_pool_3x3", "avg_pool_3x3") for n in names)
         if not pools and all(f is None for f in filters):
             return None
@@ -174,7 +174,8 @@ class Edge:
         self.convs = [(name, op) for name, op in zip(names, ops) if name.startswith(("sep_conv", "dil_conv"))]
         self.seps = {name: op for name, op in self.convs if name.startswith("sep_conv")}
         self.fold = _pair_bn(self.seps, self.stage[_STENCIL_SLOT[_SEP[0]]] if self.seps else None)
-        return {name: (self.stage[_STENCIL_SLOT[name]], op.op[2]) for name, op in self.convs}
+        return {name: (self.stage[_STENCIL_SLOT[name]], op.pw1 if name.startswith("sep") else op.pw)
+                for name, op in self.convs}
 
     def folded_seps(self) -> tuple:
         """The first stage outputs whose tile statistics the pair needs (the inner BNs folded)."""
@@ -190,25 +191,30 @@ class Edge:
         h3, h5 = (first[n] for n in _SEP)
         (st, r3), (st5, r5) = (tiles[n] for n in _SEP)
         assert st is st5, "one launch's tile statistics for both sep convs (one shape and dtype)"
-        return (h3, seps[_SEP[0]].op[5].weight, h5, seps[_SEP[1]].op[5].weight, st, (r3, r5),
-                pointwise_stats_tile(h3), seps[_SEP[0]].op[3].eps)
+        return (h3, seps[_SEP[0]].dw2.weight, h5, seps[_SEP[1]].dw2.weight, st, (r3, r5),
+                pointwise_stats_tile(h3), seps[_SEP[0]].bn1.eps)
 
     def pair(self, first: dict, tiles: dict, counters: list, folded: tuple | None = None) -> dict:
         """The sep convs' second stages: ReLU → depthwise of both in one Triton launch (fp32 filters, as the
         first's); returns their 1×1 convolutions to run. `folded`: the folded pair's (y3, y5, mean, var) where a
         group call (`_pairs`) computed them."""
         self.first, seps = first, self.seps
-        f3, f5 = (seps[n].op[5].weight if n in seps else None for n in _SEP)
+        f3, f5 = (seps[n].dw2.weight if n in seps else None for n in _SEP)
         if self.fold:
             # both inner BNs in training mode: their statistics merged from the first pointwise's tile statistics
             # by the second stages' launch, which normalises as it loads (the BN outputs are never written);
             # running statistics with the others'
-            y3, y5, mean_i, var_i = folded or relu_depthwise_pair_bn_tiles(*self.pair_args(first, tiles))
-            _update_running_stats([seps[n].op[3] for n in _SEP], mean_i, var_i, [])
+            if folded is None:
+                args = self.pair_args(first, tiles)
+                folded = relu_depthwise_pair_bn_tiles(*([a] for a in args[:6]), *args[6:],
+                                                      max_tile=self.mod.kernels.max_tile)[0]
+            y3, y5, mean_i, var_i = folded
+            _update_running_stats([seps[n].bn1 for n in _SEP], mean_i, var_i, [])
         else:
-            mid = {name: _inner_bn(op.op[3], first[name], counters) for name, op in seps.items()}
-            y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5)
-        return {name: (y, seps[name].op[6]) for name, y in zip(_SEP, (y3, y5)) if y is not None}
+            mid = {name: _inner_bn(op.bn1, first[name], counters) for name, op in seps.items()}
+            y3, y5 = relu_depthwise_pair(mid.get(_SEP[0]), f3, mid.get(_SEP[1]), f5,
+                                         max_tile=self.mod.kernels.max_tile)
+        return {name: (y, seps[name].pw2) for name, y in zip(_SEP, (y3, y5)) if y is not None}
 
     def candidates(self, second: dict, counters: list) -> int:
         """The pre-BN candidate outputs (`self.ys`, in the module's order: the identity x, or x as the stencil's
@@ -261,8 +267,8 @@ class Edge:
         w = (mixing_weights.candidate_weights(self.weights, mod._fused_index, mod._weight_zeros)
              if self.mixing is None else self.mixing)
         if acc is not None and (acc.shape != ys[0].shape or acc.dtype != self.dtype):  # only a user hands those
-            return acc + folded_reduce(ys, w, self.mean, self.rstd, self.stats)
-        return folded_reduce(ys, w, self.mean, self.rstd, self.stats, acc)
+            return acc + folded_reduce(ys, w, self.mean, self.rstd, self.stats, None, self.mod.kernels)
+        return folded_reduce(ys, w, self.mean, self.rstd, self.stats, acc, self.mod.kernels)
 
 
 def _bn_stats(edges: list[Edge]) -> None:
@@ -290,39 +296,37 @@ def _bn_stats(edges: list[Edge]) -> None:
 def _stencils(edges: list[Edge]) -> list:
     """Each edge's first-stage stencil outputs (None where it needs none): ONE launch for the edges of one input
     shape and dtype, stride and set of branches (up to MAX_EDGES), apart for inputs that want no gradient (as in
-    `_pointwise`: else their outputs would want one); a lone edge takes the per-edge ops."""
+    `_pointwise`: else their outputs would want one); a lone edge is a group of one."""
     calls = [e.stencil_args() for e in edges]
 
     def kind(i):
         x, (filters, stride, pools, identity) = edges[i].x, calls[i]
-        return x.shape, x.dtype, x.requires_grad, stride, pools, identity, tuple(f is not None for f in filters)
+        return (x.shape, x.dtype, x.requires_grad, edges[i].mod.kernels.max_tile, stride, pools, identity,
+                tuple(f is not None for f in filters))
 
     out: list = [None] * len(edges)
-    for (*_, stride, pools, identity, _), chunk in _launches([i for i, c in enumerate(calls) if c], kind, MAX_EDGES):
-        if len(chunk) == 1:
-            i = chunk[0]
-            fn = stencil_with_identity if identity else stencil
-            out[i] = tuple(fn(edges[i].x, *calls[i][0], stride, pools=pools))
-        else:
-            for i, o in zip(chunk, stencil_group([edges[i].x for i in chunk], [calls[i][0] for i in chunk],
-                                                 stride, pools, identity)):
-                out[i] = o
+    for (*_, tile, stride, pools, identity, _), chunk in _launches([i for i, c in enumerate(calls) if c], kind,
+                                                                  MAX_EDGES):
+        for i, o in zip(chunk, stencil_group([edges[i].x for i in chunk], [calls[i][0] for i in chunk],
+                                             stride, pools, identity, max_tile=tile)):
+            out[i] = o
     return out
 
 
-def _pairs(calls: list) -> list:
+def _pairs(calls: list, max_tiles: list) -> list:
     """The folded pairs' (y3, y5, mean, var) for the `Edge.pair_args` calls (None: not folded): one group call for
     the pairs of one shape and dtype, eps and tile (up to MAX_EDGES), apart for those that want no gradient (as in
-    `_pointwise`); None where a lone pair takes its own op (`Edge.pair`)."""
+    `_pointwise`); None where a lone pair takes its own op (`Edge.pair`). `max_tiles`: each edge's stencil tile."""
     def kind(i):
         h3, w3, h5, w5, _, _, tile, eps = calls[i]
-        return h3.shape, h3.dtype, any(t.requires_grad for t in (h3, w3, h5, w5)), tile, eps
+        return h3.shape, h3.dtype, any(t.requires_grad for t in (h3, w3, h5, w5)), max_tiles[i], tile, eps
 
     out: list = [None] * len(calls)
     for (*_, tile, eps), chunk in _launches([i for i, c in enumerate(calls) if c], kind, MAX_EDGES):
         if len(chunk) > 1:
             args = [calls[i] for i in chunk]
-            res = relu_depthwise_pair_bn_tiles_group(*([a[j] for a in args] for j in range(6)), tile, eps)
+            res = relu_depthwise_pair_bn_tiles(*([a[j] for a in args] for j in range(6)), tile, eps,
+                                               max_tile=max_tiles[chunk[0]])
             for i, r in zip(chunk, res):
                 out[i] = r
     return out
@@ -337,7 +341,8 @@ def run(edges: list[Edge]) -> None:
     counters = [[] for _ in edges]
     firsts = [{n: first[(i, n)] for n in f} for i, f in enumerate(firsts)]
     tiles = [{n: tiles[(i, n)] for n in e.folded_seps()} for i, e in enumerate(edges)]
-    folded = _pairs([e.pair_args(f, t) for e, f, t in zip(edges, firsts, tiles)])
+    folded = _pairs([e.pair_args(f, t) for e, f, t in zip(edges, firsts, tiles)],
+                    [e.mod.kernels.max_tile for e in edges])
     seconds = [e.pair(f, t, c, p) for e, f, t, c, p in zip(edges, firsts, tiles, counters, folded)]
     second = _pointwise({(i, n): v for i, s in enumerate(seconds) for n, v in s.items()})[0]
     batch = [e for i, (e, s, c) in enumerate(zip(edges, seconds, counters))
@@ -357,7 +362,7 @@ def grouped(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor, mixing: torc
 def fused_forward(mod: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                   mixing: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
     """`mixing`: weights[mod._fused_index] in fp32 when the caller has taken it already (the Cell, for all its
-    edges at once: ops/mixing_weights.py). `acc`: added to the output by edge_reduce (the Cell's node sum)."""
+    edges at once: space/mixing_weights.py). `acc`: added to the output by edge_reduce (the Cell's node sum)."""
     edge = Edge(mod, x, weights, mixing)
     if edge.why:
         return _reference(mod, x, weights, acc, edge.why)

@@ -1,7 +1,7 @@
 """A cost model of one GPU search iteration, computed on a CPU: a MODEL, not a measurement.
 
 The real search iteration (milenas_fast.search.step: `search_step`, or `fused_search_step` for
---fused_train_step) runs on the default supernet under FakeTensorMode: shapes and dtypes only, no memory,
+--shared_train_pass) runs on the default supernet under FakeTensorMode: shapes and dtypes only, no memory,
 no compute. A TorchDispatchMode records every dispatched op and counts, per iteration:
 
   kernels      ops that launch device work. Views, allocations and metadata ops launch nothing. One
@@ -97,13 +97,13 @@ class Gpu:
 
 GPUS = (Gpu("h100", 3.35e12, 989.4e12, 494.7e12, 66.9e12), Gpu("h200", 4.8e12, 989.4e12, 494.7e12, 66.9e12))
 
-# name: (MixedOp implementation, bf16 autocast, --fused_train_step, launch)
+# name: (MixedOp implementation, bf16 autocast, --shared_train_pass, launch)
 MODES = {
     "eager-fp32": ("reference", False, False, "eager"),
     "eager-bf16": ("reference", True, False, "eager"),
     "fused-fp32": ("fused", False, False, "graph"),
     "fused-bf16": ("fused", True, False, "graph"),
-    "fused-bf16-trainstep": ("fused", True, True, "graph"),
+    "fused-bf16-sharedpass": ("fused", True, True, "graph"),
 }
 CLASSES = ("depthwise", "pointwise", "batchnorm", "pooling", "elementwise", "reductions", "optimiser",
            "copies", "other")

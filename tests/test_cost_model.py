@@ -236,8 +236,8 @@ def test_json_shape(tiny_json):
     assert modes["fused-fp32"]["gflop"] >= modes["eager-fp32"]["gflop"]
     # the fused path has no separate pooling kernels (the stencil computes the pools)
     assert "pooling" not in modes["fused-fp32"]["classes"]
-    # --fused_train_step does two passes instead of three
-    assert modes["fused-bf16-trainstep"]["gflop"] < modes["fused-bf16"]["gflop"]
+    # --shared_train_pass does two passes instead of three
+    assert modes["fused-bf16-sharedpass"]["gflop"] < modes["fused-bf16"]["gflop"]
     assert set(tiny_json["targets"]) == {"kernels", "gbytes", "saved_gbytes", "projected_search_min_h100"}
     assert tiny_json["note"] == "a model, not a measurement"
 

@@ -142,7 +142,7 @@ def test_a_bucket_keeps_its_best_epoch_earliest_on_ties_with_that_epochs_genotyp
     for epoch, (op, acc) in enumerate(epochs):
         search.epoch, search.model = epoch, network_choosing(op, "max_pool_3x3")
         genotypes.append(search.model.genotype())
-        entry = search_loop.Search.record(search, 80.0 - epoch, 1.0, acc, 2.0, 0.01)
+        entry = search_loop.Search.record(search, (80.0 - epoch, 1.0, 90.0), (acc, 2.0, 95.0), 0.01)
         assert entry["epoch"] == epoch and entry["genotype"] == gt.to_text(genotypes[-1])
     assert set(search.model_sizes) == {"n8r0", "n0r0"}
     kept = search.model_sizes["n8r0"]

@@ -45,7 +45,8 @@ def history(run_dir: Path) -> list[dict]:
 
 def check_search_events(acc, rows: list[dict]) -> None:
     epochs = [r["epoch"] for r in rows]
-    for key in ("train_acc", "train_loss", "valid_acc", "valid_loss", "lr", "n", "r"):
+    assert all(r[f"{s}_acc"] <= r[f"{s}_top5"] <= 100 for r in rows for s in ("train", "valid"))  # top-5 ⊇ top-1
+    for key in ("train_acc", "train_top5", "train_loss", "valid_acc", "valid_top5", "valid_loss", "lr", "n", "r"):
         got = scalars(acc, f"epoch/{key}")
         assert list(got) == epochs
         assert got == {r["epoch"]: pytest.approx(r[key], rel=1e-6) for r in rows}, key

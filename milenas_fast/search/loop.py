@@ -174,7 +174,7 @@ class Search:
         self.load_state_dict(copy.deepcopy(state))  # the snapshot may be restored again
 
     # --- one epoch -------------------------------------------------------------------------------------
-    def train_epoch(self, progress) -> tuple[float, float]:
+    def train_epoch(self, progress) -> tuple[float, float, float]:
         cfg, model = self.cfg, self.model
         model.train()
         totals = Totals(self.device)
@@ -194,8 +194,8 @@ class Search:
         self.watch.fold(tensors=floating_state(model) + model.arch_parameters())
         self.watch.check(f"the end of epoch {self.epoch}'s training")
         distributed.all_totals_(totals)  # the epoch's numbers over every rank's share
-        obj, top1, _ = totals.read()
-        return top1, obj
+        obj, top1, top5 = totals.read()
+        return top1, obj, top5
 
     def learning_rates(self) -> dict[str, float]:
         return {"lr": self.w_optimizer.param_groups[0]["lr"], "arch_lr": self.a_optimizer.param_groups[0]["lr"]}
@@ -209,7 +209,7 @@ class Search:
                            self.precision, self.plan.shared_train_pass, self.watch)
 
     @torch.no_grad()
-    def infer(self) -> tuple[float, float]:
+    def infer(self) -> tuple[float, float, float]:
         self.model.eval()
         totals = Totals(self.device)
         for x, y in epoch_batches(self.valid_loader, self.cfg.seed, "infer", self.epoch):
@@ -220,16 +220,18 @@ class Search:
         self.watch.fold(totals.sums[0])
         self.watch.check(f"epoch {self.epoch}'s validation")
         obj, top1 = totals.log_line("valid", len(self.valid_loader) - 1)
-        return top1, obj
+        return top1, obj, totals.read()[2]
 
-    def record(self, train_acc, train_obj, valid_acc, valid_obj, lr) -> dict:
+    def record(self, train: tuple, valid: tuple, lr) -> dict:
+        """The epoch's history entry; `train` and `valid`: (top-1 %, loss, top-5 %)."""
+        (train_acc, train_obj, train_top5), (valid_acc, valid_obj, valid_top5) = train, valid
         g = self.model.genotype()
         n, r = gt.conv_counts(g)
         w_normal, w_reduce = self.model.mixing_weights()
         entry = {
             "epoch": self.epoch, "genotype": gt.to_text(g), "n": n, "r": r, "model_size": f"n{n}r{r}",
             "train_acc": train_acc, "train_loss": train_obj, "valid_acc": valid_acc, "valid_loss": valid_obj,
-            "lr": lr, "alphas_normal": w_normal.detach().cpu().tolist(),
+            "train_top5": train_top5, "valid_top5": valid_top5, "lr": lr, "alphas_normal": w_normal.detach().cpu().tolist(),
             "alphas_reduce": w_reduce.detach().cpu().tolist(),
         }
         if self.sampler is not None:
@@ -330,14 +332,14 @@ def _run(search: Search, run_dir: Path, resumed: bool, progress: Progress) -> Pa
         epoch_start = time.perf_counter()
         progress.start(search.epoch, len(search.train_loader))
         try:
-            train_acc, train_obj = search.train_epoch(progress)
+            train = search.train_epoch(progress)
         finally:
             progress.close()
-        log.info("train_acc %f", train_acc)
-        valid_acc, valid_obj = search.infer()
-        log.info("valid_acc %f", valid_acc)
+        log.info("train_acc %f", train[0])
+        valid = search.infer()
+        log.info("valid_acc %f", valid[0])
         search.scheduler.step()
-        entry = search.record(train_acc, train_obj, valid_acc, valid_obj, lr)
+        entry = search.record(train, valid, lr)
         if not cfg.authors_code:
             log.info("genotype = %s", entry["genotype"])
         seconds = time.perf_counter() - epoch_start

@@ -269,10 +269,10 @@ def test_rank_shares_are_disjoint_and_together_the_whole_plan_at_world_times_the
 # --- the CLI under torchrun and self-launched ranks -------------------------------------------------------
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory):
-    """`torchrun --nproc_per_node 2 -m milenas_fast search ...` in an empty folder, 3 epochs."""
+    """`torchrun --nproc_per_node 2 -m milenas_fast search ... --tensorboard` in an empty folder, 3 epochs."""
     cwd = tmp_path_factory.mktemp("torchrun")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "milenas_fast", *TINY, "--save", "ddp"]
+           str(free_port()), "-m", "milenas_fast", *TINY, "--save", "ddp", "--tensorboard"]
     done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return cwd, done
@@ -292,6 +292,8 @@ def test_torchrun_search_writes_one_run_folder_and_logs_the_checksum_every_epoch
     state = torch.load(entries[0] / "checkpoint.pt", weights_only=True)
     assert state["finished"] and state["world_size"] == 2
     assert distributed.checksum(state["alphas"]) == sums[-1]
+    events = list((entries[0] / "tb").glob("events.out.tfevents.*"))  # rank 0 alone tracks the run
+    assert len(events) == 1 and events[0].stat().st_size > 0, events
 
 
 @pytest.mark.slow

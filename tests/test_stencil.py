@@ -642,16 +642,23 @@ def test_filter_grads_land_contiguous_without_copies(N, C, tile, split, device):
 
 
 def test_launch_records_name_the_kernels_arguments():
-    """Each launch-argument record's fields are its kernel's run-time parameters, in order (constexprs by keyword)."""
+    """Each launch-argument record's fields are its kernel's run-time parameters, in order (constexprs by keyword):
+    the stencil's, edge_reduce's Triton kernels' and bn_fold_grad's."""
     import inspect
 
     import triton.language as tl
 
+    from milenas_fast.kernels import bn_fold as KB
+    from milenas_fast.kernels import edge_reduce as KE
     from milenas_fast.kernels import stencil as K
+    from milenas_fast.ops import bn_fold, edge_reduce_triton
 
     for kernel, record in ((K.stencil_fwd_kernel, stencil_mod.FwdArgs), (K.stencil_bwd_input_kernel,
                                                                        stencil_mod.BwdInputArgs),
-                           (K.stencil_bwd_weight_kernel, stencil_mod.BwdWeightArgs)):
+                           (K.stencil_bwd_weight_kernel, stencil_mod.BwdWeightArgs),
+                           (KE.edge_reduce_fwd_kernel, edge_reduce_triton.FwdArgs),
+                           (KE.edge_reduce_bwd_kernel, edge_reduce_triton.BwdArgs),
+                           (KB.bn_fold_grad_kernel, bn_fold.FoldGradArgs)):
         params = inspect.signature(kernel.fn).parameters.values()
         assert [p.name for p in params if p.annotation is not tl.constexpr and p.annotation != "tl.constexpr"] == \
             list(record._fields), kernel.fn.__name__

@@ -15,7 +15,7 @@ and the mixing weights' gradient. `bn_stats_reference`, `bn_fold_grad_reference`
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -102,6 +102,33 @@ def running_rstd_reference(var: torch.Tensor, stats: int, eps: float) -> torch.T
     return torch.rsqrt(var + eps).where(_rows(stats, var.shape[0], var.device), 1.0)
 
 
+class FoldGradArgs(NamedTuple):
+    """bn_fold_grad_kernel's run-time arguments: one pointer per candidate slot (unused slots alias y0)."""
+    g_ptr: torch.Tensor
+    y0_ptr: torch.Tensor
+    y1_ptr: torch.Tensor
+    y2_ptr: torch.Tensor
+    y3_ptr: torch.Tensor
+    y4_ptr: torch.Tensor
+    y5_ptr: torch.Tensor
+    y6_ptr: torch.Tensor
+    y7_ptr: torch.Tensor
+    w_ptr: torch.Tensor
+    mean_ptr: torch.Tensor
+    rstd_ptr: torch.Tensor
+    gm_ptr: torch.Tensor
+    gr_ptr: torch.Tensor
+    gy_ptr: torch.Tensor
+    part_gy_ptr: torch.Tensor
+    part_g_ptr: torch.Tensor
+    gw_ptr: torch.Tensor
+    inv_n: float
+    P: int
+    C: int
+    HW: int
+    S: int
+
+
 @register("milenas_fast::bn_fold_grad")
 def bn_fold_grad_op(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                     gmean: Optional[torch.Tensor], grstd: Optional[torch.Tensor], part_gy: Optional[torch.Tensor],
@@ -124,9 +151,12 @@ def bn_fold_grad_op(g: torch.Tensor, ys: list[torch.Tensor], w: torch.Tensor, me
     if gy.numel():
         bp, bhw, grid, warps = plane_config(n * c, h * wd)
         part_gy, part_g = (part_gy.contiguous(), part_g.contiguous()) if parts else (w, w)
-        launch(K.bn_fold_grad_kernel, grid, g, *pointers(ys, MAX_CANDIDATES), w, mean, rstd, w if parts else gmean,
-               w if parts else grstd, gy, part_gy, part_g, gw if parts else w, 1.0 / (n * h * wd), n * c, c, h * wd,
-               part_gy.shape[2] if parts else 1, K=k, STATS=stats, PARTS=parts, BLOCK_P=bp, BLOCK_HW=bhw,
+        # the pointers one mode does not read alias w (never written)
+        args = FoldGradArgs(g, *pointers(ys, MAX_CANDIDATES), w_ptr=w, mean_ptr=mean, rstd_ptr=rstd,
+                            gm_ptr=w if parts else gmean, gr_ptr=w if parts else grstd, gy_ptr=gy, part_gy_ptr=part_gy,
+                            part_g_ptr=part_g, gw_ptr=gw if parts else w, inv_n=1.0 / (n * h * wd), P=n * c, C=c,
+                            HW=h * wd, S=part_gy.shape[2] if parts else 1)
+        launch(K.bn_fold_grad_kernel, grid, *args, K=k, STATS=stats, PARTS=parts, BLOCK_P=bp, BLOCK_HW=bhw,
                num_warps=warps)
     return gy, gw
 

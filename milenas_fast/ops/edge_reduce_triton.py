@@ -11,6 +11,8 @@ visible to torch.compile), with autograd attached to the forward. Importing it n
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from milenas_fast.kernels import edge_reduce as K
@@ -20,6 +22,48 @@ from .edge_reduce_meta import (MAX_CANDIDATES, backward_with, backward_flops, ch
 from .costs import states_flops
 from .tiles import plane_config
 from .triton_launch import launch, pointers, register
+
+
+class FwdArgs(NamedTuple):
+    """edge_reduce_fwd_kernel's run-time arguments: one pointer per candidate slot (unused slots alias y0)."""
+    y0_ptr: torch.Tensor
+    y1_ptr: torch.Tensor
+    y2_ptr: torch.Tensor
+    y3_ptr: torch.Tensor
+    y4_ptr: torch.Tensor
+    y5_ptr: torch.Tensor
+    y6_ptr: torch.Tensor
+    y7_ptr: torch.Tensor
+    w_ptr: torch.Tensor
+    mean_ptr: torch.Tensor
+    rstd_ptr: torch.Tensor
+    acc_ptr: torch.Tensor
+    out_ptr: torch.Tensor
+    P: int
+    C: int
+    HW: int
+
+
+class BwdArgs(NamedTuple):
+    """edge_reduce_bwd_kernel's run-time arguments."""
+    g_ptr: torch.Tensor
+    y0_ptr: torch.Tensor
+    y1_ptr: torch.Tensor
+    y2_ptr: torch.Tensor
+    y3_ptr: torch.Tensor
+    y4_ptr: torch.Tensor
+    y5_ptr: torch.Tensor
+    y6_ptr: torch.Tensor
+    y7_ptr: torch.Tensor
+    w_ptr: torch.Tensor
+    mean_ptr: torch.Tensor
+    rstd_ptr: torch.Tensor
+    gy_ptr: torch.Tensor
+    part_gy_ptr: torch.Tensor
+    part_g_ptr: torch.Tensor
+    P: int
+    C: int
+    HW: int
 
 
 @register("milenas_fast::edge_reduce_triton")
@@ -37,9 +81,11 @@ def edge_reduce_triton(ys: list[torch.Tensor], w: torch.Tensor, mean: torch.Tens
         raise RuntimeError(f"edge_reduce: {out.numel()} output elements exceed the kernels' int32 indexing")
     if out.numel():
         bp, bhw, grid, warps = plane_config(n * c, h * wd)
-        launch(K.edge_reduce_fwd_kernel, grid, *pointers(ys, MAX_CANDIDATES), w, mean, rstd,
-               out if acc is None else acc.contiguous(), out, n * c, c, h * wd,
-               K=len(ys), HASACC=acc is not None, BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+        args = FwdArgs(*pointers(ys, MAX_CANDIDATES), w_ptr=w, mean_ptr=mean, rstd_ptr=rstd,
+                       acc_ptr=out if acc is None else acc.contiguous(),  # without acc: never read
+                       out_ptr=out, P=n * c, C=c, HW=h * wd)
+        launch(K.edge_reduce_fwd_kernel, grid, *args, K=len(ys), HASACC=acc is not None, BLOCK_P=bp, BLOCK_HW=bhw,
+               num_warps=warps)
     return out
 
 
@@ -83,9 +129,11 @@ def _partials(g, ys, w, mean, rstd, grad_y, sums: bool):
     bp, bhw, grid, warps = plane_config(n * c, h * wd)
     part_gy = w.new_empty(k, c, grid[1] * n) if sums else w
     part_g = w.new_empty(c, grid[1] * n) if sums else w
-    launch(K.edge_reduce_bwd_kernel, grid, g, *pointers(ys, MAX_CANDIDATES), w, mean, rstd,
-           g if grad_y is None else grad_y, part_gy, part_g, n * c, c, h * wd, K=k, GY=grad_y is not None, SUMS=sums,
-           BLOCK_P=bp, BLOCK_HW=bhw, num_warps=warps)
+    args = BwdArgs(g, *pointers(ys, MAX_CANDIDATES), w_ptr=w, mean_ptr=mean, rstd_ptr=rstd,
+                   gy_ptr=g if grad_y is None else grad_y,  # unused pointers alias a live tensor: never written
+                   part_gy_ptr=part_gy, part_g_ptr=part_g, P=n * c, C=c, HW=h * wd)
+    launch(K.edge_reduce_bwd_kernel, grid, *args, K=k, GY=grad_y is not None, SUMS=sums, BLOCK_P=bp, BLOCK_HW=bhw,
+           num_warps=warps)
     return part_gy, part_g
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,20 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_wandb_records(path: Path, timeout: float = 60.0) -> list:
+    """The run file's records once W&B's service has written its last (exit) record: `run.finish()` can return
+    before the service process has flushed the file (seen once in CI, the machine busy with another worker)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(wandb_records(path))
+        except Exception:  # noqa: BLE001 - a record still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 @pytest.mark.slow  # W&B's service process takes seconds to start
 def test_wandb_offline_reports_what_genotypes_jsonl_holds(tmp_path, monkeypatch):
     if importlib.util.find_spec("wandb") is None:
@@ -183,7 +198,7 @@ def test_wandb_offline_reports_what_genotypes_jsonl_holds(tmp_path, monkeypatch)
                           "--wandb_name", "tiny"]) == 0
     (path,) = (tmp_path / "wandb_dir").glob("wandb/offline-run-*/run-*.wandb")
     logged, run = [], None
-    for record in wandb_records(path):
+    for record in finished_wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             logged.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)

@@ -174,7 +174,8 @@ def format_report(info: dict) -> str:
     lines.append(f"fused self-test: {info['fused self-test']}")
     lines.append(f"loader (--loader auto): {info['loader --loader auto']}")
     plan = info["search plan (default flags)"]
-    lines.append("search plan (`milenas-fast search` with default flags):" + ("" if isinstance(plan, dict) else f" {plan}"))
+    heading = "search plan (`milenas-fast search` with default flags):"
+    lines.append(heading + ("" if isinstance(plan, dict) else f" {plan}"))
     if isinstance(plan, dict):
         lines += [f"  {k:<17} {v}" for k, v in plan.items() if k != "warnings"]
     lines += [f"WARNING: {w}" for w in info["warnings"]]

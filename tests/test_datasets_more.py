@@ -9,7 +9,7 @@ import torch
 
 from image_folders import corrupt_jpeg, make_folder
 from milenas_fast.cli import main
-from milenas_fast.data import DataError, load_dataset, split_train_val
+from milenas_fast.data import load_dataset, split_train_val
 from milenas_fast.data.datasets import interleave, load_cifar, load_image_folder
 from milenas_fast.search import loop as search_loop
 

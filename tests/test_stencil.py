@@ -480,7 +480,6 @@ def test_relu_depthwise_pair_bn_from_tile_statistics(pw_tile, tile, dtype, devic
     """The fused path's form: h3, h5 from one `pointwise` with tile statistics, the pair's forward merging them
     (no statistics launch): outputs, gradients, and the returned mean / unbiased variance as bn_stats' of h3, h5;
     several pointwise tiles per image and multi-program stencil grids."""
-    from milenas_fast.ops import pointwise as pw
     from milenas_fast.ops.bn_fold import bn_stats
     from milenas_fast.ops.pointwise import pointwise, stats_tile
     from milenas_fast.ops.stencil import relu_depthwise_pair_bn_tiles

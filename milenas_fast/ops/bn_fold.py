@@ -15,7 +15,8 @@ and the mixing weights' gradient. `bn_stats_reference`, `bn_fold_grad_reference`
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from collections import namedtuple
+from typing import Optional
 
 import torch
 
@@ -24,7 +25,7 @@ from milenas_fast.kernels import bn_fold as K
 from .backends import Kernels
 from .costs import states_flops
 from .edge_reduce import edge_reduce, edge_reduce_backward, edge_reduce_partials
-from .edge_reduce_meta import MAX_CANDIDATES, check_candidates
+from .edge_reduce_meta import CANDIDATE_PTRS, MAX_CANDIDATES, check_candidates
 from .tiles import PLANE_TILE, cdiv, channel_config, plane_config, pow2
 from .triton_launch import launch, pointers, register
 
@@ -102,31 +103,10 @@ def running_rstd_reference(var: torch.Tensor, stats: int, eps: float) -> torch.T
     return torch.rsqrt(var + eps).where(_rows(stats, var.shape[0], var.device), 1.0)
 
 
-class FoldGradArgs(NamedTuple):
-    """bn_fold_grad_kernel's run-time arguments: one pointer per candidate slot (unused slots alias y0)."""
-    g_ptr: torch.Tensor
-    y0_ptr: torch.Tensor
-    y1_ptr: torch.Tensor
-    y2_ptr: torch.Tensor
-    y3_ptr: torch.Tensor
-    y4_ptr: torch.Tensor
-    y5_ptr: torch.Tensor
-    y6_ptr: torch.Tensor
-    y7_ptr: torch.Tensor
-    w_ptr: torch.Tensor
-    mean_ptr: torch.Tensor
-    rstd_ptr: torch.Tensor
-    gm_ptr: torch.Tensor
-    gr_ptr: torch.Tensor
-    gy_ptr: torch.Tensor
-    part_gy_ptr: torch.Tensor
-    part_g_ptr: torch.Tensor
-    gw_ptr: torch.Tensor
-    inv_n: float
-    P: int
-    C: int
-    HW: int
-    S: int
+# bn_fold_grad_kernel's run-time arguments, named (tests/test_stencil.py keeps them equal to its parameters)
+FoldGradArgs = namedtuple("FoldGradArgs", ["g_ptr", *CANDIDATE_PTRS, "w_ptr", "mean_ptr", "rstd_ptr", "gm_ptr",
+                                           "gr_ptr", "gy_ptr", "part_gy_ptr", "part_g_ptr", "gw_ptr", "inv_n",
+                                           "P", "C", "HW", "S"])
 
 
 @register("milenas_fast::bn_fold_grad")

@@ -9,6 +9,8 @@ import torch
 from .costs import states_flops, states_launches
 
 MAX_CANDIDATES = 8  # csrc/edge_reduce.h's kMaxCandidates: the kernels take one pointer per candidate
+# the Triton kernels' candidate pointer parameters, in their launch records (unused slots alias y0)
+CANDIDATE_PTRS = tuple(f"y{k}_ptr" for k in range(MAX_CANDIDATES))
 
 
 def check_candidates(ys, most: int = MAX_CANDIDATES) -> None:

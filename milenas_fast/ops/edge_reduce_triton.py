@@ -11,59 +11,24 @@ visible to torch.compile), with autograd attached to the forward. Importing it n
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
 import torch
 
 from milenas_fast.kernels import edge_reduce as K
 
-from .edge_reduce_meta import (MAX_CANDIDATES, backward_with, backward_flops, check, fake_backward, fake_forward,
-                               forward_flops, partials_flops, setup_context)
+from .edge_reduce_meta import (CANDIDATE_PTRS, MAX_CANDIDATES, backward_flops, backward_with, check, fake_backward,
+                               fake_forward, forward_flops, partials_flops, setup_context)
 from .costs import states_flops
 from .tiles import plane_config
 from .triton_launch import launch, pointers, register
 
 
-class FwdArgs(NamedTuple):
-    """edge_reduce_fwd_kernel's run-time arguments: one pointer per candidate slot (unused slots alias y0)."""
-    y0_ptr: torch.Tensor
-    y1_ptr: torch.Tensor
-    y2_ptr: torch.Tensor
-    y3_ptr: torch.Tensor
-    y4_ptr: torch.Tensor
-    y5_ptr: torch.Tensor
-    y6_ptr: torch.Tensor
-    y7_ptr: torch.Tensor
-    w_ptr: torch.Tensor
-    mean_ptr: torch.Tensor
-    rstd_ptr: torch.Tensor
-    acc_ptr: torch.Tensor
-    out_ptr: torch.Tensor
-    P: int
-    C: int
-    HW: int
-
-
-class BwdArgs(NamedTuple):
-    """edge_reduce_bwd_kernel's run-time arguments."""
-    g_ptr: torch.Tensor
-    y0_ptr: torch.Tensor
-    y1_ptr: torch.Tensor
-    y2_ptr: torch.Tensor
-    y3_ptr: torch.Tensor
-    y4_ptr: torch.Tensor
-    y5_ptr: torch.Tensor
-    y6_ptr: torch.Tensor
-    y7_ptr: torch.Tensor
-    w_ptr: torch.Tensor
-    mean_ptr: torch.Tensor
-    rstd_ptr: torch.Tensor
-    gy_ptr: torch.Tensor
-    part_gy_ptr: torch.Tensor
-    part_g_ptr: torch.Tensor
-    P: int
-    C: int
-    HW: int
+# the kernels' run-time arguments, named (tests/test_stencil.py keeps them equal to the kernels' parameters)
+FwdArgs = namedtuple("FwdArgs", [*CANDIDATE_PTRS, "w_ptr", "mean_ptr", "rstd_ptr", "acc_ptr", "out_ptr",
+                                 "P", "C", "HW"])
+BwdArgs = namedtuple("BwdArgs", ["g_ptr", *CANDIDATE_PTRS, "w_ptr", "mean_ptr", "rstd_ptr", "gy_ptr", "part_gy_ptr",
+                                 "part_g_ptr", "P", "C", "HW"])
 
 
 @register("milenas_fast::edge_reduce_triton")

@@ -21,7 +21,6 @@ from ..precision import Precision
 from ..runtime import load_rng_state, resolve_device, rng_state, seed_everything, set_determinism
 from ..space import genotype as gt
 from ..space.mixed_op import MixedOp, set_impl
-from ..space.sampled_op import HardSampledMixedOp
 from ..space.supernet import Network
 from . import graphed, plan
 from .authors_code import FreshIteratorStream

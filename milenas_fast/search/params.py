@@ -1,4 +1,5 @@
-"""The parameters a step trains (those requiring grad: the weights; α is held outside `parameters()`), and freezing them for an α-only pass."""
+"""The parameters a step trains (those requiring grad: the weights; α is held outside `parameters()`), and
+freezing them for an α-only pass."""
 from __future__ import annotations
 
 import contextlib
